@@ -1,0 +1,100 @@
+"""The interface every storage backend implements.
+
+The transmission layer validates requests (bounds, flags, read-only) *before* calling a
+backend, so a backend only sees in-range offsets and lengths. Backends are synchronous:
+the asyncio adapter decides whether a call runs inline (memory, page-cache hits) or in a
+thread pool (calls that may block, such as fdatasync). A backend reports failure by
+raising ``OSError`` (mapped by :func:`nbdserver.errors.errno_from_oserror`) or an
+:class:`nbdserver.errors.NBDError` subclass; it never returns an error code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of the export with uniform allocation state (base:allocation)."""
+
+    offset: int
+    length: int
+    hole: bool  # NBD_STATE_HOLE: not allocated
+    zero: bool  # NBD_STATE_ZERO: reads as zeroes
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the server turns these into transmission flags."""
+
+    read_only: bool = False
+    flush: bool = True
+    fua: bool = True
+    trim: bool = True
+    zero: bool = True
+    fast_zero: bool = True
+    cache: bool = True
+    extents: bool = True
+    # True only when a flush through any connection covers writes completed on all
+    # the others (doc/proto.md, NBD_FLAG_CAN_MULTI_CONN).
+    multi_conn: bool = True
+    # NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum payload.
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Storage behind one export. Offsets and lengths are already validated."""
+
+    @property
+    def size(self) -> int:
+        """Export size in bytes."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Return exactly ``length`` bytes starting at ``offset``."""
+        ...
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` (whole) from ``offset``; the zero-copy variant of pread."""
+        ...
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        """Write ``data`` at ``offset``; with ``fua`` it is durable before returning."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync for files)."""
+        ...
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Discard a range (a hint: content afterwards is unspecified but stable)."""
+        ...
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        """Make the range read as zeroes.
+
+        ``may_trim`` is False when the client sent NBD_CMD_FLAG_NO_HOLE. With ``fast``
+        (NBD_CMD_FLAG_FAST_ZERO) raise :class:`nbdserver.errors.NotSupported` unless the
+        zeroing is faster than writing zeroes.
+        """
+        ...
+
+    def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range (posix_fadvise WILLNEED for files)."""
+        ...
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation map covering at least ``[offset, offset+1)`` and at most the range.
+
+        Extents are contiguous, start at ``offset`` and never run past offset+length.
+        """
+        ...
+
+    def close(self) -> None: ...
