@@ -1,0 +1,599 @@
+"""Guest images for the VM experiment: kernel, initramfs and root fs, cached by their inputs.
+
+Theory of operation: :func:`build_guest` runs four steps, each a directory in
+the cache named by a hash of everything that goes into it:
+
+============  ==================================================  ===========================
+step          inputs hashed into its key                          output
+============  ==================================================  ===========================
+kernel        image package name + version                        vmlinuz, unpacked modules
+busybox       busybox-static version                              bin/busybox
+rootfs        mirror, suite, package list + versions, free space  rootfs.ext4, packages.txt
+initramfs     kernel + busybox keys, module list, payload files   initrd.img
+============  ==================================================  ===========================
+
+Every key also holds :func:`code_version` of the builder functions and
+constants that shape that step's output. Package versions come from apt on
+this host; its answers are remembered per apt state (``CACHE/resolved/``), so a
+fully cached build takes well under a second.
+
+A step with a finished directory is skipped. A step builds into ``.tmp-KEY``
+and renames it to ``KEY`` when complete, so an interrupted build leaves only a
+tmp directory, which the next build deletes and redoes. One ``flock`` on
+``CACHE/lock`` serialises builders (a test may build while a user's run does).
+Each build also deletes leftover tmp directories and entries unused for
+:data:`PRUNE_AFTER_DAYS` (a cached step touches its directory's mtime).
+Step durations are remembered in ``CACHE/durations.json`` and used as the next
+estimate. Editing the guest payload (``stress/*.py``, ``vm/guest_init.py``)
+changes only the initramfs key: the rootfs is never rebuilt for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vm import initramfs, kernel, rootfs
+from vm.progress import CommandError, Progress, Step, format_duration
+
+__all__ = [
+    "GuestImage",
+    "ImageError",
+    "build_guest",
+    "default_cache_dir",
+    "main",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VM_DIR = Path(__file__).resolve().parent
+# First-build estimates (seconds) on a 2-core machine with a fast mirror.
+ESTIMATES: Mapping[str, float] = {"kernel": 20.0, "busybox": 3.0, "rootfs": 180.0, "initramfs": 5.0}
+STEPS = ("kernel", "busybox", "rootfs", "initramfs")
+# Cache entries not used for this long are deleted by the next build.
+PRUNE_AFTER_DAYS = 30.0
+
+
+class ImageError(RuntimeError):
+    """The guest image could not be built; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestImage:
+    """Paths of a built guest image (all inside the cache; never modify them)."""
+
+    kernel: Path
+    """The kernel (bzImage) for ``qemu -kernel``."""
+    initrd: Path
+    """The initramfs for ``qemu -initrd``."""
+    rootfs: Path
+    """Raw ext4 root fs for ``-drive file=...,if=virtio,format=raw,snapshot=on``."""
+    kernel_release: str
+    """``uname -r`` in the guest, e.g. ``6.1.0-56-cloud-amd64``."""
+    kernel_package: str
+    """Debian package and version, e.g. ``linux-image-6.1.0-56-cloud-amd64 6.1.192-2``."""
+    key: str
+    """Hash of the three parts' keys: equal keys mean identical images."""
+
+
+def default_cache_dir() -> Path:
+    """``$SWAPNBD_CACHE``, else ``$XDG_CACHE_HOME/swapnbd``, else ``~/.cache/swapnbd``."""
+    explicit = os.environ.get("SWAPNBD_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "swapnbd"
+    return Path.home() / ".cache" / "swapnbd"
+
+
+def input_key(inputs: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able mapping of inputs."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def code_version(*parts: object) -> str:
+    """Hash of the builder code and constants that shape a step's output (for its key).
+
+    Functions, classes and modules count by their source text, anything else by
+    its ``repr``. Only what changes the output is listed, so that editing, say,
+    progress reporting does not rebuild a root fs.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if inspect.isfunction(part) or inspect.isclass(part) or inspect.ismodule(part):
+            text = inspect.getsource(part)
+        else:
+            text = repr(part)
+        digest.update(text.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _mount_points_under(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first (from /proc/self/mountinfo)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    prefix = str(path.resolve())
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 5:
+            continue
+        point = fields[4].encode().decode("unicode_escape")  # octal escapes like \040
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a half-built step directory, unmounting what debootstrap left mounted in it."""
+    for point in _mount_points_under(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    if _mount_points_under(path):
+        raise ImageError(f"cannot clean {path}: still has mounts; unmount them by hand")
+    shutil.rmtree(path)
+
+
+@dataclass(slots=True)
+class Cache:
+    """The cache directory, held under an exclusive lock for one build."""
+
+    root: Path
+    emit: Callable[[str], None]
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold ``CACHE/lock`` (flock) for the block; if another builder has it, say so and wait."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                self.emit(
+                    f"[swapnbd] waiting for the cache lock {self.root}/lock (held by {holder})"
+                )
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def clean(self, note: Callable[[str], None], max_age_days: float = PRUNE_AFTER_DAYS) -> None:
+        """Delete half-done builds and entries unused for ``max_age_days`` (hold the lock)."""
+        horizon = time.time() - max_age_days * 86400
+        for kind in STEPS:
+            folder = self.root / kind
+            if not folder.is_dir():
+                continue
+            for entry in sorted(folder.iterdir()):
+                if entry.name.startswith(".tmp-"):
+                    note(f"{kind}: removing the half-done build {entry}")
+                    remove_tree(entry)
+                elif entry.is_dir() and entry.stat().st_mtime < horizon:
+                    note(f"{kind}: removing {entry}, unused for {max_age_days:g} days")
+                    remove_tree(entry)
+
+    def final(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def durations(self) -> dict[str, float]:
+        try:
+            data = json.loads((self.root / "durations.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+    def remember(self, kind: str, seconds: float) -> None:
+        data = self.durations()
+        data[kind] = round(seconds, 1)
+        tmp = self.root / "durations.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        tmp.replace(self.root / "durations.json")
+
+    def step(
+        self,
+        progress: Progress,
+        kind: str,
+        key: str,
+        title: str,
+        build: Callable[[Path, Step], None],
+    ) -> Path:
+        """The finished directory ``CACHE/kind/key``, built by ``build(tmp, step)`` if missing."""
+        final = self.final(kind, key)
+        if final.is_dir():
+            os.utime(final)  # last use, for clean()
+            progress.skip(kind, f"cached ({final})")
+            return final
+        tmp = final.with_name(f".tmp-{key}")
+        if tmp.exists():
+            progress.note(f"{kind}: removing the half-done build {tmp}")
+            remove_tree(tmp)
+        tmp.mkdir(parents=True)
+        estimate = self.durations().get(kind, ESTIMATES.get(kind))
+        with progress.step(f"{kind}: {title}", estimate) as step:
+            build(tmp, step)
+        if step.duration is not None:
+            self.remember(kind, step.duration)
+        os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return final
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What apt says the inputs are: kernel package, busybox version, mirror, package versions."""
+
+    kernel: kernel.KernelPackage
+    busybox: str
+    mirror: str
+    versions: dict[str, str]
+
+
+def apt_fingerprint(
+    etc_apt: Path = Path("/etc/apt"), lists: Path = Path("/var/lib/apt/lists")
+) -> str:
+    """Changes whenever apt's sources or downloaded lists change (and so may its answers)."""
+    digest = hashlib.sha256()
+    for path in sorted(lists.glob("*")):
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{path.name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    sources = [etc_apt / "sources.list", *sorted((etc_apt / "sources.list.d").glob("*"))]
+    for path in sources:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def _resolve(cache: Cache, kernel_name: str, flavour: str) -> Resolved:
+    """Ask apt (about 3 s of apt-cache) unless its answer for this apt state is remembered."""
+    memo_dir = cache.root / "resolved"
+    memo = memo_dir / f"{kernel_name}-{flavour}-{apt_fingerprint()}.json"
+    try:
+        data = json.loads(memo.read_text())
+        return Resolved(
+            kernel=kernel.KernelPackage(**data["kernel"]),
+            busybox=data["busybox"],
+            mirror=data["mirror"],
+            versions=dict(data["versions"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    pkg = kernel.resolve_kernel(kernel_name, flavour)
+    busybox = kernel.apt_candidate("busybox-static")
+    if busybox is None:
+        kernel.apt_update_once()
+        busybox = kernel.apt_candidate("busybox-static")
+    if busybox is None:
+        raise ImageError("apt has no candidate for busybox-static (check /etc/apt sources)")
+    mirror = rootfs.debian_mirror()
+    versions = rootfs.package_versions(rootfs.PACKAGES, mirror)
+    resolved = Resolved(kernel=pkg, busybox=busybox, mirror=mirror, versions=versions)
+    memo_dir.mkdir(parents=True, exist_ok=True)
+    memo = memo_dir / f"{kernel_name}-{flavour}-{apt_fingerprint()}.json"  # after any update
+    tmp = memo.with_suffix(".tmp")
+    _write_json(tmp, asdict(resolved))
+    tmp.replace(memo)
+    return resolved
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def _kernel_step(cache: Cache, progress: Progress, pkg: kernel.KernelPackage) -> Path:
+    key = input_key(
+        {
+            "package": pkg.name,
+            "version": pkg.version,
+            "code": code_version(kernel.download_deb, kernel.unpack_kernel, _kernel_step),
+        }
+    )
+
+    def build(tmp: Path, step: Step) -> None:
+        step.update(f"apt-get download {pkg.name}={pkg.version}", force=True)
+        deb = kernel.download_deb(pkg.name, pkg.version, tmp / "download")
+        step.update(f"dpkg-deb -x {deb.name} and depmod", force=True)
+        unpacked = kernel.unpack_kernel(deb, tmp / "tree")
+        shutil.rmtree(tmp / "download")
+        _write_json(
+            tmp / "kernel.json",
+            {"package": pkg.name, "version": pkg.version, "release": unpacked.release},
+        )
+
+    return cache.step(progress, "kernel", key, f"{pkg.name} {pkg.version}", build)
+
+
+def _busybox_step(cache: Cache, progress: Progress, version: str) -> Path:
+    key = input_key(
+        {"package": "busybox-static", "version": version, "code": code_version(_busybox_step)}
+    )
+
+    def build(tmp: Path, step: Step) -> None:
+        step.update(f"apt-get download busybox-static={version}", force=True)
+        deb = kernel.download_deb("busybox-static", version, tmp / "download")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp / "tree")], check=True)
+        binary = tmp / "tree" / "bin" / "busybox"
+        if not binary.is_file():
+            raise ImageError(f"{deb.name} has no bin/busybox")
+        shutil.copy2(binary, tmp / "busybox")
+        shutil.rmtree(tmp / "download")
+        shutil.rmtree(tmp / "tree")
+        _write_json(tmp / "busybox.json", {"version": version})
+
+    return cache.step(progress, "busybox", key, f"busybox-static {version}", build)
+
+
+def _rootfs_step(cache: Cache, progress: Progress, mirror: str, versions: dict[str, str]) -> Path:
+    key = input_key(
+        {
+            "mirror": mirror,
+            "suite": rootfs.SUITE,
+            "variant": rootfs.VARIANT,
+            "packages": list(rootfs.PACKAGES),
+            "versions": versions,
+            "code": code_version(
+                rootfs.debootstrap,
+                rootfs.customize,
+                rootfs.make_image,
+                rootfs.tree_usage,
+                rootfs.VARIANT,
+                rootfs.HOSTNAME,
+                rootfs.FREE_MIB,
+                rootfs.TRIM,
+                rootfs.POWEROFF,
+                _rootfs_step,
+            ),
+        }
+    )
+
+    def build(tmp: Path, step: Step) -> None:
+        tree = tmp / "tree"
+        step.update(f"mirror {mirror}, packages {' '.join(rootfs.PACKAGES)}", force=True)
+        started = time.monotonic()
+        rootfs.debootstrap(
+            tree,
+            mirror=mirror,
+            packages=rootfs.PACKAGES,
+            step=step,
+            log=tmp / "debootstrap.log",
+            deb_cache=cache.root / "debootstrap-debs",
+        )
+        debootstrap_s = time.monotonic() - started
+        if _mount_points_under(tree):
+            raise ImageError(f"debootstrap left mounts under {tree}")
+        (tmp / "packages.txt").write_text(rootfs.installed_packages(tree))
+        rootfs.customize(tree)
+        step.update("mke2fs -t ext4 -d (image)", force=True)
+        info = rootfs.make_image(tree, tmp / "rootfs.ext4")
+        shutil.rmtree(tree)
+        _write_json(
+            tmp / "rootfs.json",
+            {
+                "mirror": mirror,
+                "suite": rootfs.SUITE,
+                "packages": list(rootfs.PACKAGES),
+                "debootstrap_s": round(debootstrap_s, 1),
+                **asdict(info),
+            },
+        )
+        step.update(
+            f"image {info.size_bytes // rootfs.MIB} MiB, {info.free_bytes // rootfs.MIB} MiB free",
+            force=True,
+        )
+
+    return cache.step(progress, "rootfs", key, f"debootstrap {rootfs.SUITE}", build)
+
+
+def _initramfs_step(
+    cache: Cache, progress: Progress, kernel_dir: Path, busybox_dir: Path, payload_dir: Path
+) -> Path:
+    try:
+        payload = initramfs.payload_files(payload_dir)
+    except initramfs.InitramfsError as exc:
+        raise ImageError(str(exc)) from exc
+    meta = json.loads((kernel_dir / "kernel.json").read_text())
+    unpacked = kernel.UnpackedKernel(root=kernel_dir / "tree", release=meta["release"])
+    key = input_key(
+        {
+            "kernel": kernel_dir.name,
+            "busybox": busybox_dir.name,
+            "modules": list(kernel.INITRAMFS_MODULES),
+            "payload": {rel: file_digest(path) for rel, path in payload},
+            "code": code_version(
+                initramfs,
+                kernel.module_name,
+                kernel.parse_modules_dep,
+                kernel.parse_modules_builtin,
+                kernel.module_load_order,
+                _initramfs_step,
+            ),
+        }
+    )
+
+    def build(tmp: Path, step: Step) -> None:
+        mods = unpacked.modules_dir
+        deps = kernel.parse_modules_dep((mods / "modules.dep").read_text())
+        builtin = kernel.parse_modules_builtin((mods / "modules.builtin").read_text())
+        order = kernel.module_load_order(deps, builtin, kernel.INITRAMFS_MODULES)
+        step.update(f"{len(order)} modules, decompressing", force=True)
+        modules = [
+            (f"{kernel.module_name(rel)}.ko", initramfs.decompress_module(mods / rel))
+            for rel in order
+        ]
+        files = [(rel, path.read_bytes()) for rel, path in payload]
+        archive = initramfs.build_archive((busybox_dir / "busybox").read_bytes(), modules, files)
+        (tmp / "initrd.img").write_bytes(archive)
+        _write_json(
+            tmp / "initramfs.json",
+            {
+                "modules": [name for name, _ in modules],
+                "builtin": sorted(m for m in kernel.INITRAMFS_MODULES if m in builtin),
+                "payload": [rel for rel, _ in payload],
+                "size_bytes": len(archive),
+            },
+        )
+
+    return cache.step(progress, "initramfs", key, f"busybox + modules for {meta['release']}", build)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def build_guest(
+    kernel: str = "6.1",
+    flavour: str = "cloud",
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    *,
+    payload_dir: Path | None = None,
+) -> GuestImage:
+    """Build (or find in the cache) the guest image for ``kernel``/``flavour``.
+
+    Args:
+        kernel: ``"6.1"`` (bookworm) or ``"6.12"`` (bookworm-security).
+        flavour: ``"cloud"`` (default) or ``"generic"`` Debian kernel flavour.
+        cache_dir: where images live; :func:`default_cache_dir` when ``None``.
+        progress: receives progress lines; stderr when ``None``.
+        payload_dir: source tree holding ``stress/`` and ``vm/guest_init.py``;
+            this repository when ``None``.
+
+    Raises:
+        ImageError: bad arguments, missing payload or tools, not root for
+            debootstrap, or a failed step (the message names the log).
+    """
+    return _build(kernel, flavour, cache_dir, progress, payload_dir)
+
+
+def _build(
+    kernel_name: str,
+    flavour: str,
+    cache_dir: Path | None,
+    emit: Callable[[str], None] | None,
+    payload_dir: Path | None,
+) -> GuestImage:
+    payload_root = payload_dir if payload_dir is not None else REPO_ROOT
+    try:
+        kernel.metapackage(kernel_name, flavour)  # validates names before any work
+        initramfs.payload_files(payload_root)  # fail before a long build, not after
+        job = Progress(len(STEPS), emit)
+        cache = Cache(root=(cache_dir or default_cache_dir()).absolute(), emit=job.emit)
+        with cache.locked():
+            cache.clean(job.note)
+            resolved = _resolve(cache, kernel_name, flavour)
+            kernel_dir = _kernel_step(cache, job, resolved.kernel)
+            busybox_dir = _busybox_step(cache, job, resolved.busybox)
+            rootfs_dir = _rootfs_step(cache, job, resolved.mirror, resolved.versions)
+            initrd_dir = _initramfs_step(cache, job, kernel_dir, busybox_dir, payload_root)
+    except (
+        kernel.KernelError,
+        rootfs.RootfsError,
+        initramfs.InitramfsError,
+        CommandError,
+        subprocess.CalledProcessError,
+        OSError,
+    ) as exc:
+        raise ImageError(str(exc)) from exc
+    meta = json.loads((kernel_dir / "kernel.json").read_text())
+    release = meta["release"]
+    image = GuestImage(
+        kernel=kernel_dir / "tree" / "boot" / f"vmlinuz-{release}",
+        initrd=initrd_dir / "initrd.img",
+        rootfs=rootfs_dir / "rootfs.ext4",
+        kernel_release=release,
+        kernel_package=f"{meta['package']} {meta['version']}",
+        key=input_key(
+            {"kernel": kernel_dir.name, "rootfs": rootfs_dir.name, "initrd": initrd_dir.name}
+        ),
+    )
+    job.emit(f"{job.prefix} guest image {image.key} ready in {format_duration(job.elapsed())}")
+    return image
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vm.image``: build the guest image and print its paths as JSON.
+
+    Exit codes: 0 built (or cached), 1 build failed, 2 usage error.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m vm.image",
+        description="Build (or find in the cache) swapnbd's QEMU guest image: a Debian stock "
+        "kernel, a busybox initramfs with the guest payload, and a debootstrap'd ext4 root fs.",
+        epilog="examples:\n  python -m vm.image --kernel 6.1\n"
+        "  python -m vm.image --kernel 6.12 --cache-dir /var/tmp/swapnbd-cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--kernel", default="6.1", choices=sorted(kernel.KERNELS), help="kernel")
+    parser.add_argument(
+        "--flavour", default="cloud", choices=sorted(kernel.FLAVOURS), help="Debian kernel flavour"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help=f"cache (default {default_cache_dir()})"
+    )
+    parser.add_argument(
+        "--payload-dir",
+        type=Path,
+        default=None,
+        help="tree with stress/ and vm/guest_init.py (default: this repository)",
+    )
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so a running debootstrap is stopped and cleaned up.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        image = build_guest(args.kernel, args.flavour, args.cache_dir, payload_dir=args.payload_dir)
+    except ImageError as exc:
+        print(f"swapnbd image: error: {exc}", file=sys.stderr)
+        return 1
+    record = {k: str(v) for k, v in asdict(image).items()}
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
