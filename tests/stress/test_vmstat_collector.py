@@ -1,0 +1,310 @@
+"""The vmstat collector: recorded 6.1 and 6.12 /proc trees, the live /proc, and streaming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    RUN_TIMEOUT_S,
+    LineStream,
+    kernel_root,
+    read_json_lines,
+    run_tool,
+    tool_argv,
+    tool_env,
+)
+
+from stress import vmstat
+from stress.vmstat import KEY_FIELDS, is_counter, summarize, take_sample
+
+SAMPLE_KEYS = {"type", "seq", "t_mono", "t_wall", "vmstat", "meminfo", "psi", "swaps", "netstat"}
+ONLY_612 = {"swpin_zero", "swpout_zero", "pgscan_khugepaged", "pgsteal_khugepaged"}
+ONLY_61 = {"allocstall_device", "zswpin", "zswpout"}
+
+
+def fixture_pair(kernel: str) -> list[dict[str, Any]]:
+    """t0 and t1 samples of a recorded guest, 10 s apart on the monotonic clock."""
+    first = take_sample(0, str(kernel_root(kernel, "t0")))
+    last = take_sample(1, str(kernel_root(kernel, "t1")), final=True)
+    first["t_mono"], last["t_mono"] = 100.0, 110.0
+    return [first, last]
+
+
+# --------------------------------------------------------------------------- recorded guests
+
+
+def test_sample_linux_61() -> None:
+    sample = take_sample(7, str(kernel_root("linux-6.1", "t1")))
+    assert sample.keys() >= SAMPLE_KEYS
+    assert (sample["type"], sample["seq"], sample["final"]) == ("sample", 7, False)
+    v = sample["vmstat"]
+    assert len(v) == 172
+    assert next(iter(v)) == "nr_free_pages"  # kernel order kept
+    assert v["pswpout"] == 524288
+    assert v["allocstall_device"] == 0
+    assert ONLY_612.isdisjoint(v)
+    assert sample["pgscan_direct_throttle"] == 17
+    assert sample["meminfo"]["MemTotal"] == 2014980 * 1024
+    assert sample["meminfo"]["SwapFree"] == 6291456 * 1024
+    assert sample["meminfo"]["HugePages_Total"] == 0
+    assert sample["meminfo_unit"] == "bytes"
+    assert sample["psi"] is None  # no /proc/pressure in this guest
+    assert sample["netstat"] == {"PFMemallocDrop": 0}
+    assert [s["filename"] for s in sample["swaps"]] == ["/dev/nbd0"]
+    json.dumps(sample)  # must serialise as one JSON line
+
+
+def test_sample_linux_612() -> None:
+    sample = take_sample(0, str(kernel_root("linux-6.12", "t1")))
+    v = sample["vmstat"]
+    assert len(v) == 135
+    assert v.keys() >= ONLY_612
+    assert ONLY_61.isdisjoint(v)
+    assert v["nr_memmap_boot_pages"] == 8192
+    assert sample["psi"] == {
+        "some": {"avg10": 61.27, "avg60": 48.9, "avg300": 20.11, "total": 182001043},
+        "full": {"avg10": 55.02, "avg60": 41.33, "avg300": 17.8, "total": 150000512},
+    }
+    assert sample["netstat"] == {"PFMemallocDrop": 23}
+    assert sample["swaps"][0]["type"] == "file"
+    assert sample["swaps"][0]["used_bytes"] == 2097148 * 1024
+    assert "AnonHugePages" not in sample["meminfo"]
+
+
+@pytest.mark.parametrize("kernel", ["linux-6.1", "linux-6.12"])
+def test_summarize_recorded_guest(kernel: str) -> None:
+    summary = summarize(fixture_pair(kernel))
+    delta, rates = summary["vmstat_delta"], summary["rates"]
+    assert summary["interval_s"] == 10.0
+    assert summary["samples"] == 2
+    assert (summary["first_seq"], summary["last_seq"]) == (0, 1)
+    assert delta["pswpout"] == 524288
+    assert delta["pswpin"] == 401234
+    assert delta["pgscan_direct_throttle"] == summary["pgscan_direct_throttle"] == 17
+    assert delta["allocstall_dma32"] == 1234
+    assert delta["oom_kill"] == 0
+    assert delta["nr_free_pages"] == 12345 - 451234  # a gauge: change in level
+    assert rates["pswpout"] == pytest.approx(52428.8)
+    assert rates["pgscan_direct_throttle"] == pytest.approx(1.7)
+    assert "nr_free_pages" not in rates
+    assert "nr_dirty_threshold" not in rates
+    assert set(rates) == {name for name in delta if is_counter(name)}
+    assert summary["swap_used_bytes_max"] == 2097148 * 1024
+    assert summary["meminfo_last"]["MemAvailable"] == 41020 * 1024
+    for name in summary["absent"]:  # absent means absent, never a zero
+        assert name not in delta
+        assert name not in rates
+
+
+def test_summarize_61_absent_fields() -> None:
+    summary = summarize(fixture_pair("linux-6.1"))
+    assert summary["absent"] == sorted(
+        {"swpin_zero", "swpout_zero", "pgscan_khugepaged", "pgsteal_khugepaged", "psi"}
+    )
+    assert summary["vmstat_delta"]["allocstall_device"] == 0
+    assert summary["psi_delta"] is None
+    assert summary["netstat_delta"] == {"PFMemallocDrop": 0}
+
+
+def test_summarize_612_absent_fields() -> None:
+    summary = summarize(fixture_pair("linux-6.12"))
+    assert summary["absent"] == sorted({"allocstall_device", "zswpin", "zswpout"})
+    assert summary["vmstat_delta"]["swpout_zero"] == 0
+    assert summary["psi_delta"] == {"some_total_us": 182000000, "full_total_us": 150000000}
+    assert summary["netstat_delta"] == {"PFMemallocDrop": 23}
+
+
+def test_summarize_field_in_only_one_sample() -> None:
+    first, last = fixture_pair("linux-6.12")
+    first["vmstat"]["brand_new_counter"] = 5
+    del last["vmstat"]["pgmajfault"]
+    last["vmstat"]["appeared_later"] = 9
+    last["netstat"] = None
+    summary = summarize([first, last])
+    absent = set(summary["absent"])
+    assert {"brand_new_counter", "pgmajfault", "appeared_later", "netstat.PFMemallocDrop"} <= absent
+    assert "pgmajfault" not in summary["vmstat_delta"]
+    assert "brand_new_counter" not in summary["rates"]
+    assert summary["netstat_delta"] is None
+
+
+def test_summarize_uses_first_and_last_only() -> None:
+    first, last = fixture_pair("linux-6.1")
+    middle = dict(first, seq=5, vmstat={"pswpout": 10**12})
+    assert (
+        summarize([first, middle, last])["vmstat_delta"] == summarize([first, last])["vmstat_delta"]
+    )
+    assert summarize([first, middle, last])["samples"] == 3
+
+
+def test_summarize_single_and_empty() -> None:
+    (first, _last) = fixture_pair("linux-6.1")
+    one = summarize([first])
+    assert one["interval_s"] == 0
+    assert one["rates"] == {}
+    assert set(one["vmstat_delta"].values()) == {0}
+    with pytest.raises(ValueError, match="at least one sample"):
+        summarize([])
+
+
+def test_key_fields_cover_the_experiment() -> None:
+    assert KEY_FIELDS[0] == "pgscan_direct_throttle"
+    assert {"pswpin", "pswpout", "oom_kill", "allocstall_dma32"} <= set(KEY_FIELDS)
+
+
+# --------------------------------------------------------------------------- live /proc
+
+
+def test_live_proc_sample_and_summary() -> None:
+    first = take_sample(0)
+    _ = bytearray(8 * 1024 * 1024)  # fault in some pages between the samples
+    last = take_sample(1)
+    mem_total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert first["meminfo"]["MemTotal"] == mem_total
+    with open("/proc/vmstat") as handle:
+        names = [line.split()[0] for line in handle]
+    assert list(first["vmstat"]) == names
+    assert first["pgscan_direct_throttle"] == first["vmstat"]["pgscan_direct_throttle"]
+    assert last["t_mono"] > first["t_mono"]
+    assert last["t_wall"] >= first["t_wall"]
+    summary = summarize([first, last])
+    assert summary["vmstat_delta"]["pgfault"] > 0
+    assert summary["vmstat_delta"]["pswpout"] >= 0
+    assert set(summary["absent"]).isdisjoint(first["vmstat"].keys() & last["vmstat"].keys())
+    assert (summary["psi_delta"] is None) == (not os.path.exists("/proc/pressure/memory"))
+
+
+# --------------------------------------------------------------------------- CLI and streaming
+
+
+def test_cli_count_to_file(tmp_path: Path) -> None:
+    out = tmp_path / "samples.jsonl"
+    summary_path = tmp_path / "summary.json"
+    argv = ["--out", str(out), "--interval", "0.05", "--count", "3", "--summary", str(summary_path)]
+    proc = run_tool("vmstat", *argv, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = read_json_lines(out)
+    assert [s["seq"] for s in lines] == [0, 1, 2]
+    assert [s["final"] for s in lines] == [False, False, True]
+    monos = [s["t_mono"] for s in lines]
+    assert monos == sorted(monos)
+    for sample in lines:
+        assert sample.keys() >= SAMPLE_KEYS
+    summary = json.loads(summary_path.read_text())
+    assert summary["type"] == "summary"
+    assert (summary["first_seq"], summary["last_seq"], summary["samples"]) == (0, 2, 2)
+    assert summary["interval_s"] == pytest.approx(monos[2] - monos[0])
+
+
+def test_cli_duration_ends_with_a_final_sample(tmp_path: Path) -> None:
+    out = tmp_path / "samples.jsonl"
+    argv = ["--out", str(out), "--interval", "0.25", "--duration", "0.5"]
+    proc = run_tool(
+        "vmstat", *argv, "--proc-root", str(kernel_root("linux-6.1", "t0")), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = read_json_lines(out)
+    assert [(s["seq"], s["final"]) for s in lines] == [(0, False), (1, False), (2, True)]
+    assert lines[0]["vmstat"]["pswpout"] == 0
+
+
+def test_cli_streams_to_a_fifo_as_lines_arrive_and_stops_on_sigterm(
+    tmp_path: Path, fifo: Path, proc_children: list[subprocess.Popen[str]]
+) -> None:
+    argv = tool_argv("vmstat", "--out", str(fifo), "--interval", "0.05")
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=tool_env(), stderr=subprocess.PIPE, text=True)
+    proc_children.append(proc)
+    stream = LineStream(os.open(fifo, os.O_RDONLY))
+    seen = [stream.next() for _ in range(3)]  # each line readable while the collector runs
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    rest = stream.rest()
+    stream.close()
+    _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, stderr
+    samples = [s for s in seen if s is not None] + rest
+    assert [s["seq"] for s in samples] == list(range(len(samples)))
+    assert samples[-1]["final"] is True
+    assert not any(s["final"] for s in samples[:-1])
+
+
+def test_cli_streams_to_an_os_pipe(
+    tmp_path: Path, proc_children: list[subprocess.Popen[str]]
+) -> None:
+    read_fd, write_fd = os.pipe()
+    argv = tool_argv("vmstat", "--out", f"/dev/fd/{write_fd}", "--interval", "0.05")
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=tool_env(), pass_fds=[write_fd], stderr=subprocess.PIPE, text=True
+    )
+    proc_children.append(proc)
+    os.close(write_fd)
+    stream = LineStream(read_fd)
+    first = stream.next()
+    second = stream.next()
+    assert first is not None and second is not None
+    assert (first["seq"], second["seq"]) == (0, 1)
+    proc.send_signal(signal.SIGINT)
+    rest = stream.rest()
+    stream.close()
+    _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, stderr
+    assert rest[-1]["final"] is True
+    assert [s["seq"] for s in rest] == list(range(2, 2 + len(rest)))
+
+
+def test_cli_write_failure_is_loud(tmp_path: Path) -> None:
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # nobody will ever read: the first write gets EPIPE
+    try:
+        proc = subprocess.run(
+            tool_argv("vmstat", "--out", f"/dev/fd/{write_fd}", "--count", "2"),
+            cwd=tmp_path,
+            env=tool_env(),
+            pass_fds=[write_fd],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == vmstat.EXIT_FAILURE == 1
+    assert "swapnbd-vmstat: error: write to" in proc.stderr
+    assert "failed after 0 lines" in proc.stderr
+
+
+def test_cli_missing_proc_is_an_error(tmp_path: Path) -> None:
+    proc = run_tool("vmstat", "--count", "1", "--proc-root", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"{tmp_path}/vmstat does not exist" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--interval", "0"], "must be a positive number"),
+        (["--count", "0"], "must be at least 1"),
+        (["--count", "2", "--duration", "1"], "not allowed with argument"),
+    ],
+)
+def test_cli_usage_errors(tmp_path: Path, argv: list[str], message: str) -> None:
+    proc = run_tool("vmstat", *argv, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_cli_mlock(tmp_path: Path) -> None:
+    proc = run_tool("vmstat", "--mlock", "--count", "1", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["seq"] == 0
+    if os.geteuid() == 0:
+        assert proc.stderr == ""
+    else:  # without CAP_IPC_LOCK the lock may fail: that is a warning, never silence
+        assert proc.stderr == "" or "CAP_IPC_LOCK" in proc.stderr
