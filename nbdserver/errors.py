@@ -8,8 +8,8 @@ carry the NBD errno as the class attribute ``errno`` (doc/proto.md, "Error value
 
 from __future__ import annotations
 
-import errno as _errno
 import enum
+import errno as _errno
 
 
 class NBDErrno(enum.IntEnum):

@@ -1,0 +1,506 @@
+"""The handshake phase of NBD as a sans-IO state machine (server side).
+
+Theory of operation
+-------------------
+:class:`Negotiation` is fed the bytes the client sends (:meth:`Negotiation.receive_data`)
+and answers with events; the bytes it wants sent accumulate in an outgoing buffer
+(:meth:`Negotiation.data_to_send`). It never touches a socket or a clock.
+
+Only fixed newstyle is spoken: the greeting is NBDMAGIC + IHAVEOPT + FIXED_NEWSTYLE|NO_ZEROES,
+so an oldstyle client (which expects ``cliserv_magic`` and a size right away) cannot
+proceed: "The server SHOULD refuse to allow oldstyle negotiations on the newstyle port"
+(doc/proto.md "Newstyle negotiation").
+
+The phase changes are data (:data:`TRANSITIONS`): a (phase, trigger) pair not in the
+table is a bug and raises. A client that breaks a MUST of the handshake (unknown client
+flags, bad option magic, an oversized EXPORT_NAME) moves the machine to CLOSED with a
+:class:`Closed` event saying why; the adapter then drops only that connection.
+
+Bounds: option data is buffered only up to :data:`MAX_OPTION_DATA`. A longer option is
+read and thrown away as it arrives (never allocated) and then answered with
+NBD_REP_ERR_TOO_BIG, so the session survives a client that merely *announces* 4 GiB.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from nbdserver.protocol import (
+    BASE_ALLOCATION,
+    CLIENT_FLAGS,
+    EXPORT_NAME_REPLY,
+    EXPORT_NAME_ZEROES,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_HEADER,
+    U16,
+    U32,
+    ClientFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    OptionReply,
+    Rep,
+    TransmissionFlag,
+)
+
+#: Largest option payload that is buffered; longer ones are discarded as they arrive.
+MAX_OPTION_DATA: Final = 64 * 1024
+
+#: The context id the server hands out for base:allocation after SET_META_CONTEXT.
+BASE_ALLOCATION_ID: Final = 1
+
+SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the handshake needs to know about one export."""
+
+    name: str
+    description: str
+    size: int
+    #: Transmission flags without SEND_DF (which depends on structured replies).
+    flags: TransmissionFlag
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+
+
+# --- events ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OptionHandled:
+    """An option was answered (for logging): the final reply type and why."""
+
+    option: int
+    reply: Rep
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Negotiation finished; transmission starts with these parameters."""
+
+    export: ExportInfo
+    flags: TransmissionFlag
+    structured: bool
+    #: Context id for base:allocation, or None when no context was selected.
+    meta_context: int | None
+    no_zeroes: bool
+    client_flags: ClientFlag
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The session ends (client abort or protocol violation); drop the connection."""
+
+    reason: str
+    violation: bool
+
+
+Event = OptionHandled | Ready | Closed
+
+
+class Phase(enum.Enum):
+    CLIENT_FLAGS = enum.auto()
+    OPTION_HEADER = enum.auto()
+    OPTION_DATA = enum.auto()
+    DISCARD = enum.auto()
+    TRANSMISSION = enum.auto()
+    CLOSED = enum.auto()
+
+
+class Trigger(enum.Enum):
+    FLAGS_OK = enum.auto()
+    HEADER = enum.auto()
+    HEADER_OVERSIZE = enum.auto()
+    OPTION_DONE = enum.auto()
+    DISCARD_DONE = enum.auto()
+    GO = enum.auto()
+    ABORT = enum.auto()
+    VIOLATION = enum.auto()
+
+
+#: The handshake as a table: (phase, trigger) -> next phase.
+TRANSITIONS: Final[Mapping[tuple[Phase, Trigger], Phase]] = {
+    (Phase.CLIENT_FLAGS, Trigger.FLAGS_OK): Phase.OPTION_HEADER,
+    (Phase.CLIENT_FLAGS, Trigger.VIOLATION): Phase.CLOSED,
+    (Phase.OPTION_HEADER, Trigger.HEADER): Phase.OPTION_DATA,
+    (Phase.OPTION_HEADER, Trigger.HEADER_OVERSIZE): Phase.DISCARD,
+    (Phase.OPTION_HEADER, Trigger.VIOLATION): Phase.CLOSED,
+    (Phase.OPTION_DATA, Trigger.OPTION_DONE): Phase.OPTION_HEADER,
+    (Phase.OPTION_DATA, Trigger.GO): Phase.TRANSMISSION,
+    (Phase.OPTION_DATA, Trigger.ABORT): Phase.CLOSED,
+    (Phase.OPTION_DATA, Trigger.VIOLATION): Phase.CLOSED,
+    (Phase.DISCARD, Trigger.DISCARD_DONE): Phase.OPTION_HEADER,
+}
+
+
+class _OptionFailed(Exception):
+    """Internal: answer the current option with an error reply."""
+
+    def __init__(self, reply: Rep, message: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.message = message
+
+
+class Negotiation:
+    """Server side of the fixed-newstyle handshake for one connection."""
+
+    def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
+        if not exports:
+            raise ValueError("at least one export is needed")
+        self._exports = dict(exports)
+        # "A special, "empty", name ... is reserved for a "default" export"
+        # (doc/proto.md NBD_OPT_EXPORT_NAME). Only an export actually named "" is the
+        # default: a client that gives no name must never land on a named export, or a
+        # guest started without -N could swap onto another run's disk.
+        self.phase = Phase.CLIENT_FLAGS
+        self._in = bytearray()
+        self._out: list[bytes] = [GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS)]
+        self._option = 0
+        self._option_length = 0
+        self._discard_left = 0
+        self.client_flags = ClientFlag(0)
+        self.structured = False
+        self._meta_context: int | None = None
+        self._meta_export: str | None = None
+        #: Bytes received after the option that started transmission.
+        self.trailing_data = b""
+
+    # --- public API ----------------------------------------------------------------
+    def data_to_send(self) -> bytes:
+        """Everything queued for the client since the last call."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Consume client bytes; return the events they caused, in order."""
+        if self.phase in (Phase.TRANSMISSION, Phase.CLOSED):
+            raise RuntimeError(f"negotiation is over (phase {self.phase.name})")
+        events: list[Event] = []
+        view = memoryview(data)
+        if self.phase is Phase.DISCARD:
+            view = self._discard(view, events)
+        self._in += view
+        while not self._over():
+            if not self._step(events):
+                break
+        if self._in_phase(Phase.TRANSMISSION):
+            self.trailing_data = bytes(self._in)
+            self._in.clear()
+        return events
+
+    # --- machinery -----------------------------------------------------------------
+    def _in_phase(self, phase: Phase) -> bool:
+        # A method rather than an inline test: handlers change self.phase, which
+        # mypy's narrowing of the attribute would not see.
+        return self.phase is phase
+
+    def _over(self) -> bool:
+        return self.phase in (Phase.TRANSMISSION, Phase.CLOSED)
+
+    def _go(self, trigger: Trigger) -> None:
+        try:
+            self.phase = TRANSITIONS[(self.phase, trigger)]
+        except KeyError:
+            raise RuntimeError(f"no transition from {self.phase.name} on {trigger.name}") from None
+
+    def _violation(self, events: list[Event], reason: str) -> None:
+        self._go(Trigger.VIOLATION)
+        events.append(Closed(reason, violation=True))
+
+    def _discard(self, view: memoryview, events: list[Event]) -> memoryview:
+        take = min(self._discard_left, len(view))
+        self._discard_left -= take
+        if self._discard_left == 0:
+            self._go(Trigger.DISCARD_DONE)
+            message = (
+                f"option data of {self._option_length} bytes is longer than the"
+                f" {MAX_OPTION_DATA}-byte limit"
+            )
+            self._reply(self._option, Rep.ERR_TOO_BIG, message.encode())
+            events.append(OptionHandled(self._option, Rep.ERR_TOO_BIG, message))
+        return view[take:]
+
+    def _step(self, events: list[Event]) -> bool:
+        """Handle one unit of input if complete; return False when more bytes are needed."""
+        if self.phase is Phase.CLIENT_FLAGS:
+            if len(self._in) < CLIENT_FLAGS.size:
+                return False
+            (raw,) = CLIENT_FLAGS.unpack_from(self._in)
+            del self._in[: CLIENT_FLAGS.size]
+            known = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+            if raw & ~known:
+                # "the server MUST drop the TCP connection if the client sets an unknown
+                # flag, or a flag that does not match something advertised by the
+                # server" (doc/proto.md "Client flags").
+                self._violation(events, f"unknown client flags {raw:#x}")
+                return False
+            self.client_flags = ClientFlag(raw)
+            self._go(Trigger.FLAGS_OK)
+            return True
+        if self.phase is Phase.OPTION_HEADER:
+            if len(self._in) < OPTION_HEADER.size:
+                return False
+            magic, option, length = OPTION_HEADER.unpack_from(self._in)
+            del self._in[: OPTION_HEADER.size]
+            if magic != IHAVEOPT:
+                self._violation(events, f"bad option magic {magic:#x}")
+                return False
+            self._option, self._option_length = option, length
+            if length > MAX_OPTION_DATA:
+                if option == Opt.EXPORT_NAME:
+                    # EXPORT_NAME cannot be answered with an error; a name this long
+                    # breaks "MUST be no longer than 4096 bytes" (doc/proto.md
+                    # "Conventions"), so terminate the session.
+                    self._violation(events, f"NBD_OPT_EXPORT_NAME of {length} bytes")
+                    return False
+                self._go(Trigger.HEADER_OVERSIZE)
+                self._discard_left = length
+                rest = self._discard(memoryview(bytes(self._in)), events)
+                self._in = bytearray(rest)
+                return not self._in_phase(Phase.DISCARD)
+            self._go(Trigger.HEADER)
+            return True
+        if self.phase is Phase.DISCARD:
+            return False
+        if self.phase is Phase.OPTION_DATA:
+            if len(self._in) < self._option_length:
+                return False
+            data = bytes(self._in[: self._option_length])
+            del self._in[: self._option_length]
+            self._handle_option(self._option, data, events)
+            return True
+        raise RuntimeError(f"unexpected phase {self.phase.name}")  # pragma: no cover
+
+    def _reply(self, option: int, reply: Rep, data: bytes = b"") -> None:
+        self._out.append(OptionReply(option, reply, data).pack())
+
+    def _lookup(self, raw_name: bytes) -> ExportInfo:
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _OptionFailed(Rep.ERR_INVALID, "export name is not valid UTF-8") from None
+        export = self._exports.get(name)
+        if export is None:
+            raise _OptionFailed(Rep.ERR_UNKNOWN, f"no export named {name!r} on this server")
+        return export
+
+    def _transmission_flags(self, export: ExportInfo) -> TransmissionFlag:
+        flags = export.flags | TransmissionFlag.HAS_FLAGS
+        # SEND_DF: "MUST leave this flag clear if structured replies have not been
+        # negotiated" (doc/proto.md "Transmission flags").
+        if self.structured:
+            flags |= TransmissionFlag.SEND_DF
+        else:
+            flags &= ~TransmissionFlag.SEND_DF
+        return flags
+
+    def _ready(self, export: ExportInfo, events: list[Event]) -> None:
+        meta = self._meta_context if self._meta_export == export.name else None
+        self._go(Trigger.GO)
+        events.append(
+            Ready(
+                export=export,
+                flags=self._transmission_flags(export),
+                structured=self.structured,
+                meta_context=meta,
+                no_zeroes=bool(self.client_flags & ClientFlag.NO_ZEROES),
+                client_flags=self.client_flags,
+            )
+        )
+
+    def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
+        if option == Opt.EXPORT_NAME:
+            try:
+                export = self._lookup(data)
+            except _OptionFailed as exc:
+                # "If the server is unwilling to allow the export, it MUST terminate
+                # the session" (doc/proto.md "Newstyle negotiation").
+                self._violation(events, f"NBD_OPT_EXPORT_NAME: {exc.message}")
+                return
+            flags = self._transmission_flags(export)
+            reply = EXPORT_NAME_REPLY.pack(export.size, flags)
+            # "124 bytes, zeroes (reserved) (unless NBD_FLAG_C_NO_ZEROES was negotiated)"
+            if not self.client_flags & ClientFlag.NO_ZEROES:
+                reply += EXPORT_NAME_ZEROES
+            self._out.append(reply)
+            self._ready(export, events)
+            return
+        if option == Opt.ABORT:
+            # "The server MUST reply with NBD_REP_ACK" (doc/proto.md NBD_OPT_ABORT).
+            self._reply(option, Rep.ACK)
+            self._go(Trigger.ABORT)
+            events.append(Closed("client sent NBD_OPT_ABORT", violation=False))
+            return
+        handler = _HANDLERS.get(option)
+        try:
+            if handler is None:
+                # "Servers that receive messages which they do not implement MUST reply
+                # to them with NBD_REP_ERR_UNSUP" (doc/proto.md "Baseline").
+                raise _OptionFailed(Rep.ERR_UNSUP, f"option {option} is not supported")
+            go = handler(self, option, data)
+        except _OptionFailed as exc:
+            self._reply(option, exc.reply, exc.message.encode())
+            self._go(Trigger.OPTION_DONE)
+            events.append(OptionHandled(option, exc.reply, exc.message))
+            return
+        if go is not None:
+            self._ready(go, events)
+        else:
+            self._go(Trigger.OPTION_DONE)
+            events.append(OptionHandled(option, Rep.ACK))
+
+    # --- individual options (return an export to enter transmission) ---------------
+    def _opt_list(self, option: int, data: bytes) -> ExportInfo | None:
+        if data:
+            # "the server SHOULD reject a request that includes data with
+            # NBD_REP_ERR_INVALID" (doc/proto.md NBD_OPT_LIST).
+            raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
+        for export in self._exports.values():
+            name = export.name.encode()
+            self._reply(
+                option, Rep.SERVER, U32.pack(len(name)) + name + export.description.encode()
+            )
+        self._reply(option, Rep.ACK)
+        return None
+
+    def _opt_starttls(self, option: int, data: bytes) -> ExportInfo | None:
+        if data:
+            raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        # NOTLS mode: "it MUST respond with NBD_REP_ERR_POLICY ... NBD_REP_ERR_UNSUP"
+        # (doc/proto.md "NOTLS mode").
+        raise _OptionFailed(Rep.ERR_UNSUP, "TLS is not supported by this server")
+
+    def _opt_info_go(self, option: int, data: bytes) -> ExportInfo | None:
+        # Data: 32-bit name length "MUST be no larger than the option data length - 6",
+        # name, 16-bit count, count x 16-bit info requests (doc/proto.md NBD_OPT_INFO).
+        if len(data) < 6:
+            raise _OptionFailed(Rep.ERR_INVALID, "option data shorter than 6 bytes")
+        (name_length,) = U32.unpack_from(data)
+        if name_length > len(data) - 6:
+            raise _OptionFailed(Rep.ERR_INVALID, "export name length runs past the option")
+        if name_length > MAX_STRING:
+            raise _OptionFailed(Rep.ERR_INVALID, f"export name longer than {MAX_STRING}")
+        name = data[4 : 4 + name_length]
+        rest = data[4 + name_length :]
+        (count,) = U16.unpack_from(rest)
+        if len(rest) != 2 + 2 * count:
+            raise _OptionFailed(
+                Rep.ERR_INVALID, f"{count} information requests do not match the option length"
+            )
+        export = self._lookup(name)
+        flags = self._transmission_flags(export)
+        # "The server MUST send an NBD_INFO_EXPORT information type at some point before
+        # sending an NBD_REP_ACK" (doc/proto.md NBD_REP_INFO); the others are optional
+        # and the server "MAY send information requests back which are not explicitly
+        # requested".
+        self._reply(option, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
+        self._reply(option, Rep.INFO, U16.pack(Info.NAME) + export.name.encode())
+        if export.description:
+            self._reply(option, Rep.INFO, U16.pack(Info.DESCRIPTION) + export.description.encode())
+        self._reply(
+            option,
+            Rep.INFO,
+            INFO_BLOCK_SIZE.pack(
+                Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_block
+            ),
+        )
+        self._reply(option, Rep.ACK)
+        return export if option == Opt.GO else None
+
+    def _opt_structured_reply(self, option: int, data: bytes) -> ExportInfo | None:
+        if data:
+            raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        self.structured = True
+        self._reply(option, Rep.ACK)
+        return None
+
+    def _opt_meta_context(self, option: int, data: bytes) -> ExportInfo | None:
+        setting = option == Opt.SET_META_CONTEXT
+        if setting:
+            # "Issuing this command replaces all previously-set metadata contexts
+            # (including when this command fails)" (doc/proto.md SET_META_CONTEXT).
+            self._meta_context = None
+            self._meta_export = None
+        if not self.structured:
+            # "This option MUST NOT be requested unless structured replies have been
+            # negotiated first. If a client attempts to do so, a server SHOULD send
+            # NBD_REP_ERR_INVALID."
+            raise _OptionFailed(Rep.ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+        name, queries = _parse_meta_context(data)
+        export = self._lookup(name)
+        matched = False
+        if not queries:
+            # LIST: "If zero queries are sent, then the server MUST return all the
+            # metadata contexts"; SET: "the server MUST select no metadata contexts".
+            matched = not setting
+        for raw in queries:
+            try:
+                query = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _OptionFailed(Rep.ERR_INVALID, "query is not valid UTF-8") from None
+            namespace, colon, leaf = query.partition(":")
+            if not colon:
+                raise _OptionFailed(Rep.ERR_INVALID, f"query {query!r} lacks a namespace colon")
+            # "the server MUST ignore query strings belonging to an unknown namespace".
+            if namespace == "base" and (leaf == "allocation" or (leaf == "" and not setting)):
+                matched = True
+        if matched:
+            context_id = BASE_ALLOCATION_ID if setting else 0
+            self._reply(option, Rep.META_CONTEXT, U32.pack(context_id) + BASE_ALLOCATION.encode())
+            if setting:
+                self._meta_context = BASE_ALLOCATION_ID
+                self._meta_export = export.name
+        self._reply(option, Rep.ACK)
+        return None
+
+
+def _parse_meta_context(data: bytes) -> tuple[bytes, list[bytes]]:
+    """Split META_CONTEXT option data; "If the option request is syntactically invalid
+    ... the server MUST fail the request with NBD_REP_ERR_INVALID"."""
+    invalid = Rep.ERR_INVALID
+    if len(data) < 8:
+        raise _OptionFailed(invalid, "meta context option data shorter than 8 bytes")
+    (name_length,) = U32.unpack_from(data)
+    if name_length > len(data) - 8:
+        raise _OptionFailed(invalid, "export name length runs past the option")
+    name = data[4 : 4 + name_length]
+    at = 4 + name_length
+    (count,) = U32.unpack_from(data, at)
+    at += 4
+    queries: list[bytes] = []
+    for _ in range(count):
+        if at + 4 > len(data):
+            raise _OptionFailed(invalid, f"{count} queries announced, data ends early")
+        (length,) = U32.unpack_from(data, at)
+        at += 4
+        if length > MAX_STRING or at + length > len(data):
+            raise _OptionFailed(invalid, "query length runs past the option or over 4096")
+        queries.append(data[at : at + length])
+        at += length
+    if at != len(data):
+        raise _OptionFailed(invalid, f"{len(data) - at} stray bytes after the queries")
+    return name, queries
+
+
+_Handler = Callable[[Negotiation, int, bytes], ExportInfo | None]
+_HANDLERS: Final[dict[int, _Handler]] = {
+    Opt.LIST: Negotiation._opt_list,
+    Opt.STARTTLS: Negotiation._opt_starttls,
+    Opt.INFO: Negotiation._opt_info_go,
+    Opt.GO: Negotiation._opt_info_go,
+    Opt.STRUCTURED_REPLY: Negotiation._opt_structured_reply,
+    Opt.LIST_META_CONTEXT: Negotiation._opt_meta_context,
+    Opt.SET_META_CONTEXT: Negotiation._opt_meta_context,
+}
