@@ -1,0 +1,308 @@
+"""The NBD wire format: constants, messages and their packing.
+
+Everything here is pure: no sockets, no event loop. Names follow doc/proto.md of
+NetworkBlockDevice/nbd; an enum member ``Opt.GO`` is the spec's ``NBD_OPT_GO``,
+``Cmd.READ`` is ``NBD_CMD_READ`` and so on (the class name stands for the prefix).
+All integers travel big-endian ("network byte order", doc/proto.md "Conventions").
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+# --- magics (doc/proto.md "Handshake" and "Transmission") ---------------------------
+NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC", INIT_PASSWD
+IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT", newstyle magic and option magic
+CLISERV_MAGIC: Final = 0x00420281861253  # oldstyle; recognised only to refuse it
+OPTION_REPLY_MAGIC: Final = 0x3E889045565A9
+REQUEST_MAGIC: Final = 0x25609513  # NBD_REQUEST_MAGIC
+SIMPLE_REPLY_MAGIC: Final = 0x67446698  # NBD_SIMPLE_REPLY_MAGIC
+STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF  # NBD_STRUCTURED_REPLY_MAGIC
+
+#: "SHOULD be no longer than 256 bytes and MUST be no longer than 4096 bytes"
+#: (doc/proto.md "Conventions", strings such as export names and messages).
+MAX_STRING: Final = 4096
+
+
+class HandshakeFlag(enum.IntFlag):
+    """16-bit handshake flags sent by the server (NBD_FLAG_*)."""
+
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class ClientFlag(enum.IntFlag):
+    """32-bit client flags (NBD_FLAG_C_*)."""
+
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class TransmissionFlag(enum.IntFlag):
+    """16-bit transmission flags (NBD_FLAG_*)."""
+
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    ROTATIONAL = 1 << 4
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
+    CAN_MULTI_CONN = 1 << 8
+    SEND_RESIZE = 1 << 9
+    SEND_CACHE = 1 << 10
+    SEND_FAST_ZERO = 1 << 11
+    BLOCK_STAT_PAYLOAD = 1 << 12
+
+
+class Opt(enum.IntEnum):
+    """Option types (NBD_OPT_*)."""
+
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    PEEK_EXPORT = 4
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
+
+
+_REP_FLAG_ERROR: Final = 1 << 31
+
+
+class Rep(enum.IntEnum):
+    """Option reply types (NBD_REP_*); errors have bit 31 set."""
+
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    META_CONTEXT = 4
+    ERR_UNSUP = _REP_FLAG_ERROR | 1
+    ERR_POLICY = _REP_FLAG_ERROR | 2
+    ERR_INVALID = _REP_FLAG_ERROR | 3
+    ERR_PLATFORM = _REP_FLAG_ERROR | 4
+    ERR_TLS_REQD = _REP_FLAG_ERROR | 5
+    ERR_UNKNOWN = _REP_FLAG_ERROR | 6
+    ERR_SHUTDOWN = _REP_FLAG_ERROR | 7
+    ERR_BLOCK_SIZE_REQD = _REP_FLAG_ERROR | 8
+    ERR_TOO_BIG = _REP_FLAG_ERROR | 9
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.value & _REP_FLAG_ERROR)
+
+
+class Info(enum.IntEnum):
+    """Information types in NBD_REP_INFO (NBD_INFO_*)."""
+
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class Cmd(enum.IntEnum):
+    """Request types (NBD_CMD_*)."""
+
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+    RESIZE = 8
+
+
+class CmdFlag(enum.IntFlag):
+    """Command flags (NBD_CMD_FLAG_*)."""
+
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
+    FAST_ZERO = 1 << 4
+    PAYLOAD_LEN = 1 << 5
+
+
+class ReplyFlag(enum.IntFlag):
+    """Structured reply flags (NBD_REPLY_FLAG_*)."""
+
+    DONE = 1 << 0
+
+
+class ReplyType(enum.IntEnum):
+    """Structured reply chunk types (NBD_REPLY_TYPE_*)."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) | 1
+    ERROR_OFFSET = (1 << 15) | 2
+
+
+class State(enum.IntFlag):
+    """base:allocation status flags (NBD_STATE_*)."""
+
+    HOLE = 1 << 0
+    ZERO = 1 << 1
+
+
+BASE_ALLOCATION: Final = "base:allocation"
+
+# --- struct layouts ----------------------------------------------------------------
+GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
+CLIENT_FLAGS = struct.Struct(">I")
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY_HEADER = struct.Struct(">QIII")  # magic, option, reply type, length
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeroes)
+INFO_EXPORT = struct.Struct(">HQH")
+INFO_BLOCK_SIZE = struct.Struct(">HIII")
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+STRUCTURED_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+OFFSET_HOLE_PAYLOAD = struct.Struct(">QI")
+ERROR_PAYLOAD = struct.Struct(">IH")
+U32 = struct.Struct(">I")
+U16 = struct.Struct(">H")
+U64 = struct.Struct(">Q")
+
+EXPORT_NAME_ZEROES: Final = bytes(124)
+
+
+# --- messages ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class OptionRequest:
+    """C: IHAVEOPT, option, length, data."""
+
+    option: int
+    data: bytes
+
+    def pack(self) -> bytes:
+        return OPTION_HEADER.pack(IHAVEOPT, self.option, len(self.data)) + self.data
+
+
+@dataclass(frozen=True, slots=True)
+class OptionReply:
+    """S: reply magic, option, reply type, length, data."""
+
+    option: int
+    reply: int
+    data: bytes = b""
+
+    def pack(self) -> bytes:
+        header = OPTION_REPLY_HEADER.pack(
+            OPTION_REPLY_MAGIC, self.option, self.reply, len(self.data)
+        )
+        return header + self.data
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> tuple[OptionReply, int]:
+        """Parse one reply from the start of ``buf``; returns it and the bytes used."""
+        magic, option, reply, length = OPTION_REPLY_HEADER.unpack_from(buf)
+        if magic != OPTION_REPLY_MAGIC:
+            raise ValueError(f"bad option reply magic {magic:#x}")
+        end = OPTION_REPLY_HEADER.size + length
+        if len(buf) < end:
+            raise ValueError("truncated option reply")
+        return cls(option, reply, bytes(buf[OPTION_REPLY_HEADER.size : end])), end
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A transmission request header (28 bytes), followed by ``length`` bytes for WRITE."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+
+    def pack(self) -> bytes:
+        return REQUEST.pack(
+            REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
+        )
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, at: int = 0) -> Request:
+        """Parse a request header; raise ValueError on a bad magic."""
+        magic, flags, type_, cookie, offset, length = REQUEST.unpack_from(buf, at)
+        if magic != REQUEST_MAGIC:
+            raise ValueError(f"bad request magic {magic:#010x}")
+        return cls(flags, type_, cookie, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class SimpleReply:
+    error: int
+    cookie: int
+
+    def pack(self) -> bytes:
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, self.error, self.cookie)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, at: int = 0) -> SimpleReply:
+        magic, error, cookie = SIMPLE_REPLY.unpack_from(buf, at)
+        if magic != SIMPLE_REPLY_MAGIC:
+            raise ValueError(f"bad simple reply magic {magic:#010x}")
+        return cls(error, cookie)
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredChunk:
+    """One structured reply chunk: header fields plus its payload."""
+
+    flags: int
+    type: int
+    cookie: int
+    payload: bytes
+
+    def pack(self) -> bytes:
+        header = STRUCTURED_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, self.flags, self.type, self.cookie, len(self.payload)
+        )
+        return header + self.payload
+
+    @classmethod
+    def unpack(
+        cls, buf: bytes | bytearray | memoryview, at: int = 0
+    ) -> tuple[StructuredChunk, int]:
+        magic, flags, type_, cookie, length = STRUCTURED_HEADER.unpack_from(buf, at)
+        if magic != STRUCTURED_REPLY_MAGIC:
+            raise ValueError(f"bad structured reply magic {magic:#010x}")
+        start = at + STRUCTURED_HEADER.size
+        end = start + length
+        if len(buf) < end:
+            raise ValueError("truncated structured reply chunk")
+        return cls(flags, type_, cookie, bytes(buf[start:end])), end
+
+
+def pack_option_string(text: bytes) -> bytes:
+    """A 32-bit length followed by the bytes, as used in INFO/GO and META_CONTEXT data."""
+    return U32.pack(len(text)) + text
+
+
+def pack_info_go(name: bytes, requests: list[int]) -> bytes:
+    """The data of an NBD_OPT_INFO or NBD_OPT_GO option."""
+    return (
+        pack_option_string(name) + U16.pack(len(requests)) + b"".join(U16.pack(r) for r in requests)
+    )
+
+
+def pack_meta_context(name: bytes, queries: list[bytes]) -> bytes:
+    """The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
+    return (
+        pack_option_string(name)
+        + U32.pack(len(queries))
+        + b"".join(pack_option_string(q) for q in queries)
+    )
