@@ -1,0 +1,314 @@
+"""``nbd-serve``: the command line of the NBD server.
+
+Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a runtime failure (e.g. the
+port is taken), 2 on a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from nbdserver.backends import open_backend
+from nbdserver.backends.base import Backend
+from nbdserver.config import ServerConfig, build_config, log_level_number
+from nbdserver.errors import ConfigError
+from nbdserver.server import Export, NBDServer, make_export, tune_allocator
+from nbdserver.stats import StatsWriter, stats_line
+from nbdserver.workers import (
+    Acceptor,
+    default_workers,
+    fork_workers,
+    run_worker,
+    set_connection_ids,
+)
+
+logger = logging.getLogger("nbdserver")
+
+EPILOG = """\
+examples:
+  nbd-serve --memory 1G
+      serve a 1 GiB sparse RAM disk as the default export on 127.0.0.1:10809;
+      then: nbdinfo nbd://127.0.0.1:10809
+  nbd-serve --port 0 --ready-file /tmp/ready.json --memory 512M
+      bind any free port and write {"pid", "listen": [...], "exports": [...]} to
+      /tmp/ready.json once listening (wait for that file instead of guessing ports)
+  nbd-serve --name disk --read-only --description "golden image" /var/lib/disk.img
+      serve a file (or block device) read-only under the name "disk"
+  nbd-serve --unix /run/swapnbd.sock --memory 1G
+      listen on a Unix socket only (add --port to listen on TCP as well)
+  nbd-serve --config exports.toml --stats stats.jsonl --stats-interval 0.5
+      several exports from a TOML file, statistics as JSON lines every 0.5 s
+  nbd-serve --workers 4 --max-inflight 16M /dev/shm/disk.img
+      four processes serve the connections (multi-conn clients spread over cores);
+      each connection stops reading once 16 MiB of replies wait to be sent
+
+config file (TOML; command-line flags override only what they set):
+  bind = "127.0.0.1"
+  port = 10809
+  [[exports]]
+  name = "swap"
+  backend = "memory"        # or "file" with path = "/some/file"
+  size = "1G"
+  description = "RAM disk"
+  read_only = false
+  workers = 2               # default: one per core, at most 4
+  max_inflight = "8M"
+
+workers: the first process listens and hands each new connection to the process with
+the fewest connections; all share the export's file or RAM disk, so FLUSH/FUA effects
+are visible on every connection (NBD_FLAG_CAN_MULTI_CONN). The --stats lines and the
+ready file's pid are the first process's and cover all workers.
+
+exit codes: 0 clean shutdown (SIGINT/SIGTERM), 1 runtime failure, 2 usage/config error
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbd-serve",
+        description="Serve files, block devices or RAM disks over the NBD protocol "
+        "(fixed newstyle, structured replies, block status, multi-conn).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("file", nargs="?", metavar="FILE", help="regular file or block device")
+    parser.add_argument(
+        "--memory", metavar="SIZE", help="serve a sparse RAM disk of SIZE (K/M/G/T)"
+    )
+    parser.add_argument(
+        "--bind", metavar="ADDR", help="TCP address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, metavar="N", help="TCP port (default 10809; 0 = any)")
+    parser.add_argument("--unix", metavar="PATH", help="listen on a Unix socket at PATH")
+    parser.add_argument("--name", metavar="NAME", help='export name (default "")')
+    parser.add_argument("--description", metavar="TEXT", help="export description")
+    parser.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with server settings and exports"
+    )
+    parser.add_argument("--stats", metavar="FILE", help="append JSON-lines statistics to FILE")
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between stats lines (default 1)",
+    )
+    parser.add_argument(
+        "--ready-file", metavar="PATH", help="write bound addresses as JSON to PATH once listening"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes serving connections (default: one per CPU core, at most 4)",
+    )
+    parser.add_argument(
+        "--max-inflight",
+        metavar="SIZE",
+        help="per-connection bound on unanswered bytes; reading pauses past it (default 8M)",
+    )
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default info)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        config = build_config(vars(args))
+    except ConfigError as exc:
+        print(f"nbd-serve: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=log_level_number(config.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    tune_allocator()
+    backends: list[Backend] = []
+    try:
+        exports: list[Export] = []
+        for ec in config.exports:
+            backend = open_backend(ec.backend, path=ec.path, size=ec.size, read_only=ec.read_only)
+            backends.append(backend)
+            exports.append(make_export(ec.name, ec.description, backend, ec.read_only))
+    except ConfigError as exc:
+        for backend in backends:
+            backend.close()
+        print(f"nbd-serve: error: {exc}", file=sys.stderr)
+        return 2
+    count = config.workers if config.workers is not None else default_workers()
+    workers: list[tuple[int, socket.socket]] = []
+    try:
+        if count > 1:
+            workers = fork_workers(
+                count - 1, lambda i, ctrl: _worker(i, count, ctrl, config, exports)
+            )
+            set_connection_ids(0, count)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(config, exports, workers))
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+def _worker(
+    index: int, count: int, ctrl: socket.socket, config: ServerConfig, exports: list[Export]
+) -> int:
+    """Body of a forked worker process (see nbdserver.workers)."""
+    set_connection_ids(index, count)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(
+            run_worker(
+                index,
+                ctrl,
+                exports,
+                stats_interval=config.stats_interval if config.stats is not None else None,
+                max_inflight_bytes=config.max_inflight,
+            )
+        )
+
+
+def write_ready_file(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON atomically (temporary file + rename)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload) + "\n")
+    tmp.replace(target)
+
+
+async def serve(
+    config: ServerConfig,
+    exports: list[Export],
+    workers: Sequence[tuple[int, socket.socket]] = (),
+) -> int:
+    """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
+
+    With ``workers`` (forked by :func:`~nbdserver.workers.fork_workers`) this process
+    accepts and shares the connections out; otherwise it serves them all itself.
+    """
+    server = NBDServer(exports, max_inflight_bytes=config.max_inflight)
+    acceptor = Acceptor(server, workers) if workers else None
+    listen: list[dict[str, Any]] = []
+    try:
+        if acceptor is not None:
+            acceptor.start()
+        if config.tcp:
+            if acceptor is not None:
+                bound = acceptor.listen_tcp(config.bind, config.port)
+            else:
+                bound = await server.listen_tcp(config.bind, config.port)
+            for host, port in bound:
+                listen.append({"kind": "tcp", "host": host, "port": port})
+        if config.unix is not None:
+            _remove_stale_socket(config.unix)
+            if acceptor is not None:
+                acceptor.listen_unix(config.unix)
+            else:
+                await server.listen_unix(config.unix)
+            listen.append({"kind": "unix", "path": config.unix})
+    except OSError as exc:
+        logger.error("cannot listen: %s", exc)
+        if acceptor is not None:
+            await acceptor.shutdown()
+        else:
+            await server.shutdown()
+        return 1
+    for item in listen:
+        where = f"{item['host']}:{item['port']}" if item["kind"] == "tcp" else item["path"]
+        logger.info("listening on %s, exports %s", where, [e.info.name for e in exports])
+    if workers:
+        logger.info("%d worker processes besides this one", len(workers))
+    if config.ready_file is not None:
+        write_ready_file(
+            config.ready_file,
+            {"pid": os.getpid(), "listen": listen, "exports": [e.info.name for e in exports]},
+        )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    writer = StatsWriter(Path(config.stats)) if config.stats is not None else None
+    stats_by_name = {e.info.name: e.stats for e in exports}
+
+    def emit() -> None:
+        if writer is None:
+            return
+        if acceptor is not None:
+            line = stats_line(
+                time.time(),
+                time.monotonic(),
+                acceptor.open_connections,
+                acceptor.total,
+                acceptor.stats(stats_by_name),
+            )
+        else:
+            line = stats_line(
+                time.time(),
+                time.monotonic(),
+                len(server.connections),
+                server.total_connections,
+                stats_by_name,
+            )
+        writer.write(line)
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(config.stats_interval)
+            emit()
+
+    tick = asyncio.create_task(ticker()) if writer is not None else None
+    await stop.wait()
+    logger.info("shutting down: finishing in-flight requests")
+    if acceptor is not None:
+        await acceptor.shutdown()
+    else:
+        await server.shutdown()
+    if tick is not None:
+        tick.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tick
+    emit()
+    if writer is not None:
+        writer.close()
+    if config.unix is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.unix)
+    return 0
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file (never any other kind of file)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISSOCK(mode):
+        os.unlink(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

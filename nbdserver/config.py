@@ -1,0 +1,300 @@
+"""Typed configuration for ``nbd-serve``: a TOML file, overridden by command-line flags.
+
+A configuration file looks like this (every key is optional; see :class:`ServerConfig`
+and :class:`ExportConfig` for the meaning of each)::
+
+    bind = "127.0.0.1"
+    port = 10809
+    # unix = "/run/swapnbd.sock"
+    stats = "/var/log/nbd-stats.jsonl"
+    stats_interval = 1.0
+    log_level = "info"
+    workers = 2             # processes serving connections (default: one per core, max 4)
+    max_inflight = "8M"     # per-connection bound on unanswered bytes (backpressure)
+
+    [[exports]]
+    name = "swap"
+    description = "1 GiB RAM disk for swap experiments"
+    backend = "memory"
+    size = "1G"
+
+    [[exports]]
+    name = "image"
+    backend = "file"
+    path = "/var/lib/swapnbd/disk.img"
+    read_only = true
+
+Command-line flags override only what the user actually gave; ``FILE`` or ``--memory``
+adds one more export (named by ``--name``, default ``""``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from nbdserver.errors import ConfigError
+from nbdserver.sizes import parse_size
+
+BackendKind = Literal["file", "memory"]
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+_SERVER_KEYS: Final = (
+    "bind",
+    "port",
+    "unix",
+    "stats",
+    "stats_interval",
+    "ready_file",
+    "log_level",
+    "workers",
+    "max_inflight",
+    "exports",
+)
+_EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """One export."""
+
+    name: str = ""
+    """The name clients ask for; ``""`` is the default export."""
+    description: str = ""
+    """Free text shown by ``nbdinfo`` (NBD_INFO_DESCRIPTION)."""
+    backend: BackendKind = "memory"
+    """``file`` (a regular file or block device) or ``memory`` (a sparse RAM disk)."""
+    path: str | None = None
+    """The file or block device of a ``file`` export."""
+    size: int | None = None
+    """The size in bytes of a ``memory`` export."""
+    read_only: bool = False
+    """Refuse every write-type request with EPERM and advertise NBD_FLAG_READ_ONLY."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The whole server."""
+
+    bind: str = "127.0.0.1"
+    """TCP address to listen on."""
+    port: int = 10809
+    """TCP port; 0 picks a free one (see ``ready_file``)."""
+    tcp: bool = True
+    """Listen on TCP at all (false when only ``--unix`` was asked for)."""
+    unix: str | None = None
+    """Path of a Unix socket to listen on as well."""
+    exports: tuple[ExportConfig, ...] = field(default_factory=tuple)
+    """The exports, in order; the first is the default when none is named ``""``."""
+    stats: str | None = None
+    """File that receives one JSON line of statistics per interval."""
+    stats_interval: float = 1.0
+    """Seconds between two statistics lines."""
+    ready_file: str | None = None
+    """File written atomically with the bound addresses once listening."""
+    log_level: str = "info"
+    """debug, info, warning, error or critical."""
+    workers: int | None = None
+    """Processes serving connections; None = one per usable core, at most 4. The first
+    process accepts and hands each connection to the least busy one (nbdserver.workers)."""
+    max_inflight: int = 8 * 1024 * 1024
+    """Per-connection bound, in bytes, on replies queued for sending plus WRITE payloads
+    held by pending requests; past it the connection stops reading (pause_reading) until
+    the client has taken enough replies."""
+
+
+def _type_error(where: str, key: str, value: object, expected: str) -> ConfigError:
+    return ConfigError(f"{where}: {key} = {value!r} is not {expected}")
+
+
+def _export_from_table(table: object, where: str) -> ExportConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: each [[exports]] entry must be a table, got {table!r}")
+    unknown = sorted(set(table) - set(_EXPORT_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_EXPORT_KEYS)}"
+        )
+    name = table.get("name", "")
+    description = table.get("description", "")
+    backend = table.get("backend")
+    path = table.get("path")
+    size = table.get("size")
+    read_only = table.get("read_only", False)
+    if not isinstance(name, str):
+        raise _type_error(where, "name", name, "a string")
+    if not isinstance(description, str):
+        raise _type_error(where, "description", description, "a string")
+    if backend is None:
+        backend = "file" if path is not None else "memory"
+    if backend not in ("file", "memory"):
+        raise ConfigError(f'{where}: backend = {backend!r}; choose "file" or "memory"')
+    if path is not None and not isinstance(path, str):
+        raise _type_error(where, "path", path, "a string")
+    if not isinstance(read_only, bool):
+        raise _type_error(where, "read_only", read_only, "true or false")
+    size_bytes: int | None = None
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, (int, str)):
+            raise _type_error(where, "size", size, 'a size such as "1G" or 1073741824')
+        try:
+            size_bytes = parse_size(str(size))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    kind: BackendKind = "file" if backend == "file" else "memory"
+    export = ExportConfig(name, description, kind, path, size_bytes, read_only)
+    check_export(export, where)
+    return export
+
+
+def check_export(export: ExportConfig, where: str) -> None:
+    """Raise ConfigError when an export lacks what its backend needs."""
+    label = f"{where}: export {export.name!r}"
+    if len(export.name.encode()) > 4096:
+        raise ConfigError(f"{label}: names are limited to 4096 bytes by the NBD protocol")
+    if export.backend == "memory":
+        if export.size is None:
+            raise ConfigError(f'{label}: a memory export needs a size, e.g. size = "1G"')
+        if export.path is not None:
+            raise ConfigError(f"{label}: a memory export takes a size, not path = {export.path!r}")
+    else:
+        if export.path is None:
+            raise ConfigError(f'{label}: a file export needs path = "/some/file"')
+        if export.size is not None:
+            raise ConfigError(
+                f"{label}: a file export takes its size from the file; remove size ="
+                f" {export.size} (resize with `truncate -s SIZE {export.path}`)"
+            )
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read and check a TOML configuration file; return its keys as config fields."""
+    try:
+        with Path(path).open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_SERVER_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"config file {path!r}: unknown key(s) {', '.join(unknown)};"
+            f" allowed: {', '.join(_SERVER_KEYS)}"
+        )
+    out: dict[str, Any] = {}
+    for key in ("bind", "unix", "stats", "ready_file", "log_level"):
+        if key in data:
+            if not isinstance(data[key], str):
+                raise _type_error(path, key, data[key], "a string")
+            out[key] = data[key]
+    if "port" in data:
+        out["port"] = data["port"]
+    if "stats_interval" in data:
+        out["stats_interval"] = data["stats_interval"]
+    if "workers" in data:
+        out["workers"] = data["workers"]
+    if "max_inflight" in data:
+        raw = data["max_inflight"]
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise _type_error(path, "max_inflight", raw, 'a size such as "8M"')
+        out["max_inflight"] = parse_size(str(raw))
+    raw_exports = data.get("exports", [])
+    if not isinstance(raw_exports, list):
+        raise ConfigError(f"config file {path!r}: exports must be an array of tables ([[exports]])")
+    out["exports"] = tuple(
+        _export_from_table(t, f"{path} [[exports]] #{i + 1}") for i, t in enumerate(raw_exports)
+    )
+    return out
+
+
+def build_config(cli: dict[str, Any]) -> ServerConfig:
+    """Combine the config file (if ``cli["config"]``) with the flags the user gave.
+
+    ``cli`` holds only the options present on the command line (argparse SUPPRESS), so
+    a flag overrides the file exactly when it was typed.
+    """
+    values: dict[str, Any] = {}
+    if "config" in cli:
+        values = load_file(cli["config"])
+    for key in (
+        "bind",
+        "port",
+        "unix",
+        "stats",
+        "stats_interval",
+        "ready_file",
+        "log_level",
+        "workers",
+    ):
+        if key in cli:
+            values[key] = cli[key]
+    if "max_inflight" in cli:
+        values["max_inflight"] = parse_size(cli["max_inflight"])
+    exports = list(values.pop("exports", ()))
+    source = "file" if "file" in cli else "memory" if "memory" in cli else None
+    if source is not None:
+        if "file" in cli and "memory" in cli:
+            raise ConfigError("give either FILE or --memory SIZE, not both")
+        size = parse_size(cli["memory"]) if source == "memory" else None
+        export = ExportConfig(
+            name=cli.get("name", ""),
+            description=cli.get("description", ""),
+            backend="file" if source == "file" else "memory",
+            path=cli.get("file"),
+            size=size,
+            read_only=cli.get("read_only", False),
+        )
+        check_export(export, "command line")
+        exports.append(export)
+    else:
+        given = [f for f in ("name", "description", "read_only") if f in cli]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ConfigError(
+                f"{flags} describe the export given by FILE or --memory SIZE, and neither was"
+                " given; put per-export settings in the [[exports]] tables of --config"
+            )
+    if not exports:
+        raise ConfigError(
+            "nothing to serve: give FILE, --memory SIZE, or --config with [[exports]] tables"
+        )
+    names = [e.name for e in exports]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"export name(s) {duplicates} are defined more than once")
+    if "unix" in values and "bind" not in values and "port" not in values:
+        values["tcp"] = False
+    config = replace(ServerConfig(), exports=tuple(exports), **values)
+    check_server(config)
+    return config
+
+
+def check_server(config: ServerConfig) -> None:
+    port = config.port
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port {port!r} is not a TCP port: use 0..65535 (0 = any free port)")
+    interval = config.stats_interval
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        raise ConfigError(f"stats interval {interval!r} must be a number of seconds above 0")
+    workers = config.workers
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64
+    ):
+        raise ConfigError(f"workers {workers!r} must be a whole number from 1 to 64")
+    if config.max_inflight < 64 * 1024:
+        raise ConfigError(
+            f"max inflight {config.max_inflight} bytes is too small: give at least 64K"
+        )
+    if config.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+
+
+def log_level_number(name: str) -> int:
+    level: int = getattr(logging, name.upper())
+    return level

@@ -1,0 +1,397 @@
+"""Worker processes: one acceptor hands each connection to the least busy process.
+
+Theory of operation
+-------------------
+One CPython process runs Python on one core at a time; on the benchmark machine a single
+process tops out near one core's worth of 4 KiB requests while a C server's threads use
+every core. With ``--workers N`` the server forks N-1 workers before any event loop or
+thread exists. They inherit every backend descriptor (the file, or the memfd of a memory
+export), so all processes share one page cache and CAN_MULTI_CONN still holds: FLUSH is
+``fdatasync`` on the one shared file and covers writes completed by any process, and a
+memfd is the same RAM disk in every process.
+
+The parent owns the listening sockets. It accepts, and gives each connection to the
+process (itself included) with the fewest open connections, passing the descriptor with
+SCM_RIGHTS over a ``SOCK_SEQPACKET`` socket pair. Neither alternative balances: with
+SO_REUSEPORT the kernel hashes the address 4-tuple, so two connections share a worker half
+of the time; with one shared listening socket libuv accepts until EAGAIN, so the first
+worker to wake takes a whole burst of connections.
+
+Control messages, one datagram each:
+
+- parent -> worker: ``C`` with one descriptor attached (a new connection);
+- worker -> parent: ``X`` (one of its connections closed) and ``S`` + JSON (its per-export
+  stats snapshot, every stats interval and once more when it exits).
+
+Statistics stay one line per interval for the whole server: the parent adds its own
+counters to each worker's latest snapshot (so a worker's figures lag by at most one
+interval; the final line waits for every worker's last snapshot).
+
+Shutdown: the parent stops accepting and shuts down the write side of every control
+socket; a worker then stops exactly as a single process does (in-flight requests are
+answered), sends its last snapshot and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from nbdserver import server as server_module
+from nbdserver.server import Export, NBDServer
+from nbdserver.stats import ExportStats
+
+logger = logging.getLogger(__name__)
+
+#: Default worker count cap: every process costs ~20 MiB of RSS, and past the number of
+#: cores more workers only add context switches.
+MAX_DEFAULT_WORKERS: Final = 4
+
+_CONN: Final = b"C"
+_CLOSED: Final = b"X"
+_STATS: Final = b"S"
+_MAX_MESSAGE: Final = 1 << 20
+
+
+def default_workers() -> int:
+    """One process per usable core, at most :data:`MAX_DEFAULT_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def merge_stats(
+    own: Mapping[str, ExportStats], snapshots: Sequence[Mapping[str, Any]]
+) -> dict[str, ExportStats]:
+    """Per-export counters of this process plus workers' snapshots (ExportStats.snapshot)."""
+    merged: dict[str, ExportStats] = {}
+    for name, stats in own.items():
+        total = ExportStats()
+        parts = [stats.snapshot(), *(s[name] for s in snapshots if name in s)]
+        for part in parts:
+            for key, value in part["requests"].items():
+                total.requests[key] = total.requests.get(key, 0) + value
+            for key, value in part["errors"].items():
+                total.errors[key] = total.errors.get(key, 0) + value
+            for key, value in part["bytes"].items():
+                total.bytes[key] = total.bytes.get(key, 0) + value
+            for key, hist in part["latency_us"].items():
+                counts = total.latency[key].counts
+                for i, count in enumerate(hist["counts"]):
+                    counts[i] += count
+        merged[name] = total
+    return merged
+
+
+def _snapshot_message(exports: Sequence[Export]) -> bytes:
+    body = {e.info.name: e.stats.snapshot() for e in exports}
+    return _STATS + json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass
+class Worker:
+    """The parent's view of one forked worker."""
+
+    index: int
+    pid: int
+    ctrl: socket.socket
+    load: int = 0
+    alive: bool = True
+    snapshot: dict[str, Any] = field(default_factory=dict)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def fork_workers(
+    count: int, child: Callable[[int, socket.socket], int]
+) -> list[tuple[int, socket.socket]]:
+    """Fork ``count`` workers; each runs ``child(index, ctrl)`` and exits with its result.
+
+    Must run before any event loop or thread exists in this process. Returns
+    ``(pid, ctrl)`` per worker, index 1..count (index 0 is the parent).
+    """
+    made: list[tuple[int, socket.socket]] = []
+    for index in range(1, count + 1):
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, measured by the CLI tests
+            code = 1
+            try:
+                parent_end.close()
+                for _, ctrl in made:
+                    ctrl.close()
+                code = child(index, child_end)
+            except BaseException:
+                logger.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        child_end.close()
+        made.append((pid, parent_end))
+    return made
+
+
+def set_connection_ids(index: int, count: int) -> None:
+    """Make connection ids unique across processes (ids index+1, index+1+count, ...)."""
+    server_module._next_id = itertools.count(index + 1, count)
+
+
+async def run_worker(
+    index: int,
+    ctrl: socket.socket,
+    exports: Sequence[Export],
+    *,
+    stats_interval: float | None,
+    max_inflight_bytes: int,
+) -> int:
+    """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF."""
+    loop = asyncio.get_running_loop()
+    server = NBDServer(exports, max_inflight_bytes=max_inflight_bytes)
+    stop = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+    ctrl.setblocking(False)
+
+    def notify_closed() -> None:
+        with contextlib.suppress(OSError):
+            ctrl.send(_CLOSED)
+
+    server.on_connection_closed = notify_closed
+
+    async def adopt(sock: socket.socket) -> None:
+        try:
+            await server.adopt(sock)
+        except OSError as exc:
+            logger.warning("worker %d: cannot serve a handed-over connection: %s", index, exc)
+            sock.close()
+            notify_closed()
+
+    def on_ctrl() -> None:
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(ctrl, 16, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.error("worker %d: control socket failed: %s", index, exc)
+                msg, fds = b"", []
+            if not msg:
+                loop.remove_reader(ctrl.fileno())
+                stop.set()
+                return
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                task = loop.create_task(adopt(sock))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+    loop.add_reader(ctrl.fileno(), on_ctrl)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # The parent decides when to stop (it closes the control socket); a terminal's
+        # ^C reaches the whole process group, and a worker must not stop before it.
+        loop.add_signal_handler(signum, lambda: None)
+
+    async def ticker(interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                ctrl.send(_snapshot_message(exports))
+
+    tick = loop.create_task(ticker(stats_interval)) if stats_interval else None
+    await stop.wait()
+    await server.shutdown()
+    if tick is not None:
+        tick.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tick
+    ctrl.setblocking(True)
+    with contextlib.suppress(OSError):
+        ctrl.send(_snapshot_message(exports))
+    ctrl.close()
+    return 0
+
+
+class Acceptor:
+    """The parent's listening sockets and the connection hand-out to workers."""
+
+    def __init__(self, server: NBDServer, workers: Sequence[tuple[int, socket.socket]]) -> None:
+        self.server = server
+        self.workers = [Worker(i + 1, pid, ctrl) for i, (pid, ctrl) in enumerate(workers)]
+        self.own_load = 0
+        self.total = 0
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        server.on_connection_closed = self._own_closed
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            worker.ctrl.setblocking(False)
+            loop.add_reader(worker.ctrl.fileno(), self._on_ctrl, worker)
+
+    def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
+        """Listen on every address of ``host:port`` (port 0 = ephemeral)."""
+        infos = (
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE) or []
+        )
+        bound: list[tuple[str, int]] = []
+        seen: set[tuple[Any, ...]] = set()
+        for family, type_, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                raise
+            self._add_listener(sock)
+            name = sock.getsockname()
+            bound.append((name[0], name[1]))
+        return bound
+
+    def listen_unix(self, path: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        self._add_listener(sock)
+
+    def _add_listener(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_accept, sock)
+
+    @property
+    def open_connections(self) -> int:
+        return self.own_load + sum(w.load for w in self.workers if w.alive)
+
+    def stats(self, own: Mapping[str, ExportStats]) -> dict[str, ExportStats]:
+        return merge_stats(own, [w.snapshot for w in self.workers if w.snapshot])
+
+    # --- accepting -----------------------------------------------------------------
+    def _on_accept(self, listener: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ECONNABORTED...: try again on the next event
+                logger.warning("accept failed: %s", exc)
+                return
+            self.total += 1
+            self._hand_out(conn)
+
+    def _hand_out(self, conn: socket.socket) -> None:
+        target: Worker | None = None
+        best = self.own_load
+        for worker in self.workers:
+            if worker.alive and worker.load < best:
+                target, best = worker, worker.load
+        if target is not None:
+            try:
+                socket.send_fds(target.ctrl, [_CONN], [conn.fileno()])
+            except OSError as exc:
+                logger.error("worker %d (pid %d) unreachable: %s", target.index, target.pid, exc)
+                target.alive = False
+            else:
+                target.load += 1
+                conn.close()
+                return
+        self.own_load += 1
+        conn.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._adopt(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.server.adopt(conn)
+        except OSError as exc:
+            logger.warning("cannot serve an accepted connection: %s", exc)
+            self.own_load -= 1
+            conn.close()
+
+    def _own_closed(self) -> None:
+        self.own_load -= 1
+
+    def _on_ctrl(self, worker: Worker) -> None:
+        while True:
+            try:
+                msg = worker.ctrl.recv(_MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.error("worker %d: control socket failed: %s", worker.index, exc)
+                msg = b""
+            if not msg:
+                self._worker_gone(worker)
+                return
+            kind = msg[:1]
+            if kind == _CLOSED:
+                worker.load -= 1
+            elif kind == _STATS:
+                worker.snapshot = json.loads(msg[1:])
+            else:
+                logger.error("worker %d sent an unknown message %r", worker.index, msg[:16])
+
+    def _worker_gone(self, worker: Worker) -> None:
+        asyncio.get_running_loop().remove_reader(worker.ctrl.fileno())
+        worker.alive = False
+        worker.gone.set()
+        if not self._closing:
+            logger.error(
+                "worker %d (pid %d) exited; its %d connection(s) are lost",
+                worker.index,
+                worker.pid,
+                worker.load,
+            )
+
+    # --- shutdown ------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Stop accepting, stop the workers and this process's connections, reap."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        for sock in self._listeners:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                worker.ctrl.shutdown(socket.SHUT_WR)
+        await self.server.shutdown()
+        for worker in self.workers:
+            await worker.gone.wait()
+            worker.ctrl.close()
+            _pid, status = os.waitpid(worker.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                logger.error("worker %d (pid %d) exited with %d", worker.index, worker.pid, code)
+
+
+__all__ = [
+    "Acceptor",
+    "default_workers",
+    "fork_workers",
+    "merge_stats",
+    "run_worker",
+    "set_connection_ids",
+]
