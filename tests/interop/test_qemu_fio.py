@@ -123,6 +123,7 @@ def test_fio_nbd_engine_verify(export_server: ServerProcess, tmp_path: Path, rw:
         capture_output=True,
         text=True,
         check=False,
+        cwd=tmp_path,  # fio drops its verify state file in the working directory
     )
     assert done.returncode == 0, done.stdout + done.stderr
     job = json.loads(out.read_text())["jobs"][0]
