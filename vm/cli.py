@@ -1,0 +1,387 @@
+"""``swapnbd``: run the swap-over-NBD experiment in a QEMU guest.
+
+Subcommands:
+
+``swapnbd run``    one experiment (guest image, NBD server, QEMU, watchdog, run.json)
+``swapnbd image``  build (or find cached) the guest image only
+
+The parser is built from one function per subcommand, so ``matrix`` (kernel variants x
+servers with a comparison report) can be added as another subparser that calls
+:func:`vm.experiment.run_experiment` once per cell.
+
+Exit codes: 0 the run completed; 1 the run ended with another outcome (lockup,
+guest-crash, corruption, oom, error); 2 usage error; 3 the image could not be built;
+130 interrupted (Ctrl-C; run.json is still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stress.sizes import SizeError, parse_size
+from vm import experiment, servers
+
+EXIT_OK = 0
+EXIT_NOT_COMPLETED = 1
+EXIT_USAGE = 2
+EXIT_IMAGE = 3
+EXIT_INTERRUPTED = 130
+
+#: Presets: ``quick`` finishes in under 10 minutes under TCG on a 2-core machine;
+#: ``seed`` is the 2012 setup (2 GiB, 8 x NCPU workers, 4x RAM), practical with KVM.
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "memory_mib": 128,
+        "cpus": 2,
+        "workers": 8,
+        "total_bytes": 256 * 1024 * 1024,
+        "ratio": None,
+        "loops": 1,
+        "lockup_after_s": 180.0,
+        "timeout_s": None,
+    },
+    "seed": {
+        "memory_mib": 2048,
+        "cpus": os.cpu_count() or 2,
+        "workers": 8 * (os.cpu_count() or 2),
+        "total_bytes": None,
+        "ratio": 4.0,
+        "loops": 1,
+        "lockup_after_s": 300.0,
+        "timeout_s": None,
+    },
+}
+
+EPILOG = """\
+examples:
+  swapnbd run                                  # quick preset: 128M guest, 8 workers, 256M
+  swapnbd run --memory 128M --cpus 2 --workers 8 --total 512M --loops 1 --out results/x
+  swapnbd run --preset seed --accel kvm        # the 2012 setup: 2 GiB, 8 x NCPU workers, 4x RAM
+  swapnbd run --server nbdkit --swap file      # a peer server, swapfile on ext4 on /dev/nbd0
+  swapnbd image --kernel 6.12                  # build/cache the 6.12 guest image only
+
+outcomes (run.json "outcome"): completed, lockup, guest-crash, corruption, oom, error
+exit codes: 0 completed, 1 another outcome, 2 usage error, 3 image build failed,
+            130 interrupted (run.json is still written)
+"""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from exc
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected a number such as 4 or 2.5, got {text!r}"
+        ) from exc
+    if not 0 < value <= 64:
+        raise argparse.ArgumentTypeError(f"--ratio must be in (0, 64], got {text}")
+    return value
+
+
+def _add_image_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kernel",
+        default="6.1",
+        choices=["6.1", "6.12"],
+        help="Debian stock kernel: 6.1 (bookworm) or 6.12 (bookworm-security)",
+    )
+    p.add_argument("--flavour", default="cloud", help="Debian kernel flavour (default: cloud)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="image cache directory (default: $SWAPNBD_CACHE, "
+        "$XDG_CACHE_HOME/swapnbd or ~/.cache/swapnbd)",
+    )
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run one swap-over-NBD experiment",
+        description="Boot a QEMU guest whose swap is an NBD device served from this host, run "
+        "swapstress in it, watch it from outside and write OUT/run.json.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="quick",
+        help="base settings; flags override them (default: quick)",
+    )
+    p.add_argument("--memory", type=_size, help="guest RAM, e.g. 128M or 2G")
+    p.add_argument("--cpus", type=_positive_int, help="guest vCPUs")
+    p.add_argument("--workers", type=_positive_int, help="swapstress workers")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--total", type=_size, help="memory the workers touch in all, e.g. 512M")
+    amount.add_argument("--ratio", type=_ratio, help="total as a multiple of guest RAM, e.g. 4")
+    p.add_argument("--loops", type=_positive_int, help="verification passes")
+    _add_image_flags(p)
+    p.add_argument(
+        "--swap",
+        choices=["device", "file"],
+        default="device",
+        help="swap on /dev/nbd0 (device, default) or a swapfile on ext4 on it (file)",
+    )
+    p.add_argument(
+        "--server",
+        choices=list(servers.SERVER_KINDS),
+        default=None,
+        help="NBD server (default: nbd-serve; nbdkit until nbd-serve is installed)",
+    )
+    p.add_argument(
+        "--backing",
+        choices=["memory", "file"],
+        default=None,
+        help="server storage (default: memory; nbd-server always uses a sparse file)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results directory (default: results/run-YYYYmmdd-HHMMSS)",
+    )
+    p.add_argument(
+        "--accel",
+        choices=["auto", "tcg", "kvm"],
+        default="auto",
+        help="auto boot-probes KVM and falls back to TCG (default: auto)",
+    )
+    p.add_argument(
+        "--lockup-after",
+        type=_seconds,
+        default=None,
+        help="seconds without heartbeat or sample (or without page progress) that make a lockup",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        help="overall limit in seconds; QEMU is killed after it",
+    )
+    p.add_argument(
+        "--nbd-timeout",
+        type=_nonneg_int,
+        default=0,
+        help="nbd-client -t (0, the default: requests never fail)",
+    )
+    p.add_argument("--nbd-connections", type=_positive_int, default=1, help="nbd-client -C")
+    p.add_argument("--no-swap-flag", action="store_true", help="do not pass -swap to nbd-client")
+    p.add_argument(
+        "--resident-client",
+        action="store_true",
+        help="2012-style resident client: nbd-client -L -swap (ioctl mode, mlockall)",
+    )
+    p.add_argument(
+        "--min-free-kbytes",
+        type=_positive_int,
+        default=None,
+        help="vm.min_free_kbytes to pin (default: the kernel's formula for --memory)",
+    )
+    p.add_argument("--json", action="store_true", help="print run.json instead of the summary")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_image(sub: Any) -> None:
+    p = sub.add_parser(
+        "image",
+        help="build or find the cached guest image",
+        description="Build the guest kernel/initramfs/rootfs (cached by inputs).",
+    )
+    _add_image_flags(p)
+    p.set_defaults(func=cmd_image)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swapnbd",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_image(sub)
+    return parser
+
+
+def default_out(now: dt.datetime | None = None) -> Path:
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"run-{stamp}"
+
+
+def default_server() -> servers.ServerKind:
+    return "nbd-serve" if servers.nbd_serve_available() else "nbdkit"
+
+
+def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
+    """Preset first, then only the flags the user gave."""
+    base = dict(PRESETS[args.preset])
+    if args.memory is not None:
+        if args.memory % (1024 * 1024):
+            raise ValueError(f"--memory must be a whole number of MiB, got {args.memory} bytes")
+        base["memory_mib"] = args.memory // (1024 * 1024)
+    for flag, key in (
+        ("cpus", "cpus"),
+        ("workers", "workers"),
+        ("loops", "loops"),
+        ("lockup_after", "lockup_after_s"),
+        ("timeout", "timeout_s"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            base[key] = value
+    if args.total is not None:
+        base.update(total_bytes=args.total, ratio=None)
+    elif args.ratio is not None:
+        base.update(total_bytes=None, ratio=args.ratio)
+    cfg = experiment.RunConfig(
+        out=args.out or default_out(),
+        kernel=args.kernel,
+        flavour=args.flavour,
+        swap=args.swap,
+        server=args.server or default_server(),
+        backing=args.backing,
+        accel=args.accel,
+        nbd_timeout=args.nbd_timeout,
+        nbd_connections=args.nbd_connections,
+        nbd_swap_flag=not args.no_swap_flag,
+        resident_client=args.resident_client,
+        min_free_kbytes=args.min_free_kbytes,
+        cache_dir=args.cache,
+        **base,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.2f}{unit}"
+    return f"{value}{unit}"
+
+
+def summary_lines(run: dict[str, Any]) -> list[str]:
+    """The short summary printed at the end of a run."""
+    sw = run.get("swapstress") or {}
+    delta = run.get("vmstat_delta") or {}
+    accel = (run.get("accel") or {}).get("used", "n/a")
+    kernel = run.get("kernel") or {}
+    corrupt = sw.get("corrupt_pages")
+    return [
+        f"outcome:                {run.get('outcome')}  ({run.get('outcome_reason')})",
+        f"kernel:                 {kernel.get('release') or kernel.get('name')}  accel {accel}",
+        f"Sys:                    {_fmt(sw.get('sys_s'), ' s')}",
+        f"User+Sys:               {_fmt(sw.get('user_sys_s'), ' s')}",
+        f"Elapsed:                {_fmt(sw.get('elapsed_s'), ' s')}",
+        f"swap in / out (pages):  {_fmt(delta.get('pswpin'))} / {_fmt(delta.get('pswpout'))}",
+        f"pgscan_direct_throttle: {_fmt(delta.get('pgscan_direct_throttle'))}",
+        f"corrupt pages:          {_fmt(corrupt)}",
+        f"results:                {run.get('config', {}).get('out')}",
+    ]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"swapnbd run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    emit(f"swapnbd run: results in {cfg.out}")
+    run = experiment.run_experiment(cfg, emit)
+    if args.json:
+        print(json.dumps(run, indent=2, default=str))
+    else:
+        print("\n".join(summary_lines(run)))
+    if run.get("interrupted"):
+        return EXIT_INTERRUPTED
+    return EXIT_OK if run.get("outcome") == "completed" else EXIT_NOT_COMPLETED
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from vm import image as vm_image  # noqa: PLC0415 - only this subcommand needs it
+
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        img = vm_image.build_guest(args.kernel, args.flavour, args.cache, emit)
+    except Exception as exc:
+        print(f"swapnbd image: error: {exc}", file=sys.stderr)
+        return EXIT_IMAGE
+    print(
+        json.dumps({f.name: str(getattr(img, f.name)) for f in dataclasses.fields(img)}, indent=2)
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    func = args.func
+    rc: int = func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
