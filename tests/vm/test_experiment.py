@@ -1,0 +1,373 @@
+"""vm.experiment and vm.cli: run configuration, run.json, and the real guest end to end.
+
+The ``vm``-marked tests boot the stock Debian 6.1 cloud kernel under TCG and swap
+through a loopback NBD server; they take a few minutes each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vm import cli, experiment, servers
+from vm.watchdog import JsonlTail
+
+MIB = 1024 * 1024
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+def test_defaults_pin_min_free_kbytes_by_the_kernel_formula(tmp_path: Path) -> None:
+    cfg = experiment.RunConfig(out=tmp_path)
+    assert cfg.pinned_min_free_kbytes == 1448  # isqrt(131072 kB * 16)
+    assert experiment.RunConfig(out=tmp_path, memory_mib=2048).pinned_min_free_kbytes == 5792
+    assert experiment.RunConfig(out=tmp_path, min_free_kbytes=9000).pinned_min_free_kbytes == 9000
+
+
+@pytest.mark.parametrize(
+    ("kw", "export_mib"),
+    [
+        ({}, 640),  # 5 x 128M
+        ({"total_bytes": 1024 * MIB}, 1152),  # workload + RAM
+        ({"total_bytes": None, "ratio": 8.0}, 1152),  # (8 + 1) x 128M
+    ],
+)
+def test_export_is_at_least_five_times_ram(kw: dict[str, Any], export_mib: int) -> None:
+    cfg = experiment.RunConfig(out=Path("x"), **kw)
+    cfg.validate()
+    assert cfg.export_bytes == export_mib * MIB
+    assert cfg.export_bytes >= 5 * cfg.memory_mib * MIB
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"memory_mib": 32}, "at least 64M"),
+        ({"total_bytes": None}, "exactly one of --total and --ratio"),
+        ({"ratio": 2.0}, "exactly one of --total and --ratio"),
+        ({"workers": 0}, "--workers"),
+        ({"loops": 0}, "--loops"),
+        ({"swap": "zram"}, "--swap"),
+        ({"server": "qemu-nbd"}, "--server"),
+        ({"lockup_after_s": 0.0}, "--lockup-after"),
+        ({"min_free_kbytes": 5}, "--min-free-kbytes"),
+        ({"export_factor": 4}, "at least 5x"),
+    ],
+)
+def test_invalid_config_is_refused(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        experiment.RunConfig(out=Path("x"), **kw).validate()
+
+
+def test_ratio_goes_to_swapstress(tmp_path: Path) -> None:
+    cfg = experiment.RunConfig(out=tmp_path, total_bytes=None, ratio=4.0, loops=2, workers=3)
+    assert cfg.swapstress_args() == [
+        "--workers",
+        "3",
+        "--ratio",
+        "4.0",
+        "--loops",
+        "2",
+        "--mlock",
+        "--force",
+    ]
+
+
+def parse(*argv: str) -> experiment.RunConfig:
+    args = cli.build_parser().parse_args(["run", *argv])
+    return cli.config_from_args(args)
+
+
+def test_cli_flags_override_the_preset(tmp_path: Path) -> None:
+    cfg = parse(
+        "--memory",
+        "256M",
+        "--cpus",
+        "1",
+        "--workers",
+        "4",
+        "--total",
+        "1G",
+        "--loops",
+        "3",
+        "--kernel",
+        "6.12",
+        "--swap",
+        "file",
+        "--server",
+        "nbd-server",
+        "--out",
+        str(tmp_path),
+        "--accel",
+        "tcg",
+        "--lockup-after",
+        "45",
+        "--timeout",
+        "600",
+        "--nbd-timeout",
+        "30",
+        "--nbd-connections",
+        "2",
+        "--resident-client",
+        "--min-free-kbytes",
+        "4096",
+    )
+    assert (cfg.memory_mib, cfg.cpus, cfg.workers, cfg.total_bytes, cfg.loops) == (
+        256,
+        1,
+        4,
+        1024 * MIB,
+        3,
+    )
+    assert (cfg.kernel, cfg.swap, cfg.server, cfg.out, cfg.accel) == (
+        "6.12",
+        "file",
+        "nbd-server",
+        tmp_path,
+        "tcg",
+    )
+    assert (cfg.lockup_after_s, cfg.timeout_s, cfg.nbd_timeout, cfg.nbd_connections) == (
+        45.0,
+        600.0,
+        30,
+        2,
+    )
+    assert cfg.resident_client and cfg.min_free_kbytes == 4096
+
+
+def test_presets() -> None:
+    quick = parse("--server", "nbdkit")
+    assert (quick.memory_mib, quick.workers, quick.total_bytes, quick.ratio) == (
+        128,
+        8,
+        256 * MIB,
+        None,
+    )
+    assert str(quick.out).startswith("results/run-")
+    seed = parse("--preset", "seed", "--server", "nbdkit")
+    assert (seed.memory_mib, seed.ratio, seed.total_bytes) == (2048, 4.0, None)
+    assert seed.workers == 8 * seed.cpus
+    ratio = parse("--preset", "quick", "--ratio", "2", "--server", "nbdkit")
+    assert (ratio.total_bytes, ratio.ratio) == (None, 2.0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--memory", "12Q"],
+        ["run", "--total", "1G", "--ratio", "4"],
+        ["run", "--workers", "0"],
+        ["run", "--memory", "1000000"],  # not whole MiB
+        ["run", "--swap", "zram"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "error" in capsys.readouterr().err
+
+
+def test_summary_lines_show_the_seed_figures() -> None:
+    run = {
+        "outcome": "completed",
+        "outcome_reason": "ok",
+        "kernel": {"release": "6.1.0-47-cloud-amd64"},
+        "accel": {"used": "tcg"},
+        "swapstress": {
+            "sys_s": 116.5,
+            "user_sys_s": 120.25,
+            "elapsed_s": 189.0,
+            "corrupt_pages": 0,
+        },
+        "vmstat_delta": {"pswpin": 529, "pswpout": 379, "pgscan_direct_throttle": 8},
+        "config": {"out": "results/x"},
+    }
+    text = "\n".join(cli.summary_lines(run))
+    for expected in (
+        "completed",
+        "Sys:",
+        "116.50 s",
+        "User+Sys:",
+        "120.25 s",
+        "Elapsed:",
+        "189.00 s",
+        "529 / 379",
+        "pgscan_direct_throttle: 8",
+        "results/x",
+        "tcg",
+    ):
+        assert expected in text
+
+
+def test_vmstat_summary_keeps_pgscan_direct_throttle() -> None:
+    def sample(seq: int, out: int, throttle: int) -> dict[str, Any]:
+        vm = {"pswpin": seq, "pswpout": out, "pgscan_direct_throttle": throttle}
+        return {
+            "type": "sample",
+            "seq": seq,
+            "t_mono": float(seq),
+            "t_wall": 1e9 + seq,
+            "vmstat": vm,
+            "meminfo": {},
+            "psi": None,
+            "swaps": [],
+            "netstat": None,
+        }
+
+    summary = experiment.vmstat_summary([sample(0, 0, 0), sample(1, 50, 0), sample(2, 90, 0)])
+    assert summary["vmstat_delta"]["pswpout"] == 90
+    assert summary["vmstat_delta"]["pswpin"] == 2
+    assert summary["vmstat_delta"]["pgscan_direct_throttle"] == 0
+
+
+def test_failure_before_boot_is_recorded_in_run_json(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = experiment.RunConfig(
+        out=out, kernel="0.0-no-such-kernel", server="nbdkit", cache_dir=tmp_path / "cache"
+    )
+    run = experiment.run_experiment(cfg)
+    assert run["outcome"] == "error"
+    assert "0.0-no-such-kernel" in run["outcome_reason"]
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk["outcome"] == "error"
+    assert on_disk["config"]["kernel"] == "0.0-no-such-kernel"
+    for name in ("vmstat.jsonl", "console.log", "events.jsonl", "server-stats.jsonl"):
+        assert (out / name).exists()
+
+
+# --- the real guest (minutes each) ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def guest_cache() -> Path:
+    """Build (or find cached) the 6.1 cloud guest image once per session."""
+    from vm import image
+
+    cache = image.default_cache_dir()
+    image.build_guest("6.1", "cloud", cache, lambda line: print(line, flush=True))
+    return cache
+
+
+def e2e_config(out: Path, cache: Path, **kw: Any) -> experiment.RunConfig:
+    base: dict[str, Any] = {
+        "out": out,
+        "memory_mib": 128,
+        "cpus": 2,
+        "workers": 8,
+        "total_bytes": 128 * MIB,
+        "loops": 1,
+        "kernel": "6.1",
+        "server": "nbd-serve",
+        "accel": "tcg",
+        "lockup_after_s": 120.0,
+        "timeout_s": 600.0,
+        "cache_dir": cache,
+    }
+    base.update(kw)
+    return experiment.RunConfig(**base)
+
+
+def samples_in(path: Path) -> list[dict[str, Any]]:
+    return [r for r in JsonlTail(path).read_new() if r.get("type") == "sample"]
+
+
+def require_nbd_serve() -> None:
+    if not servers.nbd_serve_available():
+        pytest.fail("nbd-serve is not importable (nbdserver/cli.py missing): pip install -e .")
+
+
+@pytest.mark.vm
+def test_guest_swaps_through_nbd_serve_and_completes(
+    tmp_path: Path, guest_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    # Through the CLI, as the README's main command runs it.
+    rc = cli.main([
+        "run", "--memory", "128M", "--cpus", "2", "--workers", "8", "--total", "128M",
+        "--loops", "1", "--server", "nbd-serve", "--accel", "tcg", "--lockup-after", "120",
+        "--timeout", "600", "--cache", str(guest_cache), "--out", str(out),
+    ])  # fmt: skip
+    summary = capsys.readouterr().out
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk["outcome"] == "completed", on_disk.get("outcome_reason")
+    assert rc == cli.EXIT_OK
+    assert "outcome:                completed" in summary
+    assert f"results:                {out}" in summary
+    delta = on_disk["vmstat_delta"]
+    assert delta["pswpout"] > 0
+    assert delta["pswpin"] > 0
+    assert "pgscan_direct_throttle" in delta
+    assert on_disk["swapstress"]["corrupt_pages"] == 0
+    assert on_disk["swapstress"]["pages_verified"] > 0
+    assert len(samples_in(out / "vmstat.jsonl")) >= 3
+    assert on_disk["kernel"]["guest_release"].startswith("6.1.")
+    assert on_disk["guest"]["settings"]["vm.min_free_kbytes"] == "1448"
+    assert "[never]" in on_disk["guest"]["settings"]["transparent_hugepage.enabled"]
+    stats = on_disk["server"]["stats"]
+    assert stats is not None
+    assert stats["totals"]["requests_write"] > 0
+    assert stats["totals"]["bytes_write"] > 0
+    assert (out / "console.log").stat().st_size > 0
+
+
+@pytest.mark.vm
+def test_killing_the_server_mid_run_is_not_completed_and_keeps_samples(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    seen: dict[str, Any] = {}
+
+    def kill_when_swapping(rec: dict[str, Any], ctx: experiment.RunContext) -> None:
+        if "killed_at_samples" in seen or rec.get("type") != "sample":
+            return
+        if int(rec.get("vmstat", {}).get("pswpout", 0)) > 2000:
+            ctx.server.kill()
+            ctx.marks["server_killed"] = __import__("time").monotonic()
+            seen["killed_at_samples"] = ctx.state.samples
+            seen["pswpout"] = rec["vmstat"]["pswpout"]
+
+    cfg = e2e_config(out, guest_cache, total_bytes=192 * MIB, lockup_after_s=40.0, timeout_s=420.0)
+    run = experiment.run_experiment(cfg, print, hook=kill_when_swapping)
+    assert "killed_at_samples" in seen, "the guest never swapped, so the server was not killed"
+    assert run["outcome"] != "completed"
+    assert run["server"]["killed"] is True
+    kept = samples_in(out / "vmstat.jsonl")
+    assert len(kept) >= seen["killed_at_samples"] >= 1
+    assert max(s["vmstat"]["pswpout"] for s in kept) >= seen["pswpout"]
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk["outcome"] == run["outcome"]
+    assert on_disk["timings"]["mark_server_killed_s"] > 0
+
+
+def test_default_timeout_grows_with_the_workload(tmp_path: Path) -> None:
+    small = experiment.RunConfig(out=tmp_path, total_bytes=256 * MIB, loops=1)
+    big = experiment.RunConfig(out=tmp_path, total_bytes=1024 * MIB, loops=3)
+    assert (small.passes, big.passes) == (3, 7)
+    assert small.effective_timeout_s == 900.0 + 2.0 * 3 * 256
+    assert big.effective_timeout_s == 900.0 + 2.0 * 7 * 1024
+    fixed = experiment.RunConfig(out=tmp_path, timeout_s=60.0)
+    assert fixed.effective_timeout_s == 60.0
+    seed = experiment.RunConfig(out=tmp_path, memory_mib=2048, total_bytes=None, ratio=4.0)
+    assert seed.workload_bytes == 8192 * MIB
+
+
+def test_status_line_shows_progress_and_eta() -> None:
+    from vm.watchdog import WatchState
+
+    st = WatchState(started=0.0, last_activity=0.0, phase="stress")
+    st.first_heartbeat = {"t_mono": 100.0, "pages_done": 0, "pages_total": 1000, "pass": 0}
+    st.last_heartbeat = {"t_mono": 110.0, "pages_done": 500, "pages_total": 1000, "pass": 0}
+    st.last_sample = {"vmstat": {"pswpout": 42, "pswpin": 7}}
+    st.samples = 3
+    line = experiment.status_line(st, 75.0, passes=2)
+    assert line == (
+        "[ 1m15s] phase stress, pass 0, pages 500/2000 (25%), 50 pages/s, ETA 30s, "
+        "pswpout 42 pswpin 7, samples 3"
+    )

@@ -1,0 +1,185 @@
+"""vm.watchdog: tailing the files QEMU writes, and classifying outcomes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vm.watchdog import JsonlTail, Outcome, Watchdog, classify, console_evidence
+
+HUNG = (
+    "[  246.120000] INFO: task kswapd0:35 blocked for more than 122 seconds.\n"
+    "[  246.130000]       Not tainted 6.1.0-47-cloud-amd64 #1 Debian\n"
+)
+PANIC = "[   12.000000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x0000000b\n"
+OOM = "[   80.000000] Out of memory: Killed process 321 (python3) total-vm:70000kB\n"
+
+
+def result(outcome: str, corrupt: int = 0, **extra: Any) -> dict[str, Any]:
+    sw = {"outcome": outcome, "corrupt_pages": corrupt, "workers": extra.pop("workers", [])}
+    return {"type": "result", "exit_code": extra.pop("exit_code", 0), "swapstress": sw, **extra}
+
+
+def verdict(**kw: Any) -> Outcome:
+    args: dict[str, Any] = {
+        "result_event": None,
+        "error_event": None,
+        "lockup": False,
+        "silent_s": 1.0,
+        "timed_out": False,
+        "qemu_exit": 0,
+        "console_text": "",
+    }
+    args.update(kw)
+    return classify(**args).outcome
+
+
+def test_tail_returns_only_complete_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    tail = JsonlTail(path)
+    assert tail.read_new() == []  # the file does not exist yet
+    path.write_bytes(b'{"type": "phase", "phase": "boot"}\n{"type": "heart')
+    assert tail.read_new() == [{"type": "phase", "phase": "boot"}]
+    with open(path, "ab") as f:
+        f.write(b'beat", "pass": 1}\nnot json\n[1, 2]\n')
+    assert tail.read_new() == [{"type": "heartbeat", "pass": 1}]
+    assert tail.bad_lines == 2
+    assert tail.read_new() == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"result_event": result("completed")}, Outcome.COMPLETED),
+        ({"result_event": result("corruption", corrupt=3, exit_code=1)}, Outcome.CORRUPTION),
+        ({"result_event": result("completed", corrupt=1)}, Outcome.CORRUPTION),
+        (
+            {"result_event": result("worker-died", exit_code=3, oom_kill_delta=2)},
+            Outcome.OOM,
+        ),
+        (
+            {
+                "result_event": result(
+                    "worker-died", exit_code=3, workers=[{"signal": "SIGKILL", "oom": True}]
+                )
+            },
+            Outcome.OOM,
+        ),
+        ({"result_event": result("worker-died", exit_code=3)}, Outcome.ERROR),
+        ({"result_event": result("interrupted", exit_code=130)}, Outcome.ERROR),
+        ({"lockup": True, "silent_s": 45.0, "qemu_exit": None}, Outcome.LOCKUP),
+        (
+            {"lockup": True, "console_text": HUNG, "qemu_exit": None},
+            Outcome.LOCKUP,
+        ),
+        ({"error_event": {"phase": "nbd-connect", "message": "refused"}}, Outcome.ERROR),
+        (
+            {"error_event": {"phase": "stress", "message": "killed"}, "console_text": OOM},
+            Outcome.OOM,
+        ),
+        ({"console_text": PANIC}, Outcome.GUEST_CRASH),
+        ({"console_text": "boot\n"}, Outcome.GUEST_CRASH),
+        ({"console_text": OOM}, Outcome.OOM),
+        ({"timed_out": True, "qemu_exit": None}, Outcome.ERROR),
+        ({"console_text": "SWAPNBD-INITRAMFS-ERROR: insmod nbd.ko\n"}, Outcome.ERROR),
+    ],
+)
+def test_classify(kw: dict[str, Any], expected: Outcome) -> None:
+    assert verdict(**kw) is expected
+
+
+def test_result_wins_over_a_later_lockup() -> None:
+    assert verdict(result_event=result("completed"), lockup=True) is Outcome.COMPLETED
+
+
+def test_lockup_wins_over_a_panic_line_and_counts_hung_tasks() -> None:
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=61.4,
+        timed_out=False,
+        qemu_exit=None,
+        console_text=HUNG + HUNG,
+    )
+    assert v.outcome is Outcome.LOCKUP
+    assert "61s" in v.reason
+    assert "2 hung-task reports" in v.reason
+    assert len(v.evidence["console"]["hung_task"]) == 2
+    assert v.evidence["silent_s"] == 61.4
+
+
+def test_console_evidence_groups_lines() -> None:
+    text = "ok\n" + HUNG + PANIC + OOM + "nbd0: Possible stuck request 00000000: Runtime 30s\n"
+    ev = console_evidence(text)
+    assert set(ev) == {"hung_task", "panic", "oom", "nbd_stuck"}
+    assert ev["panic"] == [PANIC.strip()]
+
+
+def write_lines(path: Path, *records: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def test_watchdog_tracks_phases_heartbeats_samples_and_silence(tmp_path: Path) -> None:
+    ev, vs = tmp_path / "events.jsonl", tmp_path / "vmstat.jsonl"
+    wd = Watchdog(ev, vs, now=100.0)
+    assert list(wd.poll(101.0)) == []
+    assert wd.state.silent_for(130.0) == 30.0
+    write_lines(ev, {"type": "phase", "phase": "boot"}, {"type": "phase", "phase": "stress"})
+    write_lines(ev, {"type": "heartbeat", "pass": 1, "pages_done": 10, "pages_total": 100})
+    write_lines(vs, {"type": "sample", "seq": 0, "vmstat": {"pswpout": 0}})
+    write_lines(vs, {"type": "sample", "seq": 1, "vmstat": {"pswpout": 7}})
+    records = list(wd.poll(140.0))
+    assert [r["type"] for r in records] == ["phase", "phase", "heartbeat", "sample", "sample"]
+    st = wd.state
+    assert (st.phase, st.heartbeats, st.samples, st.events) == ("stress", 1, 2, 3)
+    assert st.phases == {"boot": 40.0, "stress": 40.0}
+    assert st.first_sample is not None and st.first_sample["seq"] == 0
+    assert st.last_sample is not None and st.last_sample["vmstat"]["pswpout"] == 7
+    assert st.silent_for(150.0) == 10.0
+    write_lines(ev, {"type": "result", "exit_code": 0, "swapstress": {"outcome": "completed"}})
+    write_lines(ev, {"type": "phase", "phase": "done"})
+    list(wd.poll(160.0))
+    assert st.result is not None and st.done
+
+
+def test_heartbeats_without_page_progress_count_as_stalled(tmp_path: Path) -> None:
+    ev, vs = tmp_path / "events.jsonl", tmp_path / "vmstat.jsonl"
+    wd = Watchdog(ev, vs, now=0.0)
+    write_lines(ev, {"type": "phase", "phase": "swapon"})
+    list(wd.poll(5.0))
+    assert wd.state.stalled_for(100.0) == 0.0  # not in the stress phase yet
+    write_lines(ev, {"type": "phase", "phase": "stress"})
+    list(wd.poll(10.0))
+    assert wd.state.stalled_for(15.0) == 5.0
+    write_lines(ev, {"type": "heartbeat", "pass": 0, "pages_done": 1280, "pages_total": 9})
+    list(wd.poll(20.0))
+    for t in (30.0, 40.0, 50.0):  # the mlocked parent keeps beating; the workers are stuck
+        write_lines(ev, {"type": "heartbeat", "pass": 0, "pages_done": 1280, "pages_total": 9})
+        list(wd.poll(t))
+    assert wd.state.silent_for(50.0) == 0.0
+    assert wd.state.stalled_for(65.0) == 45.0
+    write_lines(ev, {"type": "heartbeat", "pass": 0, "pages_done": 1281, "pages_total": 9})
+    list(wd.poll(70.0))
+    assert wd.state.stalled_for(70.0) == 0.0
+
+
+def test_lockup_by_stalled_progress_says_so() -> None:
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=0.5,
+        stalled_s=40.2,
+        timed_out=False,
+        qemu_exit=None,
+        console_text="",
+    )
+    assert v.outcome is Outcome.LOCKUP
+    assert v.reason == "heartbeats still arrive but no page progress for 40s"
+    assert v.evidence["stalled_s"] == 40.2
