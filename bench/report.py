@@ -1,0 +1,311 @@
+"""Turn per-round measurements into medians, ratios, a Markdown table and a JSON document.
+
+Theory of operation: the benchmark runs every server once per workload per round, with
+the servers of one workload back to back (A B C D, then the next workload, then the next
+round). Machine drift (other tenants, CPU frequency) moves neighbouring cells together, so
+the *per-round* ratio server / baseline is the drift-cancelled figure; the table shows the
+median of those ratios over rounds, next to the median absolute figures.
+
+Pure code: no clock, no processes, no files.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.workloads import GIB, MIB, FioResult, Workload
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """One fio run: one server, one workload, one round."""
+
+    round: int
+    workload: str
+    server: str
+    result: FioResult
+    cpu_s: float
+    """CPU seconds (user + system) the server's process tree used during the run."""
+    rss_peak: int
+    """Peak resident set size in bytes of the server's process tree, sampled."""
+
+    @property
+    def cpu_s_per_gib(self) -> float:
+        return self.cpu_s / (self.result.bytes_moved / GIB)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Medians over rounds for one (workload, server)."""
+
+    workload: str
+    server: str
+    rounds: int
+    iops: float
+    mib_per_s: float
+    lat_mean_us: float
+    lat_p99_us: float
+    cpu_s_per_gib: float
+    rss_peak: int
+    """Maximum over rounds (a peak, not a median)."""
+    ratio: float | None
+    """Median over rounds of this server's IOPS / the baseline's IOPS in the same round;
+    None when the baseline did not run this workload."""
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of *values*; raises ValueError on an empty input."""
+    data = list(values)
+    if not data:
+        raise ValueError("median of an empty sequence")
+    return float(statistics.median(data))
+
+
+def per_round_ratios(
+    cells: Sequence[Cell], *, workload: str, server: str, baseline: str
+) -> list[float]:
+    """IOPS of *server* divided by IOPS of *baseline*, one value per round both ran."""
+    by_round: dict[tuple[int, str], float] = {
+        (c.round, c.server): c.result.iops for c in cells if c.workload == workload
+    }
+    ratios = []
+    for (rnd, srv), iops in sorted(by_round.items()):
+        if srv != server:
+            continue
+        base = by_round.get((rnd, baseline))
+        if base is not None and base > 0:
+            ratios.append(iops / base)
+    return ratios
+
+
+def summarize(
+    cells: Sequence[Cell],
+    *,
+    workloads: Sequence[Workload],
+    servers: Sequence[str],
+    baseline: str,
+) -> list[Summary]:
+    """One Summary per (workload, server) that has cells, in workload then server order."""
+    out = []
+    for w in workloads:
+        for s in servers:
+            mine = [c for c in cells if c.workload == w.name and c.server == s]
+            if not mine:
+                continue
+            ratios = per_round_ratios(cells, workload=w.name, server=s, baseline=baseline)
+            out.append(
+                Summary(
+                    workload=w.name,
+                    server=s,
+                    rounds=len(mine),
+                    iops=median(c.result.iops for c in mine),
+                    mib_per_s=median(c.result.mib_per_s for c in mine),
+                    lat_mean_us=median(c.result.lat_mean_us for c in mine),
+                    lat_p99_us=median(c.result.lat_p99_us for c in mine),
+                    cpu_s_per_gib=median(c.cpu_s_per_gib for c in mine),
+                    rss_peak=max(c.rss_peak for c in mine),
+                    ratio=median(ratios) if ratios else None,
+                )
+            )
+    return out
+
+
+def _fmt_num(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _load(values: Any) -> str:
+    if not isinstance(values, list | tuple):
+        return "n/a"
+    return "/".join(f"{float(v):.1f}" for v in values)
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def table_markdown(
+    summaries: Sequence[Summary], workloads: Sequence[Workload], baseline: str
+) -> str:
+    """The main table: a row per (workload, server)."""
+    desc = {w.name: w.description for w in workloads}
+    lines = [
+        f"| Workload | Server | IOPS | MiB/s | vs {baseline} | mean lat µs | p99 lat µs "
+        "| CPU s/GiB | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {desc.get(s.workload, s.workload)} | {s.server} | {_fmt_num(s.iops)} "
+            f"| {_fmt_num(s.mib_per_s)} | {_fmt_ratio(s.ratio)} | {_fmt_num(s.lat_mean_us)} "
+            f"| {_fmt_num(s.lat_p99_us)} | {_fmt_num(s.cpu_s_per_gib)} "
+            f"| {s.rss_peak / MIB:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def versus_markdown(
+    summaries: Sequence[Summary],
+    workloads: Sequence[Workload],
+    servers: Sequence[str],
+    baseline: str,
+) -> str:
+    """baseline ÷ each peer per workload (inverse of the per-round median ratio); the
+    issue's target is >= 1.00 everywhere."""
+    peers = [s for s in servers if s != baseline]
+    if not peers:
+        return ""
+    ratio = {(s.workload, s.server): s.ratio for s in summaries}
+    lines = [
+        "| Workload | " + " | ".join(f"{baseline} ÷ {p}" for p in peers) + " |",
+        "|---|" + "---:|" * len(peers),
+    ]
+    for w in workloads:
+        cells = []
+        for p in peers:
+            r = ratio.get((w.name, p))
+            if r is None or r <= 0:
+                cells.append("n/a")
+            else:
+                shown = f"{1.0 / r:.2f}"
+                # Judge the figure as printed, so a row never reads "1.00x ✗".
+                cells.append(f"{shown}x" + ("" if float(shown) >= 1.0 else " ✗"))
+        if any(c != "n/a" for c in cells):
+            lines.append(f"| {w.description} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class RssRun:
+    """The peak-RSS scenario for one server."""
+
+    server: str
+    result: FioResult
+    rss_peak: int
+
+
+def rss_markdown(runs: Sequence[RssRun], description: str) -> str:
+    lines = [
+        f"| Server | peak RSS MiB ({description}) | MiB/s |",
+        "|---|---:|---:|",
+    ]
+    for r in runs:
+        lines.append(f"| {r.server} | {r.rss_peak / MIB:.1f} | {_fmt_num(r.result.mib_per_s)} |")
+    return "\n".join(lines)
+
+
+def render_markdown(
+    *,
+    title: str,
+    meta: dict[str, Any],
+    summaries: Sequence[Summary],
+    workloads: Sequence[Workload],
+    servers: Sequence[str],
+    baseline: str,
+    rss_runs: Sequence[RssRun],
+    rss_description: str,
+) -> str:
+    """The whole Markdown report."""
+    m = meta
+    parts = [
+        f"# {title}",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), shared with other tenants; "
+        f"Linux {m['kernel']}; Python {m['python']}. fio and every server share these CPUs.",
+        f"Run: {m['started']} UTC, {m['duration_s']:.0f} s; {m['rounds']} interleaved round(s) "
+        f"of {m['runtime_s']:g} s (+{m['ramp_s']:g} s ramp) per cell; servers in order "
+        f"{', '.join(servers)}; one {m['file_size'] // MIB} MiB file on /dev/shm shared by all.",
+        f"Load: fio {m['fio']} nbd engine on loopback; one connection per fio job. "
+        f"Host load average (1/5/15 min) at start {_load(m.get('loadavg_start'))}, "
+        f"at end {_load(m.get('loadavg_end'))}.",
+        f"Servers: {'; '.join(f'{k}: {v}' for k, v in m['server_versions'].items())}.",
+        "",
+        f"Figures are medians over rounds; 'vs {baseline}' is the median of per-round ratios "
+        f"(this server's IOPS ÷ {baseline}'s in the same round). CPU s/GiB is the server "
+        "process tree's user+system CPU time per GiB moved (ramp-up excluded pro rata). "
+        "Peak RSS is sampled every "
+        f"{m['sample_interval_s'] * 1000:.0f} ms, children included.",
+        "",
+        table_markdown(summaries, workloads, baseline),
+        "",
+    ]
+    versus = versus_markdown(summaries, workloads, servers, baseline)
+    if versus:
+        parts += [f"## {baseline} against each peer (target >= 1.00x; ✗ below)", "", versus, ""]
+    if rss_runs:
+        parts += [
+            "## Peak RSS under write load",
+            "",
+            "Each server freshly started for this scenario alone.",
+            "",
+            rss_markdown(rss_runs, rss_description),
+            "",
+        ]
+    if m.get("baseline_rss_peak") is not None:
+        parts += [
+            f"{baseline} peak RSS over the table's runs (one long-lived instance per "
+            f"transport): {m['baseline_rss_peak'] / MIB:.1f} MiB.",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def to_json(
+    *,
+    meta: dict[str, Any],
+    cells: Sequence[Cell],
+    summaries: Sequence[Summary],
+    rss_runs: Sequence[RssRun],
+) -> dict[str, Any]:
+    """A JSON-ready document with every cell (rounded) and the summaries."""
+
+    def result(r: FioResult) -> dict[str, Any]:
+        return {
+            "iops": round(r.iops, 1),
+            "read_iops": round(r.read_iops, 1),
+            "write_iops": round(r.write_iops, 1),
+            "mib_per_s": round(r.mib_per_s, 2),
+            "bytes_moved": r.bytes_moved,
+            "lat_mean_us": round(r.lat_mean_us, 1),
+            "lat_p99_us": round(r.lat_p99_us, 1),
+        }
+
+    def rounded(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+
+    return {
+        "meta": meta,
+        "summary": [rounded(asdict(s)) for s in summaries],
+        "rss": [{"server": r.server, "rss_peak": r.rss_peak, **result(r.result)} for r in rss_runs],
+        "cells": [
+            {
+                "round": c.round,
+                "workload": c.workload,
+                "server": c.server,
+                **result(c.result),
+                "cpu_s": round(c.cpu_s, 3),
+                "rss_peak": c.rss_peak,
+            }
+            for c in cells
+        ],
+    }
+
+
+def dumps_compact(document: dict[str, Any]) -> str:
+    """JSON with one line per list item, so result files stay small and diff well."""
+    parts = []
+    for key, value in document.items():
+        if isinstance(value, list):
+            items = ",\n  ".join(json.dumps(v, separators=(", ", ": ")) for v in value)
+            parts.append(f"{json.dumps(key)}: [\n  {items}\n ]")
+        else:
+            parts.append(f"{json.dumps(key)}: {json.dumps(value, separators=(', ', ': '))}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"

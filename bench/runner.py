@@ -1,0 +1,340 @@
+"""Run the benchmark: one shared file, every server up, interleaved fio rounds, a report.
+
+Order of work: check the tools, create the file on /dev/shm, start one instance of every
+server per transport the workloads need (each confirmed on its endpoint), then for each
+round, for each workload, run fio against each server in turn (A B C D). CPU time and RSS
+of the server under load are measured around each fio run. The optional peak-RSS scenario
+runs last. Every server and the private directory are removed on the way out, also on
+Ctrl-C and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import report
+from bench.monitor import RssSampler, tree_cpu_seconds
+from bench.servers import (
+    BenchError,
+    ExportSpec,
+    RunningServer,
+    ServerKind,
+    check_fio_nbd,
+    require_tool,
+    start_server,
+    stop_server,
+    tool_version,
+)
+from bench.workloads import (
+    MIB,
+    RSS_WORKLOAD,
+    FioOutputError,
+    FioResult,
+    Transport,
+    Workload,
+    fio_argv,
+    parse_fio_json,
+)
+
+log = logging.getLogger(__name__)
+
+FIO_GRACE_S = 60.0
+"""fio gets runtime + ramp + this long before it is declared hung."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything a run needs to know, resolved from the command line."""
+
+    servers: tuple[ServerKind, ...]
+    workloads: tuple[Workload, ...]
+    rounds: int
+    runtime_s: float
+    ramp_s: float
+    file_size: int
+    rss_scenario: bool
+    rss_runtime_s: float
+    baseline: ServerKind
+    out_dir: Path
+    name: str
+    """Stem of the result files: NAME.md and NAME.json."""
+    title: str
+    sample_interval_s: float = 0.05
+    shm_dir: Path = Path("/dev/shm")
+
+    def estimate_s(self) -> float:
+        per_cell = self.runtime_s + self.ramp_s + 0.55  # fio start-up and teardown
+        cells = self.rounds * len(self.workloads) * len(self.servers)
+        rss = len(self.servers) * (self.rss_runtime_s + 0.5) if self.rss_scenario else 0.0
+        return cells * per_cell + rss + 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    markdown: str
+    document: dict[str, Any]
+    md_path: Path
+    json_path: Path
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; unwinds like KeyboardInterrupt so cleanup runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_tools(plan: Plan) -> str:
+    """Resolve every program the plan needs; returns fio's path."""
+    fio = require_tool("fio")
+    check_fio_nbd(fio)
+    require_tool("nbdinfo")
+    for kind in plan.servers:
+        require_tool(kind.value)
+    return fio
+
+
+def make_shared_file(directory: Path, size: int) -> Path:
+    """A *size*-byte file filled with non-zero data, so reads touch real pages."""
+    if size < MIB or size % MIB:
+        raise BenchError(f"file size must be a positive multiple of 1 MiB, got {size}")
+    path = directory / "disk.img"
+    block = os.urandom(MIB)
+    with path.open("wb") as f:
+        for _ in range(size // MIB):
+            f.write(block)
+    return path
+
+
+def run_fio(
+    fio: str, workload: Workload, uri: str, *, size: int, runtime_s: float, ramp_s: float,
+    workdir: Path,
+) -> FioResult:  # fmt: skip
+    """Run one fio job and parse its report.
+
+    Raises:
+        BenchError: fio failed, hung, or reported no I/O.
+    """
+    out = workdir / "fio.json"
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    argv = fio_argv(
+        workload, uri=uri, size=size, runtime_s=runtime_s, ramp_s=ramp_s, output=str(out), fio=fio
+    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        chatter, _ = proc.communicate(timeout=runtime_s + ramp_s + FIO_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise BenchError(f"fio hung on {workload.name} against {uri}; killed it") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise BenchError(
+            f"fio exited {proc.returncode} on {workload.name} against {uri}: "
+            f"{chatter.strip()[-600:]}"
+        )
+    try:
+        return parse_fio_json(out.read_text())
+    except (OSError, FioOutputError) as exc:
+        raise BenchError(f"{workload.name} against {uri}: {exc}") from exc
+
+
+def _measure(
+    *,
+    fio: str, workload: Workload, server: RunningServer, sampler: RssSampler,
+    spec: ExportSpec, runtime_s: float, ramp_s: float, label: str | None = None,
+) -> tuple[FioResult, float, int]:  # fmt: skip
+    proc = server.process()
+    cpu0 = tree_cpu_seconds(proc)
+    sampler.watch(proc, label or server.kind.value)
+    try:
+        result = run_fio(
+            fio, workload, server.uri, size=spec.size, runtime_s=runtime_s, ramp_s=ramp_s,
+            workdir=spec.workdir,
+        )  # fmt: skip
+    finally:
+        peak = sampler.stop()
+    # Let a forking server reap the child that served fio, so its CPU time is counted.
+    time.sleep(0.05)
+    # fio does not count the bytes of its ramp-up; scale the CPU time the same way, so
+    # CPU s/GiB relates work to the bytes it moved (the load is steady over the run).
+    cpu = (tree_cpu_seconds(proc) - cpu0) * runtime_s / (runtime_s + ramp_s)
+    if not proc.is_running():
+        raise BenchError(f"{server.label} died during {workload.name}; log: {server.log_path}")
+    return result, max(cpu, 0.0), peak
+
+
+def _machine() -> dict[str, Any]:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count() or 0,
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def run(plan: Plan) -> Outcome:
+    """Execute *plan* and write NAME.md and NAME.json into ``plan.out_dir``.
+
+    Raises:
+        BenchError: a tool is missing, a server failed, or fio failed.
+    """
+    fio = check_tools(plan)
+    started_wall = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    load0 = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="swapnbd-bench-", dir=plan.shm_dir))
+    running: dict[tuple[ServerKind, Transport], RunningServer] = {}
+    extra: list[RunningServer] = []
+    sampler = RssSampler(plan.sample_interval_s)
+    cells: list[report.Cell] = []
+    rss_runs: list[report.RssRun] = []
+    try:
+        with _sigterm_unwinds():
+            path = make_shared_file(workdir, plan.file_size)
+            spec = ExportSpec(path=path, size=plan.file_size, workdir=workdir)
+            transports = sorted({w.transport for w in plan.workloads}
+                                | ({Transport.TCP} if plan.rss_scenario else set()))  # fmt: skip
+            for kind in plan.servers:
+                for t in transports:
+                    srv = start_server(kind, t, spec)
+                    running[(kind, t)] = srv
+                    _progress(f"started {srv.label} pid {srv.pid} at {srv.uri}")
+            _progress(f"estimated duration: {plan.estimate_s():.0f} s")
+            for rnd in range(1, plan.rounds + 1):
+                for w in plan.workloads:
+                    for kind in plan.servers:
+                        srv = running[(kind, w.transport)]
+                        result, cpu, peak = _measure(
+                            fio=fio, workload=w, server=srv, sampler=sampler, spec=spec,
+                            runtime_s=plan.runtime_s, ramp_s=plan.ramp_s,
+                        )  # fmt: skip
+                        cells.append(report.Cell(rnd, w.name, kind.value, result, cpu, peak))
+                        _progress(
+                            f"[round {rnd}/{plan.rounds}] {w.name:<26} {kind.value:<10} "
+                            f"{result.iops:>10,.0f} IOPS {result.mib_per_s:>8.1f} MiB/s "
+                            f"cpu {cpu:5.2f} s rss {peak / MIB:6.1f} MiB"
+                        )
+            if plan.rss_scenario:
+                # A fresh instance per server, so the figure is this scenario's alone and
+                # not what earlier connections left behind.
+                for srv in running.values():
+                    stop_server(srv)
+                for kind in plan.servers:
+                    srv = start_server(kind, Transport.TCP, spec)
+                    extra.append(srv)
+                    result, _cpu, peak = _measure(
+                        fio=fio, workload=RSS_WORKLOAD, server=srv, sampler=sampler, spec=spec,
+                        runtime_s=plan.rss_runtime_s, ramp_s=0.0, label=f"{kind.value} (rss)",
+                    )  # fmt: skip
+                    stop_server(srv)
+                    rss_runs.append(report.RssRun(kind.value, result, peak))
+                    _progress(
+                        f"[rss] {RSS_WORKLOAD.name} {kind.value:<10} tcp pid {srv.pid} at "
+                        f"{srv.uri}: fresh instance, peak RSS {peak / MIB:.1f} MiB, "
+                        f"{result.mib_per_s:.0f} MiB/s"
+                    )
+    finally:
+        for srv in [*running.values(), *extra]:
+            stop_server(srv)
+        sampler.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    servers = [k.value for k in plan.servers]
+    baseline = plan.baseline.value
+    summaries = report.summarize(
+        cells, workloads=plan.workloads, servers=servers, baseline=baseline
+    )
+    meta: dict[str, Any] = {
+        **_machine(),
+        "started": started_wall.strftime("%Y-%m-%d %H:%M"),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "loadavg_start": [round(x, 2) for x in load0],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "rounds": plan.rounds,
+        "runtime_s": plan.runtime_s,
+        "ramp_s": plan.ramp_s,
+        "file_size": plan.file_size,
+        "sample_interval_s": plan.sample_interval_s,
+        "servers": servers,
+        "baseline": baseline,
+        "workloads": {w.name: w.description for w in plan.workloads},
+        "fio": tool_version("fio"),
+        "server_versions": {k.value: tool_version(k) for k in plan.servers},
+        "baseline_rss_peak": sampler.overall.get(baseline),
+        "rss_peak_by_server": dict(sampler.overall),
+        "qemu_nbd_args": "--cache=writeback --aio=threads --shared=8",
+    }
+    markdown = report.render_markdown(
+        title=plan.title,
+        meta=meta,
+        summaries=summaries,
+        workloads=plan.workloads,
+        servers=servers,
+        baseline=baseline,
+        rss_runs=rss_runs,
+        rss_description=RSS_WORKLOAD.description,
+    )
+    document = report.to_json(meta=meta, cells=cells, summaries=summaries, rss_runs=rss_runs)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    md_path = plan.out_dir / f"{plan.name}.md"
+    json_path = plan.out_dir / f"{plan.name}.json"
+    md_path.write_text(markdown)
+    json_path.write_text(report.dumps_compact(document))
+    return Outcome(markdown, document, md_path, json_path)
+
+
+def parse_servers(spec: str | None) -> tuple[ServerKind, ...]:
+    """Servers named in a comma-separated *spec*, in the canonical order; all when None."""
+    if spec is None:
+        return tuple(ServerKind)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = {k.value: k for k in ServerKind}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown server(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
+        )
+    return tuple(k for k in ServerKind if k.value in names)
+
+
+def describe(workloads: Sequence[Workload]) -> str:
+    return "\n".join(f"{w.name:<28} {w.description}" for w in workloads)

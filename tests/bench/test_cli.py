@@ -1,0 +1,97 @@
+"""Command-line resolution and usage errors (no server is started)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import build_parser, main, plan_from_args
+from bench.runner import Plan, parse_servers
+from bench.servers import ServerKind
+from bench.workloads import MIB, WORKLOADS
+
+
+def plan(*argv: str) -> Plan:
+    return plan_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_full_defaults() -> None:
+    p = plan()
+    assert p.servers == tuple(ServerKind)
+    assert p.workloads == WORKLOADS
+    assert (p.rounds, p.runtime_s, p.ramp_s, p.file_size) == (3, 4.0, 1.0, 1024 * MIB)
+    assert p.rss_scenario
+    assert p.baseline is ServerKind.NBD_SERVE
+    assert p.name == "full"
+    # The full run must stay under ~15 minutes on the reference machine.
+    assert p.estimate_s() < 15 * 60
+
+
+def test_quick_fits_two_minutes_and_overrides_win() -> None:
+    p = plan("--quick")
+    assert p.rounds == 1
+    assert p.name == "quick"
+    assert p.estimate_s() < 120
+    p = plan("--quick", "--rounds", "5", "--runtime", "2.5", "--no-rss", "--name", "x")
+    assert (p.rounds, p.runtime_s, p.rss_scenario, p.name) == (5, 2.5, False, "x")
+
+
+def test_smoke_and_filters() -> None:
+    p = plan("--smoke", "--servers", "nbd-serve,nbdkit")
+    assert p.servers == (ServerKind.NBD_SERVE, ServerKind.NBDKIT)
+    assert [w.name for w in p.workloads] == ["rand-read-4k-qd32", "unix-rand-write-4k-qd32"]
+    assert not p.rss_scenario
+    p = plan("--servers", "qemu-nbd,nbdkit", "--workloads", "rand-read-4k-qd1")
+    assert p.servers == (ServerKind.NBDKIT, ServerKind.QEMU_NBD)  # canonical order
+    assert p.baseline is ServerKind.NBDKIT  # nbd-serve absent: the first server
+    assert plan("--servers", "nbdkit,qemu-nbd", "--baseline", "qemu-nbd").baseline is (
+        ServerKind.QEMU_NBD
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--servers", "nbdkit,foo"], "unknown server(s) foo; known: nbd-serve, nbdkit"),
+        (["--workloads", "bar"], "unknown workload(s) bar"),
+        (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+        (["--runtime", "0"], "--runtime must be > 0 seconds"),
+        (["--ramp", "-1"], "--ramp must be >= 0 seconds"),
+        (["--file-mib", "1"], "--file-mib must be >= 16"),
+        (["--servers", "nbdkit", "--baseline", "qemu-nbd"], "is not among the servers run"),
+    ],
+)
+def test_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for w in WORKLOADS:
+        assert w.name in out
+    assert "rss-write-1m-qd128-4conn" in out
+
+
+def test_parse_servers_rejects_empty() -> None:
+    with pytest.raises(ValueError, match="none given"):
+        parse_servers(" ,")
+
+
+def test_shell_wrapper_uses_the_venv() -> None:
+    wrapper = Path(__file__).resolve().parents[2] / "bench" / "run"
+    ok = subprocess.run(
+        [str(wrapper), "--list"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "rand-read-4k-qd32-4conn" in ok.stdout
+    bad = subprocess.run(
+        [str(wrapper), "--rounds", "0"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert bad.returncode == 2
+    assert "--rounds must be >= 1, got 0" in bad.stderr

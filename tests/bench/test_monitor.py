@@ -1,0 +1,56 @@
+"""CPU and RSS accounting against a real child process tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from bench.monitor import RssSampler, tree_cpu_seconds, tree_rss
+from bench.workloads import MIB
+
+# A parent that forks a child holding 64 MiB and burning CPU until stdin closes.
+CHILD = """
+import os, sys, time
+if os.fork() == 0:
+    block = bytearray(64 * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    while time.process_time() < 0.3:  # CPU time, not wall time: load cannot shorten it
+        pass
+    print("ready", flush=True)
+    sys.stdin.read()
+    os._exit(0)
+os.wait()
+"""
+
+
+def test_sampler_sees_a_child_and_cpu_counts_it() -> None:
+    sampler = RssSampler(interval=0.01)
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            parent = psutil.Process(proc.pid)
+            sampler.watch(parent, "tree")
+            assert proc.stdout.readline() == "ready\n"
+            time.sleep(0.05)  # at least one sample while the child holds its memory
+            assert tree_rss(parent) >= 64 * MIB
+            assert tree_cpu_seconds(parent) >= 0.3
+            peak = sampler.stop()
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+            sampler.close()
+    assert peak >= 64 * MIB
+    assert sampler.overall == {"tree": peak}
+
+
+def test_sampler_rejects_bad_interval() -> None:
+    with pytest.raises(ValueError, match="must be > 0"):
+        RssSampler(interval=0)

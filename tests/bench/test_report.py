@@ -1,0 +1,147 @@
+"""Medians, per-round ratios and the rendered tables (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import report
+from bench.report import Cell, RssRun
+from bench.workloads import GIB, MIB, FioResult, select_workloads
+
+WL = select_workloads("seq-read-1m-qd8,rand-read-4k-qd32")
+SEQ, RAND = (w.name for w in WL)
+
+
+def result(iops: float, *, bs: int = 4096, lat: float = 10.0) -> FioResult:
+    return FioResult(
+        read_iops=iops, write_iops=0.0, read_bytes_per_s=iops * bs, write_bytes_per_s=0.0,
+        bytes_moved=int(iops * bs), lat_mean_us=lat, lat_p99_us=lat * 3,
+    )  # fmt: skip
+
+
+def cell(rnd: int, workload: str, server: str, iops: float, **kw: float) -> Cell:
+    return Cell(rnd, workload, server, result(iops), kw.get("cpu", 1.0), int(kw.get("rss", MIB)))
+
+
+def test_median() -> None:
+    assert report.median([3.0, 1.0, 2.0]) == 2.0
+    assert report.median([1.0, 4.0]) == 2.5
+    with pytest.raises(ValueError, match="empty"):
+        report.median([])
+
+
+def test_per_round_ratios_pair_cells_of_the_same_round() -> None:
+    cells = [
+        cell(1, RAND, "a", 200.0), cell(1, RAND, "b", 100.0),
+        cell(2, RAND, "a", 150.0), cell(2, RAND, "b", 300.0),
+        cell(3, RAND, "a", 90.0),  # no baseline in round 3: no ratio
+        cell(1, SEQ, "a", 1.0), cell(1, SEQ, "b", 1000.0),  # another workload
+    ]  # fmt: skip
+    assert report.per_round_ratios(cells, workload=RAND, server="a", baseline="b") == [2.0, 0.5]
+    assert report.per_round_ratios(cells, workload=RAND, server="b", baseline="b") == [1.0, 1.0]
+
+
+def test_summarize_medians_ratios_and_peak() -> None:
+    cells = [
+        cell(1, RAND, "base", 100.0, rss=5 * MIB), cell(1, RAND, "peer", 50.0),
+        cell(2, RAND, "base", 200.0, rss=9 * MIB), cell(2, RAND, "peer", 300.0),
+        cell(3, RAND, "base", 100.0, rss=7 * MIB), cell(3, RAND, "peer", 80.0),
+    ]  # fmt: skip
+    got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
+    assert [(s.workload, s.server) for s in got] == [(RAND, "base"), (RAND, "peer")]
+    base, peer = got
+    assert base.rounds == 3
+    assert base.iops == 100.0
+    assert base.ratio == 1.0
+    assert base.rss_peak == 9 * MIB
+    assert peer.iops == 80.0
+    # per-round ratios 0.5, 1.5, 0.8 -> median 0.8 (not 80 / 100 by accident: check the set)
+    assert peer.ratio == pytest.approx(0.8)
+    assert peer.mib_per_s == pytest.approx(80.0 * 4096 / MIB)
+    # cpu 1 s over iops*4096 bytes, median over rounds
+    assert peer.cpu_s_per_gib == pytest.approx(GIB / (80.0 * 4096))
+
+
+def test_summarize_without_baseline_cells_gives_no_ratio() -> None:
+    got = report.summarize([cell(1, SEQ, "peer", 10.0)], workloads=WL, servers=["peer"],
+                           baseline="base")  # fmt: skip
+    assert got[0].ratio is None
+    assert "n/a" in report.table_markdown(got, WL, "base")
+
+
+def _summaries() -> list[report.Summary]:
+    cells = [
+        cell(1, SEQ, "nbd-serve", 1000.0), cell(1, SEQ, "nbdkit", 500.0),
+        cell(1, SEQ, "qemu-nbd", 2000.0),
+        cell(1, RAND, "nbd-serve", 100.0), cell(1, RAND, "nbdkit", 100.0),
+        cell(1, RAND, "qemu-nbd", 25.0),
+    ]  # fmt: skip
+    return report.summarize(cells, workloads=WL, servers=["nbd-serve", "nbdkit", "qemu-nbd"],
+                            baseline="nbd-serve")  # fmt: skip
+
+
+def test_table_has_a_row_per_workload_and_server() -> None:
+    table = report.table_markdown(_summaries(), WL, "nbd-serve").splitlines()
+    assert table[0].startswith("| Workload | Server | IOPS | MiB/s | vs nbd-serve |")
+    rows = table[2:]
+    assert len(rows) == 6
+    assert rows[1].startswith("| seq read 1 MiB QD8 | nbdkit | 500 | ")
+    assert "| 0.50x |" in rows[1]
+    assert "| 2.00x |" in rows[2]
+
+
+def test_versus_inverts_and_marks_misses() -> None:
+    text = report.versus_markdown(_summaries(), WL, ["nbd-serve", "nbdkit", "qemu-nbd"],
+                                  "nbd-serve").splitlines()  # fmt: skip
+    assert text[0] == "| Workload | nbd-serve ÷ nbdkit | nbd-serve ÷ qemu-nbd |"
+    assert text[2] == "| seq read 1 MiB QD8 | 2.00x | 0.50x ✗ |"
+    assert text[3] == "| rand read 4 KiB QD32 | 1.00x | 4.00x |"
+    assert report.versus_markdown(_summaries(), WL, ["nbd-serve"], "nbd-serve") == ""
+
+
+def test_versus_judges_the_printed_ratio() -> None:
+    cells = [cell(1, RAND, "nbd-serve", 998.0), cell(1, RAND, "nbdkit", 1000.0),
+             cell(1, SEQ, "nbd-serve", 990.0), cell(1, SEQ, "nbdkit", 1000.0)]  # fmt: skip
+    s = report.summarize(cells, workloads=WL, servers=["nbd-serve", "nbdkit"],
+                         baseline="nbd-serve")  # fmt: skip
+    text = report.versus_markdown(s, WL, ["nbd-serve", "nbdkit"], "nbd-serve").splitlines()
+    assert text[2] == "| seq read 1 MiB QD8 | 0.99x ✗ |"
+    assert text[3] == "| rand read 4 KiB QD32 | 1.00x |"
+
+
+META = {
+    "cpus": 2, "cpu_model": "Test CPU", "kernel": "6.1", "python": "3.11", "started": "now",
+    "duration_s": 12.0, "rounds": 1, "runtime_s": 1.0, "ramp_s": 0.0, "file_size": 64 * MIB,
+    "fio": "fio-3.33", "server_versions": {"nbdkit": "nbdkit 1.32.5"},
+    "sample_interval_s": 0.05, "baseline_rss_peak": 30 * MIB,
+}  # fmt: skip
+
+
+def test_render_markdown_and_json() -> None:
+    summaries = _summaries()
+    rss = [RssRun("nbd-serve", result(100.0, bs=MIB), 42 * MIB)]
+    md = report.render_markdown(
+        title="t", meta=META, summaries=summaries, workloads=WL,
+        servers=["nbd-serve", "nbdkit", "qemu-nbd"], baseline="nbd-serve", rss_runs=rss,
+        rss_description="seq write 1 MiB QD128 x4 conn",
+    )  # fmt: skip
+    assert md.startswith("# t\n")
+    assert "2 CPUs (Test CPU), shared" in md
+    assert "| nbd-serve | 42.0 | 100 |" in md
+    assert "nbd-serve peak RSS over the table's runs (one long-lived instance per " in md
+    assert "transport): 30.0 MiB." in md
+    doc = report.to_json(meta=META, cells=[cell(1, SEQ, "nbdkit", 500.0, cpu=0.25)],
+                         summaries=summaries, rss_runs=rss)  # fmt: skip
+    assert doc["cells"][0]["iops"] == 500.0
+    assert doc["cells"][0]["cpu_s"] == 0.25
+    assert doc["rss"][0]["rss_peak"] == 42 * MIB
+    assert [s["server"] for s in doc["summary"]] == ["nbd-serve", "nbdkit", "qemu-nbd"] * 2
+
+
+def test_dumps_compact_round_trips_with_a_line_per_item() -> None:
+    import json
+
+    doc = {"meta": {"a": 1, "b": [1, 2]}, "cells": [{"x": 1.5}, {"x": 2}], "empty": []}
+    text = report.dumps_compact(doc)
+    assert json.loads(text) == doc
+    assert '  {"x": 1.5},\n  {"x": 2}\n' in text
