@@ -358,6 +358,7 @@ def plan_read(offset: int, length: int, extents: Sequence[Extent]) -> list[ReadP
 
 _ZERO_BLOCK: Final = bytes(MIN_HOLE_CHUNK)
 _ZERO_NEEDLE: Final = bytes(2 * MIN_HOLE_CHUNK)
+_ZERO_WORD: Final = bytes(8)
 
 
 def zero_extents(data: bytes | bytearray, offset: int) -> list[Extent]:
@@ -370,9 +371,18 @@ def zero_extents(data: bytes | bytearray, offset: int) -> list[Extent]:
     only costs bandwidth. This beats asking the backend: SEEK_HOLE on shmem walks the
     whole data run after ``offset`` (0.5 ms for a 256 MiB run).
     """
-    extents: list[Extent] = []
     n = len(data)
     block = MIN_HOLE_CHUNK
+    # Fast path: every zero block found below starts, at its aligned start, with eight
+    # zero bytes. One word sampled per aligned block (C-level strided copy, ~1 us per
+    # MiB) rules out most data before the full scan (44 us per MiB).
+    first = (-offset) % block
+    words = (n - first) // 8
+    if words > 0:
+        sample = memoryview(data)[first : first + words * 8].cast("Q")[:: block // 8]
+        if _ZERO_WORD not in sample.tobytes():
+            return [Extent(offset, n, False, False)]
+    extents: list[Extent] = []
     pos = 0  # everything before pos is described
     search = 0
     while True:
