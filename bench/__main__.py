@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.runner import Plan, Terminated, describe, parse_servers, run
-from bench.servers import BenchError, ServerKind
+from bench.servers import BenchError, ServerError, ServerKind
 from bench.workloads import MIB, RSS_WORKLOAD, WORKLOADS, select_workloads
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         outcome = run(plan)
-    except BenchError as exc:
+    except (BenchError, ServerError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

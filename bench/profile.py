@@ -28,6 +28,7 @@ from bench.runner import make_shared_file, run_fio
 from bench.servers import (
     BenchError,
     ExportSpec,
+    ServerError,
     ServerKind,
     ToolMissingError,
     require_tool,
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 stop_server(server)
             shutil.rmtree(workdir, ignore_errors=True)
-    except BenchError as exc:
+    except (BenchError, ServerError) as exc:
         print(f"bench.profile: error: {exc}", file=sys.stderr)
         return 1
     with raw.open() as f:

@@ -178,7 +178,7 @@ def _measure(
 ) -> tuple[FioResult, float, int]:  # fmt: skip
     proc = server.process()
     cpu0 = tree_cpu_seconds(proc)
-    sampler.watch(proc, label or server.kind.value)
+    sampler.watch(proc, label or server.kind)
     try:
         result = run_fio(
             fio, workload, server.uri, size=spec.size, runtime_s=runtime_s, ramp_s=ramp_s,
@@ -215,7 +215,8 @@ def run(plan: Plan) -> Outcome:
     """Execute *plan* and write NAME.md and NAME.json into ``plan.out_dir``.
 
     Raises:
-        BenchError: a tool is missing, a server failed, or fio failed.
+        BenchError: fio failed, or the shared file could not be made.
+        vm.servers.ServerError: a tool is missing (ToolMissingError) or a server failed.
     """
     fio = check_tools(plan)
     started_wall = dt.datetime.now(dt.UTC)

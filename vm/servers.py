@@ -1,4 +1,4 @@
-"""Launch the NBD server a run swaps to: nbd-serve, nbdkit or nbd-server.
+"""Launchers for NBD servers on loopback, used by the experiment and by bench.
 
 Theory of operation
 -------------------
@@ -6,22 +6,30 @@ Issue 5 records what a fixed port does: a second guest on the same machine conne
 to the first run's server and wrote its swap into the first run's export.  So every
 launcher here
 
-* binds 127.0.0.1 only, on a port that is free *and confirmed as ours*:
-  nbd-serve binds port 0 itself and reports the port in its ``--ready-file``; the peers
+* listens on 127.0.0.1 only, on a port that is free *and confirmed as ours*, or on a
+  Unix socket in the caller's private directory: nbd-serve binds port 0 itself and
+  reports its endpoint in its ``--ready-file``; the peers (nbdkit, nbd-server, qemu-nbd)
   cannot, so we pick a free port, start them, and check with psutil that *this* pid
-  (and no other) listens on 127.0.0.1:PORT, retrying on a collision;
-* exports under a fresh random name (``secrets.token_hex``) that only this run's
-  guest is told (``nbd-client -N NAME``), refusing every other name;
-* proves the export answers with an nbdinfo handshake on that name and size.
+  listens on 127.0.0.1:PORT (or on the socket) and that no other pid does, restarting
+  on another port and under a fresh name when the check fails;
+* exports under a name the caller chooses per attempt (the experiment: a fresh random
+  ``secrets.token_hex`` that only its guest is told);
+* proves the export answers with an ``nbdinfo --size`` handshake on that name and size.
 
-Each server runs in its own session so that :meth:`RunningServer.kill` takes down the
-whole process group at once (nbd-server forks a child per connection), which the
-"server dies mid-run" test uses.
+nbd-server 3.24 handles one client and exits when started with ``-d``, so it runs as the
+daemon it wants to be (fork per client) and is tracked through its pid file.  qemu-nbd
+takes a POSIX lock on its image; bench runs two of them on one file (TCP and Unix), so it
+opens the image with ``locking=off``.
+
+Each server runs in its own session so that :meth:`RunningServer.kill` and
+:meth:`RunningServer.stop` take down the whole process group and process tree at once
+(nbd-server forks a child per connection), which the "server dies mid-run" test uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -32,91 +40,158 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NoReturn, get_args
 
 import psutil
 
 log = logging.getLogger(__name__)
 
 ServerKind = Literal["nbd-serve", "nbdkit", "nbd-server"]
+"""The servers a run can swap to."""
 SERVER_KINDS: tuple[str, ...] = get_args(ServerKind)
+LauncherKind = Literal["nbd-serve", "nbdkit", "nbd-server", "qemu-nbd"]
+"""Every server this module can launch (bench also compares qemu-nbd)."""
+LAUNCHER_KINDS: tuple[str, ...] = get_args(LauncherKind)
 Backing = Literal["memory", "file"]
+Transport = Literal["tcp", "unix"]
 
 HOST = "127.0.0.1"
 START_ATTEMPTS = 5
 READY_TIMEOUT_S = 30.0
 
+# Executable -> the Debian package that ships it.
+DEBIAN_PACKAGES: dict[str, str] = {
+    "fio": "fio",
+    "nbdinfo": "libnbd-bin",
+    "nbdkit": "nbdkit",
+    "qemu-nbd": "qemu-utils",
+    "nbd-server": "nbd-server",
+}
+
 
 class ServerError(Exception):
-    """A server could not be started, or did not answer on its port."""
+    """A server could not be started, or did not answer on its endpoint."""
+
+
+class ToolMissingError(ServerError):
+    """A program the launcher needs is not installed; the message names the package."""
+
+
+class _UnconfirmedError(ServerError):
+    """The server did not come up on its endpoint (lost its port, another pid listens
+    there, or the export did not answer as expected): worth another attempt."""
 
 
 @dataclass(slots=True)
 class RunningServer:
     """One started server; ``stop()`` or ``kill()`` it when the run ends."""
 
-    kind: ServerKind
+    kind: str
     port: int
+    """0 on the Unix transport."""
     export_name: str
     size_bytes: int
     pid: int
+    """The process that owns the listening socket (the daemon for nbd-server)."""
     argv: list[str]
     backing: Backing
     workdir: Path
+    transport: Transport = "tcp"
+    socket_path: Path | None = None
+    log_path: Path | None = None
     stats_path: Path | None = None
     backing_path: Path | None = None
+    """A sparse file the launcher created for this server; removed by ``stop()``."""
     host: str = HOST
     started_mono: float = field(default_factory=time.monotonic)
-    _proc: subprocess.Popen[bytes] | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    """Our direct child, when the server did not daemonize."""
     exit_status: int | None = None
     killed: bool = False
+    stopped: bool = False
 
     @property
     def uri(self) -> str:
+        if self.transport == "unix":
+            return f"nbd+unix:///{self.export_name}?socket={self.socket_path}"
         return f"nbd://{self.host}:{self.port}/{self.export_name}"
 
+    @property
+    def label(self) -> str:
+        return f"{self.kind} ({self.transport})"
+
+    def process(self) -> psutil.Process:
+        return psutil.Process(self.pid)
+
     def alive(self) -> bool:
-        if self._proc is not None and self._proc.pid == self.pid:
-            return self._proc.poll() is None
+        if self.popen is not None and self.popen.pid == self.pid:
+            return self.popen.poll() is None
+        if self.pid <= 1:
+            return False
         try:
             status: str = psutil.Process(self.pid).status()
             return bool(status != psutil.STATUS_ZOMBIE)
         except psutil.NoSuchProcess:
             return False
 
-    def _signal_group(self, sig: signal.Signals) -> None:
+    def _tree(self) -> list[psutil.Process]:
+        if self.pid <= 1:  # not started yet (or a placeholder): nothing of ours to signal
+            return []
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _signal(self, procs: list[psutil.Process], sig: signal.Signals) -> None:
+        if self.pid <= 1:  # never signal init or "every process"
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(self.pid, sig)
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
 
-    def _wait(self, timeout: float) -> bool:
+    def _wait(self, procs: list[psutil.Process], timeout: float) -> bool:
+        """Wait for the server and the processes it had forked; True when all are gone."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                if self._proc is not None:
-                    self.exit_status = self._proc.wait()
-                return True
+        if self.popen is not None:
+            try:
+                self.exit_status = self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False
+        while self.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return False
+        _gone, left = psutil.wait_procs(procs, timeout=max(deadline - time.monotonic(), 0.0))
+        return not left and not self.alive()
 
     def kill(self) -> None:
         """SIGKILL the server and everything it forked, now (no final stats line)."""
         self.killed = True
-        self._signal_group(signal.SIGKILL)
-        self._wait(10.0)
+        procs = self._tree()
+        self._signal(procs, signal.SIGKILL)
+        self._wait(procs, 10.0)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM (nbd-serve writes its final stats line), then SIGKILL after ``timeout``."""
-        if self.alive():
-            self._signal_group(signal.SIGTERM)
-            if not self._wait(timeout):
-                self._signal_group(signal.SIGKILL)
-                self._wait(5.0)
-        elif self._proc is not None:
-            self.exit_status = self._proc.wait()
+        """SIGTERM (nbd-serve writes its final stats line), then SIGKILL after ``timeout``.
+
+        A second call does nothing: the pid may belong to another process by then.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
+        procs = self._tree()
+        if procs:
+            self._signal(procs, signal.SIGTERM)
+            if not self._wait(procs, timeout):
+                log.warning("%s: pid %d ignored SIGTERM; killing it", self.label, self.pid)
+                self._signal(procs, signal.SIGKILL)
+                self._wait(procs, 5.0)
+        elif self.popen is not None:
+            self.exit_status = self.popen.wait()
         if self.backing_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.backing_path.unlink()
@@ -137,11 +212,17 @@ class RunningServer:
         }
 
 
-def require_tool(name: str, package: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        raise ServerError(f"{name} not found; install it with: apt-get install {package}")
-    return exe
+def require_tool(name: str) -> str:
+    """Absolute path of the executable *name*.
+
+    Raises:
+        ToolMissingError: not on PATH; the message names the package to install.
+    """
+    found = shutil.which(name)
+    if found is None:
+        pkg = DEBIAN_PACKAGES.get(name, name)
+        raise ToolMissingError(f"'{name}' not found on PATH; install it: apt-get install {pkg}")
+    return found
 
 
 def free_port(host: str = HOST) -> int:
@@ -167,16 +248,18 @@ def listening_pids(host: str, port: int) -> set[int]:
     return pids
 
 
+def _connections(pid: int, kind: str) -> list[Any]:
+    proc = psutil.Process(pid)
+    if hasattr(proc, "net_connections"):
+        return list(proc.net_connections(kind=kind))
+    return list(proc.connections(kind=kind))
+
+
 def pid_listens(pid: int, host: str, port: int) -> bool:
     """True when process ``pid`` itself listens on host:port."""
     try:
-        proc = psutil.Process(pid)
-        conns = (
-            proc.net_connections(kind="tcp")
-            if hasattr(proc, "net_connections")
-            else proc.connections(kind="tcp")
-        )
-    except psutil.NoSuchProcess:
+        conns = _connections(pid, "tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     return any(
         c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.ip == host and c.laddr.port == port
@@ -184,74 +267,45 @@ def pid_listens(pid: int, host: str, port: int) -> bool:
     )
 
 
+def pid_listens_unix(pid: int, path: Path) -> bool:
+    """True when process ``pid`` itself holds the Unix socket ``path``."""
+    try:
+        conns = _connections(pid, "unix")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(c.laddr == str(path) for c in conns)
+
+
 def nbdinfo_size(uri: str, timeout: float = 20.0) -> int:
     """Handshake with ``uri`` through nbdinfo and return the export size.
 
     Raises:
-        ServerError: nbdinfo is missing or the handshake fails.
+        ServerError: nbdinfo is missing, the handshake fails or prints no size.
     """
-    exe = require_tool("nbdinfo", "libnbd-bin")
+    exe = require_tool("nbdinfo")
     try:
         out = subprocess.run(
             [exe, "--size", uri], capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired as exc:
         raise ServerError(f"nbdinfo {uri} did not answer within {timeout:.0f}s") from exc
-    if out.returncode != 0:
-        raise ServerError(f"nbdinfo {uri} failed: {out.stderr.strip()}")
-    return int(out.stdout.strip())
+    got = out.stdout.strip()
+    if out.returncode != 0 or not got.isdigit():
+        raise ServerError(
+            f"'nbdinfo --size {uri}' gave {got!r} (status {out.returncode}): {out.stderr.strip()}"
+        )
+    return int(got)
 
 
-def _wait_for(predicate: Any, timeout: float, proc: subprocess.Popen[bytes] | None) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc is not None and proc.poll() is not None:
-            return bool(predicate())
-        time.sleep(0.05)
-    return False
-
-
-def _log_tail(path: Path) -> str:
+def log_tail(path: Path | None, limit: int = 800) -> str:
+    """The end of a server log, on one line, for error messages."""
+    if path is None:
+        return "(no log)"
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        text = path.read_text(errors="replace").strip()
     except OSError:
-        return ""
-    return " | ".join(lines[-5:])
-
-
-def nbd_serve_argv(
-    name: str,
-    size_bytes: int,
-    *,
-    ready: Path,
-    stats: Path,
-    backing: Backing,
-    backing_path: Path,
-) -> list[str]:
-    """nbd-serve through this interpreter, so it works from a venv without the script on PATH."""
-    launcher = "import sys; from nbdserver.cli import main; sys.exit(main())"
-    argv = [
-        sys.executable,
-        "-c",
-        launcher,
-        "--bind",
-        HOST,
-        "--port",
-        "0",
-        "--ready-file",
-        str(ready),
-        "--name",
-        name,
-        "--stats",
-        str(stats),
-    ]
-    if backing == "memory":
-        argv += ["--memory", str(size_bytes)]
-    else:
-        argv.append(str(backing_path))
-    return argv
+        return "(no log)"
+    return " | ".join(text[-limit:].splitlines()) or "(empty log)"
 
 
 def nbd_serve_available() -> bool:
@@ -262,144 +316,278 @@ def nbd_serve_available() -> bool:
     return probe.returncode == 0
 
 
-def _start_nbd_serve(
-    name: str, size_bytes: int, workdir: Path, stats_path: Path, backing: Backing
-) -> RunningServer:
-    ready = workdir / f"nbd-serve-{name[:8]}.ready.json"
-    logf = workdir / "nbd-serve.log"
-    backing_path = workdir / f"export-{name[:8]}.img"
-    if backing == "file":
-        with open(backing_path, "wb") as f:
-            f.truncate(size_bytes)
-    argv = nbd_serve_argv(
-        name, size_bytes, ready=ready, stats=stats_path, backing=backing, backing_path=backing_path
-    )
-    with open(logf, "ab") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    if not _wait_for(ready.exists, READY_TIMEOUT_S, proc):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise ServerError(
-            f"nbd-serve did not write its ready file within {READY_TIMEOUT_S:.0f}s "
-            f"(exit status {proc.returncode}): {_log_tail(logf)}"
-        )
-    info = json.loads(ready.read_text())
-    tcp = [entry for entry in info.get("listen", []) if entry.get("kind") == "tcp"]
-    if not tcp:
-        raise ServerError(f"nbd-serve ready file lists no TCP listener: {info}")
-    port = int(tcp[0]["port"])
-    return RunningServer(
-        kind="nbd-serve",
-        port=port,
-        export_name=name,
-        size_bytes=size_bytes,
-        pid=proc.pid,
-        argv=argv,
-        backing=backing,
-        workdir=workdir,
-        stats_path=stats_path,
-        backing_path=backing_path if backing == "file" else None,
-        _proc=proc,
-    )
+def nbd_serve_command() -> list[str]:
+    """nbd-serve through this interpreter, so it works from a venv without the script on PATH."""
+    return [sys.executable, "-c", "import sys; from nbdserver.cli import main; sys.exit(main())"]
 
 
-def _start_peer(
-    kind: ServerKind,
-    name: str,
-    size_bytes: int,
-    workdir: Path,
+def nbd_server_config(
+    export: str,
+    path: Path,
+    transport: Transport,
     *,
     port: int,
-    backing: Backing,
-) -> RunningServer:
-    logf = workdir / f"{kind}.log"
-    backing_path = workdir / f"export-{name[:8]}.img"
-    proc: subprocess.Popen[bytes] | None
-    if kind == "nbdkit":
-        exe = require_tool("nbdkit", "nbdkit")
-        plugin = ["memory", str(size_bytes)] if backing == "memory" else ["file", str(backing_path)]
-        if backing == "file":
-            with open(backing_path, "wb") as f:
-                f.truncate(size_bytes)
-        argv = [
-            exe,
-            "--foreground",
-            "--exit-with-parent",
-            "--ipaddr",
-            HOST,
-            "--port",
-            str(port),
-            "--filter=exportname",
-            *plugin,
-            f"exportname={name}",
-            "exportname-strict=true",
-        ]
-        with open(logf, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        pid = proc.pid
-    elif kind == "nbd-server":
-        exe = require_tool("nbd-server", "nbd-server")
-        if backing != "file":
-            raise ServerError("nbd-server only serves files; use the file backing")
-        with open(backing_path, "wb") as f:
-            f.truncate(size_bytes)
-        conf = workdir / f"nbd-server-{name[:8]}.conf"
-        pidfile = workdir / f"nbd-server-{name[:8]}.pid"
-        conf.write_text(
-            "[generic]\n"
-            f"    port = {port}\n"
-            f"    listenaddr = {HOST}\n"
-            "    allowlist = false\n"
-            f"[{name}]\n"
-            f"    exportname = {backing_path}\n"
-            "    flush = true\n"
-            "    trim = true\n"
-        )
-        # nbd-server daemonizes (its -d "do not fork" mode serves one client and exits);
-        # the daemon's pid comes from the pid file.
-        argv = [exe, "-C", str(conf), "-p", str(pidfile)]
-        with open(logf, "ab") as out:
-            starter = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=30,
-                check=False,
-            )
-        if starter.returncode != 0 or not _wait_for(pidfile.exists, 10.0, None):
-            raise ServerError(
-                f"nbd-server failed to start (exit {starter.returncode}): {_log_tail(logf)}"
-            )
-        pid = int(pidfile.read_text().split()[0])
-        proc = None
+    sock: Path,
+    options: Sequence[str] = (),
+) -> str:
+    """An nbd-server INI config exporting *path* as *export* on one endpoint.
+
+    On TCP the server listens on 127.0.0.1 only; on Unix only on the socket (no TCP
+    listener at all: without ``duallisten`` nbd-server skips TCP when ``unixsock`` is set).
+    ``options`` are extra lines of the export's section (``flush = true``).
+    """
+    lines = ["[generic]"]
+    if transport == "tcp":
+        lines += [f"listenaddr = {HOST}", f"port = {port}"]
     else:
-        raise ServerError(f"unknown server kind {kind!r}; choose one of {', '.join(SERVER_KINDS)}")
-    return RunningServer(
-        kind=kind,
-        port=port,
+        lines += [f"unixsock = {sock}"]
+    lines += [f"[{export}]", f"exportname = {path}", *options, ""]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How to start one server; :func:`start_server` turns it into a confirmed endpoint."""
+
+    kind: LauncherKind
+    transport: Transport
+    size_bytes: int
+    """Export size; nbdinfo must report exactly this."""
+    workdir: Path
+    """Private directory for configs, logs, sockets, pid, ready and export files."""
+    backing: Backing = "memory"
+    path: Path | None = None
+    """File to export; with ``backing="file"`` and no path, a sparse file is created
+    per attempt and removed when the server stops."""
+    names: Callable[[], str] = field(default=lambda: secrets.token_hex(16))
+    """A fresh export name for every attempt."""
+    nbd_serve: Sequence[str] | None = None
+    """How to run nbd-serve (default :func:`nbd_serve_command`)."""
+    nbd_serve_args: Sequence[str] = ()
+    """Extra nbd-serve flags, such as ``--stats FILE``."""
+    strict_name: bool = True
+    """nbdkit refuses every export name but ours (the exportname filter)."""
+    nbd_server_options: Sequence[str] = ()
+    attempts: int = START_ATTEMPTS
+    timeout_s: float = READY_TIMEOUT_S
+
+
+_starts = itertools.count(1)
+
+
+def start_server(how: Launch) -> RunningServer:
+    """Start a server as *how* says and confirm its endpoint; retry on another port and
+    under a fresh name while the endpoint cannot be confirmed.
+
+    Raises:
+        ToolMissingError: the server's program or nbdinfo is not installed.
+        ServerError: it did not come up (the message quotes its log).
+    """
+    if how.kind not in LAUNCHER_KINDS:
+        raise ServerError(
+            f"unknown server kind {how.kind!r}; choose one of {', '.join(LAUNCHER_KINDS)}"
+        )
+    if how.backing == "memory" and how.path is not None:
+        raise ServerError(f"a memory export has no file, but path={how.path} was given")
+    if how.backing == "memory" and how.kind in ("nbd-server", "qemu-nbd"):
+        raise ServerError(f"{how.kind} only serves files; use the file backing")
+    require_tool("nbdinfo")
+    exe = list(how.nbd_serve or nbd_serve_command()) if how.kind == "nbd-serve" else None
+    if exe is None:
+        exe = [require_tool(how.kind)]
+    last_error = "no attempt made"
+    for attempt in range(1, how.attempts + 1):
+        try:
+            server = _start_once(how, exe)
+        except _UnconfirmedError as exc:
+            last_error = str(exc)
+            log.warning("%s attempt %d failed: %s", how.kind, attempt, last_error)
+            continue
+        log.info("%s listening on %s (pid %d)", how.kind, server.uri, server.pid)
+        return server
+    if how.attempts == 1:
+        raise ServerError(last_error)
+    raise ServerError(f"could not start {how.kind} after {how.attempts} attempts: {last_error}")
+
+
+def _start_once(how: Launch, exe: list[str]) -> RunningServer:
+    name = how.names()
+    tag = f"{how.kind}-{os.getpid()}-{next(_starts)}"
+    sock = how.workdir / f"{tag}.sock"
+    port = free_port() if how.transport == "tcp" and how.kind != "nbd-serve" else 0
+    if how.transport == "unix":
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+    owned: Path | None = None
+    path = how.path
+    if how.backing == "file" and path is None:
+        owned = path = how.workdir / f"export-{tag}.img"
+        with open(path, "wb") as f:
+            f.truncate(how.size_bytes)
+    server = RunningServer(
+        kind=how.kind,
+        transport=how.transport,
         export_name=name,
-        size_bytes=size_bytes,
-        pid=pid,
-        argv=argv,
-        backing=backing,
-        workdir=workdir,
-        backing_path=backing_path if backing == "file" else None,
-        _proc=proc,
+        size_bytes=how.size_bytes,
+        pid=0,
+        argv=[],
+        backing=how.backing,
+        workdir=how.workdir,
+        port=port,
+        socket_path=sock if how.transport == "unix" else None,
+        backing_path=owned,
     )
+    try:
+        _spawn(server, how, exe, path, tag)
+        _confirm(server, how)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _argv(how: Launch, server: RunningServer, *, exe: list[str], path: Path | None, tag: str
+          ) -> list[str]:  # fmt: skip
+    """The command line of one attempt; nbd-server's config is written here too."""
+    name, port, sock = server.export_name, server.port, how.workdir / f"{tag}.sock"
+    unix = how.transport == "unix"
+    if how.kind == "nbd-serve":
+        where = ["--unix", str(sock)] if unix else ["--bind", HOST, "--port", "0"]
+        ready = how.workdir / f"{tag}.ready.json"
+        export = ["--memory", str(how.size_bytes)] if path is None else [str(path)]
+        return [*exe, *where, "--ready-file", str(ready), "--name", name,
+                *how.nbd_serve_args, *export]  # fmt: skip
+    if how.kind == "nbdkit":
+        where = ["-U", str(sock)] if unix else ["--ipaddr", HOST, "--port", str(port)]
+        plugin = ["memory", str(how.size_bytes)] if path is None else ["file", f"file={path}"]
+        if how.strict_name:
+            named = ["--filter=exportname", *plugin, f"exportname={name}",
+                     "exportname-strict=true"]  # fmt: skip
+        else:
+            named = ["-e", name, *plugin]
+        return [*exe, "--foreground", "--exit-with-parent", *where, *named]
+    if how.kind == "qemu-nbd":
+        where = ["-k", str(sock)] if unix else ["-b", HOST, "-p", str(port)]
+        # locking=off: bench's TCP and Unix instances open the same image.
+        opts = f"driver=raw,file.driver=file,file.filename={path},file.locking=off"
+        return [*exe, "--cache=writeback", "--aio=threads", "--shared=8", "--persistent",
+                *where, "-x", name, "--image-opts", opts]  # fmt: skip
+    # nbd-server
+    conf = how.workdir / f"{tag}.conf"
+    assert path is not None
+    conf.write_text(
+        nbd_server_config(
+            name, path, how.transport, port=port, sock=sock, options=how.nbd_server_options
+        )
+    )
+    return [*exe, "-C", str(conf), "-p", str(how.workdir / f"{tag}.pid")]
+
+
+def _spawn(server: RunningServer, how: Launch, exe: list[str], path: Path | None, tag: str) -> None:
+    server.argv = _argv(how, server, exe=exe, path=path, tag=tag)
+    log.debug("starting %s: %s", tag, " ".join(server.argv))
+    server.log_path = how.workdir / f"{tag}.log"
+    with server.log_path.open("wb") as logf:
+        server.popen = subprocess.Popen(
+            server.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    server.pid = server.popen.pid
+    if how.kind == "nbd-server":
+        # nbd-server forks into the background; the parent exits once it has bound.
+        try:
+            rc = server.popen.wait(timeout=how.timeout_s)
+        except subprocess.TimeoutExpired:
+            _fail(server, f"did not daemonize within {how.timeout_s:g} s")
+        server.exit_status = rc
+        if rc != 0:
+            # Most likely another process took the port between free_port() and the
+            # bind (nbd-server logs to syslog, so the log cannot tell): retried.
+            _fail(server, f"exited with status {rc}")
+        server.popen = None
+        server.pid = _read_pidfile(server, how.workdir / f"{tag}.pid", how.timeout_s)
+    elif how.kind == "nbd-serve":
+        _read_ready_file(server, how.workdir / f"{tag}.ready.json", how.timeout_s)
+
+
+def _fail(server: RunningServer, why: str, *, retry: bool = True) -> NoReturn:
+    msg = f"{server.label} {why}; log {server.log_path}: {log_tail(server.log_path)}"
+    raise (_UnconfirmedError if retry else ServerError)(msg)
+
+
+def _read_pidfile(server: RunningServer, pidfile: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+            pid = int(pidfile.read_text().split()[0])
+            if pid > 1:
+                return pid
+        time.sleep(0.02)
+    _fail(server, f"wrote no pid file {pidfile} in {timeout:g} s", retry=False)
+
+
+def _read_ready_file(server: RunningServer, ready: Path, timeout: float) -> None:
+    """Wait for nbd-serve's ready file and take its endpoint from it."""
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if not server.alive():
+            status = server.popen.poll() if server.popen is not None else None
+            _fail(server, f"exited (status {status}) before writing its ready file", retry=False)
+        if time.monotonic() >= deadline:
+            _fail(server, f"wrote no ready file {ready} in {timeout:g} s", retry=False)
+        time.sleep(0.02)
+    try:
+        info = json.loads(ready.read_text())
+    except json.JSONDecodeError as exc:
+        raise ServerError(
+            f"{ready} is not JSON ({exc}); the file must be written atomically"
+        ) from exc
+    if not isinstance(info, dict):
+        raise ServerError(f"{ready} holds {info!r}, not an object")
+    listen = info.get("listen")
+    if not isinstance(listen, list):
+        raise ServerError(f"{ready}: no 'listen' list in {info!r}")
+    for entry in listen:
+        if server.transport == "tcp" and entry.get("kind") == "tcp":
+            server.port = int(entry["port"])
+            return
+        if server.transport == "unix" and entry.get("kind") == "unix":
+            server.socket_path = Path(entry["path"])
+            return
+    raise ServerError(f"{ready} lists no {server.transport} listener: {listen!r}")
+
+
+def _listening(server: RunningServer) -> bool:
+    if server.transport == "tcp":
+        return pid_listens(server.pid, server.host, server.port)
+    assert server.socket_path is not None
+    return pid_listens_unix(server.pid, server.socket_path)
+
+
+def _confirm(server: RunningServer, how: Launch) -> None:
+    """This pid, and no other, listens on the endpoint, and the export has our size."""
+    where = f"{server.host}:{server.port}" if server.transport == "tcp" else server.socket_path
+    deadline = time.monotonic() + how.timeout_s
+    while not _listening(server):
+        if not server.alive():
+            _fail(server, "exited before listening")
+        if time.monotonic() >= deadline:
+            _fail(server, f"is not listening on {where} after {how.timeout_s:g} s")
+        time.sleep(0.02)
+    if server.transport == "tcp":
+        owners = listening_pids(server.host, server.port)
+        if not owners <= {server.pid}:
+            _fail(server, f"pid {server.pid} is not the only listener on {where} "
+                          f"(listeners: {sorted(owners)})")  # fmt: skip
+    try:
+        size = nbdinfo_size(server.uri)
+    except ToolMissingError:
+        raise
+    except ServerError as exc:
+        _fail(server, f"did not answer: {exc}")
+    else:
+        if size != how.size_bytes:
+            _fail(server, f"export {server.uri} reports size {size}, expected {how.size_bytes}")
 
 
 def launch_server(
@@ -427,36 +615,18 @@ def launch_server(
     if size_bytes <= 0 or size_bytes % 4096:
         raise ServerError(f"export size must be a positive multiple of 4096, not {size_bytes}")
     workdir.mkdir(parents=True, exist_ok=True)
-    chosen: Backing = backing or ("file" if kind == "nbd-server" else "memory")
-    last_error = "no attempt made"
-    for attempt in range(1, START_ATTEMPTS + 1):
-        name = secrets.token_hex(16)
-        if kind == "nbd-serve":
-            server = _start_nbd_serve(
-                name, size_bytes, workdir, stats_path or workdir / "server-stats.jsonl", chosen
-            )
-        else:
-            server = _start_peer(kind, name, size_bytes, workdir, port=free_port(), backing=chosen)
-        ok = _wait_for(
-            lambda s=server: pid_listens(s.pid, HOST, s.port), READY_TIMEOUT_S, server._proc
+    stats = stats_path or workdir / "server-stats.jsonl"
+    server = start_server(
+        Launch(
+            kind=kind,
+            transport="tcp",
+            size_bytes=size_bytes,
+            workdir=workdir,
+            backing=backing or ("file" if kind == "nbd-server" else "memory"),
+            nbd_serve_args=("--stats", str(stats)),
+            nbd_server_options=("flush = true", "trim = true"),
         )
-        owners = listening_pids(HOST, server.port)
-        if ok and owners <= {server.pid}:
-            try:
-                size = nbdinfo_size(server.uri)
-            except ServerError as exc:
-                last_error = str(exc)
-            else:
-                if size == size_bytes:
-                    log.info("%s listening on %s (pid %d)", kind, server.uri, server.pid)
-                    return server
-                last_error = f"{server.uri} reports size {size}, expected {size_bytes}"
-        else:
-            last_error = (
-                f"{kind} pid {server.pid} is not the only listener on {HOST}:{server.port} "
-                f"(listeners: {sorted(owners)}); {_log_tail(workdir / (kind + '.log'))}"
-            )
-        log.warning("%s attempt %d failed: %s", kind, attempt, last_error)
-        server.kill()
-        server.stop()
-    raise ServerError(f"could not start {kind} after {START_ATTEMPTS} attempts: {last_error}")
+    )
+    if kind == "nbd-serve":
+        server.stats_path = stats
+    return server

@@ -13,6 +13,7 @@ import pytest
 from bench import servers
 from bench.servers import ServerKind, ToolMissingError
 from bench.workloads import Transport
+from vm import servers as launcher
 
 
 def test_nbd_server_config_tcp_binds_loopback_only() -> None:
@@ -77,13 +78,14 @@ def test_peer_that_loses_its_port_is_restarted_on_another(
         squatter.listen()
         busy = squatter.getsockname()[1]
         ports = iter([busy, servers.free_port()])
-        monkeypatch.setattr(servers, "free_port", lambda: next(ports))
+        # the shared launcher in vm.servers picks the ports
+        monkeypatch.setattr(launcher, "free_port", lambda: next(ports))
         server = servers.start_server(kind, Transport.TCP, spec)
         try:
             assert server.uri.startswith("nbd://127.0.0.1:")
             port = int(server.uri.split(":")[2].split("/")[0])
             assert port != busy
-            assert server.export in server.uri
+            assert server.export_name in server.uri
             pid = server.pid
             assert psutil.pid_exists(pid)
         finally:
