@@ -171,6 +171,7 @@ INFO_BLOCK_SIZE = struct.Struct(">HIII")
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")  # STRUCTURED_HEADER + the data's offset
 OFFSET_HOLE_PAYLOAD = struct.Struct(">QI")
 ERROR_PAYLOAD = struct.Struct(">IH")
 U32 = struct.Struct(">I")
