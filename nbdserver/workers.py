@@ -85,18 +85,10 @@ def merge_stats(
     merged: dict[str, ExportStats] = {}
     for name, stats in own.items():
         total = ExportStats()
-        parts = [stats.snapshot(), *(s[name] for s in snapshots if name in s)]
-        for part in parts:
-            for key, value in part["requests"].items():
-                total.requests[key] = total.requests.get(key, 0) + value
-            for key, value in part["errors"].items():
-                total.errors[key] = total.errors.get(key, 0) + value
-            for key, value in part["bytes"].items():
-                total.bytes[key] = total.bytes.get(key, 0) + value
-            for key, hist in part["latency_us"].items():
-                counts = total.latency[key].counts
-                for i, count in enumerate(hist["counts"]):
-                    counts[i] += count
+        total.add(stats.snapshot())
+        for snapshot in snapshots:
+            if name in snapshot:
+                total.add(snapshot[name])
         merged[name] = total
     return merged
 
