@@ -246,11 +246,29 @@ class FileBackend:
         return buf
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        self._check_range("read", offset, buf.nbytes)
+        nbytes = buf.nbytes
+        # The usual case: one syscall, no helper calls (once per request).
+        if (
+            offset >= 0
+            and offset + nbytes <= self._size
+            and os.preadv(self._fd, [buf], offset) == nbytes
+        ):
+            return
+        self._check_range("read", offset, nbytes)
         if os.preadv(self._fd, [buf], offset) != buf.nbytes:  # one syscall in the usual case
             self._read_fully(_as_bytes_view(buf), offset)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        if not fua and not self._read_only:
+            # The usual case in one syscall and no helper calls (this runs once per
+            # request on the event loop); anything unusual takes the checked path below.
+            nbytes = data.nbytes if type(data) is memoryview else len(data)
+            if (
+                offset >= 0
+                and offset + nbytes <= self._size
+                and os.pwrite(self._fd, data, offset) == nbytes
+            ):
+                return
         self._check_writable("write")
         view = _as_bytes_view(data)
         self._check_range("write", offset, len(view))
