@@ -60,14 +60,15 @@ examples:
 config file (TOML; command-line flags override only what they set):
   bind = "127.0.0.1"
   port = 10809
+  workers = 2               # default: one per core, at most 4
+  max_inflight = "8M"
+  poll_us = 50              # 0 = never busy-poll
   [[exports]]
   name = "swap"
   backend = "memory"        # or "file" with path = "/some/file"
   size = "1G"
   description = "RAM disk"
   read_only = false
-  workers = 2               # default: one per core, at most 4
-  max_inflight = "8M"
 
 workers: the first process listens and hands each new connection to the process with
 the fewest connections; all share the export's file or RAM disk, so FLUSH/FUA effects
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight",
         metavar="SIZE",
         help="per-connection bound on unanswered bytes; reading pauses past it (default 8M)",
+    )
+    parser.add_argument(
+        "--poll-us",
+        type=int,
+        metavar="N",
+        help="busy-poll a lone client's socket up to N µs after each reply, adapting to"
+        " how soon its next request comes (default 50; 0 = off)",
     )
     parser.add_argument(
         "--log-level",
@@ -188,6 +196,7 @@ def _worker(
                 exports,
                 stats_interval=config.stats_interval if config.stats is not None else None,
                 max_inflight_bytes=config.max_inflight,
+                poll_us=config.poll_us,
             )
         )
 
@@ -210,7 +219,7 @@ async def serve(
     With ``workers`` (forked by :func:`~nbdserver.workers.fork_workers`) this process
     accepts and shares the connections out; otherwise it serves them all itself.
     """
-    server = NBDServer(exports, max_inflight_bytes=config.max_inflight)
+    server = NBDServer(exports, max_inflight_bytes=config.max_inflight, poll_us=config.poll_us)
     acceptor = Acceptor(server, workers) if workers else None
     listen: list[dict[str, Any]] = []
     try:

@@ -11,6 +11,7 @@ and :class:`ExportConfig` for the meaning of each)::
     log_level = "info"
     workers = 2             # processes serving connections (default: one per core, max 4)
     max_inflight = "8M"     # per-connection bound on unanswered bytes (backpressure)
+    poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
 
     [[exports]]
     name = "swap"
@@ -42,6 +43,9 @@ from nbdserver.sizes import parse_size
 BackendKind = Literal["file", "memory"]
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
+#: Longest busy-poll window accepted: polling spins a core, so it stays short.
+MAX_POLL_US: Final = 10_000
+
 _SERVER_KEYS: Final = (
     "bind",
     "port",
@@ -52,6 +56,7 @@ _SERVER_KEYS: Final = (
     "log_level",
     "workers",
     "max_inflight",
+    "poll_us",
     "exports",
 )
 _EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only")
@@ -104,6 +109,10 @@ class ServerConfig:
     """Per-connection bound, in bytes, on replies queued for sending plus WRITE payloads
     held by pending requests; past it the connection stops reading (pause_reading) until
     the client has taken enough replies."""
+    poll_us: int = 50
+    """Upper bound, in microseconds, of the adaptive busy-poll window: after answering a
+    lone request on the only connection of a process, read the socket for up to this
+    long before going back to the event loop (0 = never poll). See Connection._poll."""
 
 
 def _type_error(where: str, key: str, value: object, expected: str) -> ConfigError:
@@ -199,6 +208,8 @@ def load_file(path: str) -> dict[str, Any]:
         out["stats_interval"] = data["stats_interval"]
     if "workers" in data:
         out["workers"] = data["workers"]
+    if "poll_us" in data:
+        out["poll_us"] = data["poll_us"]
     if "max_inflight" in data:
         raw = data["max_inflight"]
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
@@ -231,6 +242,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "ready_file",
         "log_level",
         "workers",
+        "poll_us",
     ):
         if key in cli:
             values[key] = cli[key]
@@ -287,6 +299,11 @@ def check_server(config: ServerConfig) -> None:
         isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64
     ):
         raise ConfigError(f"workers {workers!r} must be a whole number from 1 to 64")
+    poll = config.poll_us
+    if isinstance(poll, bool) or not isinstance(poll, int) or not 0 <= poll <= MAX_POLL_US:
+        raise ConfigError(
+            f"poll_us {poll!r} must be a whole number of microseconds from 0 (off) to {MAX_POLL_US}"
+        )
     if config.max_inflight < 64 * 1024:
         raise ConfigError(
             f"max inflight {config.max_inflight} bytes is too small: give at least 64K"

@@ -152,10 +152,11 @@ async def run_worker(
     *,
     stats_interval: float | None,
     max_inflight_bytes: int,
+    poll_us: int,
 ) -> int:
     """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF."""
     loop = asyncio.get_running_loop()
-    server = NBDServer(exports, max_inflight_bytes=max_inflight_bytes)
+    server = NBDServer(exports, max_inflight_bytes=max_inflight_bytes, poll_us=poll_us)
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
     ctrl.setblocking(False)
