@@ -38,6 +38,7 @@ outstanding or after NBD_CMD_DISC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import itertools
@@ -653,6 +654,8 @@ class Connection(asyncio.BufferedProtocol):
         # Inline: everything for the memory backend; for files whatever hits the page
         # cache only (plain WRITEs, READs below LARGE_READ, BLOCK_STATUS). The checks
         # are spelled out rather than called: this runs once per request.
+        if t == _READ and c.length >= LARGE_READ and self._sendfile_read(c, t0):
+            return
         if not (
             (t == _READ and c.length < LARGE_READ)
             or (t == _WRITE and (export.inline or not c.flags & _FUA))
@@ -674,6 +677,72 @@ class Connection(asyncio.BufferedProtocol):
             batch.extend(reply)
         else:
             batch.append(reply)
+
+    def _sendfile_read(self, c: Command, t0: int) -> bool:
+        """Send a large read straight from the page cache with ``sendfile``, if possible.
+
+        Through a buffer a 1 MiB read is copied twice (page cache to the buffer, buffer
+        to the socket): 35% of the server's CPU in a seq read 1 MiB QD8 load (perf).
+        sendfile hands the pages to the socket with no copy. This needs the socket to
+        ourselves: nothing may be queued in the transport, since these bytes bypass it.
+        The header goes first (a structured read's OFFSET_DATA chunk without DONE, then
+        a NONE chunk with DONE: an error can still strike during the transfer); what
+        the socket does not take at once is read with pread and queued in the transport
+        behind it. Reads that start in a hole keep the buffered path, which describes
+        zero runs as OFFSET_HOLE chunks.
+
+        Returns False (nothing sent) when the buffered path must be taken instead.
+        """
+        transport = self.transport
+        export = self._export
+        session = self._session
+        assert transport is not None and export is not None and session is not None
+        if self._fd < 0:
+            return False
+        if self._batch:
+            # Replies decoded before this read go first.
+            self._flush()
+            self._batch = []
+        if transport.get_write_buffer_size():
+            return False
+        backend = export.backend
+        source = backend.sendfile_source(c.offset, c.length)
+        if source < 0:
+            return False
+        if session.structured:
+            header = offset_data_header(c.cookie, c.offset, c.length, False)
+            tail = done_chunk(c.cookie)
+        else:
+            header = simple_reply(c.cookie)
+            tail = b""
+        sock, offset, length = self._fd, c.offset, c.length
+        sent = 0
+        try:
+            try:
+                n = os.write(sock, header)
+            except BlockingIOError:
+                return False
+            if n < len(header):
+                transport.write(header[n:])
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    while sent < length:
+                        k = os.sendfile(sock, source, offset + sent, length - sent)
+                        if k == 0:
+                            break
+                        sent += k
+            if sent < length:
+                transport.write(backend.pread(offset + sent, length - sent))
+        except OSError as exc:
+            # Part of the reply may be on the wire: the stream cannot be resumed.
+            self.log.warning("read at %d+%d failed while sending: %s; closing", offset, length, exc)
+            export.stats.record(_READ, 0, time.perf_counter_ns() - t0, True)
+            transport.abort()
+            return True
+        if tail:
+            transport.write(tail)
+        export.stats.record(_READ, length, time.perf_counter_ns() - t0, False)
+        return True
 
     def _reject(self, c: Command, t0: int) -> None:
         """Answer a request that failed validation with its error."""

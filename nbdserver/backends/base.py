@@ -97,4 +97,13 @@ class Backend(Protocol):
         """
         ...
 
+    def sendfile_source(self, offset: int, length: int) -> int:
+        """A descriptor the adapter may ``sendfile()`` this range from, or -1.
+
+        Only where the bytes at ``offset`` are data (not a hole), so that sending the
+        range as data costs no OFFSET_HOLE chunk a sparse read would have used. -1
+        means: read it with :meth:`pread`.
+        """
+        ...
+
     def close(self) -> None: ...

@@ -235,6 +235,19 @@ class FileBackend:
         """The descriptor (e.g. to share with forked workers)."""
         return self._fd
 
+    def sendfile_source(self, offset: int, length: int) -> int:
+        if self._block_device:
+            return self._fd
+        try:
+            # SEEK_DATA is cheap through holes (it skips them in the page-cache tree);
+            # its SEEK_HOLE twin walks every page of a data run, so it is not asked.
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # no SEEK_DATA here: every byte is data
+                return self._fd
+            return -1  # ENXIO: only holes from offset on
+        return self._fd if data == offset else -1
+
     def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         self._check_range("read", offset, length)
         data = os.pread(self._fd, length, offset)

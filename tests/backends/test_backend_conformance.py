@@ -8,6 +8,7 @@ flavours legitimately differ (holes, fast zero), the expectation comes from the 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,37 @@ def test_write_read_round_trip_at_odd_offsets(export: Export, offset: int, lengt
         assert bytes(backend.pread(offset - 1, 1)) == b"\0"
     if offset + length < EXPORT_SIZE:
         assert bytes(backend.pread(offset + length, 1)) == b"\0"
+
+
+def test_sendfile_source_gives_the_same_bytes_as_pread(export: Export) -> None:
+    """sendfile_source: a descriptor whose bytes at the range equal pread's, or -1; -1
+    where the range starts in a hole of a flavour that reports holes (that read keeps
+    its OFFSET_HOLE chunks)."""
+    backend = export.backend
+    data = pattern(3 * 65536, seed=7)
+    backend.pwrite(data, 65536, False)
+    source = backend.sendfile_source(65536, len(data))
+    assert source >= 0, "a range that starts with written data can be sent zero-copy"
+    rfd, wfd = os.pipe()
+    try:
+        os.set_blocking(wfd, True)
+        fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, len(data))  # the whole range fits in the pipe
+        sent = 0
+        while sent < len(data):
+            sent += os.sendfile(wfd, source, 65536 + sent, len(data) - sent)
+        got = b""
+        while len(got) < len(data):
+            got += os.read(rfd, len(data) - len(got))
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    assert got == data == bytes(backend.pread(65536, len(data)))
+    hole_start = backend.sendfile_source(EXPORT_SIZE - 65536, 65536)
+    if export.flavour.reports_holes:
+        assert hole_start == -1
+    else:
+        # Without hole reporting everything is data; whatever it sends must be zeroes.
+        assert hole_start >= 0
 
 
 def test_write_accepts_every_buffer_type(export: Export) -> None:

@@ -89,6 +89,15 @@ class FaultyBackend(MemoryBackend):
             raise OSError(errno.EIO, "injected read failure")
         super().pread_into(buf, offset)
 
+    def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self._hit(offset, length):
+            raise OSError(errno.EIO, "injected read failure")
+        return super().pread(offset, length)
+
+    def sendfile_source(self, offset: int, length: int) -> int:
+        # The faulty range must go through pread_into to fail.
+        return -1 if self._hit(offset, length) else super().sendfile_source(offset, length)
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         if self._hit(offset, len(data)):
             raise OSError(errno.EIO, "injected write failure")

@@ -146,6 +146,67 @@ def test_backend_failure_becomes_error_reply(make_server: Start) -> None:
         assert c.reply() == SimpleReply(0, 3)
 
 
+def test_large_faulty_read_becomes_error_reply(make_server: Start) -> None:
+    srv = make_server(("", faulty(), False))
+    with RawClient(srv.port) as c:
+        c.go()
+        c.request(Cmd.WRITE, 0, MiB, cookie=1, payload=b"\x01" * MiB)
+        assert c.reply() == SimpleReply(0, 1)
+        c.request(Cmd.READ, MiB - 4096, MiB, cookie=2)
+        (chunk,) = c.reply()  # type: ignore[misc]
+        assert (chunk.type, chunk.cookie) == (ReplyType.ERROR, 2)
+        assert int.from_bytes(chunk.payload[:4], "big") == NBDErrno.EIO
+
+
+def test_large_reads_of_data_leave_by_sendfile(make_server: Start, tmp_path: Path) -> None:
+    """A large read that starts in data goes out zero-copy: one OFFSET_DATA chunk
+    without DONE (an error could still strike mid-transfer), then NONE with DONE."""
+    for backend in (memory(8 * MiB), file_backend(tmp_path / "disk.img", 8 * MiB)):
+        srv = make_server(("", backend, False))
+        data = os.urandom(4 * MiB)
+        with RawClient(srv.port) as c:
+            c.go()
+            c.request(Cmd.WRITE, 0, len(data), cookie=1, payload=data)
+            assert c.reply() == SimpleReply(0, 1)
+            c.request(Cmd.READ, 4096, 2 * MiB, cookie=2)
+            chunks = c.reply()
+            assert isinstance(chunks, list)
+            assert [(ch.type, ch.flags & 1) for ch in chunks] == [
+                (ReplyType.OFFSET_DATA, 0),
+                (ReplyType.NONE, 1),
+            ]
+            assert read_data(chunks, 4096, 2 * MiB) == data[4096 : 4096 + 2 * MiB]
+        with RawClient(srv.port) as c:
+            c.go(structured=False)
+            c.request(Cmd.READ, MiB, 3 * MiB, cookie=3)
+            assert c.simple_reply(3 * MiB) == (SimpleReply(0, 3), data[MiB:])
+
+
+def test_pipelined_large_reads_survive_a_full_socket(make_server: Start) -> None:
+    """The client sends many large reads before reading any reply: sendfile meets a
+    full socket, queues the rest through the transport, and later reads take the
+    buffered path behind it. Every byte arrives, in one reply per cookie."""
+    srv = make_server(("", memory(64 * MiB), False))
+    data = os.urandom(48 * MiB)
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        half = len(data) // 2  # a WRITE may carry at most 32 MiB
+        for cookie, at in ((1, 0), (2, half)):
+            c.request(Cmd.WRITE, at, half, cookie=cookie, payload=data[at : at + half])
+            assert c.simple_reply() == (SimpleReply(0, cookie), b"")
+        from nbdserver.protocol import Request
+
+        size = 2 * MiB
+        c.send(b"".join(Request(0, Cmd.READ, 100 + i, i * size, size).pack() for i in range(24)))
+        seen = {}
+        for _ in range(24):
+            reply, payload = c.simple_reply(size)
+            assert reply.error == 0
+            seen[reply.cookie] = payload
+        assert sorted(seen) == list(range(100, 124))
+        assert b"".join(seen[100 + i] for i in range(24)) == data
+
+
 def test_replies_in_completion_order(make_server: Start, tmp_path: Path) -> None:
     """FLUSH on a file export goes to the thread pool; a READ pipelined behind it is
     served inline, so its reply comes first, matched by cookie."""
