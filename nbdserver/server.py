@@ -13,12 +13,13 @@ plain writes and extent queries of the file backend, which hit the page cache) r
 inline. Their replies are collected while one decoded batch is dispatched and leave in
 one vectored write: one ``send`` per read event instead of one per request (the
 per-reply ``send`` was 38% of the CPU of a QD32 4 KiB read load under py-spy). Calls that
-may block (FLUSH = fdatasync, FUA writes, TRIM/WRITE_ZEROES = fallocate, CACHE) and reads
-of at least :data:`LARGE_READ` bytes go to a thread pool: ``os.pread`` releases the GIL,
-so a pool thread copies the next 1 MiB out of the page cache while the loop sends the
-previous one. Pool replies go out whenever they complete, matched to the request by its
-cookie: the "completion order" of doc/proto.md, "Replies need not be sent in the same
-order as requests".
+may block (FLUSH = fdatasync, FUA writes, TRIM/WRITE_ZEROES = fallocate, CACHE) go to a
+thread pool. Reads of at least :data:`LARGE_READ` bytes that start in data leave by
+``sendfile`` straight from the page cache when the socket has nothing queued
+(:meth:`Connection._sendfile_read`); the others go to the pool too, where ``os.pread``
+releases the GIL while the loop sends the previous reply. Pool replies go out whenever
+they complete, matched to the request by its cookie: the "completion order" of
+doc/proto.md, "Replies need not be sent in the same order as requests".
 
 Latency: after answering a lone request on the only connection of a process, the
 connection reads its socket for a short, adaptive window before going back to the loop
@@ -651,11 +652,11 @@ class Connection(asyncio.BufferedProtocol):
         if t == _DISC:
             export.stats.record(t, 0, 0, False)
             return
+        if t == _READ and c.length >= LARGE_READ and self._sendfile_read(c, t0):
+            return
         # Inline: everything for the memory backend; for files whatever hits the page
         # cache only (plain WRITEs, READs below LARGE_READ, BLOCK_STATUS). The checks
         # are spelled out rather than called: this runs once per request.
-        if t == _READ and c.length >= LARGE_READ and self._sendfile_read(c, t0):
-            return
         if not (
             (t == _READ and c.length < LARGE_READ)
             or (t == _WRITE and (export.inline or not c.flags & _FUA))
@@ -754,10 +755,10 @@ class Connection(asyncio.BufferedProtocol):
     def _submit(self, c: Command, t0: int) -> None:
         """Run a command that may block (or a large read) in the thread pool.
 
-        Large reads go there too: os.pread releases the GIL, so the loop sends one reply
-        while a pool thread copies the next one out of the page cache (two cores busy
-        instead of one). This is its own method because the closure below would
-        otherwise make every inline request pay for creating its cells.
+        Large reads that cannot leave by sendfile (:meth:`_sendfile_read`) go there too:
+        os.pread releases the GIL, so the loop sends one reply while a pool thread
+        copies the next one out of the page cache. This is its own method because the
+        closure below would otherwise make every inline request pay for its cells.
         """
         # The payload view points into the receive buffer, which is reused once this
         # callback returns: the pool gets a copy and the command no view at all.
