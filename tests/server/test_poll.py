@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from nbdserver.protocol import Cmd
 
 from .nbdtest import STARTUP_GUARD_S, RawClient, running_server
@@ -89,21 +91,21 @@ def test_lone_qd1_client_is_answered_by_polling(tmp_path: Path) -> None:
     assert poll["spin_us"] > 0
 
 
-def test_poll_us_0_never_polls(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("poll_us", "blocks", "gap_s"),
+    [
+        # Polling switched off.
+        (0, 300, 0.0),
+        # Every wait (5 ms) is longer than the bound (50 µs): the window never opens.
+        (50, 40, 0.005),
+    ],
+    ids=["poll-us-0", "slow-client"],
+)
+def test_never_polled(tmp_path: Path, poll_us: int, blocks: int, gap_s: float) -> None:
     stats = tmp_path / "stats.jsonl"
-    with serve(tmp_path, 0, stats) as srv:
+    with serve(tmp_path, poll_us, stats) as srv:
         client = connect(srv.port)
-        write_then_read(client, range(300))
-        client.close()
-    assert poll_counts(stats) == {"hits": 0, "misses": 0, "spin_us": 0}
-
-
-def test_slow_client_is_never_polled(tmp_path: Path) -> None:
-    # Every wait (5 ms) is longer than the bound (50 µs): the window never opens.
-    stats = tmp_path / "stats.jsonl"
-    with serve(tmp_path, 50, stats) as srv:
-        client = connect(srv.port)
-        write_then_read(client, range(40), gap_s=0.005)
+        write_then_read(client, range(blocks), gap_s=gap_s)
         client.close()
     assert poll_counts(stats) == {"hits": 0, "misses": 0, "spin_us": 0}
 
