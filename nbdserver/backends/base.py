@@ -101,8 +101,9 @@ class Backend(Protocol):
         """A descriptor the adapter may ``sendfile()`` this range from, or -1.
 
         Only where the bytes at ``offset`` are data (not a hole), so that sending the
-        range as data costs no OFFSET_HOLE chunk a sparse read would have used. -1
-        means: read it with :meth:`pread`.
+        range as data costs no OFFSET_HOLE chunk a sparse read would have used, and
+        where reading cannot wait for storage (the adapter calls sendfile on its event
+        loop). -1 means: read it with :meth:`pread`.
         """
         ...
 

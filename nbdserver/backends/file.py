@@ -164,6 +164,25 @@ def _block_device_info(fd: int, st: os.stat_result) -> tuple[int, bool]:
     return max(logical, 1), write_zeroes > 0
 
 
+#: statfs f_type of the filesystems whose pages are memory: sendfile from them never waits
+#: on storage (linux/magic.h: TMPFS_MAGIC, also memfd; RAMFS_MAGIC; HUGETLBFS_MAGIC).
+_MEMORY_FILESYSTEMS: Final = frozenset({0x01021994, 0x858458F6, 0x958458F6})
+
+
+def _in_memory(fd: int) -> bool:
+    """Whether ``fd`` is a regular file on tmpfs, ramfs or hugetlbfs (or a memfd)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
+        buf = ctypes.create_string_buffer(256)
+        if libc.fstatfs(fd, buf) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    f_type = int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little") & 0xFFFFFFFF
+    return f_type in _MEMORY_FILESYSTEMS
+
+
 class FileBackend:
     """A regular file or block device behind an export (see the module docstring)."""
 
@@ -204,6 +223,8 @@ class FileBackend:
         self._can_zero_range = True
         self._can_rwf_dsync = hasattr(os, "RWF_DSYNC") and hasattr(os, "pwritev")
         self._can_fiemap = self._probe_fiemap and not block_device
+        # sendfile runs on the event loop: only where reading cannot wait for a disk.
+        self._sendfile_ok = not block_device and _in_memory(fd)
         self._capabilities = Capabilities(
             read_only=read_only,
             flush=True,
@@ -236,8 +257,10 @@ class FileBackend:
         return self._fd
 
     def sendfile_source(self, offset: int, length: int) -> int:
-        if self._block_device:
-            return self._fd
+        if not self._sendfile_ok:
+            # Storage-backed: a sendfile could block the event loop on a page-cache
+            # miss, so these reads keep the thread pool.
+            return -1
         try:
             # SEEK_DATA is cheap through holes (it skips them in the page-cache tree);
             # its SEEK_HOLE twin walks every page of a data run, so it is not asked.

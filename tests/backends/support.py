@@ -27,16 +27,17 @@ class Flavour:
     fast_zero_no_hole: bool  # zero(fast=True, may_trim=False) succeeds
     persistent: bool  # has a backing file the test can read and prefill
     no_hole_reports_zero: bool  # a NO_HOLE zeroed range shows as allocated+zero (ZERO_RANGE)
+    in_memory: bool  # pages are memory (tmpfs, ramfs, memfd): large reads may use sendfile
 
 
 FLAVOURS: dict[str, Flavour] = {
     f.name: f
     for f in (
-        Flavour("file-ext4", True, True, True, True, True, True),
-        Flavour("file-tmpfs", True, True, True, False, True, False),
-        Flavour("file-ramfs", False, False, False, False, True, False),
-        Flavour("blockdev", False, True, True, True, True, False),
-        Flavour("memory", True, True, True, False, False, False),
+        Flavour("file-ext4", True, True, True, True, True, True, False),
+        Flavour("file-tmpfs", True, True, True, False, True, False, True),
+        Flavour("file-ramfs", False, False, False, False, True, False, True),
+        Flavour("blockdev", False, True, True, True, True, False, False),
+        Flavour("memory", True, True, True, False, False, False, True),
     )
 }
 

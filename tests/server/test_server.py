@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,27 +161,56 @@ def test_large_faulty_read_becomes_error_reply(make_server: Start) -> None:
 
 
 def test_large_reads_of_data_leave_by_sendfile(make_server: Start, tmp_path: Path) -> None:
-    """A large read that starts in data goes out zero-copy: one OFFSET_DATA chunk
-    without DONE (an error could still strike mid-transfer), then NONE with DONE."""
-    for backend in (memory(8 * MiB), file_backend(tmp_path / "disk.img", 8 * MiB)):
-        srv = make_server(("", backend, False))
-        data = os.urandom(4 * MiB)
-        with RawClient(srv.port) as c:
-            c.go()
-            c.request(Cmd.WRITE, 0, len(data), cookie=1, payload=data)
-            assert c.reply() == SimpleReply(0, 1)
-            c.request(Cmd.READ, 4096, 2 * MiB, cookie=2)
-            chunks = c.reply()
-            assert isinstance(chunks, list)
-            assert [(ch.type, ch.flags & 1) for ch in chunks] == [
-                (ReplyType.OFFSET_DATA, 0),
-                (ReplyType.NONE, 1),
-            ]
-            assert read_data(chunks, 4096, 2 * MiB) == data[4096 : 4096 + 2 * MiB]
-        with RawClient(srv.port) as c:
-            c.go(structured=False)
-            c.request(Cmd.READ, MiB, 3 * MiB, cookie=3)
-            assert c.simple_reply(3 * MiB) == (SimpleReply(0, 3), data[MiB:])
+    """A large read that starts in data, from memory (a memfd, a tmpfs file), goes out
+    zero-copy: one OFFSET_DATA chunk without DONE (an error could still strike
+    mid-transfer), then NONE with DONE."""
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        backends = (memory(8 * MiB), file_backend(shm / "disk.img", 8 * MiB))
+        for backend in backends:
+            check_sendfile_reads(make_server(("", backend, False)))
+    finally:
+        shutil.rmtree(shm)
+
+
+def test_large_reads_of_disk_files_stay_off_the_event_loop(
+    make_server: Start, tmp_path: Path
+) -> None:
+    """A file on storage could make sendfile wait for the disk on the event loop, so its
+    large reads take the buffered path: one OFFSET_DATA chunk that carries DONE."""
+    assert tmp_path.stat().st_dev != os.stat("/dev/shm").st_dev
+    srv = make_server(("", file_backend(tmp_path / "disk.img", 8 * MiB), False))
+    data = os.urandom(2 * MiB)
+    with RawClient(srv.port) as c:
+        c.go()
+        c.request(Cmd.WRITE, 0, len(data), cookie=1, payload=data)
+        assert c.reply() == SimpleReply(0, 1)
+        c.request(Cmd.READ, 0, len(data), cookie=2)
+        chunks = c.reply()
+        assert isinstance(chunks, list)
+        assert [(ch.type, ch.flags & 1) for ch in chunks] == [(ReplyType.OFFSET_DATA, 1)]
+        assert read_data(chunks, 0, len(data)) == data
+
+
+def check_sendfile_reads(srv: ThreadedServer) -> None:
+    """Reply shapes and bytes of large reads through ``srv``, structured and simple."""
+    data = os.urandom(4 * MiB)
+    with RawClient(srv.port) as c:
+        c.go()
+        c.request(Cmd.WRITE, 0, len(data), cookie=1, payload=data)
+        assert c.reply() == SimpleReply(0, 1)
+        c.request(Cmd.READ, 4096, 2 * MiB, cookie=2)
+        chunks = c.reply()
+        assert isinstance(chunks, list)
+        assert [(ch.type, ch.flags & 1) for ch in chunks] == [
+            (ReplyType.OFFSET_DATA, 0),
+            (ReplyType.NONE, 1),
+        ]
+        assert read_data(chunks, 4096, 2 * MiB) == data[4096 : 4096 + 2 * MiB]
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        c.request(Cmd.READ, MiB, 3 * MiB, cookie=3)
+        assert c.simple_reply(3 * MiB) == (SimpleReply(0, 3), data[MiB:])
 
 
 def test_pipelined_large_reads_survive_a_full_socket(make_server: Start) -> None:
