@@ -43,6 +43,11 @@ from nbdserver.sizes import parse_size
 BackendKind = Literal["file", "memory"]
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
+#: Default bound on one connection's in-flight bytes (nbdserver.server.Connection._process):
+#: eight 1 MiB replies, what a QD8 1 MiB reader keeps outstanding.
+DEFAULT_MAX_INFLIGHT_BYTES: Final = 8 * 1024 * 1024
+#: Default upper bound of the adaptive poll window, in µs (nbdserver.server.Connection._poll).
+DEFAULT_POLL_US: Final = 50
 #: Longest busy-poll window accepted: polling spins a core, so it stays short.
 MAX_POLL_US: Final = 10_000
 
@@ -105,11 +110,11 @@ class ServerConfig:
     workers: int | None = None
     """Processes serving connections; None = one per usable core, at most 4. The first
     process accepts and hands each connection to the least busy one (nbdserver.workers)."""
-    max_inflight: int = 8 * 1024 * 1024
+    max_inflight: int = DEFAULT_MAX_INFLIGHT_BYTES
     """Per-connection bound, in bytes, on replies queued for sending plus WRITE payloads
     held by pending requests; past it the connection stops reading (pause_reading) until
     the client has taken enough replies."""
-    poll_us: int = 50
+    poll_us: int = DEFAULT_POLL_US
     """Upper bound, in microseconds, of the adaptive busy-poll window: after answering a
     lone request on the only connection of a process, read the socket for up to this
     long before going back to the event loop (0 = never poll). See Connection._poll."""

@@ -54,6 +54,7 @@ from typing import Any, Final, cast
 
 from nbdserver.backends.base import Backend
 from nbdserver.backends.memory import MemoryBackend
+from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US
 from nbdserver.errors import errno_of
 from nbdserver.negotiation import Closed, ExportInfo, Negotiation, OptionHandled, Ready
 from nbdserver.protocol import (
@@ -88,17 +89,12 @@ logger = logging.getLogger(__name__)
 INITIAL_BUFFER: Final = 256 * 1024
 #: Below this much free tail space the buffer is compacted before the next read.
 MIN_FREE: Final = 64 * 1024
-#: Default bound on one connection's in-flight bytes (see Connection._process): eight
-#: 1 MiB replies, what a QD8 1 MiB reader keeps outstanding.
-DEFAULT_MAX_INFLIGHT_BYTES: Final = 8 * 1024 * 1024
 #: Structured reads at least this long are scanned for zero blocks, which then travel
 #: as NBD_REPLY_TYPE_OFFSET_HOLE chunks (see transmission.zero_extents).
 HOLE_SCAN_MIN: Final = 64 * 1024
-#: Reads at least this long run in the pool (see the module docstring), and simple-reply
-#: ones skip the zero-filled combined buffer.
+#: Reads at least this long leave by sendfile or run in the pool (see the module
+#: docstring), and simple-reply ones skip the zero-filled combined buffer.
 LARGE_READ: Final = 256 * 1024
-#: Default upper bound of the adaptive poll window, in microseconds (see Connection._poll).
-DEFAULT_POLL_US: Final = 50
 #: The window grows from this when a request came soon after the previous reply.
 POLL_GROW_START_NS: Final = 10_000
 
