@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ ESTIMATES: Mapping[str, float] = {"kernel": 20.0, "busybox": 3.0, "rootfs": 180.
 STEPS = ("kernel", "busybox", "rootfs", "initramfs")
 # Cache entries not used for this long are deleted by the next build.
 PRUNE_AFTER_DAYS = 30.0
+#: Kernel arms: "patched" is the kernel as shipped (the 2012 series in place);
+#: "vanilla" switches off the nbd socket's memalloc marking and the pfmemalloc throttle.
+ARMS = ("patched", "vanilla")
 
 
 class ImageError(RuntimeError):
@@ -87,6 +90,11 @@ class GuestImage:
     """Debian package and version, e.g. ``linux-image-6.1.0-56-cloud-amd64 6.1.192-2``."""
     key: str
     """Hash of the three parts' keys: equal keys mean identical images."""
+    cmdline_extra: tuple[str, ...] = ()
+    """Kernel command-line words that select the arm (e.g. ``nbd.memalloc=0``)."""
+    identity: dict[str, Any] = field(default_factory=dict)
+    """What run.json records as the kernel's identity: version, release, source,
+    allocator, arm, config hash, patch hash."""
 
 
 def default_cache_dir() -> Path:
@@ -489,6 +497,8 @@ def build_guest(
     progress: Callable[[str], None] | None = None,
     *,
     payload_dir: Path | None = None,
+    arm: str = "patched",
+    allocator: str | None = None,
 ) -> GuestImage:
     """Build (or find in the cache) the guest image for ``kernel``/``flavour``.
 
@@ -499,11 +509,19 @@ def build_guest(
         progress: receives progress lines; stderr when ``None``.
         payload_dir: source tree holding ``stress/`` and ``vm/guest_init.py``;
             this repository when ``None``.
+        arm: ``"patched"`` (the kernel as shipped: nbd memalloc and the pfmemalloc
+            throttle) or ``"vanilla"`` (both switched off, as before the 2012 series).
+        allocator: ``None`` (the kernel's own), ``"slub"`` or ``"slab"`` (6.1 only,
+            a kernel built from linux-source).
 
     Raises:
         ImageError: bad arguments, missing payload or tools, not root for
             debootstrap, or a failed step (the message names the log).
     """
+    if arm not in ARMS:
+        raise ImageError(f"unknown arm {arm!r}: choose one of {', '.join(ARMS)}")
+    if arm != "patched" or allocator not in (None, "slub"):
+        raise ImageError("kernel arms other than the stock patched one are not built yet")
     return _build(kernel, flavour, cache_dir, progress, payload_dir)
 
 
