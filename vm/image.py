@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vm import initramfs, kernel, rootfs
+from vm import arms, initramfs, kbuild, kernel, kmod, rootfs
 from vm.progress import CommandError, Progress, Step, format_duration
 
 __all__ = [
@@ -61,13 +61,20 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VM_DIR = Path(__file__).resolve().parent
 # First-build estimates (seconds) on a 2-core machine with a fast mirror.
-ESTIMATES: Mapping[str, float] = {"kernel": 20.0, "busybox": 3.0, "rootfs": 180.0, "initramfs": 5.0}
-STEPS = ("kernel", "busybox", "rootfs", "initramfs")
+ESTIMATES: Mapping[str, float] = {
+    "kernel": 20.0,
+    "armmods": 30.0,
+    "busybox": 3.0,
+    "rootfs": 180.0,
+    "initramfs": 5.0,
+    "kbuild": 1500.0,
+}
+STEPS = ("kernel", "armmods", "busybox", "rootfs", "initramfs")
 # Cache entries not used for this long are deleted by the next build.
 PRUNE_AFTER_DAYS = 30.0
-#: Kernel arms: "patched" is the kernel as shipped (the 2012 series in place);
-#: "vanilla" switches off the nbd socket's memalloc marking and the pfmemalloc throttle.
-ARMS = ("patched", "vanilla")
+#: Kernel arms (vm/arms.py): "patched" is the kernel as shipped (the 2012 series in
+#: place); "vanilla" switches off the nbd socket's memalloc marking and the throttle.
+ARMS = arms.ARMS
 
 
 class ImageError(RuntimeError):
@@ -435,20 +442,87 @@ def _rootfs_step(cache: Cache, progress: Progress, mirror: str, versions: dict[s
     return cache.step(progress, "rootfs", key, f"debootstrap {rootfs.SUITE}", build)
 
 
-def _initramfs_step(
-    cache: Cache, progress: Progress, kernel_dir: Path, busybox_dir: Path, payload_dir: Path
+def _armmods_step(
+    cache: Cache, progress: Progress, pkg: kernel.KernelPackage, kernel_dir: Path, series: str
 ) -> Path:
+    """nbd.ko with the memalloc switch and the no-throttle livepatch, for a stock kernel."""
+    release = json.loads((kernel_dir / "kernel.json").read_text())["release"]
+    patch = arms.patch_files(series, (arms.MODULE_PATCH,))
+    key = input_key(
+        {
+            "release": release,
+            "version": pkg.version,
+            "patch": arms.patches_hash(patch),
+            "livepatch": file_digest(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE),
+            "code": code_version(kmod, _armmods_step),
+        }
+    )
+
+    def build(tmp: Path, step: Step) -> None:
+        built = kmod.build_arm_modules(
+            tmp / "work", release, pkg.version, series, downloads=cache.root / "sources", step=step
+        )
+        shutil.copy2(built.nbd, tmp / "nbd.ko")
+        shutil.copy2(built.livepatch, tmp / f"{arms.LIVEPATCH_MODULE}.ko")
+        shutil.copy2(tmp / "work" / "build.log", tmp / "build.log")
+        shutil.rmtree(tmp / "work")
+        _write_json(
+            tmp / "armmods.json",
+            {
+                "release": release,
+                "source": f"linux-source-{series} {pkg.version}",
+                "patch_hash": arms.patches_hash(patch),
+                "livepatch_hash": file_digest(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE)[:16],
+            },
+        )
+
+    return cache.step(progress, "armmods", key, f"nbd.ko + livepatch for {release}", build)
+
+
+def _kbuild_step(
+    cache: Cache, progress: Progress, variant: arms.Variant, version: str
+) -> kbuild.BuiltKernel:
+    """A kernel built from linux-source (cached under CACHE/kbuild/images/)."""
+    final = cache.root / "kbuild" / "images" / kbuild.image_key(variant, version)
+    if (final / "bzImage").is_file():
+        progress.skip("kbuild", f"cached ({final})")
+        os.utime(final)
+        return kbuild.load_built(final)
+    estimate = cache.durations().get(f"kbuild-{variant.name}", ESTIMATES["kbuild"])
+    title = f"kbuild: {variant.name} from linux-source-{variant.series} {version}"
+    with progress.step(title, estimate) as step:
+        built = kbuild.build_variant(variant, version, cache.root, cache.root / "sources", step)
+    if step.duration is not None and step.duration > 60:
+        cache.remember(f"kbuild-{variant.name}", step.duration)
+    return built
+
+
+def _initramfs_step(
+    cache: Cache,
+    progress: Progress,
+    kernel_dir: Path | None,
+    busybox_dir: Path,
+    payload_dir: Path,
+    *,
+    armmods_dir: Path | None = None,
+) -> Path:
+    """The initramfs: busybox, the payload, and the stock kernel's modules (if any).
+
+    ``kernel_dir`` is None for a kernel with every driver built in (a built
+    variant or a bzImage path): the initramfs then loads no module. With
+    ``armmods_dir`` the project's nbd.ko replaces the stock one and the
+    no-throttle livepatch is added, loaded only for ``pfmemalloc_throttle=0``.
+    """
     try:
         payload = initramfs.payload_files(payload_dir)
     except initramfs.InitramfsError as exc:
         raise ImageError(str(exc)) from exc
-    meta = json.loads((kernel_dir / "kernel.json").read_text())
-    unpacked = kernel.UnpackedKernel(root=kernel_dir / "tree", release=meta["release"])
     key = input_key(
         {
-            "kernel": kernel_dir.name,
+            "kernel": kernel_dir.name if kernel_dir is not None else None,
+            "armmods": armmods_dir.name if armmods_dir is not None else None,
             "busybox": busybox_dir.name,
-            "modules": list(kernel.INITRAMFS_MODULES),
+            "modules": list(kernel.INITRAMFS_MODULES) if kernel_dir is not None else [],
             "payload": {rel: file_digest(path) for rel, path in payload},
             "code": code_version(
                 initramfs,
@@ -460,31 +534,48 @@ def _initramfs_step(
             ),
         }
     )
+    release = "built-in drivers"
+    if kernel_dir is not None:
+        release = json.loads((kernel_dir / "kernel.json").read_text())["release"]
 
     def build(tmp: Path, step: Step) -> None:
-        mods = unpacked.modules_dir
-        deps = kernel.parse_modules_dep((mods / "modules.dep").read_text())
-        builtin = kernel.parse_modules_builtin((mods / "modules.builtin").read_text())
-        order = kernel.module_load_order(deps, builtin, kernel.INITRAMFS_MODULES)
-        step.update(f"{len(order)} modules, decompressing", force=True)
-        modules = [
-            (f"{kernel.module_name(rel)}.ko", initramfs.decompress_module(mods / rel))
-            for rel in order
-        ]
+        modules: list[tuple[str, bytes]] = []
+        optional: dict[str, str] = {}
+        builtin: set[str] = set()
+        if kernel_dir is not None:
+            unpacked = kernel.UnpackedKernel(root=kernel_dir / "tree", release=release)
+            mods = unpacked.modules_dir
+            deps = kernel.parse_modules_dep((mods / "modules.dep").read_text())
+            builtin = kernel.parse_modules_builtin((mods / "modules.builtin").read_text())
+            order = kernel.module_load_order(deps, builtin, kernel.INITRAMFS_MODULES)
+            step.update(f"{len(order)} modules, decompressing", force=True)
+            for rel in order:
+                name = kernel.module_name(rel)
+                if armmods_dir is not None and name == "nbd":
+                    modules.append(("nbd.ko", (armmods_dir / "nbd.ko").read_bytes()))
+                else:
+                    modules.append((f"{name}.ko", initramfs.decompress_module(mods / rel)))
+            if armmods_dir is not None:
+                live = f"{arms.LIVEPATCH_MODULE}.ko"
+                modules.append((live, (armmods_dir / live).read_bytes()))
+                optional[live] = "pfmemalloc_throttle=0"
         files = [(rel, path.read_bytes()) for rel, path in payload]
-        archive = initramfs.build_archive((busybox_dir / "busybox").read_bytes(), modules, files)
+        archive = initramfs.build_archive(
+            (busybox_dir / "busybox").read_bytes(), modules, files, optional=optional
+        )
         (tmp / "initrd.img").write_bytes(archive)
         _write_json(
             tmp / "initramfs.json",
             {
                 "modules": [name for name, _ in modules],
+                "optional": optional,
                 "builtin": sorted(m for m in kernel.INITRAMFS_MODULES if m in builtin),
                 "payload": [rel for rel, _ in payload],
                 "size_bytes": len(archive),
             },
         )
 
-    return cache.step(progress, "initramfs", key, f"busybox + modules for {meta['release']}", build)
+    return cache.step(progress, "initramfs", key, f"busybox + modules for {release}", build)
 
 
 # --------------------------------------------------------------------------- API
@@ -518,35 +609,49 @@ def build_guest(
         ImageError: bad arguments, missing payload or tools, not root for
             debootstrap, or a failed step (the message names the log).
     """
-    if arm not in ARMS:
-        raise ImageError(f"unknown arm {arm!r}: choose one of {', '.join(ARMS)}")
-    if arm != "patched" or allocator not in (None, "slub"):
-        raise ImageError("kernel arms other than the stock patched one are not built yet")
-    return _build(kernel, flavour, cache_dir, progress, payload_dir)
+    try:
+        choice = arms.resolve(kernel, allocator, arm)
+    except arms.ArmError as exc:
+        raise ImageError(str(exc)) from exc
+    return _build(choice, flavour, cache_dir, progress, payload_dir)
 
 
 def _build(
-    kernel_name: str,
+    choice: arms.KernelChoice,
     flavour: str,
     cache_dir: Path | None,
     emit: Callable[[str], None] | None,
     payload_dir: Path | None,
 ) -> GuestImage:
     payload_root = payload_dir if payload_dir is not None else REPO_ROOT
+    series = choice.series or "6.1"  # a bzImage path still needs busybox and the root fs
+    steps = {"stock": 5, "build": 4, "bzimage": 3}[choice.route]
     try:
-        kernel.metapackage(kernel_name, flavour)  # validates names before any work
+        kernel.metapackage(series, flavour)  # validates names before any work
         initramfs.payload_files(payload_root)  # fail before a long build, not after
-        job = Progress(len(STEPS), emit)
+        job = Progress(steps, emit)
         cache = Cache(root=(cache_dir or default_cache_dir()).absolute(), emit=job.emit)
         with cache.locked():
             cache.clean(job.note)
-            resolved = _resolve(cache, kernel_name, flavour)
-            kernel_dir = _kernel_step(cache, job, resolved.kernel)
+            resolved = _resolve(cache, series, flavour)
+            kernel_dir = armmods_dir = None
+            built: kbuild.BuiltKernel | None = None
+            if choice.route == "stock":
+                kernel_dir = _kernel_step(cache, job, resolved.kernel)
+                armmods_dir = _armmods_step(cache, job, resolved.kernel, kernel_dir, series)
             busybox_dir = _busybox_step(cache, job, resolved.busybox)
             rootfs_dir = _rootfs_step(cache, job, resolved.mirror, resolved.versions)
-            initrd_dir = _initramfs_step(cache, job, kernel_dir, busybox_dir, payload_root)
+            initrd_dir = _initramfs_step(
+                cache, job, kernel_dir, busybox_dir, payload_root, armmods_dir=armmods_dir
+            )
+        if choice.route == "build" and choice.variant is not None:
+            # Outside the cache lock: a 20-minute build must not block other runs' images.
+            built = _kbuild_step(cache, job, choice.variant, resolved.kernel.version)
     except (
         kernel.KernelError,
+        kmod.KmodError,
+        kbuild.KbuildError,
+        arms.ArmError,
         rootfs.RootfsError,
         initramfs.InitramfsError,
         CommandError,
@@ -554,17 +659,57 @@ def _build(
         OSError,
     ) as exc:
         raise ImageError(str(exc)) from exc
-    meta = json.loads((kernel_dir / "kernel.json").read_text())
-    release = meta["release"]
+    identity: dict[str, Any] = {
+        "route": choice.route,
+        "arm": choice.arm,
+        "allocator": choice.allocator,
+        "switches": list(choice.cmdline),
+    }
+    if kernel_dir is not None and armmods_dir is not None:
+        meta = json.loads((kernel_dir / "kernel.json").read_text())
+        mods = json.loads((armmods_dir / "armmods.json").read_text())
+        vmlinuz = kernel_dir / "tree" / "boot" / f"vmlinuz-{meta['release']}"
+        release, package = meta["release"], f"{meta['package']} {meta['version']}"
+        identity.update(
+            version=meta["version"],
+            release=release,
+            source=f"{meta['package']} (Debian stock)",
+            config_hash=file_digest(kernel_dir / "tree" / "boot" / f"config-{release}")[:16],
+            patch_hash=mods["patch_hash"],
+            livepatch_hash=mods["livepatch_hash"],
+            arm_modules=mods["source"],
+        )
+        kernel_key = kernel_dir.name
+    elif built is not None:
+        vmlinuz, release = built.bzimage, f"{built.meta['variant']} ({built.meta['version']})"
+        package = built.meta["source"]
+        identity.update(
+            version=built.meta["version"],
+            release=None,
+            source=built.meta["source"],
+            variant=built.meta["variant"],
+            config_hash=built.meta["config_hash"],
+            patch_hash=built.meta["patch_hash"],
+            patches=built.meta["patches"],
+        )
+        kernel_key = built.bzimage.parent.name
+    else:
+        assert choice.bzimage is not None
+        vmlinuz = choice.bzimage.absolute()
+        release, package = f"bzImage {vmlinuz.name}", str(vmlinuz)
+        digest = file_digest(vmlinuz)
+        identity.update(version=None, release=None, source=str(vmlinuz), bzimage_sha256=digest)
+        identity.update(config_hash=None, patch_hash=None)
+        kernel_key = digest[:20]
     image = GuestImage(
-        kernel=kernel_dir / "tree" / "boot" / f"vmlinuz-{release}",
+        kernel=vmlinuz,
         initrd=initrd_dir / "initrd.img",
         rootfs=rootfs_dir / "rootfs.ext4",
         kernel_release=release,
-        kernel_package=f"{meta['package']} {meta['version']}",
-        key=input_key(
-            {"kernel": kernel_dir.name, "rootfs": rootfs_dir.name, "initrd": initrd_dir.name}
-        ),
+        kernel_package=package,
+        key=input_key({"kernel": kernel_key, "rootfs": rootfs_dir.name, "initrd": initrd_dir.name}),
+        cmdline_extra=choice.cmdline,
+        identity=identity,
     )
     job.emit(f"{job.prefix} guest image {image.key} ready in {format_duration(job.elapsed())}")
     return image
@@ -587,7 +732,14 @@ def main(argv: list[str] | None = None) -> int:
         "  python -m vm.image --kernel 6.12 --cache-dir /var/tmp/swapnbd-cache",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--kernel", default="6.1", choices=sorted(kernel.KERNELS), help="kernel")
+    parser.add_argument(
+        "--kernel",
+        default="6.1",
+        help="stock series (6.1, 6.12), a built variant (" + ", ".join(arms.VARIANTS) + ") "
+        "or a bzImage path",
+    )
+    parser.add_argument("--arm", default="patched", choices=arms.ARMS, help="kernel arm")
+    parser.add_argument("--allocator", default=None, choices=arms.ALLOCATORS, help="allocator")
     parser.add_argument(
         "--flavour", default="cloud", choices=sorted(kernel.FLAVOURS), help="Debian kernel flavour"
     )
@@ -601,15 +753,25 @@ def main(argv: list[str] | None = None) -> int:
         help="tree with stress/ and vm/guest_init.py (default: this repository)",
     )
     args = parser.parse_args(argv)
+    try:
+        arms.resolve(args.kernel, args.allocator, args.arm)
+    except arms.ArmError as exc:
+        parser.error(str(exc))
     # SIGTERM unwinds like Ctrl-C, so a running debootstrap is stopped and cleaned up.
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        image = build_guest(args.kernel, args.flavour, args.cache_dir, payload_dir=args.payload_dir)
+        image = build_guest(
+            args.kernel,
+            args.flavour,
+            args.cache_dir,
+            payload_dir=args.payload_dir,
+            arm=args.arm,
+            allocator=args.allocator,
+        )
     except ImageError as exc:
         print(f"swapnbd image: error: {exc}", file=sys.stderr)
         return 1
-    record = {k: str(v) for k, v in asdict(image).items()}
-    print(json.dumps(record, indent=1))
+    print(json.dumps(asdict(image), indent=1, default=str))
     return 0
 
 

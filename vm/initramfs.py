@@ -7,7 +7,11 @@ busybox shell script (:func:`init_script`) that:
 
 1. mounts /proc, /sys and devtmpfs on /dev;
 2. ``insmod``\\s the modules, dependencies first, as computed on the host from
-   modules.dep (:func:`vm.kernel.module_load_order`), decompressed on the host;
+   modules.dep (:func:`vm.kernel.module_load_order`), decompressed on the host,
+   each with the ``MODULE.param=value`` words of the kernel command line as its
+   parameters (what modprobe would do; ``nbd.memalloc=0`` picks the arm). An
+   *optional* module is loaded only when its trigger word is on the command
+   line (the no-throttle livepatch: ``pfmemalloc_throttle=0``);
 3. waits for /dev/vda and mounts it (ext4, rw) on /newroot;
 4. mounts a tmpfs on /newroot/opt/swapnbd and copies the payload there
    (``stress/`` and ``guest_init.py``);
@@ -29,7 +33,7 @@ import lzma
 import shlex
 import stat
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,10 +163,24 @@ def payload_files(source: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def init_script(modules: Sequence[str]) -> str:
-    """The initramfs ``/init``; ``modules`` are file names under /lib/modules, in load order."""
+def init_script(modules: Sequence[str], optional: Mapping[str, str] | None = None) -> str:
+    """The initramfs ``/init``; ``modules`` are file names under /lib/modules, in load order.
+
+    ``optional`` maps a module file to the command-line word that makes the init
+    load it; without that word it is skipped.
+    """
     default_init = " ".join(shlex.quote(word) for word in DEFAULT_INIT)
     module_words = " ".join(shlex.quote(m) for m in modules)
+    triggers = optional or {}
+    for name, word in triggers.items():
+        if name not in modules or not word or any(c.isspace() or c in "'\"$`\\" for c in word):
+            raise InitramfsError(
+                f"optional module {name!r} needs a plain trigger word, got {word!r}"
+            )
+    cases = "".join(
+        f"        {shlex.quote(name)}) wanted={shlex.quote(word)} ;;\n"
+        for name, word in triggers.items()
+    )
     return f"""#!/bin/busybox sh
 # swapnbd initramfs: load modules, mount /dev/vda, add the payload, switch_root.
 /bin/busybox --install -s /bin
@@ -180,8 +198,28 @@ mount -t sysfs sysfs /sys || fail "mount /sys"
 mount -t devtmpfs devtmpfs /dev || fail "mount devtmpfs on /dev"
 echo "swapnbd-initramfs: kernel $(uname -r), loading modules"
 
+cmdline=$(cat /proc/cmdline)
 for m in {module_words}; do
-    insmod "/lib/modules/$m" || fail "insmod $m"
+    wanted=""
+    case "$m" in
+{cases}    esac
+    if [ -n "$wanted" ]; then
+        case " $cmdline " in
+            *" $wanted "*) ;;
+            *) echo "swapnbd-initramfs: $m not loaded (no $wanted on the command line)"; continue ;;
+        esac
+    fi
+    mod=${{m%.ko}}
+    params=""
+    set -f
+    for word in $cmdline; do
+        case "$word" in
+            "$mod".*=*) params="$params ${{word#"$mod".}}" ;;
+        esac
+    done
+    set +f
+    echo "swapnbd-initramfs: insmod $m$params"
+    insmod "/lib/modules/$m" $params || fail "insmod $m$params"
 done
 
 init=""
@@ -246,13 +284,18 @@ def base_entries(busybox: bytes, init: str) -> list[CpioEntry]:
 
 
 def build_archive(
-    busybox: bytes, modules: Sequence[tuple[str, bytes]], payload: Sequence[tuple[str, bytes]]
+    busybox: bytes,
+    modules: Sequence[tuple[str, bytes]],
+    payload: Sequence[tuple[str, bytes]],
+    *,
+    optional: Mapping[str, str] | None = None,
 ) -> bytes:
     """The gzip'd initramfs: busybox, ``modules`` [(file name, ELF)], ``payload`` [(path, data)].
 
-    The payload paths are relative to /opt/swapnbd (``stress/swapstress.py``).
+    The payload paths are relative to /opt/swapnbd (``stress/swapstress.py``);
+    ``optional`` as in :func:`init_script`.
     """
-    entries = base_entries(busybox, init_script([name for name, _ in modules]))
+    entries = base_entries(busybox, init_script([name for name, _ in modules], optional))
     entries += [
         CpioEntry(f"lib/modules/{name}", stat.S_IFREG | 0o644, data) for name, data in modules
     ]

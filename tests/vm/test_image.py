@@ -678,7 +678,7 @@ def test_cli_usage_and_missing_payload(tmp_path: Path) -> None:
         [*py, "--kernel", "9.9"], check=False, capture_output=True, text=True, cwd=REPO
     )
     assert bad.returncode == 2
-    assert "invalid choice: '9.9'" in bad.stderr
+    assert "unknown kernel '9.9': choose a stock series (6.1, 6.12)" in bad.stderr
     missing = subprocess.run(
         [*py, "--cache-dir", str(tmp_path / "c"), "--payload-dir", str(tmp_path)],
         check=False, capture_output=True, text=True, cwd=REPO,

@@ -1,0 +1,266 @@
+"""Kernel arms: resolution tables, the patches against the real Debian source, the
+arm modules built against the real headers, and each switch proven inside a real guest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from vm import arms, image, initramfs, kbuild, kmod
+
+from .test_image import boot, vm_payload  # noqa: F401  (vm_payload is a fixture)
+
+# --------------------------------------------------------------------------- resolve (pure)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "allocator", "arm", "route", "series", "alloc", "variant"),
+    [
+        ("6.1", None, "patched", "stock", "6.1", "slub", None),
+        ("6.1", "slub", "vanilla", "stock", "6.1", "slub", None),
+        ("6.12", None, "vanilla", "stock", "6.12", "slub", None),
+        ("6.1", "slab", "vanilla", "build", "6.1", "slab", "6.1-slab"),
+        ("6.1", "slab", "patched", "build", "6.1", "slab", "6.1-slab"),
+        ("6.1-slab", None, "patched", "build", "6.1", "slab", "6.1-slab"),
+        ("6.1-build", "slub", "vanilla", "build", "6.1", "slub", "6.1-build"),
+        ("6.12-build", None, "patched", "build", "6.12", "slub", "6.12-build"),
+        ("6.1-slab-revert", None, "vanilla", "build", "6.1", "slab", "6.1-slab-revert"),
+    ],
+)
+def test_resolve_routes(  # noqa: PLR0917
+    kernel: str,
+    allocator: str | None,
+    arm: str,
+    route: str,
+    series: str,
+    alloc: str,
+    variant: str | None,
+) -> None:
+    choice = arms.resolve(kernel, allocator, arm)
+    assert (choice.route, choice.series, choice.allocator, choice.arm) == (
+        route,
+        series,
+        alloc,
+        arm,
+    )
+    assert (choice.variant.name if choice.variant else None) == variant
+    assert choice.cmdline == arms.arm_cmdline(arm)
+
+
+def test_arm_switch_words() -> None:
+    assert arms.arm_cmdline("patched") == ("nbd.memalloc=1", "pfmemalloc_throttle=1")
+    assert arms.arm_cmdline("vanilla") == ("nbd.memalloc=0", "pfmemalloc_throttle=0")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "allocator", "arm", "message"),
+    [
+        ("6.12", "slab", "patched", "kernel 6.12 has no SLAB (it was removed in 6.8)"),
+        ("4.19", None, "patched", "unknown kernel '4.19': choose a stock series (6.1, 6.12)"),
+        ("6.1", "slob", "patched", "unknown allocator 'slob': choose one of slub, slab"),
+        ("6.1", None, "half", "unknown arm 'half': choose one of patched, vanilla"),
+        ("6.1-slab", "slub", "patched", "kernel 6.1-slab is built with slab, not slub"),
+        ("6.1-slab-revert", None, "patched", "it can only run --arm vanilla"),
+        ("/no/such/bzImage", None, "patched", "--kernel /no/such/bzImage: no such file"),
+    ],
+)
+def test_resolve_refuses_with_a_clear_message(
+    kernel: str, allocator: str | None, arm: str, message: str
+) -> None:
+    with pytest.raises(arms.ArmError) as caught:
+        arms.resolve(kernel, allocator, arm)
+    assert message in str(caught.value)
+
+
+def test_resolve_a_bzimage_path(tmp_path: Path) -> None:
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(b"MZ")
+    choice = arms.resolve(str(bz), None, "vanilla")
+    assert (choice.route, choice.bzimage, choice.allocator) == ("bzimage", bz, None)
+    with pytest.raises(arms.ArmError, match="--allocator cannot be chosen for a bzImage"):
+        arms.resolve(str(bz), "slab", "patched")
+
+
+def test_patch_hash_follows_every_byte(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.patch", tmp_path / "b.patch"
+    a.write_text("one\n")
+    b.write_text("two\n")
+    first = arms.patches_hash([a, b])
+    assert arms.patches_hash([b, a]) != first
+    b.write_text("two!\n")
+    assert arms.patches_hash([a, b]) != first
+
+
+# --------------------------------------------------------------------------- config, depends
+
+
+def test_expected_config_reads_both_fragments() -> None:
+    wanted = kbuild.expected_config("slab")
+    assert wanted["CONFIG_SLAB"] == "y"
+    assert wanted["CONFIG_SLUB"] == "n"
+    assert wanted["CONFIG_BLK_DEV_NBD"] == "y"
+    assert wanted["CONFIG_MODULES"] == "n"
+    assert kbuild.config_key("slab") != kbuild.config_key("slub")
+
+
+def test_missing_config_names_what_olddefconfig_dropped() -> None:
+    wanted = {"CONFIG_SLAB": "y", "CONFIG_SLUB": "n", "CONFIG_NUMA": "n", "CONFIG_HZ": "250"}
+    config = "CONFIG_SLUB=y\n# CONFIG_SLAB is not set\nCONFIG_HZ=250\n"
+    assert kbuild.missing_config(config, wanted) == ["CONFIG_SLAB=y", "CONFIG_SLUB=n"]
+    good = "CONFIG_SLAB=y\n# CONFIG_SLUB is not set\nCONFIG_HZ=250\n"
+    assert kbuild.missing_config(good, wanted) == []
+
+
+def test_parse_depends_of_a_headers_package() -> None:
+    text = (
+        "linux-base (>= 4.12~), linux-headers-6.12.117+deb12-common (= 6.12.117-1~deb12u1), "
+        "linux-image-6.12.117+deb12-cloud-amd64 (= 6.12.117-1~deb12u1) | "
+        "linux-image-6.12.117+deb12-cloud-amd64-unsigned (= 6.12.117-1~deb12u1), "
+        "linux-kbuild-6.12.117+deb12, gcc-12"
+    )
+    assert kmod.parse_depends(text) == [
+        ("linux-base", ">=", "4.12~"),
+        ("linux-headers-6.12.117+deb12-common", "=", "6.12.117-1~deb12u1"),
+        ("linux-image-6.12.117+deb12-cloud-amd64", "=", "6.12.117-1~deb12u1"),
+        ("linux-kbuild-6.12.117+deb12", None, None),
+        ("gcc-12", None, None),
+    ]
+
+
+# --------------------------------------------------------------------------- the init script
+
+
+def run_module_loop(tmp_path: Path, cmdline: str, optional: dict[str, str]) -> list[str]:
+    """Run the init script's module loop in a real busybox sh, with insmod recorded."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists():
+        pytest.fail("busybox is missing: apt-get install busybox-static")
+    modules = ["virtio_net.ko", "nbd.ko", "swapnbd_nothrottle.ko"]
+    script = initramfs.init_script(modules, optional)
+    start = script.index("cmdline=$(cat /proc/cmdline)")
+    end = script.index("\ndone\n", start) + len("\ndone\n")
+    loop = script[start:end].replace("/proc/cmdline", str(tmp_path / "cmdline"))
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    record = tmp_path / "insmod.log"
+    prelude = f'insmod() {{ echo "$*" >> {record}; }}\nfail() {{ echo "FAIL $*"; exit 1; }}\n'
+    done = subprocess.run(
+        [busybox, "sh", "-c", prelude + loop], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line.replace("/lib/modules/", "") for line in record.read_text().splitlines()]
+
+
+def test_init_passes_module_params_and_gates_the_livepatch(tmp_path: Path) -> None:
+    optional = {"swapnbd_nothrottle.ko": "pfmemalloc_throttle=0"}
+    vanilla = run_module_loop(
+        tmp_path, "console=ttyS0 nbd.memalloc=0 pfmemalloc_throttle=0 nbd.nbds_max=2", optional
+    )
+    assert vanilla == [
+        "virtio_net.ko",
+        "nbd.ko memalloc=0 nbds_max=2",
+        "swapnbd_nothrottle.ko",
+    ]
+    (tmp_path / "insmod.log").unlink()
+    patched = run_module_loop(tmp_path, "nbd.memalloc=1 pfmemalloc_throttle=1", optional)
+    assert patched == ["virtio_net.ko", "nbd.ko memalloc=1"]
+
+
+def test_optional_module_needs_a_plain_trigger() -> None:
+    with pytest.raises(initramfs.InitramfsError, match="needs a plain trigger word"):
+        initramfs.init_script(["a.ko"], {"a.ko": "x=1; reboot"})
+    with pytest.raises(initramfs.InitramfsError, match="needs a plain trigger word"):
+        initramfs.init_script(["a.ko"], {"b.ko": "x=1"})
+
+
+# --------------------------------------------------------------------------- real Debian source
+
+
+def debian_tarball(series: str) -> Path:
+    path = Path(f"/usr/src/linux-source-{series}.tar.xz")
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: apt-get install linux-source-{series} (./dev does)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def debian_sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """nbd.c and vmscan.c of Debian's linux-source-6.1 and -6.12, as shipped."""
+    root = tmp_path_factory.mktemp("debian-src")
+    wanted = {"drivers/block/nbd.c", "mm/vmscan.c"}
+    trees = {}
+    for series in arms.STOCK_SERIES:
+        with tarfile.open(debian_tarball(series), "r:xz") as archive:
+            members = [m for m in archive if m.name.split("/", 1)[-1] in wanted]
+            archive.extractall(root / series, members=members, filter="tar")
+        (top,) = (root / series).iterdir()
+        trees[series] = top
+    return trees
+
+
+@pytest.mark.parametrize("series", arms.STOCK_SERIES)
+@pytest.mark.parametrize(
+    "patches", [arms.SWITCH_PATCHES, arms.REVERT_PATCHES], ids=["switches", "revert"]
+)
+def test_patches_apply_to_the_real_debian_source(
+    series: str, patches: tuple[str, ...], debian_sources: dict[str, Path], tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(debian_sources[series], tree)
+    for patch in arms.patch_files(series, patches):
+        done = subprocess.run(
+            ["patch", "-p1", "--forward", "-i", str(patch)],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, f"{patch} on linux-source-{series}:\n{done.stdout}"
+        assert "fuzz" not in done.stdout and "offset" not in done.stdout, done.stdout
+    nbd = (tree / "drivers/block/nbd.c").read_text()
+    vmscan = (tree / "mm/vmscan.c").read_text()
+    if patches == arms.SWITCH_PATCHES:
+        assert "module_param(memalloc, bool, 0444);" in nbd
+        assert nbd.count("nbd_sock_memalloc(nbd, ") == 2
+        assert "core_param(pfmemalloc_throttle, pfmemalloc_throttle, bool, 0444);" in vmscan
+        assert "\tif (!pfmemalloc_throttle)\n\t\treturn false;\n" in vmscan
+    else:
+        assert "sk_set_memalloc" not in nbd and "__GFP_MEMALLOC" not in nbd
+        assert "memalloc_noreclaim_save" not in nbd
+        assert "compile-time revert of the 2012 pfmemalloc throttle" in vmscan
+
+
+# --------------------------------------------------------------------------- real guests
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("series", arms.STOCK_SERIES)
+def test_each_switch_is_visible_inside_a_stock_guest(
+    series: str,
+    vm_payload: Path,  # noqa: F811
+) -> None:
+    """Both arms of one stock kernel, same vmlinuz, switches read back from the guest."""
+    check = (
+        "echo MEMALLOC=$(cat /sys/module/nbd/parameters/memalloc); "
+        "echo LIVEPATCH=$(cat /sys/kernel/livepatch/swapnbd_nothrottle/enabled 2>/dev/null); "
+        "dmesg | grep swapnbd; poweroff -f"
+    )
+    seen = {}
+    for arm in arms.ARMS:
+        img = image.build_guest(series, payload_dir=vm_payload, arm=arm)
+        assert img.identity["route"] == "stock" and img.identity["arm"] == arm
+        assert img.identity["patch_hash"] and img.identity["config_hash"]
+        words = " ".join(img.cmdline_extra)
+        console, _ = boot(img, f'quiet {words} swapnbd.init=/bin/sh -- -c "{check}"')
+        seen[arm] = (img.kernel, console)
+    assert seen["patched"][0] == seen["vanilla"][0], "both arms must boot the same vmlinuz"
+    patched, vanilla = seen["patched"][1], seen["vanilla"][1]
+    assert "MEMALLOC=Y" in patched and "LIVEPATCH=\n" in patched
+    assert "swapnbd switch memalloc=1" in patched
+    assert "throttle_direct_reclaim() never throttles" not in patched
+    assert "MEMALLOC=N" in vanilla and "LIVEPATCH=1" in vanilla
+    assert "swapnbd switch memalloc=0" in vanilla
+    assert "swapnbd: pfmemalloc_throttle=0: throttle_direct_reclaim() never throttles" in vanilla

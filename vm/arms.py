@@ -1,0 +1,215 @@
+"""Kernel arms and kernel variants: which kernel a run boots and how its arm is chosen.
+
+Theory of operation
+-------------------
+The experiment compares two *arms* of one kernel:
+
+``patched``
+    the kernel as shipped: since 3.6 nbd marks its sockets ``SOCK_MEMALLOC`` and
+    sends with ``PF_MEMALLOC`` (Mel Gorman's 2012 series), and direct reclaimers
+    are throttled on ``pfmemalloc_wait`` (``pgscan_direct_throttle`` counts them);
+``vanilla``
+    both switched off, as before the series.
+
+The arm is chosen on the kernel command line, from the same binaries, with two
+switches: ``nbd.memalloc=0|1`` and ``pfmemalloc_throttle=0|1``. How a kernel
+honours them depends on where it comes from (:func:`resolve`):
+
+* a **stock** Debian kernel (``6.1``, ``6.12``) runs the project's ``nbd.ko``,
+  rebuilt from the matching ``linux-source`` with ``vm/kpatch/<series>/
+  nbd-memalloc-switch.patch`` (a ``memalloc`` module parameter, default on, as
+  upstream), and, for ``pfmemalloc_throttle=0`` only, the livepatch
+  ``vm/kmod/swapnbd_nothrottle.c`` that makes ``throttle_direct_reclaim()``
+  return false (:mod:`vm.kmod`). The initramfs passes ``nbd.*`` words to
+  ``insmod`` as modprobe would;
+* a **built** variant (``6.1-slab`` ...) is compiled from ``linux-source`` with
+  both switch patches and every driver built in (:mod:`vm.kbuild`), so the
+  words are ordinary boot parameters; a ``*-revert`` variant carries the
+  compile-time revert instead and is vanilla only (the cross-check);
+* a **bzImage path** is booted as given; the words are passed and the guest
+  reports whether the kernel knew them.
+
+Everything here is pure: names in, descriptions out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "ALLOCATORS",
+    "ARMS",
+    "KPATCH_DIR",
+    "STOCK_SERIES",
+    "VARIANTS",
+    "ArmError",
+    "KernelChoice",
+    "Variant",
+    "arm_cmdline",
+    "patch_files",
+    "patches_hash",
+    "resolve",
+]
+
+Arm = Literal["patched", "vanilla"]
+ARMS: tuple[Arm, ...] = ("patched", "vanilla")
+ALLOCATORS = ("slub", "slab")
+#: Debian kernel series the project knows (stock cloud kernels and linux-source).
+STOCK_SERIES = ("6.1", "6.12")
+
+VM_DIR = Path(__file__).resolve().parent
+KPATCH_DIR = VM_DIR / "kpatch"
+KCONFIG_DIR = VM_DIR / "kconfig"
+KMOD_DIR = VM_DIR / "kmod"
+
+SWITCH_PATCHES = ("nbd-memalloc-switch.patch", "vmscan-throttle-switch.patch")
+REVERT_PATCHES = ("revert-nbd-memalloc.patch", "revert-vmscan-throttle.patch")
+#: The stock-kernel route rebuilds nbd.ko only; the throttle is a livepatch.
+MODULE_PATCH = "nbd-memalloc-switch.patch"
+LIVEPATCH_SOURCE = "swapnbd_nothrottle.c"
+LIVEPATCH_MODULE = "swapnbd_nothrottle"
+
+
+class ArmError(ValueError):
+    """A kernel, allocator or arm that cannot be combined; the message says what works."""
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A kernel the project builds from Debian's linux-source."""
+
+    name: str
+    """What ``--kernel`` accepts, e.g. ``6.1-slab``."""
+    series: str
+    """Debian source series, ``6.1`` or ``6.12``."""
+    allocator: str
+    """``slub`` or ``slab`` (a config fragment in vm/kconfig/)."""
+    patches: tuple[str, ...]
+    """Patch files under vm/kpatch/<series>/, applied in order."""
+    fixed_arm: Arm | None = None
+    """The only arm this kernel can run (a compile-time revert), or None (switches)."""
+    about: str = ""
+
+
+VARIANTS: Mapping[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("6.1-build", "6.1", "slub", SWITCH_PATCHES, about="6.1 SLUB, both switches"),
+        Variant("6.1-slab", "6.1", "slab", SWITCH_PATCHES, about="6.1 SLAB (the 2012 baseline)"),
+        Variant("6.12-build", "6.12", "slub", SWITCH_PATCHES, about="6.12 SLUB, both switches"),
+        Variant(
+            "6.1-slab-revert",
+            "6.1",
+            "slab",
+            REVERT_PATCHES,
+            fixed_arm="vanilla",
+            about="6.1 SLAB with the series reverted at compile time (cross-check)",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KernelChoice:
+    """What :func:`resolve` decided a ``--kernel``/``--allocator``/``--arm`` triple means."""
+
+    route: Literal["stock", "build", "bzimage"]
+    arm: Arm
+    series: str | None
+    """``6.1``/``6.12`` for stock and built kernels; None for a bzImage path."""
+    allocator: str | None
+    """``slub``/``slab``; None when unknown (a bzImage path)."""
+    variant: Variant | None = None
+    bzimage: Path | None = None
+    cmdline: tuple[str, ...] = ()
+    """The kernel command-line words that select the arm."""
+
+
+def arm_cmdline(arm: str) -> tuple[str, ...]:
+    """The two switch words for ``arm`` (explicit for both arms, so the log shows them)."""
+    if arm == "patched":
+        return ("nbd.memalloc=1", "pfmemalloc_throttle=1")
+    if arm == "vanilla":
+        return ("nbd.memalloc=0", "pfmemalloc_throttle=0")
+    raise ArmError(f"unknown arm {arm!r}: choose one of {', '.join(ARMS)}")
+
+
+def resolve(kernel: str, allocator: str | None, arm: str) -> KernelChoice:
+    """Decide how to get ``kernel`` with ``allocator`` and how to select ``arm``.
+
+    Args:
+        kernel: ``6.1``/``6.12`` (stock Debian cloud kernels), a variant name from
+            :data:`VARIANTS`, or a path to a bzImage (contains ``/``).
+        allocator: None (the kernel's own), ``slub`` or ``slab``.
+        arm: ``patched`` or ``vanilla``.
+
+    Raises:
+        ArmError: an unknown name, or a combination that does not exist.
+    """
+    words = arm_cmdline(arm)
+    checked_arm: Arm = "vanilla" if arm == "vanilla" else "patched"
+    if allocator is not None and allocator not in ALLOCATORS:
+        raise ArmError(f"unknown allocator {allocator!r}: choose one of {', '.join(ALLOCATORS)}")
+    if "/" in kernel or kernel.endswith(("bzImage", ".img")) or kernel.startswith("vmlinuz"):
+        path = Path(kernel)
+        if not path.is_file():
+            raise ArmError(
+                f"--kernel {kernel}: no such file (give a bzImage path, or one of "
+                f"{', '.join((*STOCK_SERIES, *VARIANTS))})"
+            )
+        if allocator is not None:
+            raise ArmError(
+                "--allocator cannot be chosen for a bzImage path: it is whatever "
+                "the image was built with"
+            )
+        return KernelChoice("bzimage", checked_arm, None, None, bzimage=path, cmdline=words)
+    if kernel in STOCK_SERIES:
+        if allocator in (None, "slub"):
+            return KernelChoice("stock", checked_arm, kernel, "slub", cmdline=words)
+        slab = VARIANTS.get(f"{kernel}-slab")
+        if slab is None:
+            raise ArmError(
+                f"kernel {kernel} has no SLAB (it was removed in 6.8): use --allocator slub, "
+                "or --kernel 6.1 --allocator slab"
+            )
+        kernel = slab.name
+    variant = VARIANTS.get(kernel)
+    if variant is None:
+        raise ArmError(
+            f"unknown kernel {kernel!r}: choose a stock series ({', '.join(STOCK_SERIES)}), a "
+            f"built variant ({', '.join(VARIANTS)}) or a bzImage path"
+        )
+    if allocator is not None and allocator != variant.allocator:
+        raise ArmError(
+            f"kernel {variant.name} is built with {variant.allocator}, not {allocator}: "
+            f"drop --allocator or pick another kernel"
+        )
+    if variant.fixed_arm is not None and variant.fixed_arm != arm:
+        raise ArmError(
+            f"kernel {variant.name} has the series reverted at compile time: it can only run "
+            f"--arm {variant.fixed_arm}"
+        )
+    return KernelChoice(
+        "build", checked_arm, variant.series, variant.allocator, variant=variant, cmdline=words
+    )
+
+
+def patch_files(series: str, names: tuple[str, ...]) -> list[Path]:
+    """The patch files ``names`` for ``series``; ArmError names a missing one."""
+    paths = [KPATCH_DIR / series / name for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ArmError(f"kernel patches missing from the checkout: {', '.join(missing)}")
+    return paths
+
+
+def patches_hash(paths: list[Path]) -> str:
+    """sha256 over the patch files' names and bytes, in order (recorded in run.json)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

@@ -1,0 +1,333 @@
+"""Guest kernels built from Debian's linux-source: SLAB on 6.1, and the compile-time revert.
+
+Theory of operation
+-------------------
+A :class:`vm.arms.Variant` names a source series, an allocator and a set of
+patches. Building one takes about 22 minutes on two idle cores, so the work is
+arranged for reuse:
+
+``CACHE/kbuild/linux-source-SERIES_VERSION/``
+    ``src/``
+        the unpacked tarball with one patch set applied; ``applied.json`` says
+        which. Switching to another set reverses the applied patches and applies
+        the new ones, which touches only the patched files, so make rebuilds
+        only them (about a minute: the revert cross-check reuses the switch
+        build this way).
+    ``out-CONFIGKEY/``
+        one ``O=`` object tree per configuration (x86_64 defconfig +
+        kvm_guest.config + ``vm/kconfig/guest.config`` + the allocator fragment),
+        named by a hash of the fragments. An interrupted build resumes here.
+    ``lock``
+        flock held for the whole build: one builder per source tree.
+``CACHE/kbuild/images/KEY/``
+    the finished ``bzImage`` and ``.config`` with ``kbuild.json`` (series,
+    version, allocator, patches and their hash, config hash), where KEY hashes
+    every input. A finished image is never rebuilt.
+
+Progress: the step counts the compile lines make prints against the count the
+last full build of that configuration printed (3,100 the first time), so the
+percentage and ETA are real. A failure names its log in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vm import arms
+from vm.kmod import source_tarball
+from vm.progress import CommandError, Step, run_with_progress
+
+__all__ = [
+    "BuiltKernel",
+    "KbuildError",
+    "build_variant",
+    "config_key",
+    "expected_config",
+    "image_key",
+    "load_built",
+    "missing_config",
+]
+
+#: Compile/link lines of a first full build, until one has been measured.
+FIRST_BUILD_LINES = 3100
+_BUILD_LINE = re.compile(r"^\s+(CC|LD|AR|AS|CPP|HOSTCC|OBJCOPY|GEN|CHK|VDSO\w*)\s+(\S+)")
+FRAGMENT = "guest.config"
+
+
+class KbuildError(RuntimeError):
+    """A kernel could not be built; the message says why and names the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltKernel:
+    """A finished guest kernel in the cache."""
+
+    bzimage: Path
+    config: Path
+    meta: dict[str, Any]
+
+
+def fragments(allocator: str) -> list[Path]:
+    """The config fragments of a build, in merge order (vm/kconfig/)."""
+    paths = [arms.KCONFIG_DIR / FRAGMENT, arms.KCONFIG_DIR / f"{allocator}.config"]
+    for path in paths:
+        if not path.is_file():
+            raise KbuildError(f"config fragment missing from the checkout: {path}")
+    return paths
+
+
+def config_key(allocator: str) -> str:
+    """Names the object tree of a configuration: a hash of the fragments' text."""
+    texts = [p.read_text() for p in fragments(allocator)]
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:12]
+
+
+def expected_config(allocator: str) -> dict[str, str]:
+    """{CONFIG_X: "y" | "n" | value} that the fragments ask for."""
+    wanted: dict[str, str] = {}
+    for path in fragments(allocator):
+        for line in path.read_text().splitlines():
+            off = re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip())
+            if off:
+                wanted[off.group(1)] = "n"
+                continue
+            on = re.fullmatch(r"(CONFIG_\w+)=(.*)", line.strip())
+            if on:
+                wanted[on.group(1)] = on.group(2)
+    return wanted
+
+
+def missing_config(config_text: str, wanted: dict[str, str]) -> list[str]:
+    """Fragment settings that did not survive ``olddefconfig`` (pure, for tests).
+
+    A symbol asked to be ``n`` may be absent altogether (its menu is off).
+    """
+    have: dict[str, str] = {}
+    for line in config_text.splitlines():
+        off = re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip())
+        if off:
+            have[off.group(1)] = "n"
+            continue
+        on = re.fullmatch(r"(CONFIG_\w+)=(.*)", line.strip())
+        if on:
+            have[on.group(1)] = on.group(2)
+    return [
+        f"{key}={value}"
+        for key, value in wanted.items()
+        if have.get(key, "n") != value and not (value == "n" and key not in have)
+    ]
+
+
+def image_key(variant: arms.Variant, version: str) -> str:
+    patches = arms.patch_files(variant.series, variant.patches)
+    blob = json.dumps(
+        {
+            "series": variant.series,
+            "version": version,
+            "config": config_key(variant.allocator),
+            "patches": arms.patches_hash(patches),
+        },
+        sort_keys=True,
+    )
+    return f"{variant.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, step: Step) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            step.update(f"waiting for another kernel build ({path})", force=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _unpack_source(tarball: Path, tree: Path, step: Step) -> Path:
+    src = tree / "src"
+    if (src / "Makefile").is_file():
+        return src
+    tmp = tree / ".tmp-src"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    step.update(f"unpacking {tarball.name} (about a minute)", force=True)
+    with tarfile.open(tarball, "r:xz") as archive:
+        archive.extractall(tmp, filter="tar")
+    tops = [p for p in tmp.iterdir() if p.is_dir()]
+    if len(tops) != 1:
+        raise KbuildError(f"{tarball} unpacked into {len(tops)} top directories, expected one")
+    tops[0].rename(src)
+    shutil.rmtree(tmp)
+    return src
+
+
+def _patch(src: Path, patch: Path, log: Path, *, reverse: bool = False) -> None:
+    argv = ["patch", "-p1", "--forward", "--no-backup-if-mismatch", "-i", str(patch)]
+    if reverse:
+        argv = ["patch", "-p1", "-R", "--no-backup-if-mismatch", "-i", str(patch)]
+    with log.open("ab") as sink:
+        sink.write(f"$ {' '.join(argv)}\n".encode())
+        sink.flush()
+        done = subprocess.run(argv, cwd=src, stdout=sink, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        how = "reverse" if reverse else "apply"
+        raise KbuildError(f"cannot {how} {patch.name} in {src}: see {log}")
+
+
+def _switch_patches(src: Path, tree: Path, series: str, wanted: tuple[str, ...], log: Path) -> None:
+    """Make ``src`` carry exactly the patch set ``wanted`` (recorded in applied.json)."""
+    record = tree / "applied.json"
+    try:
+        applied = json.loads(record.read_text())
+    except (OSError, ValueError):
+        applied = {"patches": [], "hash": None}
+    paths = arms.patch_files(series, wanted)
+    digest = arms.patches_hash(paths)
+    if applied.get("patches") == list(wanted) and applied.get("hash") == digest:
+        return
+    if applied.get("patches"):
+        # Reverse with the copies saved when they were applied (the checkout may have moved on).
+        for name in reversed(applied["patches"]):
+            _patch(src, tree / "applied" / name, log, reverse=True)
+    record.write_text(json.dumps({"patches": [], "hash": None}) + "\n")
+    saved = tree / "applied"
+    shutil.rmtree(saved, ignore_errors=True)
+    saved.mkdir()
+    for path in paths:
+        _patch(src, path, log)
+        shutil.copy2(path, saved / path.name)
+    record.write_text(json.dumps({"patches": list(wanted), "hash": digest}) + "\n")
+
+
+def _configure(src: Path, out: Path, allocator: str, log: Path, step: Step) -> None:
+    for path in fragments(allocator):
+        shutil.copy2(path, src / "kernel" / "configs" / f"swapnbd-{path.name}")
+    if not (out / ".config").is_file():
+        step.update("make defconfig kvm_guest.config + swapnbd fragments", force=True)
+        targets = ["defconfig", "kvm_guest.config"]
+        targets += [f"swapnbd-{p.name}" for p in fragments(allocator)]
+        run_with_progress(["make", f"O={out}", *targets], step, log=log, cwd=src)
+    missing = missing_config((out / ".config").read_text(), expected_config(allocator))
+    if missing:
+        raise KbuildError(
+            f"the kernel config lost {', '.join(missing)} (a dependency is off); "
+            f"see {out / '.config'} and {log}"
+        )
+
+
+def _lines_memo(tree: Path) -> dict[str, int]:
+    try:
+        data = json.loads((tree.parent / "build-lines.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def build_variant(
+    variant: arms.Variant, version: str, cache_root: Path, downloads: Path, step: Step
+) -> BuiltKernel:
+    """Build (or find) ``variant`` from linux-source ``version``; returns the cached image.
+
+    Raises:
+        KbuildError: missing source, a patch that does not apply, a config that
+            lost a setting, or a failed make (the message names the log).
+    """
+    key = image_key(variant, version)
+    images = cache_root / "kbuild" / "images"
+    final = images / key
+    if (final / "bzImage").is_file():
+        os.utime(final)
+        return load_built(final)
+    tree = cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+    with _locked(tree / "lock", step):
+        if (final / "bzImage").is_file():
+            return load_built(final)
+        started = time.monotonic()
+        log = tree / f"build-{key}.log"
+        tarball = source_tarball(variant.series, version, downloads, step)
+        src = _unpack_source(tarball, tree, step)
+        _switch_patches(src, tree, variant.series, variant.patches, log)
+        ckey = config_key(variant.allocator)
+        out = tree / f"out-{ckey}"
+        fresh = not (out / "arch" / "x86" / "boot" / "bzImage").exists()
+        try:
+            _configure(src, out, variant.allocator, log, step)
+            memo = _lines_memo(tree)
+            expected = memo.get(ckey, FIRST_BUILD_LINES) if fresh else None
+            seen = 0
+
+            def on_line(line: str) -> tuple[str, float | None] | None:
+                nonlocal seen
+                match = _BUILD_LINE.match(line)
+                if match is None:
+                    return None
+                seen += 1
+                fraction = min(0.99, seen / expected) if expected else None
+                return f"{match.group(1)} {match.group(2)} ({seen} steps)", fraction
+
+            jobs = str(max(1, os.cpu_count() or 1))
+            step.update(f"make -j{jobs} bzImage ({variant.about}); log {log}", force=True)
+            run_with_progress(
+                ["make", f"O={out}", f"-j{jobs}", "bzImage"],
+                step,
+                log=log,
+                cwd=src,
+                on_line=on_line,
+                heartbeat="make bzImage",
+            )
+        except CommandError as exc:
+            raise KbuildError(f"kernel build of {variant.name} failed: see {exc.log}") from exc
+        except FileNotFoundError as exc:
+            raise KbuildError(
+                f"kernel build needs {exc.filename}: apt-get install build-essential flex "
+                "bison bc libelf-dev libssl-dev"
+            ) from exc
+        if fresh:
+            memo = _lines_memo(tree)
+            memo[ckey] = seen
+            (tree.parent / "build-lines.json").write_text(json.dumps(memo, indent=1) + "\n")
+        tmp = images / f".tmp-{key}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy2(out / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+        shutil.copy2(out / ".config", tmp / "config")
+        patches = arms.patch_files(variant.series, variant.patches)
+        meta = {
+            "variant": variant.name,
+            "series": variant.series,
+            "source": f"linux-source-{variant.series} {version}",
+            "version": version,
+            "allocator": variant.allocator,
+            "patches": list(variant.patches),
+            "patch_hash": arms.patches_hash(patches),
+            "config_hash": hashlib.sha256((out / ".config").read_bytes()).hexdigest()[:16],
+            "fixed_arm": variant.fixed_arm,
+            "build_s": round(time.monotonic() - started, 1),
+            "log": str(log),
+        }
+        (tmp / "kbuild.json").write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, final)
+    return load_built(final)
+
+
+def load_built(final: Path) -> BuiltKernel:
+    """The finished kernel in ``final`` (a CACHE/kbuild/images/KEY directory)."""
+    meta = json.loads((final / "kbuild.json").read_text())
+    return BuiltKernel(bzimage=final / "bzImage", config=final / "config", meta=meta)

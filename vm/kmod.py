@@ -1,0 +1,249 @@
+"""The vanilla arm on a stock Debian kernel, without building the kernel.
+
+Theory of operation
+-------------------
+Debian's cloud kernels have ``CONFIG_LIVEPATCH=y`` and do not force module
+signatures (research notes §8), so two small modules built out of tree against
+the kernel's own headers switch the arm on the very binaries the patched arm
+runs:
+
+``nbd.ko``
+    ``drivers/block/nbd.c`` from the ``linux-source`` package of the *same*
+    Debian version as the kernel, with ``vm/kpatch/<series>/nbd-memalloc-switch.patch``:
+    a ``memalloc`` parameter (default on, as upstream) that skips
+    ``sk_set_memalloc()``, ``PF_MEMALLOC`` and ``__GFP_MEMALLOC`` when off. It
+    replaces the stock nbd.ko in the initramfs for both arms.
+``swapnbd_nothrottle.ko``
+    a livepatch (``vm/kmod/swapnbd_nothrottle.c``) replacing the static
+    ``throttle_direct_reclaim()`` with one that never throttles; the initramfs
+    loads it only when the command line says ``pfmemalloc_throttle=0``.
+
+The headers are fetched with ``apt-get download`` and unpacked into the cache,
+never installed (the 6.12 headers package would pull in a kernel image and
+systemd); the unpacked tree's top Makefile names its ``-common`` half by
+absolute path, which is rewritten to the unpacked copy. Building takes about
+ten seconds; :mod:`vm.image` caches the result by every input.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vm import arms, kernel
+from vm.progress import Step, run_with_progress
+
+__all__ = [
+    "ArmModules",
+    "KmodError",
+    "build_arm_modules",
+    "headers_packages",
+    "source_tarball",
+]
+
+
+class KmodError(RuntimeError):
+    """The arm modules could not be built; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ArmModules:
+    """The two modules, built for one kernel release."""
+
+    nbd: Path
+    livepatch: Path
+    release: str
+    source_version: str
+
+
+def _run(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, check=False, cwd=cwd, timeout=900
+        )
+    except FileNotFoundError as exc:
+        raise KmodError(f"{what}: {argv[0]} is not installed") from exc
+    if done.returncode != 0:
+        raise KmodError(f"{what}: {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+_DEPENDENCY = re.compile(r"([a-z0-9][a-z0-9+.\-]*)(?::\w+)?(?:\s*\(\s*([<>=]+)\s*(\S+)\s*\))?")
+
+
+def parse_depends(depends: str) -> list[tuple[str, str | None, str | None]]:
+    """``Depends:`` text -> [(package, relation, version)], first alternative of each clause.
+
+    >>> parse_depends("a (= 1), b (>= 2) | c, gcc-12")
+    [('a', '=', '1'), ('b', '>=', '2'), ('gcc-12', None, None)]
+    """
+    found = []
+    for clause in depends.split(","):
+        first = clause.split("|", 1)[0].strip()
+        match = _DEPENDENCY.fullmatch(first)
+        if match:
+            found.append((match.group(1), match.group(2), match.group(3)))
+    return found
+
+
+def headers_packages(release: str, version: str) -> list[tuple[str, str]]:
+    """The header packages (and exact versions) to build modules for ``release``.
+
+    ``linux-headers-RELEASE`` plus its ``linux-headers-*`` and ``linux-kbuild-*``
+    dependencies; nothing else (no kernel image, no compiler packages).
+    """
+    top = f"linux-headers-{release}"
+    show = _run(["apt-cache", "show", f"{top}={version}"], f"apt-cache show {top}")
+    match = re.search(r"^Depends:\s*(.+)$", show, re.MULTILINE)
+    if match is None:
+        raise KmodError(f"apt-cache show {top}={version} has no Depends field")
+    wanted = [(top, version)]
+    for name, relation, dep_version in parse_depends(match.group(1)):
+        if not name.startswith(("linux-headers-", "linux-kbuild-")):
+            continue
+        exact = dep_version if relation == "=" else kernel.apt_candidate(name)
+        if exact is None:
+            raise KmodError(f"apt has no candidate for {name} (needed by {top})")
+        wanted.append((name, exact))
+    return wanted
+
+
+def unpack_headers(release: str, version: str, root: Path, step: Step) -> Path:
+    """Download and unpack the headers for ``release`` under ``root``; return the build dir."""
+    packages = headers_packages(release, version)
+    for name, exact in packages:
+        step.update(f"apt-get download {name}={exact}", force=True)
+        deb = kernel.download_deb(name, exact, root / "download")
+        _run(["dpkg-deb", "-x", str(deb), str(root / "tree")], f"unpack {deb.name}")
+    shutil.rmtree(root / "download")
+    build = root / "tree" / "usr" / "src" / f"linux-headers-{release}"
+    makefile = build / "Makefile"
+    if not makefile.is_file():
+        raise KmodError(f"linux-headers-{release} has no Makefile at {makefile}")
+    text = makefile.read_text()
+    fixed = re.sub(r"^include /usr/src/", f"include {root / 'tree'}/usr/src/", text, flags=re.M)
+    makefile.write_text(fixed)
+    return build
+
+
+def source_tarball(series: str, version: str, downloads: Path, step: Step) -> Path:
+    """The ``linux-source-SERIES`` tarball of exactly ``version``.
+
+    The installed ``/usr/src/linux-source-SERIES.tar.xz`` when dpkg says it is
+    that version; otherwise the package is downloaded (about 140 MB, once) into
+    ``downloads`` and its tarball taken from there.
+    """
+    package = f"linux-source-{series}"
+    installed = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", package],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    tarball = Path(f"/usr/src/{package}.tar.xz")
+    if installed.returncode == 0 and installed.stdout.strip() == version and tarball.is_file():
+        return tarball
+    unpacked = downloads / f"{package}_{version}"
+    found = unpacked / "usr" / "src" / f"{package}.tar.xz"
+    if found.is_file():
+        return found
+    step.update(f"apt-get download {package}={version} (about 140 MB, once)", force=True)
+    tmp = downloads / f".tmp-{package}_{version}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    deb = kernel.download_deb(package, version, tmp / "download")
+    _run(["dpkg-deb", "-x", str(deb), str(tmp / "tree")], f"unpack {deb.name}")
+    shutil.rmtree(tmp / "download")
+    if not unpacked.exists():
+        tmp.rename(unpacked)
+    if not found.is_file():
+        raise KmodError(f"{deb.name} has no usr/src/{package}.tar.xz")
+    return found
+
+
+def extract_member(tarball: Path, member: str, dest: Path) -> Path:
+    """Extract one file (``drivers/block/nbd.c``) of a linux-source tarball into ``dest``."""
+    with tarfile.open(tarball, "r:xz") as archive:
+        for info in archive:
+            parts = info.name.split("/", 1)
+            if len(parts) == 2 and parts[1] == member and info.isfile():
+                handle = archive.extractfile(info)
+                if handle is None:
+                    break
+                out = dest / Path(member).name
+                out.write_bytes(handle.read())
+                return out
+    raise KmodError(f"{tarball} has no {member}")
+
+
+def apply_patch(patch: Path, target: Path, log: Path) -> None:
+    """``patch`` one file; a failure names the patch and the log."""
+    with log.open("ab") as sink:
+        done = subprocess.run(
+            ["patch", "--forward", "--no-backup-if-mismatch", str(target), str(patch)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if done.returncode != 0:
+        raise KmodError(f"{patch.name} does not apply to {target.name}: see {log}")
+
+
+def build_arm_modules(
+    work: Path, release: str, version: str, series: str, *, downloads: Path, step: Step
+) -> ArmModules:
+    """Build nbd.ko (with the memalloc switch) and the no-throttle livepatch in ``work``.
+
+    Args:
+        work: an empty directory; the modules and build log end up here.
+        release: ``uname -r`` of the kernel, e.g. ``6.1.0-57-cloud-amd64``.
+        version: its Debian version, e.g. ``6.1.192-3`` (headers and source must match).
+        series: ``6.1`` or ``6.12``.
+        downloads: where a downloaded linux-source package is kept.
+
+    Raises:
+        KmodError: a package is missing, a patch does not apply, or make failed.
+    """
+    if shutil.which("make") is None or shutil.which("gcc-12") is None:
+        raise KmodError(
+            "building the arm modules needs make and gcc-12 (apt-get install make gcc-12)"
+        )
+    headers = unpack_headers(release, version, work / "headers", step)
+    src = work / "src"
+    src.mkdir()
+    step.update(f"extracting drivers/block/nbd.c of linux-source-{series} {version}", force=True)
+    tarball = source_tarball(series, version, downloads, step)
+    nbd_c = extract_member(tarball, "drivers/block/nbd.c", src)
+    log = work / "build.log"
+    apply_patch(arms.patch_files(series, (arms.MODULE_PATCH,))[0], nbd_c, log)
+    shutil.copy2(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE, src / arms.LIVEPATCH_SOURCE)
+    (src / "Kbuild").write_text(f"obj-m += nbd.o {arms.LIVEPATCH_MODULE}.o\n")
+    try:
+        run_with_progress(
+            ["make", "-C", str(headers), f"M={src}", "modules"],
+            step,
+            log=log,
+            heartbeat="make modules",
+        )
+    except OSError as exc:
+        raise KmodError(f"make modules failed to start: {exc}") from exc
+    except Exception as exc:  # CommandError: the message has the log
+        raise KmodError(f"building the arm modules failed; log: {log}") from exc
+    modules = ArmModules(
+        nbd=src / "nbd.ko",
+        livepatch=src / f"{arms.LIVEPATCH_MODULE}.ko",
+        release=release,
+        source_version=version,
+    )
+    for path in (modules.nbd, modules.livepatch):
+        if not path.is_file():
+            raise KmodError(f"make modules produced no {path.name}; log: {log}")
+        magic = _run(["modinfo", "-F", "vermagic", str(path)], f"modinfo {path.name}").split()
+        if not magic or magic[0] != release:
+            raise KmodError(f"{path.name} was built for {magic[:1]}, not {release}; log: {log}")
+    shutil.rmtree(work / "headers")  # about 80 MB, not needed again
+    return modules
