@@ -50,6 +50,7 @@ __all__ = [
     "KernelChoice",
     "Variant",
     "arm_cmdline",
+    "arm_in_effect",
     "patch_files",
     "patches_hash",
     "resolve",
@@ -213,3 +214,48 @@ def patches_hash(paths: list[Path]) -> str:
     for path in paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _flag(value: object) -> bool | None:
+    """A sysfs bool (``Y``/``N``/``1``/``0``) as a bool; None when absent or unreadable."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text in ("Y", "y", "1"):
+        return True
+    if text in ("N", "n", "0"):
+        return False
+    return None
+
+
+def arm_in_effect(arm: str, proof: Mapping[str, object] | None) -> tuple[bool, str]:
+    """Did the guest really run ``arm``? ``proof`` is the guest's ``arm`` info record.
+
+    The proof holds what the guest read back: ``nbd.memalloc``
+    (/sys/module/nbd/parameters/memalloc), ``pfmemalloc_throttle``
+    (/sys/module/kernel/parameters/pfmemalloc_throttle, built kernels) and
+    ``livepatch`` (/sys/kernel/livepatch/swapnbd_nothrottle/enabled, stock
+    kernels). Returns (ok, one line saying why).
+
+    A kernel that knows neither switch is the patched arm as shipped, so a
+    patched run on it is fine and a vanilla run is not.
+    """
+    if proof is None:
+        return False, "the guest sent no arm proof (it failed before reading its switches)"
+    memalloc = _flag(proof.get("nbd.memalloc"))
+    param = _flag(proof.get("pfmemalloc_throttle"))
+    live = _flag(proof.get("livepatch"))
+    throttle_off = param is False or live is True
+    throttle_on = param is True or (param is None and live is not True)
+    if arm == "vanilla":
+        if memalloc is not False:
+            return False, f"vanilla asked, but nbd memalloc reads {proof.get('nbd.memalloc')!r}"
+        if not throttle_off:
+            return False, "vanilla asked, but the pfmemalloc throttle is still on"
+        how = "livepatch" if live else "pfmemalloc_throttle=N"
+        return True, f"vanilla in effect: nbd memalloc=N, throttle off ({how})"
+    if memalloc is False:
+        return False, "patched asked, but nbd memalloc reads N"
+    if not throttle_on:
+        return False, "patched asked, but the pfmemalloc throttle is off"
+    return True, "patched in effect: nbd memalloc " + ("Y" if memalloc else "as shipped")

@@ -54,6 +54,7 @@ __all__ = [
     "BuiltKernel",
     "KbuildError",
     "build_variant",
+    "compile_objects",
     "config_key",
     "expected_config",
     "image_key",
@@ -325,6 +326,43 @@ def build_variant(
         (tmp / "kbuild.json").write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, final)
     return load_built(final)
+
+
+def compile_objects(
+    variant: arms.Variant,
+    version: str,
+    cache_root: Path,
+    objects: list[str],
+    *,
+    downloads: Path,
+    step: Step,
+) -> Path:
+    """Compile only ``objects`` (e.g. ``mm/vmscan.o``) of ``variant``; returns the object tree.
+
+    The cheap proof that the patches build, for machines without 20 minutes to
+    spare: same source tree, patches and configuration as :func:`build_variant`,
+    so a later full build reuses what this compiled.
+    """
+    tree = cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+    with _locked(tree / "lock", step):
+        log = tree / "objects.log"
+        tarball = source_tarball(variant.series, version, downloads, step)
+        src = _unpack_source(tarball, tree, step)
+        _switch_patches(src, tree, variant.series, variant.patches, log)
+        out = tree / f"out-{config_key(variant.allocator)}"
+        jobs = str(max(1, os.cpu_count() or 1))
+        try:
+            _configure(src, out, variant.allocator, log, step)
+            run_with_progress(
+                ["make", f"O={out}", f"-j{jobs}", *objects],
+                step,
+                log=log,
+                cwd=src,
+                heartbeat=f"make {' '.join(objects)}",
+            )
+        except CommandError as exc:
+            raise KbuildError(f"compiling {', '.join(objects)} failed: see {exc.log}") from exc
+    return out
 
 
 def load_built(final: Path) -> BuiltKernel:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vm import arms, image, initramfs, kbuild, kmod
+from vm import arms, image, initramfs, kbuild, kernel, kmod
+from vm.progress import Progress
 
 from .test_image import boot, vm_payload  # noqa: F401  (vm_payload is a fixture)
 
@@ -264,3 +265,61 @@ def test_each_switch_is_visible_inside_a_stock_guest(
     assert "MEMALLOC=N" in vanilla and "LIVEPATCH=1" in vanilla
     assert "swapnbd switch memalloc=0" in vanilla
     assert "swapnbd: pfmemalloc_throttle=0: throttle_direct_reclaim() never throttles" in vanilla
+
+
+@pytest.mark.vm
+def test_switch_patches_compile_in_the_real_6_1_tree() -> None:
+    """The built-kernel route's mechanism in CI time: the patched objects compile.
+
+    A full build takes 20+ minutes here; this compiles mm/vmscan.o and
+    drivers/block/nbd.o of the 6.1 SLAB variant in its cached tree (the prepare
+    stage plus two objects), and checks both switches are in the objects.
+    """
+    variant = arms.VARIANTS["6.1-slab"]
+    version = kernel.resolve_kernel("6.1", "cloud").version
+    cache = image.default_cache_dir()
+    job = Progress(1, lambda line: print(line, flush=True))
+    with job.step("compile the switched objects", 300.0) as step:
+        out = kbuild.compile_objects(
+            variant,
+            version,
+            cache,
+            ["mm/vmscan.o", "drivers/block/nbd.o"],
+            downloads=cache / "sources",
+            step=step,
+        )
+    config = (out / ".config").read_text()
+    assert "CONFIG_SLAB=y" in config and "CONFIG_BLK_DEV_NBD=y" in config
+    nm = shutil.which("nm")
+    assert nm is not None, "nm is missing: apt-get install binutils"
+    vmscan = subprocess.run(
+        [nm, str(out / "mm" / "vmscan.o")], capture_output=True, text=True, check=True
+    ).stdout
+    nbd = subprocess.run(
+        [nm, str(out / "drivers" / "block" / "nbd.o")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "__param_pfmemalloc_throttle" in vmscan
+    assert "pfmemalloc_throttle_report" in vmscan
+    assert "__param_memalloc" in nbd
+
+
+@pytest.mark.parametrize(
+    ("arm", "proof", "ok", "why"),
+    [
+        ("vanilla", {"nbd.memalloc": "N", "livepatch": "1"}, True, "throttle off (livepatch)"),
+        ("vanilla", {"nbd.memalloc": "N", "pfmemalloc_throttle": "N"}, True, "=N)"),
+        ("vanilla", {"nbd.memalloc": "Y", "livepatch": "1"}, False, "memalloc reads 'Y'"),
+        ("vanilla", {"nbd.memalloc": None, "livepatch": None}, False, "memalloc reads None"),
+        ("vanilla", {"nbd.memalloc": "N", "livepatch": None}, False, "throttle is still on"),
+        ("patched", {"nbd.memalloc": "Y", "livepatch": None}, True, "memalloc Y"),
+        ("patched", {"nbd.memalloc": "Y", "pfmemalloc_throttle": "Y"}, True, "memalloc Y"),
+        ("patched", {}, True, "as shipped"),
+        ("patched", {"nbd.memalloc": "N"}, False, "memalloc reads N"),
+        ("patched", {"nbd.memalloc": "Y", "livepatch": "1"}, False, "throttle is off"),
+        ("patched", None, False, "no arm proof"),
+    ],
+)
+def test_arm_in_effect(arm: str, proof: dict[str, str | None] | None, ok: bool, why: str) -> None:
+    verdict, reason = arms.arm_in_effect(arm, proof)
+    assert verdict is ok
+    assert why in reason
