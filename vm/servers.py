@@ -623,6 +623,7 @@ def launch_server(
     *,
     stats_path: Path | None = None,
     backing: Backing | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RunningServer:
     """Start ``kind`` on 127.0.0.1 at a confirmed free port under a fresh random export name.
 
@@ -632,6 +633,7 @@ def launch_server(
         workdir: where logs, config, pid files and file exports go.
         stats_path: nbd-serve's ``--stats`` file (ignored by the peers, which have none).
         backing: ``memory`` (nbd-serve, nbdkit default) or a sparse ``file`` (nbd-server).
+        extra_args: more nbd-serve flags (the tests' ``--fault``); nbd-serve only.
 
     Raises:
         ServerError: the tool is missing, or no attempt produced a confirmed listener.
@@ -640,6 +642,8 @@ def launch_server(
         raise ServerError(f"unknown server kind {kind!r}; choose one of {', '.join(SERVER_KINDS)}")
     if size_bytes <= 0 or size_bytes % 4096:
         raise ServerError(f"export size must be a positive multiple of 4096, not {size_bytes}")
+    if extra_args and kind != "nbd-serve":
+        raise ServerError(f"extra server flags {list(extra_args)} are for nbd-serve, not {kind}")
     workdir.mkdir(parents=True, exist_ok=True)
     stats = stats_path or workdir / "server-stats.jsonl"
     server = start_server(
@@ -649,7 +653,7 @@ def launch_server(
             size_bytes=size_bytes,
             workdir=workdir,
             backing=backing or ("file" if kind == "nbd-server" else "memory"),
-            nbd_serve_args=("--stats", str(stats)),
+            nbd_serve_args=("--stats", str(stats), *extra_args),
             nbd_server_options=("flush = true", "trim = true"),
         )
     )

@@ -56,6 +56,10 @@ def test_export_is_at_least_five_times_ram(kw: dict[str, Any], export_mib: int) 
         ({"lockup_after_s": 0.0}, "--lockup-after"),
         ({"min_free_kbytes": 5}, "--min-free-kbytes"),
         ({"export_factor": 4}, "at least 5x"),
+        ({"arm": "mainline"}, "--arm must be one of patched, vanilla"),
+        ({"allocator": "slob"}, "--allocator must be one of slub, slab"),
+        ({"swap_bytes": 4096}, "--swap-size must be at least 160K"),
+        ({"server": "nbdkit", "server_fault": "corrupt-read-after=1"}, "needs nbd-serve"),
     ],
 )
 def test_invalid_config_is_refused(kw: dict[str, Any], message: str) -> None:
@@ -137,6 +141,78 @@ def test_cli_flags_override_the_preset(tmp_path: Path) -> None:
         2,
     )
     assert cfg.resident_client and cfg.min_free_kbytes == 4096
+
+
+def test_arm_allocator_and_a_built_kernel_reach_the_config(tmp_path: Path) -> None:
+    cfg = parse(
+        "--kernel", "6.1-build", "--arm", "vanilla", "--allocator", "slab",
+        "--swap-size", "64M", "--server", "nbdkit", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert (cfg.kernel, cfg.arm, cfg.allocator, cfg.swap_bytes) == (
+        "6.1-build",
+        "vanilla",
+        "slab",
+        64 * MIB,
+    )
+    assert parse("--server", "nbdkit").arm == "patched"
+    assert parse("--server", "nbdkit").allocator is None
+    assert parse("--kernel", "/boot/bzImage", "--server", "nbdkit").kernel == "/boot/bzImage"
+    gcfg = experiment.guest_config(cfg, servers.RunningServer(
+        kind="nbdkit", port=1, export_name="x", size_bytes=4096, pid=0, argv=[],
+        backing="memory", workdir=tmp_path,
+    ))  # fmt: skip
+    assert gcfg["swap"] == {"mode": "device", "size_bytes": 64 * MIB}
+    assert gcfg["fault"] == {"panic_after_s": None}
+
+
+def test_run_json_skeleton_records_arm_cost_and_files(tmp_path: Path) -> None:
+    cfg = experiment.RunConfig(out=tmp_path, arm="vanilla", allocator="slub")
+    run = experiment.new_run(cfg)
+    assert run["kernel"] == {"name": "6.1", "flavour": "cloud", "arm": "vanilla",
+                             "allocator": "slub"}  # fmt: skip
+    assert run["cost"] == {"server": None, "qemu": None, "host_steal_s": None}
+    assert run["files"] == experiment.OUTPUT_FILES
+
+
+def test_tree_usage_counts_reaped_children(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # A shell that runs a CPU-bound child to completion, then waits: the child's time must
+    # still count once it has been reaped (it moves to the parent's children_* times).
+    script = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", f"{sys.executable} -c '{script}'; sleep 30"], start_new_session=True
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        usage = experiment.tree_usage(proc.pid)
+        while usage is not None and usage[0] + usage[1] < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            usage = experiment.tree_usage(proc.pid)
+        assert usage is not None
+        assert usage[0] + usage[1] >= 0.3
+        assert usage[2] > 0
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert experiment.tree_usage(proc.pid) is None
+
+
+def test_host_steal_is_read_from_proc_stat() -> None:
+    ticks = experiment.host_steal_ticks()
+    assert ticks is not None and ticks >= 0
+    cost = experiment.Cost(steal_start=0, steal_end=os_clk_tck())
+    assert cost.as_dict()["host_steal_s"] == 1.0
+
+
+def os_clk_tck() -> int:
+    import os
+
+    return os.sysconf("SC_CLK_TCK")
 
 
 def test_presets() -> None:
@@ -314,6 +390,33 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     assert stats["totals"]["requests_write"] > 0
     assert stats["totals"]["bytes_write"] > 0
     assert (out / "console.log").stat().st_size > 0
+    # The arm, as recorded and as read back inside the guest (stock kernel: patched).
+    kernel = on_disk["kernel"]
+    assert (kernel["arm"], kernel["allocator"]) == ("patched", None)
+    proof = kernel["in_guest"]
+    assert set(proof) == {"switches", "cmdline", "dmesg"}
+    assert set(proof["switches"]) == {
+        "nbd.memalloc",
+        "pfmemalloc_throttle",
+        "livepatch.swapnbd_nothrottle",
+    }
+    assert proof["cmdline"] == [
+        w
+        for w in kernel["cmdline_extra"]
+        if w.startswith(("nbd.memalloc=", "pfmemalloc_throttle="))
+    ]
+    # The cost of the run (issue 13): plausible, not exact.
+    cost = on_disk["cost"]
+    stress_s = on_disk["timings"]["stress_s"]
+    qemu_s = on_disk["timings"]["qemu_s"]
+    server_cpu = cost["server"]["user_s"] + cost["server"]["system_s"]
+    assert 0.05 < server_cpu < qemu_s * 4  # it served >100 MiB, on at most a few cores
+    assert cost["server"]["samples"] >= 3
+    assert 20 * MIB < cost["server"]["peak_rss_bytes"] < 2048 * MIB
+    qemu_cpu = cost["qemu"]["user_s"] + cost["qemu"]["system_s"]
+    assert stress_s / 4 < qemu_cpu < qemu_s * 4  # TCG burns CPU for every guest cycle
+    assert cost["host_steal_s"] is None or cost["host_steal_s"] >= 0
+    assert "server CPU (user+sys):" in summary
 
 
 @pytest.mark.vm

@@ -30,7 +30,7 @@ def test_config_round_trips_through_the_kernel_cmdline(tmp_path: Path) -> None:
     decoded = guest_init.read_config(line)
     assert decoded == gcfg
     assert decoded["server"] == {"host": "10.0.2.2", "port": 40123, "name": "ab" * 16}
-    assert decoded["swap"] == {"mode": "file"}
+    assert decoded["swap"] == {"mode": "file", "size_bytes": None}
     assert decoded["sysctl"] == {"vm.min_free_kbytes": 1448}
     assert decoded["stress"]["args"] == [
         "--workers",
