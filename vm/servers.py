@@ -230,6 +230,7 @@ class RunningServer:
             "argv": self.argv,
             "exit_status": self.exit_status,
             "killed": self.killed,
+            "log": str(self.log_path) if self.log_path is not None else None,
         }
 
 
