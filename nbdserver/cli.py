@@ -25,6 +25,7 @@ import uvloop
 
 from nbdserver.backends import open_backend
 from nbdserver.backends.base import Backend
+from nbdserver.backends.fault import FaultBackend, parse_fault
 from nbdserver.config import ServerConfig, build_config, log_level_number
 from nbdserver.errors import ConfigError
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
@@ -132,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         " how soon its next request comes (default 50; 0 = off)",
     )
     parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="shut down cleanly when the parent process exits (for harnesses; like nbdkit's)",
+    )
+    parser.add_argument(
+        "--fault",
+        metavar="SPEC",
+        help="TEST ONLY, destroys data: corrupt-read-after=N[,match=TEXT] flips a byte in one"
+        " page of one READ after N reads (see nbdserver/backends/fault.py)",
+    )
+    parser.add_argument(
         "--log-level",
         metavar="LEVEL",
         help="debug, info, warning, error or critical (default info)",
@@ -140,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent = os.getppid()  # before anything can outlive it (--exit-with-parent)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         exports: list[Export] = []
         for ec in config.exports:
             backend = open_backend(ec.backend, path=ec.path, size=ec.size, read_only=ec.read_only)
+            if config.fault is not None:
+                backend = FaultBackend(backend, parse_fault(config.fault))
             backends.append(backend)
             exports.append(make_export(ec.name, ec.description, backend, ec.read_only))
     except ConfigError as exc:
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             set_connection_ids(0, count)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config, exports, workers))
+            return runner.run(serve(config, exports, workers, parent=parent))
     finally:
         for backend in backends:
             backend.close()
@@ -213,11 +228,15 @@ async def serve(
     config: ServerConfig,
     exports: list[Export],
     workers: Sequence[tuple[int, socket.socket]] = (),
+    *,
+    parent: int | None = None,
 ) -> int:
     """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
 
     With ``workers`` (forked by :func:`~nbdserver.workers.fork_workers`) this process
     accepts and shares the connections out; otherwise it serves them all itself.
+    With ``config.exit_with_parent``, the death of ``parent`` (the pid that started us)
+    is a shutdown request too.
     """
     server = NBDServer(exports, max_inflight_bytes=config.max_inflight, poll_us=config.poll_us)
     acceptor = Acceptor(server, workers) if workers else None
@@ -260,6 +279,7 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    parent_fd = _watch_parent(loop, parent, stop) if config.exit_with_parent else None
     writer = StatsWriter(Path(config.stats)) if config.stats is not None else None
     stats_by_name = {e.info.name: e.stats for e in exports}
 
@@ -306,7 +326,51 @@ async def serve(
     if config.unix is not None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(config.unix)
+    if parent_fd is not None:
+        loop.remove_reader(parent_fd)
+        os.close(parent_fd)
     return 0
+
+
+def _watch_parent(
+    loop: asyncio.AbstractEventLoop, parent: int | None, stop: asyncio.Event
+) -> int | None:
+    """Set ``stop`` when ``parent`` exits: a pidfd becomes readable when its process ends.
+
+    Returns the pidfd to close (None when the parent is already gone, or when pidfds are
+    unavailable and a once-a-second getppid() check does the job instead).
+    """
+    if parent is None or os.getppid() != parent:  # already orphaned: reparented
+        logger.info("parent process is gone; shutting down (--exit-with-parent)")
+        stop.set()
+        return None
+
+    def gone() -> None:
+        logger.info("parent process %d exited; shutting down (--exit-with-parent)", parent)
+        stop.set()
+
+    try:
+        fd = os.pidfd_open(parent)
+    except OSError:
+
+        async def poll() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(1.0)
+            gone()
+
+        task = loop.create_task(poll())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+        return None
+    if os.getppid() != parent:  # died between the check and pidfd_open (pid reused?)
+        os.close(fd)
+        gone()
+        return None
+    loop.add_reader(fd, gone)
+    return fd
+
+
+_background: set[asyncio.Task[None]] = set()
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -63,6 +63,8 @@ _SERVER_KEYS: Final = (
     "max_inflight",
     "poll_us",
     "exports",
+    "exit_with_parent",
+    "fault",
 )
 _EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only")
 
@@ -118,6 +120,12 @@ class ServerConfig:
     """Upper bound, in microseconds, of the adaptive busy-poll window: after answering a
     lone request on the only connection of a process, read the socket for up to this
     long before going back to the event loop (0 = never poll). See Connection._poll."""
+    exit_with_parent: bool = False
+    """Shut down cleanly when the process that started the server exits (as nbdkit's
+    --exit-with-parent), so a killed harness leaves no server behind."""
+    fault: str | None = None
+    """TEST ONLY: ``corrupt-read-after=N[,match=TEXT]`` wraps every export in
+    :class:`nbdserver.backends.fault.FaultBackend`, which corrupts one READ on purpose."""
 
 
 def _type_error(where: str, key: str, value: object, expected: str) -> ConfigError:
@@ -248,6 +256,8 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "log_level",
         "workers",
         "poll_us",
+        "exit_with_parent",
+        "fault",
     ):
         if key in cli:
             values[key] = cli[key]
@@ -313,6 +323,10 @@ def check_server(config: ServerConfig) -> None:
         raise ConfigError(
             f"max inflight {config.max_inflight} bytes is too small: give at least 64K"
         )
+    if config.fault is not None:
+        from nbdserver.backends.fault import parse_fault  # noqa: PLC0415 - test-only path
+
+        parse_fault(config.fault)
     if config.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 

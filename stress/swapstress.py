@@ -134,6 +134,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -355,122 +356,162 @@ class _WorkerSpec:
     corrupt_pages: range
 
 
-def _worker_main(spec: _WorkerSpec, channel: _Channel, stop: _StopFlag) -> int:
-    """Body of one worker.  Returns its exit code (0, 1 corruption, 130 stopped)."""
-    index, plan, deadline = spec.index, spec.plan, spec.deadline
-    npages = plan.pages_per_worker
-    mm = mmap.mmap(-1, plan.per_worker_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if plan.nohugepage:
-        mm.madvise(mmap.MADV_NOHUGEPAGE)
-    pages_written = 0
-    pages_verified = 0
-    corrupt = 0
-    examples = 0
-    current_pass = 0
-    last_progress = time.monotonic()
+class _WorkerBody:
+    """One worker: map its share, write it, then verify (and rewrite) it ``loops`` times.
 
-    def progress(force: bool = False) -> None:
-        nonlocal last_progress
+    The counters live on the object so each step is a short method: :meth:`write_pass`,
+    :meth:`verify_pass`, :meth:`progress` (which also raises :class:`_WorkerStop`) and
+    :meth:`report_bad` (the rare path that decodes a bad chunk page by page).
+    """
+
+    def __init__(self, spec: _WorkerSpec, channel: _Channel, stop: _StopFlag) -> None:
+        self.spec = spec
+        self.channel = channel
+        self.stop = stop
+        self.npages = spec.plan.pages_per_worker
+        self.mm = mmap.mmap(
+            -1, spec.plan.per_worker_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        )
+        if spec.plan.nohugepage:
+            self.mm.madvise(mmap.MADV_NOHUGEPAGE)
+        self.pages_written = 0
+        self.pages_verified = 0
+        self.corrupt = 0
+        self.examples = 0
+        self.current_pass = 0
+        self.last_progress = time.monotonic()
+
+    def progress(self, force: bool = False) -> None:
+        """Stop if asked or past the deadline; report progress now and then (droppable)."""
         now = time.monotonic()
-        if stop.is_set:
+        if self.stop.is_set:
             raise _WorkerStop
-        if deadline is not None and now >= deadline:
+        if self.spec.deadline is not None and now >= self.spec.deadline:
             raise _WorkerStop
-        if force or now - last_progress >= PROGRESS_INTERVAL_S:
-            last_progress = now
-            channel.send(
+        if force or now - self.last_progress >= PROGRESS_INTERVAL_S:
+            self.last_progress = now
+            self.channel.send(
                 {
                     "t": "progress",
-                    "pass": current_pass,
-                    "written": pages_written,
-                    "verified": pages_verified,
-                    "corrupt": corrupt,
+                    "pass": self.current_pass,
+                    "written": self.pages_written,
+                    "verified": self.pages_verified,
+                    "corrupt": self.corrupt,
                 },
                 droppable=True,
             )
 
-    def report_bad(first: int, found: bytes, expected: bytearray, generation: int) -> None:
+    def report_bad(self, first: int, found: bytes, expected: bytearray, generation: int) -> None:
         """Find the bad pages of a chunk that compared unequal (rare path).
 
         Every bad page is counted; only the first few are described in a message, so a
         device that returns garbage for everything cannot flood the parent.
         """
-        nonlocal corrupt, examples
         for i in range(len(expected) // PAGE_SIZE):
             lo, hi = i * PAGE_SIZE, (i + 1) * PAGE_SIZE
             if found[lo:hi] == expected[lo:hi]:
                 continue
-            corrupt += 1
-            if examples >= MAX_EXAMPLES_PER_WORKER:
+            self.corrupt += 1
+            if self.examples >= MAX_EXAMPLES_PER_WORKER:
                 continue
-            examples += 1
+            self.examples += 1
             diff = diff_page(found[lo:hi], bytes(expected[lo:hi]))
             if diff is None:  # cannot happen: the slices compared unequal just above
                 continue
-            channel.send(
+            self.channel.send(
                 {
                     "t": "corrupt",
-                    "worker": index,
+                    "worker": self.spec.index,
                     "page": first + i,
                     "generation": generation,
-                    "pass": current_pass,
+                    "pass": self.current_pass,
                     "offset": diff.offset,
                     "bad_bytes": diff.bad_bytes,
                     "expected": diff.expected,
                     "found": diff.found,
-                    "corrupt": corrupt,
+                    "corrupt": self.corrupt,
                 }
             )
 
-    stopped = False
-    try:
-        generation = 0
-        pattern = ChunkPattern(index, generation)
-        for first in range(0, npages, CHUNK_PAGES):
-            n = min(CHUNK_PAGES, npages - first)
-            mm[first * PAGE_SIZE : (first + n) * PAGE_SIZE] = pattern.chunk(first, n)
-            pages_written += n
-            progress()
-        for page in spec.corrupt_pages:  # test-only hook, empty in real runs
+    def chunks(self) -> Iterator[tuple[int, int, int, int]]:
+        """(first page, pages, first byte, end byte) of each chunk of the mapping."""
+        for first in range(0, self.npages, CHUNK_PAGES):
+            n = min(CHUNK_PAGES, self.npages - first)
+            yield first, n, first * PAGE_SIZE, (first + n) * PAGE_SIZE
+
+    def write_pass(self, pattern: ChunkPattern) -> None:
+        for first, n, lo, hi in self.chunks():
+            self.mm[lo:hi] = pattern.chunk(first, n)
+            self.pages_written += n
+            self.progress()
+
+    def damage(self) -> None:
+        """Test-only hook (``spec.corrupt_pages`` is empty in real runs)."""
+        for page in self.spec.corrupt_pages:
             base = page * PAGE_SIZE
-            mm[base + 8] ^= 0x01  # the header's page number
-            mm[base + 2000] ^= 0xFF  # and a byte in the middle of the fill
-        current_pass = 1
-        progress(force=True)
-        while deadline is not None or current_pass <= (plan.loops or 0):
-            following = ChunkPattern(index, generation + 1) if plan.mode == "rewrite" else None
-            for first in range(0, npages, CHUNK_PAGES):
-                n = min(CHUNK_PAGES, npages - first)
-                lo, hi = first * PAGE_SIZE, (first + n) * PAGE_SIZE
-                expected = pattern.chunk(first, n)
-                found = mm[lo:hi]
-                if found != expected:
-                    report_bad(first, found, expected, generation)
-                pages_verified += n
-                if following is not None:
-                    mm[lo:hi] = following.chunk(first, n)
-                    pages_written += n
-                progress()
+            self.mm[base + 8] ^= 0x01  # the header's page number
+            self.mm[base + 2000] ^= 0xFF  # and a byte in the middle of the fill
+
+    def verify_pass(
+        self, pattern: ChunkPattern, following: ChunkPattern | None, generation: int
+    ) -> None:
+        """Compare every chunk with ``pattern``; rewrite it with ``following`` if given."""
+        for first, n, lo, hi in self.chunks():
+            expected = pattern.chunk(first, n)
+            found = self.mm[lo:hi]
+            if found != expected:
+                self.report_bad(first, found, expected, generation)
+            self.pages_verified += n
+            if following is not None:
+                self.mm[lo:hi] = following.chunk(first, n)
+                self.pages_written += n
+            self.progress()
+
+    def passes(self) -> None:
+        plan = self.spec.plan
+        generation = 0
+        pattern = ChunkPattern(self.spec.index, generation)
+        self.write_pass(pattern)
+        self.damage()
+        self.current_pass = 1
+        self.progress(force=True)
+        while self.spec.deadline is not None or self.current_pass <= (plan.loops or 0):
+            following = None
+            if plan.mode == "rewrite":
+                following = ChunkPattern(self.spec.index, generation + 1)
+            self.verify_pass(pattern, following, generation)
             if following is not None:
                 pattern = following
                 generation += 1
-            current_pass += 1
-            progress(force=True)
-    except _WorkerStop:
-        stopped = stop.is_set
-    channel.send(
-        {
-            "t": "done",
-            "pages_verified": pages_verified,
-            "pages_written": pages_written,
-            "corrupt_pages": corrupt,
-            "passes_completed": current_pass - 1 if current_pass > 0 else 0,
-            "stopped": stopped,
-        }
-    )
-    if stopped:
-        return EXIT_INTERRUPTED
-    return EXIT_CORRUPTION if corrupt else EXIT_OK
+            self.current_pass += 1
+            self.progress(force=True)
+
+    def run(self) -> int:
+        """Returns the worker's exit code (0, 1 corruption, 130 stopped)."""
+        stopped = False
+        try:
+            self.passes()
+        except _WorkerStop:
+            stopped = self.stop.is_set
+        done = self.current_pass - 1 if self.current_pass > 0 else 0
+        self.channel.send(
+            {
+                "t": "done",
+                "pages_verified": self.pages_verified,
+                "pages_written": self.pages_written,
+                "corrupt_pages": self.corrupt,
+                "passes_completed": done,
+                "stopped": stopped,
+            }
+        )
+        if stopped:
+            return EXIT_INTERRUPTED
+        return EXIT_CORRUPTION if self.corrupt else EXIT_OK
+
+
+def _worker_main(spec: _WorkerSpec, channel: _Channel, stop: _StopFlag) -> int:
+    """Body of one worker.  Returns its exit code (0, 1 corruption, 130 stopped)."""
+    return _WorkerBody(spec, channel, stop).run()
 
 
 def _child(spec: _WorkerSpec, inherited: list[int]) -> None:

@@ -11,7 +11,8 @@ servers with a comparison report) can be added as another subparser that calls
 
 Exit codes: 0 the run completed; 1 the run ended with another outcome (lockup,
 guest-crash, corruption, oom, error); 2 usage error; 3 the image could not be built;
-130 interrupted (Ctrl-C; run.json is still written).
+130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM (128 + the signal, as a shell reports
+it; QEMU and the server are stopped and run.json is still written).
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ EXIT_NOT_COMPLETED = 1
 EXIT_USAGE = 2
 EXIT_IMAGE = 3
 EXIT_INTERRUPTED = 130
+"""SIGINT; a run stopped by SIGTERM exits 128 + 15 = 143."""
+EXIT_TERMINATED = 143
 
-#: Presets: ``quick`` finishes in under 10 minutes under TCG on a 2-core machine;
+#: Presets.  ``quick`` (the default) is the mission's shape scaled for TCG: 8 x vCPUs
+#: workers at 4x guest RAM (128 MiB guest, 2 vCPUs, 16 workers), a few minutes under TCG;
 #: ``seed`` is the 2012 setup (2 GiB, 8 x NCPU workers, 4x RAM), practical with KVM.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "memory_mib": 128,
         "cpus": 2,
-        "workers": 8,
-        "total_bytes": 256 * 1024 * 1024,
-        "ratio": None,
+        "workers": 16,
+        "total_bytes": None,
+        "ratio": 4.0,
         "loops": 1,
         "lockup_after_s": 180.0,
         "timeout_s": None,
@@ -63,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 EPILOG = """\
 examples:
-  swapnbd run                                  # quick preset: 128M guest, 8 workers, 256M
+  swapnbd run                                  # quick: 128M guest, 2 vCPUs, 16 workers, 4x RAM
   swapnbd run --memory 128M --cpus 2 --workers 8 --total 512M --loops 1 --out results/x
   swapnbd run --preset seed --accel kvm        # the 2012 setup: 2 GiB, 8 x NCPU workers, 4x RAM
   swapnbd run --server nbdkit --swap file      # a peer server, swapfile on ext4 on /dev/nbd0
@@ -71,7 +75,7 @@ examples:
 
 outcomes (run.json "outcome"): completed, lockup, guest-crash, corruption, oom, error
 exit codes: 0 completed, 1 another outcome, 2 usage error, 3 image build failed,
-            130 interrupted (run.json is still written)
+            130 interrupted by SIGINT, 143 by SIGTERM (run.json is still written)
 """
 
 
@@ -127,8 +131,21 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernel",
         default="6.1",
-        choices=["6.1", "6.12"],
-        help="Debian stock kernel: 6.1 (bookworm) or 6.12 (bookworm-security)",
+        help="a Debian stock kernel (6.1 bookworm, 6.12 bookworm-security), a built "
+        "variant by name (e.g. 6.1-build) or a bzImage path (default: 6.1)",
+    )
+    p.add_argument(
+        "--arm",
+        choices=list(experiment.ARMS),
+        default="patched",
+        help="patched (nbd memalloc + pfmemalloc throttle, as shipped; the default) or "
+        "vanilla (both switched off, as before the 2012 swap-over-NBD series)",
+    )
+    p.add_argument(
+        "--allocator",
+        choices=list(experiment.ALLOCATORS),
+        default=None,
+        help="slab allocator of a built kernel (default: the kernel's own)",
     )
     p.add_argument("--flavour", default="cloud", help="Debian kernel flavour (default: cloud)")
     p.add_argument(
@@ -168,6 +185,13 @@ def _add_run(sub: Any) -> None:
         choices=["device", "file"],
         default="device",
         help="swap on /dev/nbd0 (device, default) or a swapfile on ext4 on it (file)",
+    )
+    p.add_argument(
+        "--swap-size",
+        type=_size,
+        default=None,
+        help="size of the swap area (default: the whole export; less than the plan "
+        "minus RAM makes the guest run out of memory)",
     )
     p.add_argument(
         "--server",
@@ -286,7 +310,10 @@ def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
         out=args.out or default_out(),
         kernel=args.kernel,
         flavour=args.flavour,
+        arm=args.arm,
+        allocator=args.allocator,
         swap=args.swap,
+        swap_bytes=args.swap_size,
         server=args.server or default_server(),
         backing=args.backing,
         accel=args.accel,
@@ -317,15 +344,21 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
     accel = (run.get("accel") or {}).get("used", "n/a")
     kernel = run.get("kernel") or {}
     corrupt = sw.get("corrupt_pages")
+    server_cost = (run.get("cost") or {}).get("server") or {}
+    server_cpu = None
+    if "user_s" in server_cost:
+        server_cpu = f"{server_cost['user_s'] + server_cost['system_s']:.2f} s"
     return [
         f"outcome:                {run.get('outcome')}  ({run.get('outcome_reason')})",
-        f"kernel:                 {kernel.get('release') or kernel.get('name')}  accel {accel}",
+        f"kernel:                 {kernel.get('release') or kernel.get('name')}"
+        f"  arm {kernel.get('arm', 'patched')}  accel {accel}",
         f"Sys:                    {_fmt(sw.get('sys_s'), ' s')}",
         f"User+Sys:               {_fmt(sw.get('user_sys_s'), ' s')}",
         f"Elapsed:                {_fmt(sw.get('elapsed_s'), ' s')}",
         f"swap in / out (pages):  {_fmt(delta.get('pswpin'))} / {_fmt(delta.get('pswpout'))}",
         f"pgscan_direct_throttle: {_fmt(delta.get('pgscan_direct_throttle'))}",
         f"corrupt pages:          {_fmt(corrupt)}",
+        f"server CPU (user+sys):  {_fmt(server_cpu)}",
         f"results:                {run.get('config', {}).get('out')}",
     ]
 
@@ -346,8 +379,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(run, indent=2, default=str))
     else:
         print("\n".join(summary_lines(run)))
+    return exit_code(run)
+
+
+def exit_code(run: dict[str, Any]) -> int:
+    """The exit status of ``swapnbd run`` for a finished run.json (module docstring)."""
     if run.get("interrupted"):
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if run.get("interrupted_by") == "SIGTERM" else EXIT_INTERRUPTED
     return EXIT_OK if run.get("outcome") == "completed" else EXIT_NOT_COMPLETED
 
 
@@ -358,7 +396,9 @@ def cmd_image(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        img = vm_image.build_guest(args.kernel, args.flavour, args.cache, emit)
+        img = vm_image.build_guest(
+            args.kernel, args.flavour, args.cache, emit, arm=args.arm, allocator=args.allocator
+        )
     except Exception as exc:
         print(f"swapnbd image: error: {exc}", file=sys.stderr)
         return EXIT_IMAGE

@@ -2,21 +2,35 @@
 
 Theory of operation
 -------------------
-:func:`run_experiment` does, in order:
+:func:`run_experiment` does, in order, one function each:
 
-1. builds (or finds in the cache) the guest image through :mod:`vm.image`;
-2. resolves the accelerator (``auto`` boot-probes KVM, see :mod:`vm.qemu`);
-3. starts the NBD server on 127.0.0.1 at a confirmed free port, exporting a fresh
-   random name sized at least 5x guest RAM (:mod:`vm.servers`);
-4. encodes the guest's parameters as one base64url JSON blob on the kernel command line
-   (``swapnbd.cfg=``), read by :mod:`vm.guest_init` (PID 1 in the guest);
-5. starts QEMU and polls the files it writes through a :class:`vm.watchdog.Watchdog`,
-   printing progress; a silent guest becomes a ``lockup``, an overall timeout kills QEMU;
-6. stops the server (its final stats line), summarizes the samples with
-   ``stress.vmstat.summarize`` and writes ``OUT/run.json``.
+1. :func:`_image` builds (or finds in the cache) the guest image for the kernel, arm and
+   allocator through :mod:`vm.image`;
+2. :func:`_accelerator` resolves the accelerator (``auto`` boot-probes KVM, :mod:`vm.qemu`);
+3. :func:`_serving` (a context manager) starts the NBD server on 127.0.0.1 at a confirmed
+   free port, exporting a fresh random name sized at least 5x guest RAM
+   (:mod:`vm.servers`), and stops it, with its final stats line and its cost, however the
+   block is left;
+4. :func:`_boot` encodes the guest's parameters as one base64url JSON blob on the kernel
+   command line (``swapnbd.cfg=``, read by :mod:`vm.guest_init`, PID 1 in the guest), after
+   the arm's own words (``nbd.memalloc=0`` ...), and starts QEMU;
+5. :func:`_watch` polls the files QEMU writes through a :class:`vm.watchdog.Watchdog`,
+   printing progress and sampling the server's cost, and returns an :class:`Ending`:
+   the guest powered off, fell silent or stalled (a ``lockup``), the overall timeout hit, or
+   the guest sent its result and never powered off;
+6. :func:`_record` classifies the run, summarizes the samples with
+   ``stress.vmstat.summarize`` and fills run.json, which :func:`run_experiment` writes.
 
-Every path out of step 5 writes run.json: the harness records every outcome, not just
-the happy one.  Any exception before QEMU starts is recorded as outcome ``error``.
+Every path out writes ``OUT/run.json``: the harness records every outcome, not just the
+happy one.  Any exception is recorded as outcome ``error``; SIGINT and SIGTERM stop QEMU
+and the server and are recorded as ``interrupted`` (``interrupted_by`` names the signal).
+
+No orphans: QEMU is launched with ``PR_SET_PDEATHSIG`` and the servers die with their
+parent too (:mod:`vm.lifeline`), so even a SIGKILLed harness leaves nothing running.
+
+Cost: run.json ``cost`` holds the server process tree's CPU seconds and peak RSS
+(sampled with psutil while it runs, so forked workers that exit still count), QEMU's own
+CPU seconds (its rusage, from ``wait4``) and the host's steal time over the run.
 """
 
 from __future__ import annotations
@@ -28,16 +42,24 @@ import logging
 import math
 import os
 import platform
+import resource
 import signal
 import subprocess
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from vm import qemu, servers, watchdog
+import psutil
+
+from vm import lifeline, qemu, servers, watchdog
+
+if TYPE_CHECKING:
+    from vm.image import GuestImage
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +71,20 @@ MIB = 1024 * 1024
 POWEROFF_GRACE_S = 60.0
 POLL_INTERVAL_S = 0.5
 STATUS_INTERVAL_S = 10.0
+#: Seconds between two samples of the server's CPU time and RSS.
+COST_INTERVAL_S = 2.0
+
+ARMS = ("patched", "vanilla")
+"""Kernel arms (vm.image.ARMS, repeated so validation does not import the image builder)."""
+ALLOCATORS = ("slub", "slab")
+
+#: Every file a run leaves in OUT besides run.json (created empty when a run fails early).
+OUTPUT_FILES: dict[str, str] = {
+    "vmstat": "vmstat.jsonl",
+    "events": "events.jsonl",
+    "console": "console.log",
+    "server_stats": "server-stats.jsonl",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +106,19 @@ class RunConfig:
     loops: int = 1
     """Verification passes over the whole mapping."""
     kernel: str = "6.1"
-    """Kernel name understood by vm.image (``6.1`` or ``6.12``)."""
+    """Kernel understood by vm.image: a stock package (``6.1``, ``6.12``), a built variant
+    (``6.1-build``) or a bzImage path; vm.image validates it."""
+    arm: str = "patched"
+    """``patched`` (nbd memalloc + pfmemalloc throttle, as shipped) or ``vanilla``."""
+    allocator: str | None = None
+    """None (the kernel's own), ``slub`` or ``slab`` (a built 6.1 kernel)."""
     flavour: str = "cloud"
     """Debian kernel flavour."""
     swap: SwapMode = "device"
     """Swap on /dev/nbd0 directly, or on a swapfile in ext4 on /dev/nbd0."""
+    swap_bytes: int | None = None
+    """Size of the swap area (mkswap SIZE or the swapfile); None: the whole device (or 90%
+    of it for a swapfile).  Smaller than the plan minus RAM makes the guest OOM."""
     server: servers.ServerKind = "nbd-serve"
     """NBD server that backs the swap."""
     backing: servers.Backing | None = None
@@ -105,6 +149,12 @@ class RunConfig:
     """Export size as a multiple of guest RAM (issue 5: at least 5x)."""
     payload_dir: Path | None = None
     """Source tree of the guest payload (stress/, vm/guest_init.py); None = this checkout."""
+    server_fault: str | None = None
+    """TEST ONLY: nbd-serve ``--fault`` spec (corrupts one READ; see
+    nbdserver/backends/fault.py)."""
+    guest_panic_after_s: float | None = None
+    """TEST ONLY: the guest crashes its kernel (sysrq ``c``) this long after the stress
+    phase starts."""
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for settings that cannot work."""
@@ -134,6 +184,16 @@ class RunConfig:
             raise ValueError(f"--min-free-kbytes must be >= 128, got {self.min_free_kbytes}")
         if self.export_factor < 5:
             raise ValueError("the export must be at least 5x guest RAM")
+        if self.arm not in ARMS:
+            raise ValueError(f"--arm must be one of {', '.join(ARMS)}, not {self.arm!r}")
+        if self.allocator is not None and self.allocator not in ALLOCATORS:
+            raise ValueError(
+                f"--allocator must be one of {', '.join(ALLOCATORS)}, not {self.allocator!r}"
+            )
+        if self.swap_bytes is not None and self.swap_bytes < 40 * 4096:
+            raise ValueError(f"--swap-size must be at least 160K, got {self.swap_bytes} bytes")
+        if self.server_fault is not None and self.server != "nbd-serve":
+            raise ValueError(f"a server fault needs nbd-serve, not {self.server}")
 
     @property
     def pinned_min_free_kbytes(self) -> int:
@@ -206,10 +266,11 @@ def guest_config(cfg: RunConfig, server: servers.RunningServer) -> dict[str, Any
             "swap_flag": cfg.nbd_swap_flag or cfg.resident_client,
             "resident": cfg.resident_client,
         },
-        "swap": {"mode": cfg.swap},
+        "swap": {"mode": cfg.swap, "size_bytes": cfg.swap_bytes},
         "sysctl": {"vm.min_free_kbytes": cfg.pinned_min_free_kbytes},
         "stress": {"args": cfg.swapstress_args()},
         "vmstat": {"interval": cfg.vmstat_interval_s},
+        "fault": {"panic_after_s": cfg.guest_panic_after_s},
     }
 
 
@@ -287,6 +348,157 @@ class RunContext:
 Hook = Callable[[dict[str, Any], RunContext], None]
 
 
+class Ending(StrEnum):
+    """Why the watch loop stopped (the input of the classification, not the verdict)."""
+
+    QEMU_EXITED = "qemu-exited"
+    """QEMU exited by itself: the guest powered off or its kernel panicked."""
+    SILENT = "silent"
+    """No heartbeat and no sample for ``lockup_after_s``: a lockup."""
+    STALLED = "stalled"
+    """Heartbeats arrive but ``pages_done`` has not grown for ``lockup_after_s``: a lockup."""
+    TIMEOUT = "timeout"
+    """The overall limit was reached."""
+    NO_POWEROFF = "no-poweroff"
+    """The guest sent its result but did not power off within the grace period."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived during a run (raised by the handler of
+    :func:`stop_signals_interrupt`; a BaseException so that no ``except Exception``
+    swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Turn the first SIGINT or SIGTERM into :class:`Interrupted`; ignore later ones, so the
+    cleanup they trigger (stop QEMU and the server, write run.json) cannot be cut short.
+
+    Signal handlers exist only in the main thread; elsewhere this does nothing (and
+    Ctrl-C still arrives as KeyboardInterrupt in the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+# --- cost --------------------------------------------------------------------------------
+
+
+def tree_usage(pid: int) -> tuple[float, float, int] | None:
+    """(user s, system s, RSS bytes) of ``pid`` and all its descendants, or None if gone.
+
+    Each process counts its own CPU time plus that of the children it has reaped, so a
+    forked worker that exited still counts once it is reaped.  RSS is summed, so pages
+    shared between processes count once per process (an upper bound).
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    user = system = 0.0
+    rss = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            user += t.user + t.children_user
+            system += t.system + t.children_system
+        with contextlib.suppress(psutil.Error):
+            rss += proc.memory_info().rss
+    return user, system, rss
+
+
+@dataclass(slots=True)
+class ServerCost:
+    """The server process tree's CPU time and peak RSS, sampled while it runs."""
+
+    pid: int
+    user_s: float = 0.0
+    system_s: float = 0.0
+    peak_rss_bytes: int = 0
+    samples: int = 0
+    last: float = -math.inf
+
+    def sample(self, now: float, *, force: bool = False) -> None:
+        if not force and now - self.last < COST_INTERVAL_S:
+            return
+        self.last = now
+        usage = tree_usage(self.pid)
+        if usage is None:
+            return
+        self.samples += 1
+        # CPU time only grows; the maximum survives the tree shrinking between samples.
+        self.user_s = max(self.user_s, usage[0])
+        self.system_s = max(self.system_s, usage[1])
+        self.peak_rss_bytes = max(self.peak_rss_bytes, usage[2])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "user_s": round(self.user_s, 3),
+            "system_s": round(self.system_s, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "samples": self.samples,
+        }
+
+
+def host_steal_ticks() -> int | None:
+    """The host's cumulative steal time in clock ticks (/proc/stat), None if not there."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    return int(fields[8])
+
+
+@dataclass(slots=True)
+class Cost:
+    """What run.json records as ``cost``."""
+
+    server: ServerCost | None = None
+    qemu: resource.struct_rusage | None = None
+    steal_start: int | None = None
+    steal_end: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        steal: float | None = None
+        if self.steal_start is not None and self.steal_end is not None:
+            steal = round((self.steal_end - self.steal_start) / os.sysconf("SC_CLK_TCK"), 2)
+        qemu_cost = None
+        if self.qemu is not None:
+            qemu_cost = {
+                "user_s": round(self.qemu.ru_utime, 3),
+                "system_s": round(self.qemu.ru_stime, 3),
+                "max_rss_bytes": self.qemu.ru_maxrss * 1024,
+            }
+        return {
+            "server": self.server.as_dict() if self.server is not None else None,
+            "qemu": qemu_cost,
+            "host_steal_s": steal,
+        }
+
+
 def _format_s(seconds: float) -> str:
     seconds = max(0.0, seconds)
     minutes, secs = divmod(round(seconds), 60)
@@ -322,12 +534,11 @@ def status_line(state: watchdog.WatchState, now: float, passes: int | None = Non
     return ", ".join(parts)
 
 
-def _kill_qemu(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait()
+# --- the run -----------------------------------------------------------------------------
+
+
+def _since(t0: float) -> float:
+    return round(time.monotonic() - t0, 2)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -336,77 +547,117 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def new_run(cfg: RunConfig) -> dict[str, Any]:
+    """The run.json skeleton, filled in as the run goes."""
+    return {
+        "schema": 1,
+        "config": cfg.to_json(),
+        "host": {"python": platform.python_version(), "kernel": platform.release()},
+        "kernel": {
+            "name": cfg.kernel,
+            "flavour": cfg.flavour,
+            "arm": cfg.arm,
+            "allocator": cfg.allocator,
+        },
+        "outcome": None,
+        "outcome_reason": None,
+        "swapstress": None,
+        "vmstat_delta": {},
+        "timings": {},
+        "cost": Cost().as_dict(),
+        "files": dict(OUTPUT_FILES),
+    }
+
+
 def run_experiment(
     cfg: RunConfig, emit: Emit | None = None, hook: Hook | None = None
 ) -> dict[str, Any]:
     """Run one experiment and return the run.json object (also written to ``cfg.out``).
+
+    SIGINT and SIGTERM (in the main thread) stop the run: QEMU and the server are
+    stopped and run.json records ``interrupted: true`` and ``interrupted_by``.
 
     Raises:
         ValueError: invalid configuration (nothing is started).
     """
     cfg.validate()
     say = emit or (lambda _m: None)
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    timings: dict[str, Any] = {}
-    run: dict[str, Any] = {
-        "schema": 1,
-        "config": cfg.to_json(),
-        "host": {"python": platform.python_version(), "kernel": platform.release()},
-        "kernel": {"name": cfg.kernel, "flavour": cfg.flavour},
-        "outcome": None,
-        "outcome_reason": None,
-        "swapstress": None,
-        "vmstat_delta": {},
-        "timings": timings,
-        "files": {
-            "vmstat": "vmstat.jsonl",
-            "events": "events.jsonl",
-            "console": "console.log",
-            "server_stats": "server-stats.jsonl",
-        },
-    }
-    server: servers.RunningServer | None = None
-    try:
-        _run_guest(cfg, run, timings, say, hook)
-    except KeyboardInterrupt:
-        run["outcome"] = watchdog.Outcome.ERROR.value
-        run["outcome_reason"] = "interrupted by the user (SIGINT); QEMU and the server were stopped"
-        run["interrupted"] = True
-        say("interrupted: stopping QEMU and the server, writing run.json")
-    except Exception as exc:  # recorded, never lost: the harness records every outcome
-        log.debug("run failed", exc_info=True)
-        run["outcome"] = watchdog.Outcome.ERROR.value
-        run["outcome_reason"] = f"{type(exc).__name__}: {exc}"
-        run["traceback"] = traceback.format_exc(limit=8)
-        say(f"error: {run['outcome_reason']}")
-    finally:
-        server = run.pop("_server", None)
-        if server is not None:
-            server.stop()
-            run["server"] = server.describe()
-            if server.kind == "nbd-serve" and server.stats_path is not None:
-                run["server"]["stats"] = server_stats_summary(server.stats_path)
-        timings["total_s"] = round(time.monotonic() - t_start, 2)
-        for name in ("vmstat.jsonl", "events.jsonl", "console.log", "server-stats.jsonl"):
-            (out / name).touch(exist_ok=True)
-        _write_json(out / "run.json", run)
+    run = new_run(cfg)
+    cost = Cost()
+    with stop_signals_interrupt():
+        try:
+            _run_guest(cfg, run, cost, say, hook)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+            run["outcome"] = watchdog.Outcome.ERROR.value
+            run["outcome_reason"] = f"interrupted by {name}; QEMU and the server were stopped"
+            run["interrupted"] = True
+            run["interrupted_by"] = name
+            say(f"interrupted by {name}: QEMU and the server were stopped, writing run.json")
+        except Exception as exc:  # recorded, never lost: the harness records every outcome
+            log.debug("run failed", exc_info=True)
+            run["outcome"] = watchdog.Outcome.ERROR.value
+            run["outcome_reason"] = f"{type(exc).__name__}: {exc}"
+            run["traceback"] = traceback.format_exc(limit=8)
+            say(f"error: {run['outcome_reason']}")
+        finally:
+            run["cost"] = cost.as_dict()
+            run["timings"]["total_s"] = _since(t_start)
+            for name in OUTPUT_FILES.values():
+                (cfg.out / name).touch(exist_ok=True)
+            _write_json(cfg.out / "run.json", run)
     return run
 
 
 def _run_guest(
-    cfg: RunConfig, run: dict[str, Any], timings: dict[str, Any], say: Emit, hook: Hook | None
+    cfg: RunConfig, run: dict[str, Any], cost: Cost, say: Emit, hook: Hook | None
 ) -> None:
+    """Steps 1-6 of the module docstring."""
     from vm import image as vm_image  # noqa: PLC0415 - heavy, and built by another part
 
-    out = cfg.out
     cache_dir = cfg.cache_dir or vm_image.default_cache_dir()
+    img = _image(cfg, cache_dir, run, say)
+    choice = _accelerator(cfg, img, cache_dir, run, say)
+    with _serving(cfg, run, cost, say) as server:
+        proc, wd, t_qemu = _boot(cfg, img, choice, server, run=run, cost=cost, say=say)
+        ctx = RunContext(cfg=cfg, server=server, state=wd.state, qemu_pid=proc.pid)
+        try:
+            ending = _watch(cfg, proc, wd, ctx, say=say, hook=hook, cost=cost)
+        finally:
+            killed = _stop_qemu(proc, cost)
+            cost.steal_end = host_steal_ticks()
+            run["qemu"].update(exit_status=proc.returncode, killed_by_host=killed)
+        exit_status = None if killed else proc.returncode
+        _record(cfg, run, wd, ending, qemu_exit=exit_status, ctx=ctx, t_qemu=t_qemu)
+
+
+def _image(cfg: RunConfig, cache_dir: Path, run: dict[str, Any], say: Emit) -> GuestImage:
+    """Step 1: the guest image for the kernel, arm and allocator."""
+    from vm import image as vm_image  # noqa: PLC0415
+
     t0 = time.monotonic()
-    say(f"guest image: kernel {cfg.kernel} ({cfg.flavour}), cache {cache_dir}")
-    img = vm_image.build_guest(cfg.kernel, cfg.flavour, cache_dir, say, payload_dir=cfg.payload_dir)
-    timings["image_s"] = round(time.monotonic() - t0, 2)
-    run["kernel"].update(
+    what = f"kernel {cfg.kernel} ({cfg.flavour}), arm {cfg.arm}"
+    if cfg.allocator:
+        what += f", allocator {cfg.allocator}"
+    say(f"guest image: {what}, cache {cache_dir}")
+    img = vm_image.build_guest(
+        cfg.kernel,
+        cfg.flavour,
+        cache_dir,
+        say,
+        payload_dir=cfg.payload_dir,
+        arm=cfg.arm,
+        allocator=cfg.allocator,
+    )
+    run["timings"]["image_s"] = _since(t0)
+    kernel = run["kernel"]
+    kernel.update(img.identity)
+    kernel.update(
+        arm=cfg.arm,
+        allocator=cfg.allocator,
+        cmdline_extra=list(img.cmdline_extra),
         release=img.kernel_release,
         package=img.kernel_package,
         image_key=img.key,
@@ -414,10 +665,16 @@ def _run_guest(
         initrd=str(img.initrd),
         rootfs=str(img.rootfs),
     )
+    return img
 
+
+def _accelerator(
+    cfg: RunConfig, img: GuestImage, cache_dir: Path, run: dict[str, Any], say: Emit
+) -> qemu.AccelChoice:
+    """Step 2: TCG or KVM (``auto`` boot-probes KVM once per kernel and caches it)."""
     t0 = time.monotonic()
     choice = qemu.resolve_accel(cfg.accel, img.kernel, cache_dir, progress=say)
-    timings["accel_s"] = round(time.monotonic() - t0, 2)
+    run["timings"]["accel_s"] = _since(t0)
     run["accel"] = {
         "requested": cfg.accel,
         "used": choice.accel,
@@ -426,32 +683,62 @@ def _run_guest(
         "cpu": choice.cpu,
     }
     say(f"accelerator: {choice.accel} ({choice.reason})")
+    return choice
 
+
+@contextlib.contextmanager
+def _serving(
+    cfg: RunConfig, run: dict[str, Any], cost: Cost, say: Emit
+) -> Iterator[servers.RunningServer]:
+    """Step 3: the NBD server, stopped (final stats line, cost) however the block ends."""
     t0 = time.monotonic()
-    stats_path = out / "server-stats.jsonl"
+    stats_path = cfg.out / OUTPUT_FILES["server_stats"]
+    extra = ("--fault", cfg.server_fault) if cfg.server_fault else ()
     server = servers.launch_server(
-        cfg.server, cfg.export_bytes, out / "server", stats_path=stats_path, backing=cfg.backing
+        cfg.server,
+        cfg.export_bytes,
+        cfg.out / "server",
+        stats_path=stats_path,
+        backing=cfg.backing,
+        extra_args=extra,
     )
-    run["_server"] = server
-    timings["server_start_s"] = round(time.monotonic() - t0, 2)
-    if server.kind != "nbd-serve":
-        stats_path.write_text(
-            json.dumps(
-                {
-                    "server": server.kind,
-                    "stats": None,
-                    "note": f"{server.kind} has no --stats; only nbd-serve records them",
-                }
+    run["timings"]["server_start_s"] = _since(t0)
+    cost.server = ServerCost(server.pid)
+    cost.server.sample(time.monotonic(), force=True)
+    try:
+        if server.kind != "nbd-serve":
+            note = f"{server.kind} has no --stats; only nbd-serve records them"
+            stats_path.write_text(
+                json.dumps({"server": server.kind, "stats": None, "note": note}) + "\n"
             )
-            + "\n"
+        say(
+            f"server: {server.kind} on {server.host}:{server.port}, "
+            f"export {server.export_name[:8]}… ({server.size_bytes // MIB} MiB, {server.backing})"
         )
-    say(
-        f"server: {server.kind} on {server.host}:{server.port}, export {server.export_name[:8]}…"
-        f" ({server.size_bytes // MIB} MiB, {server.backing})"
-    )
+        yield server
+    finally:
+        if not server.killed:
+            cost.server.sample(time.monotonic(), force=True)
+        server.stop()
+        run["server"] = server.describe()
+        if server.kind == "nbd-serve" and server.stats_path is not None:
+            run["server"]["stats"] = server_stats_summary(server.stats_path)
 
+
+def _boot(
+    cfg: RunConfig,
+    img: GuestImage,
+    choice: qemu.AccelChoice,
+    server: servers.RunningServer,
+    *,
+    run: dict[str, Any],
+    cost: Cost,
+    say: Emit,
+) -> tuple[subprocess.Popen[bytes], watchdog.Watchdog, float]:
+    """Step 4: the kernel command line and QEMU (which dies with us: PDEATHSIG)."""
+    out = cfg.out
     gcfg = guest_config(cfg, server)
-    cmdline = qemu.kernel_cmdline({"cfg": encode_guest_config(gcfg)})
+    cmdline = qemu.kernel_cmdline({"cfg": encode_guest_config(gcfg)}, tuple(img.cmdline_extra))
     qcfg = qemu.QemuConfig(
         kernel=img.kernel,
         initrd=img.initrd,
@@ -461,15 +748,15 @@ def _run_guest(
         accel=choice.accel,
         cpu=choice.cpu,
         cmdline=cmdline,
-        console_path=out / "console.log",
-        events_path=out / "events.jsonl",
-        samples_path=out / "vmstat.jsonl",
+        console_path=out / OUTPUT_FILES["console"],
+        events_path=out / OUTPUT_FILES["events"],
+        samples_path=out / OUTPUT_FILES["vmstat"],
     )
     argv = qemu.build_argv(qcfg)
     run["qemu"] = {"argv": argv, "guest_config": gcfg}
-    for name in ("console.log", "events.jsonl", "vmstat.jsonl"):
-        (out / name).unlink(missing_ok=True)
-
+    for name in ("console", "events", "vmstat"):
+        (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
+    cost.steal_start = host_steal_ticks()
     t_qemu = time.monotonic()
     with open(out / "qemu.log", "wb") as qlog:
         proc = subprocess.Popen(
@@ -478,75 +765,124 @@ def _run_guest(
             stdout=qlog,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lifeline.parent_death_signal(signal.SIGKILL),  # noqa: PLW1509 - prctl
         )
+    run["qemu"]["pid"] = proc.pid
     say(f"QEMU started (pid {proc.pid}, {cfg.memory_mib} MiB, {cfg.cpus} vCPUs, {choice.accel})")
-    wd = watchdog.Watchdog(out / "events.jsonl", out / "vmstat.jsonl", t_qemu)
-    ctx = RunContext(cfg=cfg, server=server, state=wd.state, qemu_pid=proc.pid)
-    lockup = timed_out = host_killed = False
+    wd = watchdog.Watchdog(out / OUTPUT_FILES["events"], out / OUTPUT_FILES["vmstat"], t_qemu)
+    return proc, wd, t_qemu
+
+
+def _reap_qemu(proc: subprocess.Popen[bytes], cost: Cost, *, block: bool) -> bool:
+    """wait4() QEMU ourselves, for its rusage; True once it has exited."""
+    if proc.returncode is not None:
+        return True
+    try:
+        pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    except ChildProcessError:  # reaped elsewhere; its rusage is lost
+        proc.returncode = proc.returncode if proc.returncode is not None else -1
+        return True
+    if pid == 0:
+        return False
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cost.qemu = usage
+    return True
+
+
+def _stop_qemu(proc: subprocess.Popen[bytes], cost: Cost) -> bool:
+    """Kill QEMU if it still runs; True when the host had to kill it."""
+    if _reap_qemu(proc, cost, block=False):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    _reap_qemu(proc, cost, block=True)
+    return True
+
+
+def _watch(
+    cfg: RunConfig,
+    proc: subprocess.Popen[bytes],
+    wd: watchdog.Watchdog,
+    ctx: RunContext,
+    *,
+    say: Emit,
+    hook: Hook | None,
+    cost: Cost,
+) -> Ending:
+    """Step 5: follow the guest until it ends; say why."""
+    t_qemu = wd.state.started
     result_at: float | None = None
     last_status = t_qemu
     last_phase = ""
-    try:
-        while True:
-            now = time.monotonic()
-            for rec in wd.poll(now):
-                kind = rec.get("type")
-                if kind == "phase" and wd.state.phase != last_phase:
-                    last_phase = wd.state.phase
-                    say(f"[{_format_s(now - t_qemu):>6}] guest phase: {last_phase}")
-                elif kind == "error":
-                    say(f"guest error in phase {rec.get('phase')}: {rec.get('message')}")
-                elif kind == "result":
-                    result_at = now
-                if hook is not None:
-                    hook(rec, ctx)
-            if proc.poll() is not None:
-                break
-            if now - last_status >= STATUS_INTERVAL_S:
-                last_status = now
-                say(status_line(wd.state, now, cfg.passes))
-            if result_at is None and wd.state.silent_for(now) >= cfg.lockup_after_s:
-                lockup = True
-                say(f"watchdog: no heartbeat and no sample for {cfg.lockup_after_s:.0f}s: lockup")
-                break
-            if result_at is None and wd.state.stalled_for(now) >= cfg.lockup_after_s:
-                lockup = True
-                say(
-                    f"watchdog: heartbeats arrive but pages_done has not grown for "
-                    f"{cfg.lockup_after_s:.0f}s: lockup"
-                )
-                break
-            if now - t_qemu >= cfg.effective_timeout_s:
-                timed_out = True
-                say(f"overall timeout of {cfg.effective_timeout_s:.0f}s reached")
-                break
-            if result_at is not None and now - result_at >= POWEROFF_GRACE_S:
-                say("guest sent its result but did not power off; stopping QEMU")
-                break
-            time.sleep(POLL_INTERVAL_S)
-    finally:
-        if proc.poll() is None:
-            host_killed = True
-            _kill_qemu(proc)
-    qemu_exit = None if host_killed else proc.returncode
+    while True:
+        now = time.monotonic()
+        for rec in wd.poll(now):
+            kind = rec.get("type")
+            if kind == "phase" and wd.state.phase != last_phase:
+                last_phase = wd.state.phase
+                say(f"[{_format_s(now - t_qemu):>6}] guest phase: {last_phase}")
+            elif kind == "error":
+                say(f"guest error in phase {rec.get('phase')}: {rec.get('message')}")
+            elif kind == "result":
+                result_at = now
+            if hook is not None:
+                hook(rec, ctx)
+        if cost.server is not None and not ctx.server.killed:
+            cost.server.sample(now)
+        if _reap_qemu(proc, cost, block=False):
+            return Ending.QEMU_EXITED
+        if now - last_status >= STATUS_INTERVAL_S:
+            last_status = now
+            say(status_line(wd.state, now, cfg.passes))
+        if result_at is None and wd.state.silent_for(now) >= cfg.lockup_after_s:
+            say(f"watchdog: no heartbeat and no sample for {cfg.lockup_after_s:.0f}s: lockup")
+            return Ending.SILENT
+        if result_at is None and wd.state.stalled_for(now) >= cfg.lockup_after_s:
+            say(
+                f"watchdog: heartbeats arrive but pages_done has not grown for "
+                f"{cfg.lockup_after_s:.0f}s: lockup"
+            )
+            return Ending.STALLED
+        if now - t_qemu >= cfg.effective_timeout_s:
+            say(f"overall timeout of {cfg.effective_timeout_s:.0f}s reached")
+            return Ending.TIMEOUT
+        if result_at is not None and now - result_at >= POWEROFF_GRACE_S:
+            say("guest sent its result but did not power off; stopping QEMU")
+            return Ending.NO_POWEROFF
+        time.sleep(POLL_INTERVAL_S)
+
+
+def _record(
+    cfg: RunConfig,
+    run: dict[str, Any],
+    wd: watchdog.Watchdog,
+    ending: Ending,
+    *,
+    qemu_exit: int | None,
+    ctx: RunContext,
+    t_qemu: float,
+) -> None:
+    """Step 6: the verdict and everything run.json keeps of the guest."""
+    out = cfg.out
+    timings = run["timings"]
     end = time.monotonic()
     list(wd.poll(end))  # whatever arrived in the last moments
     timings["qemu_s"] = round(end - t_qemu, 2)
     timings["phases_s"] = {k: round(v, 2) for k, v in wd.state.phases.items()}
     timings.update({f"mark_{k}_s": round(v - t_qemu, 2) for k, v in ctx.marks.items()})
-    run["qemu"].update(exit_status=proc.returncode, killed_by_host=host_killed)
-
-    console = (
-        (out / "console.log").read_text(errors="replace") if (out / "console.log").exists() else ""
-    )
+    run["ending"] = ending.value
+    console_path = out / OUTPUT_FILES["console"]
+    console = console_path.read_text(errors="replace") if console_path.exists() else ""
     st = wd.state
     verdict = watchdog.classify(
         result_event=st.result,
         error_event=st.error,
-        lockup=lockup,
+        lockup=ending in (Ending.SILENT, Ending.STALLED),
         silent_s=st.silent_for(end),
         stalled_s=st.stalled_for(end),
-        timed_out=timed_out,
+        timed_out=ending is Ending.TIMEOUT,
         qemu_exit=qemu_exit,
         console_text=console,
     )
@@ -562,10 +898,11 @@ def _run_guest(
     if st.info is not None:
         run["kernel"]["guest_release"] = st.info.get("kernel_release")
         run["kernel"]["cmdline"] = st.info.get("cmdline")
+        run["kernel"]["in_guest"] = st.info.get("arm")
         run["guest"] = {
             k: st.info.get(k) for k in ("settings", "mem_total_bytes", "cpus", "python")
         }
-    samples = read_jsonl(out / "vmstat.jsonl")
+    samples = read_jsonl(out / OUTPUT_FILES["vmstat"])
     summary = vmstat_summary(samples)
     run["vmstat_delta"] = summary.get("vmstat_delta", {})
     run["vmstat_rates"] = summary.get("rates", {})

@@ -40,8 +40,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +283,10 @@ def connect_nbd(server: dict[str, Any], nbd: dict[str, Any]) -> int:
 
 def setup_swap(swap: dict[str, Any], device_bytes: int) -> str:
     mode = swap.get("mode", "device")
+    limit = swap.get("size_bytes")
     if mode == "device":
-        run(["mkswap", NBD_DEVICE], "mkswap")
+        size_kib = [str(int(limit) // 1024)] if limit else []  # mkswap's size is in KiB
+        run(["mkswap", NBD_DEVICE, *size_kib], "mkswap")
         run(["swapon", NBD_DEVICE], "swapon")
         return NBD_DEVICE
     if mode != "file":
@@ -302,7 +306,7 @@ def setup_swap(swap: dict[str, Any], device_bytes: int) -> str:
     SWAPFILE_MOUNT.mkdir(parents=True, exist_ok=True)
     run(["mount", "-t", "ext4", NBD_DEVICE, str(SWAPFILE_MOUNT)], "mount ext4 on /dev/nbd0")
     swapfile = SWAPFILE_MOUNT / "swapfile"
-    size = int(swap.get("file_bytes") or device_bytes * 9 // 10)
+    size = int(limit or swap.get("file_bytes") or device_bytes * 9 // 10)
     size -= size % 4096
     run(["fallocate", "-l", str(size), str(swapfile)], "fallocate swapfile")
     os.chmod(swapfile, 0o600)
@@ -397,6 +401,49 @@ def run_swapstress(args: list[str], result_path: Path) -> int:
     return proc.wait()
 
 
+# --- the kernel arm's proof, and the test-only crash ----------------------------------
+
+#: The switches of the vanilla arm, read back so run.json shows what the kernel used.
+ARM_SWITCHES = {
+    "nbd.memalloc": "/sys/module/nbd/parameters/memalloc",
+    "pfmemalloc_throttle": "/sys/module/kernel/parameters/pfmemalloc_throttle",
+    "livepatch.swapnbd_nothrottle": "/sys/kernel/livepatch/swapnbd_nothrottle/enabled",
+}
+ARM_CMDLINE_PREFIXES = ("nbd.memalloc=", "pfmemalloc_throttle=")
+
+
+def kernel_log_lines(needle: str) -> list[str]:
+    """Lines of the kernel log containing ``needle`` (dmesg from util-linux)."""
+    try:
+        proc = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"(dmesg failed: {exc})"]
+    return [line.strip() for line in proc.stdout.splitlines() if needle in line]
+
+
+def read_arm_proof(cmdline: str) -> dict[str, Any]:
+    """Which arm this kernel really runs, read inside the guest (None: switch absent)."""
+    return {
+        "switches": {name: read_setting(path) for name, path in ARM_SWITCHES.items()},
+        "cmdline": [w for w in cmdline.split() if w.startswith(ARM_CMDLINE_PREFIXES)],
+        "dmesg": kernel_log_lines("swapnbd"),
+    }
+
+
+def arm_test_panic(after_s: float | None) -> None:
+    """TEST ONLY: crash the kernel (sysrq ``c``) ``after_s`` seconds from now."""
+    if after_s is None:
+        return
+
+    def crash() -> None:
+        log(f"test fault: crashing the kernel after {after_s}s of stress (sysrq c)")
+        Path("/proc/sysrq-trigger").write_text("c\n")
+
+    timer = threading.Timer(float(after_s), crash)
+    timer.daemon = True
+    timer.start()
+
+
 # --- the end ---------------------------------------------------------------------------
 
 
@@ -414,125 +461,151 @@ def power_off() -> None:
     os._exit(1)  # PID 1 exiting panics the kernel; panic=-1 then reboots, QEMU exits.
 
 
-def main() -> int:
-    events = Events(PORTS_DIR / EVENTS_PORT)
-    phase = "mount"
+@dataclass
+class Boot:
+    """What the steps of :func:`main` share: the events port, the current phase (named in
+    an ``error`` event if a step fails), the run's parameters and the collector."""
+
+    events: Events
+    phase: str = "mount"
+    cmdline: str = ""
+    cfg: dict[str, Any] = field(default_factory=dict)
     collector: subprocess.Popen[bytes] | None = None
+
+    def step(self, phase: str) -> None:
+        self.phase = phase
+
+
+def boot_basics(b: Boot) -> None:
+    """Steps 1-2: mounts, virtio-serial ports, parameters."""
+    mount_basics()
+    b.step("virtio-ports")
+    ports = link_virtio_ports()
+    if EVENTS_PORT not in ports:
+        raise GuestError(f"virtio-serial port {EVENTS_PORT} not found (virtio_console loaded?)")
+    b.events.open()
+    b.events.send("phase", phase="boot", kernel_release=os.uname().release, ports=ports)
+    b.step("config")
+    b.cmdline = Path("/proc/cmdline").read_text().strip()
+    b.cfg = read_config(b.cmdline)
+    check_tools()
+
+
+def setup_system(b: Boot) -> None:
+    """Steps 3-4: network, sysctls, and the info event (with the arm's proof)."""
+    b.step("network")
+    dev = bring_up_network(b.cfg.get("net", {}))
+    b.events.send("phase", phase="network", interface=dev)
+    b.step("sysctl")
+    settings = apply_sysctls(b.cfg.get("sysctl", {}))
+    mem_total = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    b.events.send(
+        "info",
+        kernel_release=os.uname().release,
+        kernel_version=os.uname().version,
+        cmdline=b.cmdline,
+        settings=settings,
+        mem_total_bytes=mem_total,
+        cpus=os.cpu_count(),
+        python=sys.version.split()[0],
+        arm=read_arm_proof(b.cmdline),
+    )
+
+
+def setup_nbd_swap(b: Boot) -> None:
+    """Steps 5-6: /dev/nbd0 and swap on it."""
+    b.step("nbd-connect")
+    t0 = time.monotonic()
+    device_bytes = connect_nbd(b.cfg["server"], b.cfg["nbd"])
+    b.events.send(
+        "phase", phase="nbd-connect", device_bytes=device_bytes, seconds=time.monotonic() - t0
+    )
+    b.step("swapon")
+    t0 = time.monotonic()
+    target = setup_swap(b.cfg["swap"], device_bytes)
+    b.events.send(
+        "phase", phase="swapon", target=target, swaps=read_swaps(), seconds=time.monotonic() - t0
+    )
+
+
+def start_sampling(b: Boot) -> None:
+    """Step 7: the collector, and a first sample before the pressure starts."""
+    b.step("collector")
+    vmstat_cfg = b.cfg.get("vmstat", {})
+    b.collector = start_collector(float(vmstat_cfg.get("interval", 1.0)))
+    # A first sample before the pressure starts gives the delta a clean baseline.
+    time.sleep(float(vmstat_cfg.get("settle_s", 2.0)))
+    if b.collector.poll() is not None:
+        raise GuestError(f"the vmstat collector exited early with status {b.collector.returncode}")
+    b.events.send("phase", phase="collector", pid=b.collector.pid)
+
+
+def stress(b: Boot) -> None:
+    """Steps 8-9: swapstress (which owns the events port meanwhile), then its result."""
+    b.step("stress")
+    args = [str(a) for a in b.cfg["stress"].get("args", [])]
+    result_path = RUN_DIR / "swapstress.json"
+    oom_before = vmstat_counter("oom_kill")
+    b.events.send("phase", phase="stress", args=args)
+    b.events.close()  # swapstress owns the port now (one opener at a time)
+    arm_test_panic((b.cfg.get("fault") or {}).get("panic_after_s"))
+    t0 = time.monotonic()
+    rc = run_swapstress(args, result_path)
+    stress_s = time.monotonic() - t0
+    b.events.open()
+    oom_after = vmstat_counter("oom_kill")
+    result: Any = None
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text())
+        except ValueError as exc:
+            raise GuestError(f"swapstress wrote invalid JSON: {exc}") from exc
+    oom_delta = None
+    if oom_after is not None and oom_before is not None:
+        oom_delta = oom_after - oom_before
+    b.events.send(
+        "result", exit_code=rc, seconds=stress_s, swapstress=result, oom_kill_delta=oom_delta
+    )
+    if result is None:
+        how = f"killed by signal {-rc}" if rc < 0 else f"exited {rc}"
+        raise GuestError(f"swapstress {how} without writing its result")
+
+
+def finish(b: Boot) -> None:
+    """Stop the collector and report the final state."""
+    b.step("stop")
+    collector_rc = stop_collector(b.collector) if b.collector is not None else None
+    b.collector = None
+    b.events.send(
+        "phase",
+        phase="done",
+        collector_exit=collector_rc,
+        swaps=read_swaps(),
+        settings={k: read_setting(p) for k, p in RECORDED_SETTINGS.items()},
+    )
+
+
+def main() -> int:
+    """Run the steps of the module docstring; any failure becomes an ``error`` event."""
+    b = Boot(Events(PORTS_DIR / EVENTS_PORT))
     try:
-        mount_basics()
-        phase = "virtio-ports"
-        ports = link_virtio_ports()
-        if EVENTS_PORT not in ports:
-            raise GuestError(f"virtio-serial port {EVENTS_PORT} not found (virtio_console loaded?)")
-        events.open()
-        events.send("phase", phase="boot", kernel_release=os.uname().release, ports=ports)
-
-        phase = "config"
-        cmdline = Path("/proc/cmdline").read_text().strip()
-        cfg = read_config(cmdline)
-        check_tools()
-
-        phase = "network"
-        dev = bring_up_network(cfg.get("net", {}))
-        events.send("phase", phase="network", interface=dev)
-
-        phase = "sysctl"
-        settings = apply_sysctls(cfg.get("sysctl", {}))
-        mem_total = next(
-            int(line.split()[1]) * 1024
-            for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemTotal:")
-        )
-        events.send(
-            "info",
-            kernel_release=os.uname().release,
-            kernel_version=os.uname().version,
-            cmdline=cmdline,
-            settings=settings,
-            mem_total_bytes=mem_total,
-            cpus=os.cpu_count(),
-            python=sys.version.split()[0],
-        )
-
-        phase = "nbd-connect"
-        t0 = time.monotonic()
-        device_bytes = connect_nbd(cfg["server"], cfg["nbd"])
-        events.send(
-            "phase", phase="nbd-connect", device_bytes=device_bytes, seconds=time.monotonic() - t0
-        )
-
-        phase = "swapon"
-        t0 = time.monotonic()
-        target = setup_swap(cfg["swap"], device_bytes)
-        events.send(
-            "phase",
-            phase="swapon",
-            target=target,
-            swaps=read_swaps(),
-            seconds=time.monotonic() - t0,
-        )
-
-        phase = "collector"
-        collector = start_collector(float(cfg.get("vmstat", {}).get("interval", 1.0)))
-        # A first sample before the pressure starts gives the delta a clean baseline.
-        time.sleep(float(cfg.get("vmstat", {}).get("settle_s", 2.0)))
-        if collector.poll() is not None:
-            raise GuestError(
-                f"the vmstat collector exited early with status {collector.returncode}"
-            )
-        events.send("phase", phase="collector", pid=collector.pid)
-
-        phase = "stress"
-        result_path = RUN_DIR / "swapstress.json"
-        oom_before = vmstat_counter("oom_kill")
-        events.send("phase", phase="stress", args=cfg["stress"].get("args", []))
-        events.close()  # swapstress owns the port now (one opener at a time)
-        t0 = time.monotonic()
-        rc = run_swapstress([str(a) for a in cfg["stress"].get("args", [])], result_path)
-        stress_s = time.monotonic() - t0
-        events.open()
-        oom_after = vmstat_counter("oom_kill")
-        result: Any = None
-        if result_path.exists():
-            try:
-                result = json.loads(result_path.read_text())
-            except ValueError as exc:
-                raise GuestError(f"swapstress wrote invalid JSON: {exc}") from exc
-        events.send(
-            "result",
-            exit_code=rc,
-            seconds=stress_s,
-            swapstress=result,
-            oom_kill_delta=(oom_after - oom_before)
-            if oom_after is not None and oom_before is not None
-            else None,
-        )
-        if result is None:
-            how = f"killed by signal {-rc}" if rc < 0 else f"exited {rc}"
-            raise GuestError(f"swapstress {how} without writing its result")
-
-        phase = "stop"
-        collector_rc = stop_collector(collector)
-        collector = None
-        events.send(
-            "phase",
-            phase="done",
-            collector_exit=collector_rc,
-            swaps=read_swaps(),
-            settings={k: read_setting(p) for k, p in RECORDED_SETTINGS.items()},
-        )
+        for step in (boot_basics, setup_system, setup_nbd_swap, start_sampling, stress, finish):
+            step(b)
     except Exception as exc:
-        detail = traceback.format_exc(limit=3)
-        log(detail)
+        log(traceback.format_exc(limit=3))
         with contextlib.suppress(Exception):
-            if collector is not None:
-                stop_collector(collector)
+            if b.collector is not None:
+                stop_collector(b.collector)
         with contextlib.suppress(Exception):
-            events.open()
-            events.send("error", phase=phase, message=str(exc) or type(exc).__name__)
+            b.events.open()
+            b.events.send("error", phase=b.phase, message=str(exc) or type(exc).__name__)
     finally:
         with contextlib.suppress(Exception):
-            events.close()
+            b.events.close()
     return 0
 
 

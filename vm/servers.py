@@ -24,6 +24,11 @@ opens the image with ``locking=off``.
 Each server runs in its own session so that :meth:`RunningServer.kill` and
 :meth:`RunningServer.stop` take down the whole process group and process tree at once
 (nbd-server forks a child per connection), which the "server dies mid-run" test uses.
+
+No server outlives the process that launched it, even when that process is SIGKILLed
+(:mod:`vm.lifeline`): nbd-serve and nbdkit run with ``--exit-with-parent``, every direct
+child gets ``PR_SET_PDEATHSIG`` when launched from the main thread, and the nbd-server
+daemon, which forks away from both, is watched by a ``vm.lifeline`` guard process.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, get_args
 
 import psutil
+
+from vm import lifeline
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,8 @@ class RunningServer:
     exit_status: int | None = None
     killed: bool = False
     stopped: bool = False
+    guard: subprocess.Popen[bytes] | None = None
+    """The vm.lifeline watcher of a daemonized server (nbd-server), reaped by stop/kill."""
 
     @property
     def uri(self) -> str:
@@ -174,6 +183,17 @@ class RunningServer:
         procs = self._tree()
         self._signal(procs, signal.SIGKILL)
         self._wait(procs, 10.0)
+        self._reap_guard()
+
+    def _reap_guard(self) -> None:
+        """The guard exits by itself once its server is gone; reap it (or end it)."""
+        if self.guard is None:
+            return
+        try:
+            self.guard.wait(timeout=3.0)
+        except subprocess.TimeoutExpired:
+            self.guard.kill()
+            self.guard.wait()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (nbd-serve writes its final stats line), then SIGKILL after ``timeout``.
@@ -192,6 +212,7 @@ class RunningServer:
                 self._wait(procs, 5.0)
         elif self.popen is not None:
             self.exit_status = self.popen.wait()
+        self._reap_guard()
         if self.backing_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.backing_path.unlink()
@@ -209,6 +230,7 @@ class RunningServer:
             "argv": self.argv,
             "exit_status": self.exit_status,
             "killed": self.killed,
+            "log": str(self.log_path) if self.log_path is not None else None,
         }
 
 
@@ -455,8 +477,11 @@ def _argv(how: Launch, server: RunningServer, *, exe: list[str], path: Path | No
         where = ["--unix", str(sock)] if unix else ["--bind", HOST, "--port", "0"]
         ready = how.workdir / f"{tag}.ready.json"
         export = ["--memory", str(how.size_bytes)] if path is None else [str(path)]
+        # This checkout's nbd-serve dies with us; another build (bench's --nbd-serve of
+        # an older commit) may not know the flag, and keeps PDEATHSIG only.
+        tie = ["--exit-with-parent"] if how.nbd_serve is None else []
         return [*exe, *where, "--ready-file", str(ready), "--name", name,
-                *how.nbd_serve_args, *export]  # fmt: skip
+                *tie, *how.nbd_serve_args, *export]  # fmt: skip
     if how.kind == "nbdkit":
         where = ["-U", str(sock)] if unix else ["--ipaddr", HOST, "--port", str(port)]
         plugin = ["memory", str(how.size_bytes)] if path is None else ["file", f"file={path}"]
@@ -491,6 +516,7 @@ def _spawn(server: RunningServer, how: Launch, exe: list[str], path: Path | None
         server.popen = subprocess.Popen(
             server.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lifeline.parent_death_signal(signal.SIGTERM),  # noqa: PLW1509 - prctl only
         )  # fmt: skip
     server.pid = server.popen.pid
     if how.kind == "nbd-server":
@@ -506,6 +532,7 @@ def _spawn(server: RunningServer, how: Launch, exe: list[str], path: Path | None
             _fail(server, f"exited with status {rc}")
         server.popen = None
         server.pid = _read_pidfile(server, how.workdir / f"{tag}.pid", how.timeout_s)
+        server.guard = lifeline.guard([server.pid])  # the daemon cannot carry PDEATHSIG
     elif how.kind == "nbd-serve":
         _read_ready_file(server, how.workdir / f"{tag}.ready.json", how.timeout_s)
 
@@ -597,6 +624,7 @@ def launch_server(
     *,
     stats_path: Path | None = None,
     backing: Backing | None = None,
+    extra_args: Sequence[str] = (),
 ) -> RunningServer:
     """Start ``kind`` on 127.0.0.1 at a confirmed free port under a fresh random export name.
 
@@ -606,6 +634,7 @@ def launch_server(
         workdir: where logs, config, pid files and file exports go.
         stats_path: nbd-serve's ``--stats`` file (ignored by the peers, which have none).
         backing: ``memory`` (nbd-serve, nbdkit default) or a sparse ``file`` (nbd-server).
+        extra_args: more nbd-serve flags (the tests' ``--fault``); nbd-serve only.
 
     Raises:
         ServerError: the tool is missing, or no attempt produced a confirmed listener.
@@ -614,6 +643,8 @@ def launch_server(
         raise ServerError(f"unknown server kind {kind!r}; choose one of {', '.join(SERVER_KINDS)}")
     if size_bytes <= 0 or size_bytes % 4096:
         raise ServerError(f"export size must be a positive multiple of 4096, not {size_bytes}")
+    if extra_args and kind != "nbd-serve":
+        raise ServerError(f"extra server flags {list(extra_args)} are for nbd-serve, not {kind}")
     workdir.mkdir(parents=True, exist_ok=True)
     stats = stats_path or workdir / "server-stats.jsonl"
     server = start_server(
@@ -623,7 +654,7 @@ def launch_server(
             size_bytes=size_bytes,
             workdir=workdir,
             backing=backing or ("file" if kind == "nbd-server" else "memory"),
-            nbd_serve_args=("--stats", str(stats)),
+            nbd_serve_args=("--stats", str(stats), *extra_args),
             nbd_server_options=("flush = true", "trim = true"),
         )
     )

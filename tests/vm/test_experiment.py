@@ -6,12 +6,20 @@ through a loopback NBD server; they take a few minutes each.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+from nbdserver.backends.fault import FLIP_AT
 from vm import cli, experiment, servers
 from vm.watchdog import JsonlTail
 
@@ -56,6 +64,10 @@ def test_export_is_at_least_five_times_ram(kw: dict[str, Any], export_mib: int) 
         ({"lockup_after_s": 0.0}, "--lockup-after"),
         ({"min_free_kbytes": 5}, "--min-free-kbytes"),
         ({"export_factor": 4}, "at least 5x"),
+        ({"arm": "mainline"}, "--arm must be one of patched, vanilla"),
+        ({"allocator": "slob"}, "--allocator must be one of slub, slab"),
+        ({"swap_bytes": 4096}, "--swap-size must be at least 160K"),
+        ({"server": "nbdkit", "server_fault": "corrupt-read-after=1"}, "needs nbd-serve"),
     ],
 )
 def test_invalid_config_is_refused(kw: dict[str, Any], message: str) -> None:
@@ -139,14 +151,89 @@ def test_cli_flags_override_the_preset(tmp_path: Path) -> None:
     assert cfg.resident_client and cfg.min_free_kbytes == 4096
 
 
+def test_arm_allocator_and_a_built_kernel_reach_the_config(tmp_path: Path) -> None:
+    cfg = parse(
+        "--kernel", "6.1-build", "--arm", "vanilla", "--allocator", "slab",
+        "--swap-size", "64M", "--server", "nbdkit", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert (cfg.kernel, cfg.arm, cfg.allocator, cfg.swap_bytes) == (
+        "6.1-build",
+        "vanilla",
+        "slab",
+        64 * MIB,
+    )
+    assert parse("--server", "nbdkit").arm == "patched"
+    assert parse("--server", "nbdkit").allocator is None
+    assert parse("--kernel", "/boot/bzImage", "--server", "nbdkit").kernel == "/boot/bzImage"
+    gcfg = experiment.guest_config(cfg, servers.RunningServer(
+        kind="nbdkit", port=1, export_name="x", size_bytes=4096, pid=0, argv=[],
+        backing="memory", workdir=tmp_path,
+    ))  # fmt: skip
+    assert gcfg["swap"] == {"mode": "device", "size_bytes": 64 * MIB}
+    assert gcfg["fault"] == {"panic_after_s": None}
+
+
+def test_run_json_skeleton_records_arm_cost_and_files(tmp_path: Path) -> None:
+    cfg = experiment.RunConfig(out=tmp_path, arm="vanilla", allocator="slub")
+    run = experiment.new_run(cfg)
+    assert run["kernel"] == {"name": "6.1", "flavour": "cloud", "arm": "vanilla",
+                             "allocator": "slub"}  # fmt: skip
+    assert run["cost"] == {"server": None, "qemu": None, "host_steal_s": None}
+    assert run["files"] == experiment.OUTPUT_FILES
+
+
+def test_tree_usage_counts_reaped_children(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # A shell that runs a CPU-bound child to completion, then waits: the child's time must
+    # still count once it has been reaped (it moves to the parent's children_* times).
+    script = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", f"{sys.executable} -c '{script}'; sleep 30"], start_new_session=True
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        usage = experiment.tree_usage(proc.pid)
+        while usage is not None and usage[0] + usage[1] < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            usage = experiment.tree_usage(proc.pid)
+        assert usage is not None
+        assert usage[0] + usage[1] >= 0.3
+        assert usage[2] > 0
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    assert experiment.tree_usage(proc.pid) is None
+
+
+def test_host_steal_is_read_from_proc_stat() -> None:
+    ticks = experiment.host_steal_ticks()
+    assert ticks is not None and ticks >= 0
+    cost = experiment.Cost(steal_start=0, steal_end=os_clk_tck())
+    assert cost.as_dict()["host_steal_s"] == 1.0
+
+
+def os_clk_tck() -> int:
+    import os
+
+    return os.sysconf("SC_CLK_TCK")
+
+
 def test_presets() -> None:
     quick = parse("--server", "nbdkit")
-    assert (quick.memory_mib, quick.workers, quick.total_bytes, quick.ratio) == (
+    # The mission's shape: 8 x vCPUs workers at 4x guest RAM (issue 9 §2).
+    assert (quick.memory_mib, quick.cpus, quick.workers, quick.total_bytes, quick.ratio) == (
         128,
-        8,
-        256 * MIB,
+        2,
+        8 * 2,
         None,
+        4.0,
     )
+    assert quick.workload_bytes == 512 * MIB
     assert str(quick.out).startswith("results/run-")
     seed = parse("--preset", "seed", "--server", "nbdkit")
     assert (seed.memory_mib, seed.ratio, seed.total_bytes) == (2048, 4.0, None)
@@ -314,10 +401,37 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     assert stats["totals"]["requests_write"] > 0
     assert stats["totals"]["bytes_write"] > 0
     assert (out / "console.log").stat().st_size > 0
+    # The arm, as recorded and as read back inside the guest (stock kernel: patched).
+    kernel = on_disk["kernel"]
+    assert (kernel["arm"], kernel["allocator"]) == ("patched", None)
+    proof = kernel["in_guest"]
+    assert set(proof) == {"switches", "cmdline", "dmesg"}
+    assert set(proof["switches"]) == {
+        "nbd.memalloc",
+        "pfmemalloc_throttle",
+        "livepatch.swapnbd_nothrottle",
+    }
+    assert proof["cmdline"] == [
+        w
+        for w in kernel["cmdline_extra"]
+        if w.startswith(("nbd.memalloc=", "pfmemalloc_throttle="))
+    ]
+    # The cost of the run (issue 13): plausible, not exact.
+    cost = on_disk["cost"]
+    stress_s = on_disk["timings"]["stress_s"]
+    qemu_s = on_disk["timings"]["qemu_s"]
+    server_cpu = cost["server"]["user_s"] + cost["server"]["system_s"]
+    assert 0.05 < server_cpu < qemu_s * 4  # it served >100 MiB, on at most a few cores
+    assert cost["server"]["samples"] >= 3
+    assert 20 * MIB < cost["server"]["peak_rss_bytes"] < 2048 * MIB
+    qemu_cpu = cost["qemu"]["user_s"] + cost["qemu"]["system_s"]
+    assert stress_s / 4 < qemu_cpu < qemu_s * 4  # TCG burns CPU for every guest cycle
+    assert cost["host_steal_s"] is None or cost["host_steal_s"] >= 0
+    assert "server CPU (user+sys):" in summary
 
 
 @pytest.mark.vm
-def test_killing_the_server_mid_run_is_not_completed_and_keeps_samples(
+def test_killing_the_server_mid_run_is_a_lockup_with_its_evidence(
     tmp_path: Path, guest_cache: Path
 ) -> None:
     require_nbd_serve()
@@ -329,21 +443,200 @@ def test_killing_the_server_mid_run_is_not_completed_and_keeps_samples(
             return
         if int(rec.get("vmstat", {}).get("pswpout", 0)) > 2000:
             ctx.server.kill()
-            ctx.marks["server_killed"] = __import__("time").monotonic()
+            ctx.marks["server_killed"] = time.monotonic()
             seen["killed_at_samples"] = ctx.state.samples
             seen["pswpout"] = rec["vmstat"]["pswpout"]
 
-    cfg = e2e_config(out, guest_cache, total_bytes=192 * MIB, lockup_after_s=40.0, timeout_s=420.0)
+    lockup_after, timeout = 40.0, 600.0
+    cfg = e2e_config(
+        out, guest_cache, total_bytes=192 * MIB, lockup_after_s=lockup_after, timeout_s=timeout
+    )
     run = experiment.run_experiment(cfg, print, hook=kill_when_swapping)
     assert "killed_at_samples" in seen, "the guest never swapped, so the server was not killed"
-    assert run["outcome"] != "completed"
+    assert run["outcome"] == "lockup", (run["outcome_reason"], run.get("guest_error"))
+    assert run["ending"] in ("silent", "stalled")
+    evidence = run["evidence"]
+    stalled = max(evidence["silent_s"], evidence["stalled_s"])
+    assert stalled >= lockup_after
+    assert f"for {stalled:.0f}s" in run["outcome_reason"]
+    assert run["swapstress"] is None  # no result ever came back
+    # Ended by the watchdog, well before the overall timeout.
+    killed_at = run["timings"]["mark_server_killed_s"]
+    assert killed_at > 0
+    assert run["timings"]["qemu_s"] < killed_at + lockup_after + 60 < timeout / 2
+    assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
     assert run["server"]["killed"] is True
     kept = samples_in(out / "vmstat.jsonl")
     assert len(kept) >= seen["killed_at_samples"] >= 1
     assert max(s["vmstat"]["pswpout"] for s in kept) >= seen["pswpout"]
     on_disk = json.loads((out / "run.json").read_text())
-    assert on_disk["outcome"] == run["outcome"]
-    assert on_disk["timings"]["mark_server_killed_s"] > 0
+    assert on_disk["outcome"] == "lockup"
+
+
+FAULT_LINE = re.compile(
+    r"fault: corrupted READ #\d+: .* export offset (\d+) .*page header ([0-9a-f]{64})"
+)
+
+
+@pytest.mark.vm
+def test_a_corrupted_swap_in_is_corruption_naming_the_worker_and_page(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    from stress.pattern import HEADER, MAGIC
+
+    require_nbd_serve()
+    out = tmp_path / "run"
+    # The fault hits the first READ after 10 that returns a swapstress page (the magic
+    # starts every page of the pattern): necessarily a swap-in of a page written earlier.
+    cfg = e2e_config(
+        out, guest_cache, total_bytes=160 * MIB, server_fault="corrupt-read-after=10,match=SWAPNBD1"
+    )
+    run = experiment.run_experiment(cfg, print)
+    log = Path(run["server"]["log"]).read_text()
+    found = FAULT_LINE.search(log)
+    assert found, f"the server never corrupted a read; log: {log[-2000:]}"
+    magic, page, worker, generation, _tag = HEADER.unpack(bytes.fromhex(found.group(2)))
+    assert magic == MAGIC
+    assert run["outcome"] == "corruption", run["outcome_reason"]
+    assert run["outcome_reason"] == "swapstress found 1 corrupt pages"
+    sw = run["swapstress"]
+    assert sw["corrupt_pages"] == 1
+    [example] = sw["corrupt_examples"]
+    assert (example["worker"], example["page"], example["generation"]) == (worker, page, generation)
+    assert example["offset"] == FLIP_AT
+    assert example["bad_bytes"] == 1
+    [bad] = [w for w in sw["workers"] if w["corrupt_pages"]]
+    assert (bad["worker"], bad["status"]) == (worker, "corruption")
+    assert cli.exit_code(run) == 1
+
+
+@pytest.mark.vm
+def test_a_plan_larger_than_ram_plus_swap_is_oom_naming_the_killed_worker(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    # 128 MiB of RAM plus 32 MiB of swap cannot hold 256 MiB of worker memory.
+    cfg = e2e_config(out, guest_cache, workers=4, total_bytes=256 * MIB, swap_bytes=32 * MIB)
+    run = experiment.run_experiment(cfg, print)
+    assert run["outcome"] == "oom", run["outcome_reason"]
+    assert run["outcome_reason"] == "a swapstress worker was OOM-killed"
+    killed = [w for w in run["swapstress"]["workers"] if w["status"] == "oom-kill"]
+    assert killed and all(w["signal"] == "SIGKILL" for w in killed)
+    oom_lines = " ".join(run["evidence"]["console"]["oom"])
+    assert any(f"Killed process {w['pid']} " in oom_lines for w in killed), oom_lines
+    assert run["swapstress"]["oom_kill_delta"] >= len(killed)
+    swaps = [e for e in JsonlTail(out / "events.jsonl").read_new() if e.get("phase") == "swapon"]
+    assert swaps and swaps[0]["swaps"][0].split()[2] == str(32 * 1024 - 4)  # KiB, less header
+    assert cli.exit_code(run) == 1
+
+
+@pytest.mark.vm
+def test_a_kernel_panic_in_the_guest_is_a_guest_crash(tmp_path: Path, guest_cache: Path) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    cfg = e2e_config(out, guest_cache, guest_panic_after_s=5.0, lockup_after_s=120.0)
+    run = experiment.run_experiment(cfg, print)
+    assert run["outcome"] == "guest-crash", run["outcome_reason"]
+    assert run["ending"] == "qemu-exited"
+    panic = run["evidence"]["console"]["panic"]
+    assert any("Kernel panic - not syncing: sysrq triggered crash" in line for line in panic)
+    assert run["outcome_reason"].startswith("kernel panic: ")
+    assert run["swapstress"] is None
+    assert cli.exit_code(run) == 1
+
+
+# --- no orphans, whatever kills the runner (real guest) -----------------------------------
+
+
+def start_cli_run(out: Path, cache: Path) -> subprocess.Popen[bytes]:
+    argv = [
+        sys.executable, "-m", "vm.cli", "run", "--memory", "128M", "--cpus", "2",
+        "--workers", "4", "--total", "256M", "--loops", "2", "--server", "nbd-serve",
+        "--accel", "tcg", "--timeout", "900", "--cache", str(cache), "--out", str(out),
+    ]  # fmt: skip
+    log = (out.parent / "cli.log").open("wb")
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_stress(proc: subprocess.Popen[bytes], out: Path) -> list[psutil.Process]:
+    """Wait until the guest runs swapstress; return the runner's descendants then."""
+    tail = JsonlTail(out / "events.jsonl")
+    deadline = time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, f"swapnbd run exited {proc.returncode} before stress"
+        assert time.monotonic() < deadline, "the guest never reached the stress phase"
+        if any(r.get("phase") == "stress" for r in tail.read_new()):
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    children: list[psutil.Process] = psutil.Process(proc.pid).children(recursive=True)
+    names = " ".join(" ".join(p.cmdline()) for p in children)
+    assert "qemu-system-x86_64" in names and "nbdserver.cli" in names, names
+    return children
+
+
+def still_running(procs: list[psutil.Process], within_s: float) -> list[str]:
+    """The processes of ``procs`` still alive (zombies count as gone) after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        left = []
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.mark.vm
+def test_sigterm_stops_qemu_and_the_server_and_writes_run_json(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = start_cli_run(out, guest_cache)
+    try:
+        children = wait_for_stress(proc, out)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == cli.EXIT_TERMINATED == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert still_running(children, 5.0) == []
+    run = json.loads((out / "run.json").read_text())
+    assert (run["outcome"], run["interrupted"], run["interrupted_by"]) == (
+        "error",
+        True,
+        "SIGTERM",
+    )
+    assert run["outcome_reason"] == "interrupted by SIGTERM; QEMU and the server were stopped"
+    assert run["qemu"]["pid"] in [p.pid for p in children]
+    assert run["server"]["pid"] in [p.pid for p in children]
+    assert run["server"]["exit_status"] == 0  # a clean stop, with its final stats line
+    assert run["cost"]["server"]["user_s"] > 0
+
+
+@pytest.mark.vm
+def test_sigkill_of_the_runner_leaves_no_qemu_and_no_server(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    out.mkdir()
+    proc = start_cli_run(out, guest_cache)
+    try:
+        children = wait_for_stress(proc, out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert still_running(children, 10.0) == []
 
 
 def test_default_timeout_grows_with_the_workload(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def test_config_round_trips_through_the_kernel_cmdline(tmp_path: Path) -> None:
     decoded = guest_init.read_config(line)
     assert decoded == gcfg
     assert decoded["server"] == {"host": "10.0.2.2", "port": 40123, "name": "ab" * 16}
-    assert decoded["swap"] == {"mode": "file"}
+    assert decoded["swap"] == {"mode": "file", "size_bytes": None}
     assert decoded["sysctl"] == {"vm.min_free_kbytes": 1448}
     assert decoded["stress"]["args"] == [
         "--workers",
@@ -144,3 +144,13 @@ def test_guest_init_uses_only_the_standard_library() -> None:
             imported.add(node.module.split(".")[0])
     assert imported
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_arm_proof_reads_switches_cmdline_words_and_kernel_log() -> None:
+    line = "console=ttyS0 nbd.memalloc=0 quiet pfmemalloc_throttle=0 swapnbd.cfg=xyz"
+    proof = guest_init.read_arm_proof(line)
+    assert proof["cmdline"] == ["nbd.memalloc=0", "pfmemalloc_throttle=0"]
+    assert set(proof["switches"]) == set(guest_init.ARM_SWITCHES)
+    for name, path in guest_init.ARM_SWITCHES.items():  # None exactly when absent
+        assert (proof["switches"][name] is None) == (not Path(path).exists())
+    assert all("swapnbd" in entry for entry in proof["dmesg"])
