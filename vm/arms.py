@@ -234,22 +234,25 @@ def arm_in_effect(arm: str, proof: Mapping[str, object] | None) -> tuple[bool, s
     The proof holds what the guest read back: ``nbd.memalloc``
     (/sys/module/nbd/parameters/memalloc), ``pfmemalloc_throttle``
     (/sys/module/kernel/parameters/pfmemalloc_throttle, built kernels) and
-    ``livepatch`` (/sys/kernel/livepatch/swapnbd_nothrottle/enabled, stock
-    kernels). Returns (ok, one line saying why).
+    ``livepatch.swapnbd_nothrottle`` (/sys/kernel/livepatch/swapnbd_nothrottle/enabled,
+    stock kernels), under ``switches``. Returns (ok, one line saying why).
 
     A kernel that knows neither switch is the patched arm as shipped, so a
     patched run on it is fine and a vanilla run is not.
     """
     if proof is None:
         return False, "the guest sent no arm proof (it failed before reading its switches)"
-    memalloc = _flag(proof.get("nbd.memalloc"))
-    param = _flag(proof.get("pfmemalloc_throttle"))
-    live = _flag(proof.get("livepatch"))
+    nested = proof.get("switches")
+    switches: Mapping[str, object] = nested if isinstance(nested, Mapping) else proof
+    memalloc = _flag(switches.get("nbd.memalloc"))
+    param = _flag(switches.get("pfmemalloc_throttle"))
+    live = _flag(switches.get("livepatch.swapnbd_nothrottle"))
     throttle_off = param is False or live is True
     throttle_on = param is True or (param is None and live is not True)
     if arm == "vanilla":
         if memalloc is not False:
-            return False, f"vanilla asked, but nbd memalloc reads {proof.get('nbd.memalloc')!r}"
+            shown = switches.get("nbd.memalloc")
+            return False, f"vanilla asked, but nbd memalloc reads {shown!r}"
         if not throttle_off:
             return False, "vanilla asked, but the pfmemalloc throttle is still on"
         how = "livepatch" if live else "pfmemalloc_throttle=N"

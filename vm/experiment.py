@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
 
-from vm import lifeline, qemu, servers, watchdog
+from vm import arms, lifeline, qemu, servers, watchdog
 
 if TYPE_CHECKING:
     from vm.image import GuestImage
@@ -74,8 +74,7 @@ STATUS_INTERVAL_S = 10.0
 #: Seconds between two samples of the server's CPU time and RSS.
 COST_INTERVAL_S = 2.0
 
-ARMS = ("patched", "vanilla")
-"""Kernel arms (vm.image.ARMS, repeated so validation does not import the image builder)."""
+ARMS = arms.ARMS
 ALLOCATORS = ("slub", "slab")
 
 #: Every file a run leaves in OUT besides run.json (created empty when a run fails early).
@@ -854,6 +853,22 @@ def _watch(
         time.sleep(POLL_INTERVAL_S)
 
 
+def _check_arm(run: dict[str, Any], arm: str) -> None:
+    """Hold the run to the arm it asked for, as the guest itself reported it.
+
+    A measurement of the wrong arm is worse than none: when the guest says its
+    switches did not take, the outcome becomes ``error`` (the measured one is
+    kept as ``outcome_unchecked``).
+    """
+    proof = run["kernel"].get("in_guest")
+    ok, why = arms.arm_in_effect(arm, proof)
+    run["kernel"]["arm_check"] = {"ok": ok, "reason": why}
+    if not ok and proof is not None and run.get("outcome") != watchdog.Outcome.ERROR.value:
+        run["outcome_unchecked"] = run["outcome"]
+        run["outcome"] = watchdog.Outcome.ERROR.value
+        run["outcome_reason"] = f"the {arm} arm was not in effect in the guest: {why}"
+
+
 def _record(
     cfg: RunConfig,
     run: dict[str, Any],
@@ -899,6 +914,7 @@ def _record(
         run["kernel"]["guest_release"] = st.info.get("kernel_release")
         run["kernel"]["cmdline"] = st.info.get("cmdline")
         run["kernel"]["in_guest"] = st.info.get("arm")
+        _check_arm(run, cfg.arm)
         run["guest"] = {
             k: st.info.get(k) for k in ("settings", "mem_total_bytes", "cpus", "python")
         }

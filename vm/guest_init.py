@@ -427,6 +427,8 @@ def read_arm_proof(cmdline: str) -> dict[str, Any]:
         "switches": {name: read_setting(path) for name, path in ARM_SWITCHES.items()},
         "cmdline": [w for w in cmdline.split() if w.startswith(ARM_CMDLINE_PREFIXES)],
         "dmesg": kernel_log_lines("swapnbd"),
+        # SLUB publishes /sys/kernel/slab; SLAB (6.1 and older) has no such directory.
+        "allocator": "slub" if Path("/sys/kernel/slab").is_dir() else "slab",
     }
 
 

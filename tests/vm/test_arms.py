@@ -306,16 +306,46 @@ def test_switch_patches_compile_in_the_real_6_1_tree() -> None:
 @pytest.mark.parametrize(
     ("arm", "proof", "ok", "why"),
     [
-        ("vanilla", {"nbd.memalloc": "N", "livepatch": "1"}, True, "throttle off (livepatch)"),
+        (
+            "vanilla",
+            {"nbd.memalloc": "N", "livepatch.swapnbd_nothrottle": "1"},
+            True,
+            "throttle off (livepatch)",
+        ),
         ("vanilla", {"nbd.memalloc": "N", "pfmemalloc_throttle": "N"}, True, "=N)"),
-        ("vanilla", {"nbd.memalloc": "Y", "livepatch": "1"}, False, "memalloc reads 'Y'"),
-        ("vanilla", {"nbd.memalloc": None, "livepatch": None}, False, "memalloc reads None"),
-        ("vanilla", {"nbd.memalloc": "N", "livepatch": None}, False, "throttle is still on"),
-        ("patched", {"nbd.memalloc": "Y", "livepatch": None}, True, "memalloc Y"),
+        (
+            "vanilla",
+            {"nbd.memalloc": "Y", "livepatch.swapnbd_nothrottle": "1"},
+            False,
+            "memalloc reads 'Y'",
+        ),
+        (
+            "vanilla",
+            {"nbd.memalloc": None, "livepatch.swapnbd_nothrottle": None},
+            False,
+            "memalloc reads None",
+        ),
+        (
+            "vanilla",
+            {"nbd.memalloc": "N", "livepatch.swapnbd_nothrottle": None},
+            False,
+            "throttle is still on",
+        ),
+        (
+            "patched",
+            {"nbd.memalloc": "Y", "livepatch.swapnbd_nothrottle": None},
+            True,
+            "memalloc Y",
+        ),
         ("patched", {"nbd.memalloc": "Y", "pfmemalloc_throttle": "Y"}, True, "memalloc Y"),
         ("patched", {}, True, "as shipped"),
         ("patched", {"nbd.memalloc": "N"}, False, "memalloc reads N"),
-        ("patched", {"nbd.memalloc": "Y", "livepatch": "1"}, False, "throttle is off"),
+        (
+            "patched",
+            {"nbd.memalloc": "Y", "livepatch.swapnbd_nothrottle": "1"},
+            False,
+            "throttle is off",
+        ),
         ("patched", None, False, "no arm proof"),
     ],
 )
@@ -323,3 +353,7 @@ def test_arm_in_effect(arm: str, proof: dict[str, str | None] | None, ok: bool, 
     verdict, reason = arms.arm_in_effect(arm, proof)
     assert verdict is ok
     assert why in reason
+    # The guest nests the values under "switches", beside its cmdline words and dmesg lines.
+    if proof is not None:
+        nested = {"switches": proof, "cmdline": [], "dmesg": []}
+        assert arms.arm_in_effect(arm, nested) == (verdict, reason)

@@ -1,0 +1,99 @@
+"""The mission's question through the real path: vanilla locks up where patched completes.
+
+Both runs boot the same stock Debian kernel; only the two switches on its
+command line differ (nbd.memalloc, pfmemalloc_throttle). The sizes are the
+known lockup setting on this kind of machine (research notes §7, issue 9):
+a 128 MiB TCG guest, 16 workers sharing 4x its memory, 2 loops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vm import experiment, image, servers
+from vm.watchdog import JsonlTail
+
+MIB = 1024 * 1024
+LOCKUP_AFTER_S = 75.0
+TIMEOUT_S = 900.0
+
+
+def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> experiment.RunConfig:
+    base: dict[str, Any] = {
+        "out": out,
+        "memory_mib": 128,
+        "cpus": 2,
+        "workers": 16,
+        "total_bytes": None,
+        "ratio": 4.0,
+        "loops": 2,
+        "kernel": kernel,
+        "arm": arm,
+        "server": "nbd-serve",
+        "accel": "tcg",
+        "lockup_after_s": LOCKUP_AFTER_S,
+        "timeout_s": TIMEOUT_S,
+        "cache_dir": image.default_cache_dir(),
+    }
+    base.update(kw)
+    return experiment.RunConfig(**base)
+
+
+def samples_in(path: Path) -> list[dict[str, Any]]:
+    return [r for r in JsonlTail(path).read_new() if r.get("type") == "sample"]
+
+
+@pytest.fixture(autouse=True)
+def _nbd_serve() -> None:
+    if not servers.nbd_serve_available():
+        pytest.fail("nbd-serve is not importable: pip install -e .")
+
+
+@pytest.mark.vm
+def test_vanilla_arm_locks_up_under_pressure(tmp_path: Path) -> None:
+    out = tmp_path / "vanilla"
+    run = experiment.run_experiment(pressure_config(out, "6.1", "vanilla"), print)
+    assert run["outcome"] == "lockup", run.get("outcome_reason")
+    # The stall evidence: heartbeats or samples stopped moving for the watchdog's window.
+    evidence = run["evidence"]
+    assert max(evidence["silent_s"], evidence["stalled_s"]) >= LOCKUP_AFTER_S
+    assert run["timings"]["qemu_s"] < TIMEOUT_S / 2, (
+        "must be caught by the watchdog, not the timeout"
+    )
+    assert run["swapstress"] is None  # it never finished
+    # The arm was really vanilla, read back inside the guest.
+    kern = run["kernel"]
+    assert kern["arm"] == "vanilla"
+    assert kern["arm_check"]["ok"] is True, kern["arm_check"]
+    assert kern["in_guest"]["switches"]["nbd.memalloc"] == "N"
+    assert kern["in_guest"]["switches"]["livepatch.swapnbd_nothrottle"] == "1"
+    assert kern["in_guest"]["allocator"] == "slub"
+    assert any("never throttles" in line for line in kern["in_guest"]["dmesg"])
+    # Under pressure before the hang, and never throttled.
+    kept = samples_in(out / "vmstat.jsonl")
+    assert len(kept) >= 3
+    assert kept[-1]["vmstat"]["pswpout"] > 0
+    assert run["vmstat_delta"]["pgscan_direct_throttle"] == 0
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk["outcome"] == "lockup"
+
+
+@pytest.mark.vm
+def test_patched_arm_completes_and_counts_throttles(tmp_path: Path) -> None:
+    """6.12 throttles far more often than 6.1 (notes §7), so its count is the proof."""
+    out = tmp_path / "patched"
+    cfg = pressure_config(out, "6.12", "patched", loops=1, lockup_after_s=180.0)
+    run = experiment.run_experiment(cfg, print)
+    assert run["outcome"] == "completed", run.get("outcome_reason")
+    kern = run["kernel"]
+    assert kern["arm"] == "patched"
+    assert kern["arm_check"]["ok"] is True, kern["arm_check"]
+    assert kern["in_guest"]["switches"]["nbd.memalloc"] == "Y"
+    assert kern["in_guest"]["switches"]["livepatch.swapnbd_nothrottle"] is None
+    assert run["swapstress"]["corrupt_pages"] == 0
+    assert run["vmstat_delta"]["pswpout"] > 0
+    assert run["vmstat_delta"]["pgscan_direct_throttle"] > 0
