@@ -372,7 +372,7 @@ def _slug(text: str) -> str:
     """A piece of a run id: a bzImage path becomes its file name, odd characters become _."""
     if "/" in text:
         text = Path(text).name
-    return re.sub(r"[^A-Za-z0-9._]+", "_", text).strip("_") or "x"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
 def _fmt_extra(key: str, value: Any) -> str:
@@ -478,8 +478,7 @@ def select_runs(
         unknown = sorted(wanted - known)
         if unknown:
             raise MatrixError(
-                f"--only: no run or cell is called {', '.join(unknown)}; "
-                "see the ids with --dry-run"
+                f"--only: no run or cell is called {', '.join(unknown)}; see the ids with --dry-run"
             )
         chosen = [r for r in chosen if r.id in wanted or r.label in wanted]
     if shard is not None:
@@ -490,9 +489,9 @@ def select_runs(
 
 def is_finished(run_json: Mapping[str, Any] | None) -> bool:
     """A measurement to keep: an outcome, and not stopped by SIGINT/SIGTERM."""
-    return bool(run_json) and run_json.get("outcome") is not None and not run_json.get(
-        "interrupted"
-    )
+    if not run_json:
+        return False
+    return run_json.get("outcome") is not None and not run_json.get("interrupted")
 
 
 def run_status(run_json: Mapping[str, Any] | None, dir_exists: bool) -> str:
@@ -738,6 +737,18 @@ def _move_to_attic(store: Path, run_id: str) -> None:
     shutil.move(str(rdir), str(target))
 
 
+def _run_emit(
+    say: experiment.Emit, prefix: str, expected_end: float, remaining_after: float
+) -> experiment.Emit:
+    """The current run's progress lines, tagged with ``[k/n]`` and the matrix's ETA."""
+
+    def emit(line: str) -> None:
+        left = max(0.0, expected_end - time.monotonic()) + remaining_after
+        say(f"{prefix} {line}  [matrix ETA {format_duration(left)}]")
+
+    return emit
+
+
 def run_matrix(
     matrix: Matrix,
     store: Path,
@@ -792,14 +803,8 @@ def run_matrix(
                 f"matrix ETA {format_duration(this_est + remaining_after)}"
             )
 
-            def run_emit(
-                line: str, prefix: str = prefix, t0: float = t0, this_est: float = this_est
-            ) -> None:
-                left = max(0.0, this_est - (time.monotonic() - t0)) + remaining_after
-                say(f"{prefix} {line}  [matrix ETA {format_duration(left)}]")
-
             cfg = run.config(store)
-            rj = runner(cfg, run_emit)
+            rj = runner(cfg, _run_emit(say, prefix, t0 + this_est, remaining_after))
             seconds = time.monotonic() - t0
             result.outcomes[run.id] = rj.get("outcome")
             write_index(matrix, plan, store, source)
@@ -835,7 +840,6 @@ def dry_run_lines(matrix: Matrix, store: Path | None, selected: Sequence[Planned
         mark = "finished" if done else format_duration(est.seconds(run))
         lines.append(f"  {run.id:<48} {describe_run(run)}  ~{mark}")
     lines.append(
-        f"estimated time: {format_duration(est.total(todo))} for {len(todo)} run(s) "
-        f"({est.basis})"
+        f"estimated time: {format_duration(est.total(todo))} for {len(todo)} run(s) ({est.basis})"
     )
     return lines
