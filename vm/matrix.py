@@ -804,6 +804,8 @@ def run_matrix(
             )
 
             cfg = run.config(store)
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            write_index(matrix, plan, store, source)  # this run shows as "started"
             rj = runner(cfg, _run_emit(say, prefix, t0 + this_est, remaining_after))
             seconds = time.monotonic() - t0
             result.outcomes[run.id] = rj.get("outcome")

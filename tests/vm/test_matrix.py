@@ -490,3 +490,55 @@ def test_real_two_run_matrix_resume_and_report(tmp_path: Path) -> None:
         "6.1-patched-slub-nbd-serve.png",
         "6.1-patched-slub-nbdkit.png",
     ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.vm
+def test_sigterm_stops_the_run_and_the_matrix_and_resume_redoes_it(tmp_path: Path) -> None:
+    """SIGTERM mid-run: QEMU and the server stop, run.json is marked interrupted, the
+    matrix stops with 130 and the index says so; the run is not finished for --resume."""
+    path = tmp_path / "e2e.toml"
+    path.write_text(E2E)
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "vm.cli", "matrix", str(path), "--out", str(store)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    qemu_pid = None
+    for line in proc.stderr:
+        seen.append(line)
+        if "QEMU started (pid " in line:
+            qemu_pid = int(line.split("QEMU started (pid ")[1].split(",")[0])
+        if "guest phase: stress" in line:
+            break
+    assert qemu_pid is not None, "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted: continue with --resume --out {store}" in out
+    rid = "r01-6.1-patched-slub-nbd-serve-rep1"
+    run = json.loads((store / rid / "run.json").read_text())
+    assert (run["outcome"], run["interrupted"]) == ("error", True)
+    assert run["qemu"]["killed_by_host"] is True
+    assert not _alive(qemu_pid)
+    assert not _alive(run["server"]["pid"])
+    index = json.loads((store / "index.json").read_text())
+    assert [(e["id"], e["status"]) for e in index["runs"]] == [
+        (rid, "interrupted"),
+        ("r02-6.1-patched-slub-nbdkit-rep1", "pending"),
+    ]
+    assert not (store / "r02-6.1-patched-slub-nbdkit-rep1").exists()
+    dry = subprocess.run(
+        [*cmd, "--dry-run"], cwd=REPO, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert "estimated time: " in dry.stdout
+    assert "for 2 run(s)" in dry.stdout  # the interrupted run is still to do
