@@ -377,6 +377,7 @@ examples:
   swapnbd matrix vm/matrices/seed.toml --dry-run          # list the runs and the estimate
   swapnbd matrix vm/matrices/seed.toml --out results/seed
   swapnbd matrix vm/matrices/seed.toml --out results/seed --resume   # after a kill/Ctrl-C
+  swapnbd matrix vm/matrices/seed.toml --out results/seed --resume --retry-errors
   swapnbd matrix vm/matrices/seed.toml --out results/seed --shard 1/2   # half the runs
   swapnbd matrix vm/matrices/seed.toml --out results/seed --only 6.1-vanilla-slab-nbd-serve
 
@@ -410,9 +411,15 @@ def _add_matrix(sub: Any) -> None:
         "--out",
         type=Path,
         default=None,
-        help="the store (default: results/matrix-NAME-YYYYmmdd-HHMMSS)",
+        metavar="STORE",
+        help="the store (default: results/matrix-FILESTEM-YYYYmmdd-HHMMSS)",
     )
     p.add_argument("--resume", action="store_true", help="skip runs already finished in --out")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="with --resume, also rerun runs whose outcome is error (a harness failure)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the runs and the estimate only")
     p.add_argument("--shard", default=None, metavar="K/N", help="only runs with i %% N == K-1")
     p.add_argument(
@@ -449,6 +456,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    store: Path = args.out or Path("results") / f"matrix-{args.file.stem}-{stamp}"
     try:
         mx = matrix.load_matrix(args.file)
         shard = matrix.parse_shard(args.shard) if args.shard else None
@@ -459,14 +468,13 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         if args.dry_run:
             print("\n".join(matrix.dry_run_lines(mx, args.out, selected)))
             return EXIT_OK
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        store = args.out or Path("results") / f"matrix-{mx.name}-{stamp}"
         with matrix.sigterm_as_interrupt():
             result = matrix.run_matrix(
                 mx,
                 store,
                 source=args.file,
                 resume=args.resume,
+                retry_errors=args.retry_errors,
                 shard=shard,
                 only=only,
                 emit=emit,
@@ -474,6 +482,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     except matrix.MatrixError as exc:
         print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # a second signal while the index was being written
+        print(f"interrupted: continue with --resume --out {store}")
+        return EXIT_INTERRUPTED
     counts: dict[str, int] = {}
     for outcome in result.outcomes.values():
         counts[str(outcome)] = counts.get(str(outcome), 0) + 1

@@ -755,6 +755,7 @@ def run_matrix(
     *,
     source: Path | None = None,
     resume: bool = False,
+    retry_errors: bool = False,
     shard: tuple[int, int] | None = None,
     only: Sequence[str] = (),
     emit: experiment.Emit | None = None,
@@ -762,8 +763,9 @@ def run_matrix(
 ) -> MatrixResult:
     """Run the selected runs of ``matrix`` into ``store``.
 
-    ``run_one`` defaults to :func:`vm.experiment.run_experiment` (tests of the real path
-    use it too).  A KeyboardInterrupt (SIGINT, or SIGTERM under
+    ``retry_errors`` also reruns runs whose outcome is ``error`` (the harness failed,
+    e.g. an image that could not be built, since fixed).  ``run_one`` defaults to
+    :func:`vm.experiment.run_experiment`.  A KeyboardInterrupt (SIGINT, or SIGTERM under
     :func:`sigterm_as_interrupt`) between runs, or a run that comes back ``interrupted``,
     stops the matrix; the index is written either way.
 
@@ -779,7 +781,7 @@ def run_matrix(
     todo: list[PlannedRun] = []
     for run in chosen:
         rj = read_run_json(store / run.id / "run.json")
-        if is_finished(rj):
+        if is_finished(rj) and not (retry_errors and rj is not None and rj["outcome"] == "error"):
             result.skipped.append(run.id)
         else:
             todo.append(run)

@@ -346,6 +346,13 @@ def test_runner_writes_the_index_after_each_run_and_resume_skips_finished(
     third = matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
     assert (third.ran, len(third.skipped)) == ([], 9)
 
+    r05 = store / "r05-6.1-vanilla-slab-nbd-serve-rep1" / "run.json"
+    r05.write_text(json.dumps({"outcome": "error", "outcome_reason": "no slab image"}))
+    assert matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({})).ran == []
+    fourth = matrix.run_matrix(mx, store, resume=True, retry_errors=True, run_one=fake_runner({}))
+    assert fourth.ran == ["r05-6.1-vanilla-slab-nbd-serve-rep1"]
+    assert json.loads(r05.read_text())["outcome"] == "completed"
+
 
 def test_a_store_of_another_matrix_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "store"
