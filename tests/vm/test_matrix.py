@@ -535,7 +535,6 @@ def test_sigterm_stops_the_run_and_the_matrix_and_resume_redoes_it(tmp_path: Pat
     rid = "r01-6.1-patched-slub-nbd-serve-rep1"
     run = json.loads((store / rid / "run.json").read_text())
     assert (run["outcome"], run["interrupted"]) == ("error", True)
-    assert run["qemu"]["killed_by_host"] is True
     assert not _alive(qemu_pid)
     assert not _alive(run["server"]["pid"])
     index = json.loads((store / "index.json").read_text())
