@@ -110,7 +110,12 @@ def test_seed_matrix_is_the_issue_s_comparison() -> None:
         None,
         2,
     )
-    assert (cfg.swap, cfg.server, cfg.lockup_after_s) == ("device", "nbd-serve", 90.0)
+    assert (cfg.swap, cfg.server, cfg.lockup_after_s, cfg.timeout_s) == (
+        "device",
+        "nbd-serve",
+        90.0,
+        1800.0,
+    )
     servers_runs = matrix.plan_runs(matrix.load_matrix(REPO / "vm" / "matrices" / "servers.toml"))
     assert [r.label for r in servers_runs[:3]] == [
         "6.1-patched-slub-nbd-serve",
