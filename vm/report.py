@@ -531,7 +531,11 @@ def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
         handles, names = axes.flat[0].get_legend_handles_labels()
         if handles:
             fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
-        fig.suptitle(f"{label}: {outcome_text(_counts(rs), len(rs))} (x: the guest stopped)")
+        counts = _counts(rs)
+        stopped = (
+            " (x: where a run that did not complete stopped)" if set(counts) - {"completed"} else ""
+        )
+        fig.suptitle(f"{label}: {outcome_text(counts, len(rs))}{stopped}")
         fig.tight_layout(rect=(0, 0.08, 1, 0.96))
         path = out_dir / f"{_safe_name(label)}.png"
         fig.savefig(path, dpi=90)
