@@ -316,12 +316,12 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
     not_completed = sum(1 for r in usable if r.run.get("outcome") != "completed")
     footnotes = [
         "Times (Sys, User+Sys, Total Elapsed: swapstress's own figures) average completed "
-        "runs only; lockup, crash and OOM runs have no times"
+        "runs only; lockup, guest-crash, oom and error runs have no times"
         + (f" ({not_completed} such run(s) here)." if not_completed else "."),
         "mean ± sample sd over the runs that have the value; (n=k) when fewer runs than "
         "the arm has; (r x) is the ratio of the mean to the baseline arm's.",
         "vmstat rows are deltas between the first and the last sample of each run; a run "
-        "that stopped (lockup) counts up to its last sample.",
+        "that did not complete counts up to its last sample.",
     ]
     if excluded:
         footnotes.append(

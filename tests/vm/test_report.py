@@ -153,7 +153,7 @@ def test_real_runs_grouped_by_arm_in_markdown() -> None:
     assert "| swap outs (pswpout) (pages) | 190985 | 98791 |" in lines
     assert "| direct reclaim efficiency (steal/scan) (%) | 29.83 | 31.23 |" in lines
     assert "| PFMemallocDrop | 0 | 0 |" in lines
-    assert any("lockup, crash and OOM runs have no times" in line for line in lines)
+    assert any("lockup, guest-crash, oom and error runs have no times" in line for line in lines)
 
 
 def test_csv_and_json_carry_the_same_numbers() -> None:
