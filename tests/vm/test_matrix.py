@@ -114,7 +114,7 @@ def test_seed_matrix_is_the_issue_s_comparison() -> None:
         "device",
         "nbd-serve",
         90.0,
-        1800.0,
+        3600.0,
     )
     servers_runs = matrix.plan_runs(matrix.load_matrix(REPO / "vm" / "matrices" / "servers.toml"))
     assert [r.label for r in servers_runs[:3]] == [
