@@ -113,11 +113,6 @@ class RunConfig:
     """None (the kernel's own), ``slub`` or ``slab`` (a built 6.1 kernel)."""
     flavour: str = "cloud"
     """Debian kernel flavour."""
-    arm: str = "patched"
-    """Kernel arm: patched (today's code) or vanilla (nbd memalloc and the pfmemalloc
-    throttle switched off)."""
-    allocator: str | None = None
-    """Slab allocator of a built kernel (e.g. ``slab``); None: the kernel as packaged."""
     swap: SwapMode = "device"
     """Swap on /dev/nbd0 directly, or on a swapfile in ext4 on /dev/nbd0."""
     swap_bytes: int | None = None
