@@ -68,6 +68,7 @@ ESTIMATES: Mapping[str, float] = {
     "rootfs": 180.0,
     "initramfs": 5.0,
     "kbuild": 1500.0,
+    "kbuild-incremental": 120.0,
 }
 STEPS = ("kernel", "armmods", "busybox", "rootfs", "initramfs")
 # Cache entries not used for this long are deleted by the next build.
@@ -488,7 +489,11 @@ def _kbuild_step(
         progress.skip("kbuild", f"cached ({final})")
         os.utime(final)
         return kbuild.load_built(final)
-    estimate = cache.durations().get(f"kbuild-{variant.name}", ESTIMATES["kbuild"])
+    # A variant that differs from a built one only in patches recompiles a few files.
+    first = ESTIMATES["kbuild"]
+    if kbuild.has_object_tree(variant, version, cache.root):
+        first = ESTIMATES["kbuild-incremental"]
+    estimate = cache.durations().get(f"kbuild-{variant.name}", first)
     title = f"kbuild: {variant.name} from linux-source-{variant.series} {version}"
     with progress.step(title, estimate) as step:
         built = kbuild.build_variant(variant, version, cache.root, cache.root / "sources", step)

@@ -57,6 +57,7 @@ __all__ = [
     "compile_objects",
     "config_key",
     "expected_config",
+    "has_object_tree",
     "image_key",
     "load_built",
     "missing_config",
@@ -326,6 +327,12 @@ def build_variant(
         (tmp / "kbuild.json").write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, final)
     return load_built(final)
+
+
+def has_object_tree(variant: arms.Variant, version: str, cache_root: Path) -> bool:
+    """Whether a build of ``variant``'s configuration exists (so the next one is incremental)."""
+    tree = cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+    return (tree / f"out-{config_key(variant.allocator)}" / "vmlinux").exists()
 
 
 def compile_objects(
