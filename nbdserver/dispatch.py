@@ -1,0 +1,123 @@
+"""Commands against one export's backend: which may run inline, and how each runs.
+
+Backend calls that cannot block for long run on the event loop: every call of a backend
+whose capabilities say ``never_blocks`` (the RAM disk), and for the others whatever hits
+the page cache (plain WRITEs, READs below :data:`LARGE_READ`, BLOCK_STATUS). Calls that
+may block (FLUSH = fdatasync, FUA writes, TRIM/WRITE_ZEROES = fallocate, CACHE) and large
+reads go to the thread pool (docs/performance.md, "Inline or pool"). Every reply is
+framed by the :class:`~nbdserver.transmission.Transmission`; nothing here packs a byte.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from nbdserver.backends.base import Backend
+from nbdserver.errors import errno_of
+from nbdserver.protocol import Cmd, CmdFlag
+from nbdserver.transmission import Command, Transmission
+
+#: Reads at least this long leave by sendfile or run in the pool, and simple-reply ones
+#: skip the zero-filled combined buffer (docs/performance.md, "Large reads").
+LARGE_READ: Final = 256 * 1024
+
+#: What a command produces for the wire: one buffer, or several for a vectored write.
+Reply = bytes | bytearray | list[bytes | bytearray | memoryview]
+
+_FUA: Final = int(CmdFlag.FUA)
+_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
+_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
+_READ: Final = int(Cmd.READ)
+_WRITE: Final = int(Cmd.WRITE)
+_FLUSH: Final = int(Cmd.FLUSH)
+_TRIM: Final = int(Cmd.TRIM)
+_WRITE_ZEROES: Final = int(Cmd.WRITE_ZEROES)
+_CACHE: Final = int(Cmd.CACHE)
+_BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
+
+
+class Dispatcher:
+    """Runs one connection's validated commands against its export's backend."""
+
+    __slots__ = ("_extents", "_tx", "backend", "log", "never_blocks")
+
+    def __init__(
+        self, backend: Backend, tx: Transmission, log: logging.LoggerAdapter[logging.Logger]
+    ) -> None:
+        self.backend = backend
+        self._tx = tx
+        self.log = log
+        caps = backend.capabilities
+        self.never_blocks = caps.never_blocks
+        self._extents = caps.extents
+
+    def inline(self, c: Command) -> bool:
+        """Whether ``c`` may run on the event loop (see the module docstring)."""
+        t = c.type
+        if t == _READ:
+            return c.length < LARGE_READ
+        if self.never_blocks:
+            return True
+        if t == _WRITE:
+            return not c.flags & _FUA
+        return t == _BLOCK_STATUS
+
+    def execute(self, c: Command, payload: bytes | memoryview | None) -> Reply:
+        """Run one validated command; return its reply. Backend errors propagate (see
+        :meth:`failure`). Called on the loop or on a pool thread."""
+        t = c.type
+        backend = self.backend
+        if t == _READ:
+            length = c.length
+            prefix = self._tx.read_prefix(c)
+            if prefix is not None and length < LARGE_READ:
+                # Header and data in one buffer, read straight in behind the header.
+                size = len(prefix)
+                buf = bytearray(size + length)
+                buf[:size] = prefix
+                if length:
+                    backend.pread_into(memoryview(buf)[size:], c.offset)
+                return buf
+            # os.pread allocates without zero-filling; the core frames what it returned.
+            data = backend.pread(c.offset, length) if length else b""
+            return self._tx.read_reply(c, data)
+        fua = bool(c.flags & _FUA)
+        if t == _WRITE:
+            assert payload is not None
+            backend.pwrite(payload, c.offset, fua)
+        elif t == _FLUSH:
+            backend.flush()
+        elif t == _TRIM:
+            backend.trim(c.offset, c.length, fua)
+        elif t == _WRITE_ZEROES:
+            backend.zero(
+                c.offset,
+                c.length,
+                may_trim=not c.flags & _NO_HOLE,
+                fast=bool(c.flags & _FAST_ZERO),
+                fua=fua,
+            )
+        elif t == _CACHE:
+            backend.cache(c.offset, c.length)
+        elif t == _BLOCK_STATUS:
+            extents = backend.extents(c.offset, c.length) if self._extents else []
+            return self._tx.block_status_reply(c, extents)
+        else:  # pragma: no cover - validate() rejects everything else
+            raise AssertionError(f"unexpected command {t}")
+        return self._tx.ack(c.cookie)
+
+    def failure(self, c: Command, exc: BaseException) -> bytes:
+        """A failing backend call becomes an error reply, never a crash."""
+        errno = errno_of(exc)
+        self.log.warning(
+            "%s at %d+%d failed: %s (%s)", cmd_name(c.type), c.offset, c.length, exc, errno.name
+        )
+        return self._tx.error_reply(c.cookie, errno, str(exc))
+
+
+def cmd_name(cmd: int) -> str:
+    try:
+        return f"NBD_CMD_{Cmd(cmd).name}"
+    except ValueError:
+        return f"command {cmd}"
