@@ -40,13 +40,26 @@ _BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
 class Dispatcher:
     """Runs one connection's validated commands against its export's backend."""
 
-    __slots__ = ("_extents", "_tx", "backend", "log", "never_blocks")
+    __slots__ = (
+        "_ack",
+        "_extents",
+        "_read_prefix",
+        "_read_reply",
+        "_tx",
+        "backend",
+        "log",
+        "never_blocks",
+    )
 
     def __init__(
         self, backend: Backend, tx: Transmission, log: logging.LoggerAdapter[logging.Logger]
     ) -> None:
         self.backend = backend
         self._tx = tx
+        # Bound once: these run for every request.
+        self._ack = tx.ack
+        self._read_prefix = tx.read_prefix
+        self._read_reply = tx.read_reply
         self.log = log
         caps = backend.capabilities
         self.never_blocks = caps.never_blocks
@@ -70,7 +83,7 @@ class Dispatcher:
         backend = self.backend
         if t == _READ:
             length = c.length
-            prefix = self._tx.read_prefix(c)
+            prefix = self._read_prefix(c)
             if prefix is not None and length < LARGE_READ:
                 # Header and data in one buffer, read straight in behind the header.
                 size = len(prefix)
@@ -81,7 +94,7 @@ class Dispatcher:
                 return buf
             # os.pread allocates without zero-filling; the core frames what it returned.
             data = backend.pread(c.offset, length) if length else b""
-            return self._tx.read_reply(c, data)
+            return self._read_reply(c, data)
         fua = bool(c.flags & _FUA)
         if t == _WRITE:
             assert payload is not None
@@ -105,7 +118,7 @@ class Dispatcher:
             return self._tx.block_status_reply(c, extents)
         else:  # pragma: no cover - validate() rejects everything else
             raise AssertionError(f"unexpected command {t}")
-        return self._tx.ack(c.cookie)
+        return self._ack(c.cookie)
 
     def failure(self, c: Command, exc: BaseException) -> bytes:
         """A failing backend call becomes an error reply, never a crash."""

@@ -22,7 +22,7 @@ class PollWindow:
     all: docs/performance.md, "Busy-poll".
     """
 
-    __slots__ = ("_wait_from", "max_ns", "window")
+    __slots__ = ("max_ns", "waiting_since", "window")
 
     def __init__(self, max_ns: int) -> None:
         #: The largest window (``--poll-us``); 0 disables polling.
@@ -31,21 +31,21 @@ class PollWindow:
         self.window = 0
         #: When the adapter last went back to waiting for the client in a way that
         #: should resize the window (0: the next arrival says nothing).
-        self._wait_from = 0
+        self.waiting_since = 0
 
     def waiting(self, now: int) -> None:
         """The adapter stops polling and waits in the event loop from ``now``."""
-        self._wait_from = now
+        self.waiting_since = now
 
     def forget(self) -> None:
         """The coming wait says nothing about the client (polling was not allowed)."""
-        self._wait_from = 0
+        self.waiting_since = 0
 
     def arrived(self, now: int) -> None:
         """Bytes came in through the event loop at ``now``: resize from the wait."""
-        if self._wait_from:
-            self.adapt(now - self._wait_from)
-            self._wait_from = 0
+        if self.waiting_since:
+            self.adapt(now - self.waiting_since)
+            self.waiting_since = 0
 
     def adapt(self, waited: int) -> None:
         """Resize the window from how long (ns) the client took to send its next request."""
@@ -92,12 +92,11 @@ class FlowControl:
         #: We asked the transport to stop reading (pause_reading).
         self.read_paused = False
 
-    def can_decode(self) -> bool:
-        """Whether another batch may be decoded at all."""
-        return not self.write_paused and self.requests < self.max_requests
-
     def budget(self, queued: int) -> int:
-        """Bytes of READ/WRITE the next batch may add (negative: none)."""
+        """Bytes of READ/WRITE the next batch may add; negative: decode nothing now
+        (past the byte bound, writing paused, or ``max_requests`` pool jobs out)."""
+        if self.write_paused or self.requests >= self.max_requests:
+            return -1
         return self.max_bytes - self.held - queued
 
     def hold(self, nbytes: int) -> None:
