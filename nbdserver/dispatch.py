@@ -10,11 +10,16 @@ framed by the :class:`~nbdserver.transmission.Transmission`; nothing here packs 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from typing import Final
 
 from nbdserver.backends.base import Backend
 from nbdserver.errors import errno_of
+from nbdserver.fastpath import sendfile_reply
 from nbdserver.protocol import Cmd, CmdFlag
 from nbdserver.transmission import Command, Transmission
 
@@ -119,6 +124,51 @@ class Dispatcher:
         else:  # pragma: no cover - validate() rejects everything else
             raise AssertionError(f"unexpected command {t}")
         return self._ack(c.cookie)
+
+    def submit(
+        self,
+        c: Command,
+        t0: int,
+        executor: Executor,
+        done: Callable[[Command, Future[Reply], int, int], None],
+    ) -> int:
+        """Run ``c`` in the thread pool; ``done(c, future, t0, held)`` follows on the loop.
+
+        Returns the bytes the job holds (a WRITE's payload copy, a read being made).
+        """
+        # The payload view points into the receive buffer, which is reused once the
+        # current callback returns: the pool gets a copy and the command no view at all.
+        payload = bytes(c.payload) if c.payload is not None else None
+        c = dataclasses.replace(c, payload=None)
+        held = c.length if payload is not None or c.type == _READ else 0
+        future = executor.submit(self.execute, c, payload)
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, c, f, t0, held))
+        return held
+
+    def sendfile(
+        self, c: Command, fd: int, queue: Callable[[bytes | bytearray | memoryview], None]
+    ) -> bool:
+        """Send a read with sendfile on socket ``fd``, framed by the core; what the socket
+        does not take goes to ``queue``. False when nothing was sent (the range is not
+        data in memory, or the socket is full); OSError once part of it may be sent."""
+        backend = self.backend
+        source = backend.sendfile_source(c.offset, c.length)
+        if source < 0:
+            return False
+        header, trailer = self._tx.sendfile_frame(c)
+        sent = sendfile_reply(
+            fd,
+            header,
+            source=source,
+            offset=c.offset,
+            length=c.length,
+            queue=queue,
+            pread=backend.pread,
+        )
+        if sent and trailer:
+            queue(trailer)
+        return sent
 
     def failure(self, c: Command, exc: BaseException) -> bytes:
         """A failing backend call becomes an error reply, never a crash."""

@@ -23,7 +23,6 @@ measured reasons behind each fast path are in docs/performance.md.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import socket
@@ -36,7 +35,7 @@ from typing import Any, Final, cast
 from nbdserver.backends.base import Backend
 from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US
 from nbdserver.dispatch import LARGE_READ, Dispatcher, Reply
-from nbdserver.fastpath import ReceiveBuffer, poll_read, sendfile_reply, tune_allocator
+from nbdserver.fastpath import ReceiveBuffer, poll_read, tune_allocator
 from nbdserver.negotiation import (
     Closed,
     ExportInfo,
@@ -173,6 +172,48 @@ class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.conn.peer} #{self.conn.id}] {msg}", kwargs
 
+    def option(self, event: OptionHandled) -> None:
+        try:
+            name = f"NBD_OPT_{Opt(event.option).name}"
+        except ValueError:
+            name = f"option {event.option}"
+        if event.reply is Rep.ACK:
+            self.debug("%s: ok", name)
+        else:
+            self.debug("%s: %s %s", name, event.reply.name, event.detail)
+
+    def closed(self, event: Closed, phase: str, inflight: int) -> None:
+        if event.violation:
+            self.warning("%s violation, closing: %s", phase, event.reason)
+        else:
+            self.debug("%s; %d requests in flight", event.reason, inflight)
+
+    def ready(self, ready: Ready) -> None:
+        flags = "|".join(f.name for f in TransmissionFlag if f in ready.flags and f.name)
+        self.info(
+            "export %r size=%d flags=%s structured=%s meta=%s no_zeroes=%s",
+            ready.export.name,
+            ready.export.size,
+            flags,
+            "yes" if ready.structured else "no",
+            "base:allocation" if ready.meta_context is not None else "none",
+            "yes" if ready.no_zeroes else "no",
+        )
+
+
+def _socket_setup(transport: asyncio.Transport) -> tuple[str, int]:
+    """TCP_NODELAY on TCP; returns the peer's name and the socket's descriptor (or -1)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return "?", -1
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # "both the client and server SHOULD disable Nagle's algorithm" (doc/proto.md
+        # "Protocol phases").
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = transport.get_extra_info("peername")[:2]
+        return f"{host}:{port}", sock.fileno()
+    return "unix", sock.fileno()
+
 
 class Connection(asyncio.BufferedProtocol):
     """One client: handshake, then requests."""
@@ -204,17 +245,7 @@ class Connection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        peername = transport.get_extra_info("peername")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # "both the client and server SHOULD disable Nagle's algorithm" (doc/proto.md
-            # "Protocol phases").
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.peer = f"{peername[0]}:{peername[1]}"
-        else:
-            self.peer = "unix"
-        if sock is not None:
-            self._fd = sock.fileno()
+        self.peer, self._fd = _socket_setup(transport)
         # pause_writing fires exactly when queued replies pass the in-flight bound, so
         # a connection that stopped decoding at the bound is always resumed.
         limit = self.server.max_inflight_bytes
@@ -274,57 +305,20 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.write(out)
         for event in events:
             if isinstance(event, OptionHandled):
-                self._log_option(event)
+                self.log.option(event)
             elif isinstance(event, Closed):
-                self._log_closed(event, "handshake")
+                self.log.closed(event, "handshake", 0)
                 self._negotiation = None
                 self.transport.close()
                 return
             elif isinstance(event, Ready):
-                self._enter_transmission(event)
+                self.log.ready(event)
+                self._export = export = self.server.exports[event.export.name]
+                self.tx = Transmission(Session.from_ready(event))
+                self._dispatcher = Dispatcher(export.backend, self.tx, self.log)
                 self._rx.put(neg.trailing_data)
                 self._negotiation = None
                 return
-
-    def _log_option(self, event: OptionHandled) -> None:
-        try:
-            name = f"NBD_OPT_{Opt(event.option).name}"
-        except ValueError:
-            name = f"option {event.option}"
-        if event.reply is Rep.ACK:
-            self.log.debug("%s: ok", name)
-        else:
-            self.log.debug("%s: %s %s", name, event.reply.name, event.detail)
-
-    def _log_closed(self, event: Closed, phase: str) -> None:
-        if event.violation:
-            self.log.warning("%s violation, closing: %s", phase, event.reason)
-        else:
-            self.log.debug("%s; %d requests in flight", event.reason, self.flow.requests)
-
-    def _enter_transmission(self, ready: Ready) -> None:
-        export = self.server.exports[ready.export.name]
-        self._export = export
-        session = Session(
-            size=ready.export.size,
-            flags=ready.flags,
-            structured=ready.structured,
-            meta_context=ready.meta_context,
-            max_block=ready.export.max_block,
-            min_block=ready.export.min_block,
-        )
-        self.tx = Transmission(session)
-        self._dispatcher = Dispatcher(export.backend, self.tx, self.log)
-        flags = "|".join(f.name for f in TransmissionFlag if f in ready.flags and f.name)
-        self.log.info(
-            "export %r size=%d flags=%s structured=%s meta=%s no_zeroes=%s",
-            export.info.name,
-            export.info.size,
-            flags,
-            "yes" if ready.structured else "no",
-            "base:allocation" if ready.meta_context is not None else "none",
-            "yes" if ready.no_zeroes else "no",
-        )
 
     # --- transmission ------------------------------------------------------------
     def _process(self) -> None:
@@ -435,16 +429,13 @@ class Connection(asyncio.BufferedProtocol):
             self._export.stats.record(event.type, 0, time.perf_counter_ns() - t0, True)
             self._write(self.tx.error_reply(event.cookie, event.error.errno, str(event.error)))
         elif isinstance(event, Closed):
-            self._log_closed(event, "transmission")
+            self.log.closed(event, "transmission", self.flow.requests)
 
     def _sendfile_read(self, c: Command, t0: int) -> bool:
-        """Send a large read from the page cache with sendfile; False: use the buffered path.
-
-        The bytes bypass the transport, so it must have nothing queued; a read that
-        starts in a hole keeps the buffered path, which describes zero runs as holes.
-        """
-        transport, export, tx = self.transport, self._export, self.tx
-        assert transport is not None and export is not None and tx is not None
+        """Send a large read with sendfile (docs/performance.md, "sendfile"); False: it
+        takes the buffered path. The bytes bypass the transport: it must be idle."""
+        transport, export, dispatcher = self.transport, self._export, self._dispatcher
+        assert transport is not None and export is not None and dispatcher is not None
         if self._fd < 0:
             return False
         if self._batch:  # replies decoded before this read go first
@@ -452,50 +443,21 @@ class Connection(asyncio.BufferedProtocol):
             self._batch = []
         if transport.get_write_buffer_size():
             return False
-        backend = export.backend
-        source = backend.sendfile_source(c.offset, c.length)
-        if source < 0:
-            return False
-        header, trailer = tx.sendfile_frame(c)
         try:
-            if not sendfile_reply(
-                self._fd,
-                header,
-                source=source,
-                offset=c.offset,
-                length=c.length,
-                queue=transport.write,
-                pread=backend.pread,
-            ):
+            if not dispatcher.sendfile(c, self._fd, transport.write):
                 return False
         except OSError as exc:
             # Part of the reply may be on the wire: the stream cannot be resumed.
-            self.log.warning(
-                "read at %d+%d failed while sending: %s; closing", c.offset, c.length, exc
-            )
+            self.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
             export.stats.record(_READ, 0, time.perf_counter_ns() - t0, True)
             transport.abort()
             return True
-        if trailer:
-            transport.write(trailer)
         export.stats.record(_READ, c.length, time.perf_counter_ns() - t0, False)
         return True
 
     def _submit(self, c: Command, t0: int) -> None:
-        """Run a command in the thread pool (its own method: a closure here would make
-        every inline request pay for its cells)."""
         assert self._dispatcher is not None
-        # The payload view points into the receive buffer, which is reused once this
-        # callback returns: the pool gets a copy and the command no view at all.
-        payload = bytes(c.payload) if c.payload is not None else None
-        c = dataclasses.replace(c, payload=None)
-        held = c.length if payload is not None or c.type == _READ else 0
-        self.flow.hold(held)
-        future = self.server.executor.submit(self._dispatcher.execute, c, payload)
-        loop = asyncio.get_running_loop()
-        future.add_done_callback(
-            lambda f: loop.call_soon_threadsafe(self._completed, c, f, t0, held)
-        )
+        self.flow.hold(self._dispatcher.submit(c, t0, self.server.executor, self._completed))
         self._update_reading()
 
     def _completed(self, c: Command, future: Future[Reply], t0: int, held: int) -> None:
@@ -512,20 +474,17 @@ class Connection(asyncio.BufferedProtocol):
 
     def _poll(self) -> bool:
         """After a lone request was answered, read the socket for up to the poll window
-        (docs/performance.md, "Busy-poll"). Only when this process serves one connection
-        (polling would delay the others) and nothing is queued, paused or in the pool.
-
-        Returns True when bytes were read into the buffer (the caller processes them).
-        """
-        window = self._poll_window
-        transport = self.transport
+        (docs/performance.md, "Busy-poll"); True when bytes came (the caller processes
+        them). Only when this process serves one connection and nothing is queued,
+        paused or in the pool."""
+        window, transport, tx = self._poll_window, self.transport, self.tx
         if (
             window.max_ns <= 0
             or self._batch_size != 1
             or self._fd < 0
             or self._lost
-            or self.tx is None
-            or self.tx.phase is not _OPEN
+            or tx is None
+            or tx.phase is not _OPEN
             or self.flow.read_paused
             or self.flow.requests
             or transport is None
@@ -537,25 +496,20 @@ class Connection(asyncio.BufferedProtocol):
         started = time.perf_counter_ns()
         if window.window:
             assert self._export is not None
-            stats = self._export.stats
             try:
                 n, now = poll_read(self._fd, self._rx.space(0), started + window.window)
-            except OSError as exc:
-                # The loop would have seen the same error; the socket is done.
+            except OSError as exc:  # the loop would have seen it too: the socket is done
                 self.log.debug("connection lost while polling: %s", exc)
-                window.forget()
+                n, now = 0, 0
                 transport.abort()
-                return False
-            if n == 0:  # end of stream: left for the event loop to see (eof_received)
+            if n == 0:  # end of stream (or error): left to the event loop
                 window.forget()
                 return False
             if n > 0:
                 self._rx.end += n
-                stats.poll_hits += 1
-                stats.poll_ns += time.perf_counter_ns() - started
+                self._export.stats.polled(True, time.perf_counter_ns() - started)
                 return True
-            stats.poll_misses += 1
-            stats.poll_ns += now - started
+            self._export.stats.polled(False, now - started)
         window.waiting(started)
         return False
 
@@ -582,8 +536,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.close()
 
     def shutdown(self) -> None:
-        """Server shutdown: finish the requests in flight, then close (see
-        :meth:`~nbdserver.transmission.Transmission.shutdown`)."""
+        """Server shutdown: finish the requests in flight, then close."""
         if self.transport is None:
             return
         if self.tx is None:

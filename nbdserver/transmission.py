@@ -41,7 +41,7 @@ from nbdserver.errors import (
     NoSpace,
     PermissionDenied,
 )
-from nbdserver.negotiation import Closed
+from nbdserver.negotiation import Closed, Ready
 from nbdserver.protocol import (
     REQUEST,
     REQUEST_MAGIC,
@@ -90,6 +90,18 @@ class Session:
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed", {int(c): int(allowed_flags(c, self)) for c in Cmd})
         object.__setattr__(self, "read_only", bool(self.flags & TransmissionFlag.READ_ONLY))
+
+    @classmethod
+    def from_ready(cls, ready: Ready) -> Session:
+        """The session the handshake's :class:`~nbdserver.negotiation.Ready` describes."""
+        return cls(
+            size=ready.export.size,
+            flags=ready.flags,
+            structured=ready.structured,
+            meta_context=ready.meta_context,
+            max_block=ready.export.max_block,
+            min_block=ready.export.min_block,
+        )
 
 
 # --- events --------------------------------------------------------------------------
@@ -534,14 +546,13 @@ def zero_extents(data: bytes | bytearray, offset: int) -> list[Extent]:
     Any zero run of two blocks contains a whole aligned block, so ``bytes.find`` of a
     two-block needle (C speed, linear) locates candidates and ``startswith`` (memcmp)
     extends them block by block. An isolated single zero block may be missed, which
-    only costs bandwidth. This beats asking the backend: SEEK_HOLE on shmem walks the
-    whole data run after ``offset`` (0.5 ms for a 256 MiB run).
+    only costs bandwidth. Why scan rather than ask the backend: docs/performance.md,
+    "Hole scan".
     """
     n = len(data)
     block = MIN_HOLE_CHUNK
     # Fast path: every zero block found below starts, at its aligned start, with eight
-    # zero bytes. One word sampled per aligned block (C-level strided copy, ~1 us per
-    # MiB) rules out most data before the full scan (44 us per MiB).
+    # zero bytes; one word sampled per aligned block rules out most data cheaply.
     first = (-offset) % block
     words = (n - first) // 8
     if words > 0:
