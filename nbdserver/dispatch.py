@@ -54,6 +54,7 @@ class Dispatcher:
         "backend",
         "log",
         "never_blocks",
+        "pool_write_flags",
     )
 
     def __init__(
@@ -68,6 +69,9 @@ class Dispatcher:
         self.log = log
         caps = backend.capabilities
         self.never_blocks = caps.never_blocks
+        #: Flags that send a WRITE to the pool: FUA (a durable write may wait), unless
+        #: nothing can block.
+        self.pool_write_flags = 0 if caps.never_blocks else _FUA
         self._extents = caps.extents
 
     def inline(self, c: Command) -> bool:
@@ -78,7 +82,7 @@ class Dispatcher:
         if self.never_blocks:
             return True
         if t == _WRITE:
-            return not c.flags & _FUA
+            return not c.flags & self.pool_write_flags
         return t == _BLOCK_STATUS
 
     def execute(self, c: Command, payload: bytes | memoryview | None) -> Reply:

@@ -12,6 +12,7 @@ All integers travel big-endian ("network byte order", doc/proto.md "Conventions"
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,6 +211,11 @@ _pack_data_header: Final = OFFSET_DATA_HEADER.pack
 def simple_reply(cookie: int, error: int = 0) -> bytes:
     """A simple reply (16 bytes); a read's data follows it unframed."""
     return _pack_simple(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+#: ``ack_reply(cookie)`` is ``simple_reply(cookie)`` (error 0) without a Python frame: it
+#: answers every write and flush.
+ack_reply: Final = functools.partial(_pack_simple, SIMPLE_REPLY_MAGIC, 0)
 
 
 def chunk_header(flags: int, type_: int, cookie: int, length: int) -> bytes:

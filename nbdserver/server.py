@@ -394,11 +394,15 @@ class Connection(asyncio.BufferedProtocol):
             self._answer_event(c, t0)
             return
         t = c.type
+        # Dispatcher.inline's rule for READ and WRITE, spelled out on the hottest path.
         if t == _READ:
-            # Reads: the rule of Dispatcher.inline, spelled out on the hottest path.
             if c.length >= LARGE_READ:
                 if not self._sendfile_read(c, t0):
                     self._submit(c, t0)
+                return
+        elif t == _WRITE:
+            if c.flags & dispatcher.pool_write_flags:
+                self._submit(c, t0)
                 return
         elif t == _DISC:
             export.stats.record(t, 0, 0, False)

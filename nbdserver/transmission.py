@@ -50,6 +50,7 @@ from nbdserver.protocol import (
     Extent,
     State,
     TransmissionFlag,
+    ack_reply,
     block_status_chunk,
     done_chunk,
     error_chunk,
@@ -411,11 +412,9 @@ class Transmission:
         return events, pos
 
     # --- output ----------------------------------------------------------------------
-    @staticmethod
-    def ack(cookie: int) -> bytes:
-        """Success for any command without data (a simple reply even with structured
-        replies, which the spec allows for every command but READ)."""
-        return simple_reply(cookie)
+    #: ``ack(cookie)``: success for any command without data, a simple reply even with
+    #: structured replies (the spec allows it for every command but READ).
+    ack = staticmethod(ack_reply)
 
     def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
         """The error reply for any command.
