@@ -175,7 +175,7 @@ def debian_mirror(
         if not given.startswith(_MIRROR_SCHEMES):
             raise RootfsError(
                 f"mirror {given!r} is not a URL; give one like http://HOST/debian "
-                f"(from --mirror or ${MIRROR_ENV})"
+                f"(override or ${MIRROR_ENV})"
             )
         return given.rstrip("/")
     sources: list[AptSource] = []
@@ -194,8 +194,8 @@ def debian_mirror(
     raise RootfsError(
         f"no enabled 'deb' source for {suite} in {etc_apt / 'sources.list'} or "
         f"{listd}/*.sources|*.list ({len(sources)} sources read); add the Debian mirror "
-        f"this host should use to apt's sources, or name one with --mirror URL or "
-        f"{MIRROR_ENV}=URL (e.g. http://HOST/debian)"
+        f"this host should use to apt's sources, or name one with {MIRROR_ENV}=URL "
+        f"(e.g. http://HOST/debian)"
     )
 
 

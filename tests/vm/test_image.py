@@ -427,7 +427,7 @@ def test_debian_mirror_without_sources_says_what_to_do(
     message = str(info.value)
     assert "no enabled 'deb' source for bookworm" in message
     assert "(2 sources read)" in message
-    assert f"--mirror URL or {rootfs.MIRROR_ENV}=URL" in message
+    assert f"name one with {rootfs.MIRROR_ENV}=URL" in message
 
 
 def test_pick_version_from_madison() -> None:
