@@ -37,6 +37,9 @@ examples:
   python -m bench --quick               under 2 minutes, bench/results/quick.{{md,json}}
   python -m bench --servers nbdkit,nbd-serve --workloads rand-read-4k-qd32 --rounds 5
   bench/run --smoke --out /tmp/b        a few seconds; what the tests run
+  git worktree add /tmp/nbdserve-old HEAD~1
+  bench/run --servers nbd-serve --old-nbd-serve /tmp/nbdserve-old --baseline nbd-serve-old
+                                        this tree's nbd-serve against an older one's
 """
 
 
@@ -55,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a tiny run for tests: 1 round of 1 s, workloads {SMOKE_WORKLOADS}, no RSS scenario",
     )
     p.add_argument("--servers", help="comma-separated servers to run (default: all four)")
+    p.add_argument(
+        "--old-nbd-serve",
+        type=Path,
+        metavar="DIR",
+        help="also run server nbd-serve-old: nbd-serve from the swapnbd checkout DIR",
+    )
     p.add_argument("--workloads", help="comma-separated workload names (default: all)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (full: 3)")
     p.add_argument("--runtime", type=float, metavar="S", help="seconds per fio run (full: 4)")
@@ -93,6 +102,13 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if file_mib < 16:
         raise ValueError(f"--file-mib must be >= 16, got {file_mib}")
     servers = parse_servers(args.servers)
+    if args.old_nbd_serve is not None and ServerKind.NBD_SERVE_OLD not in servers:
+        servers = tuple(k for k in ServerKind if k in servers or k is ServerKind.NBD_SERVE_OLD)
+    if ServerKind.NBD_SERVE_OLD in servers and args.old_nbd_serve is None:
+        raise ValueError(
+            "server nbd-serve-old needs --old-nbd-serve DIR, a swapnbd checkout "
+            "(e.g. git worktree add /tmp/nbdserve-old REV)"
+        )
     wl_spec = args.workloads if args.workloads is not None else (
         SMOKE_WORKLOADS if preset == "smoke" else None
     )  # fmt: skip
@@ -121,6 +137,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         out_dir=args.out,
         name=name,
         title=f"swapnbd bench: {name} run",
+        old_checkout=args.old_nbd_serve,
     )
 
 

@@ -30,11 +30,14 @@ from typing import Any
 from bench import report
 from bench.monitor import RssSampler, tree_cpu_seconds
 from bench.servers import (
+    ON_REQUEST,
     BenchError,
     ExportSpec,
     RunningServer,
     ServerKind,
     check_fio_nbd,
+    checkout_command,
+    checkout_version,
     require_tool,
     start_server,
     stop_server,
@@ -76,6 +79,8 @@ class Plan:
     title: str
     sample_interval_s: float = 0.05
     shm_dir: Path = Path("/dev/shm")
+    old_checkout: Path | None = None
+    """The swapnbd checkout that server nbd-serve-old runs (``--old-nbd-serve``)."""
 
     def estimate_s(self) -> float:
         per_cell = self.runtime_s + self.ramp_s + 0.55  # fio start-up and teardown
@@ -118,7 +123,12 @@ def check_tools(plan: Plan) -> str:
     check_fio_nbd(fio)
     require_tool("nbdinfo")
     for kind in plan.servers:
-        require_tool(kind.value)
+        if kind is ServerKind.NBD_SERVE_OLD:
+            if plan.old_checkout is None:
+                raise BenchError("server nbd-serve-old needs --old-nbd-serve DIR")
+            checkout_command(plan.old_checkout)
+        else:
+            require_tool(kind.value)
     return fio
 
 
@@ -236,7 +246,7 @@ def run(plan: Plan) -> Outcome:
                                 | ({Transport.TCP} if plan.rss_scenario else set()))  # fmt: skip
             for kind in plan.servers:
                 for t in transports:
-                    srv = start_server(kind, t, spec)
+                    srv = start_server(kind, t, spec, checkout=plan.old_checkout)
                     running[(kind, t)] = srv
                     _progress(f"started {srv.label} pid {srv.pid} at {srv.uri}")
             _progress(f"estimated duration: {plan.estimate_s():.0f} s")
@@ -260,7 +270,7 @@ def run(plan: Plan) -> Outcome:
                 for srv in running.values():
                     stop_server(srv)
                 for kind in plan.servers:
-                    srv = start_server(kind, Transport.TCP, spec)
+                    srv = start_server(kind, Transport.TCP, spec, checkout=plan.old_checkout)
                     extra.append(srv)
                     result, _cpu, peak = _measure(
                         fio=fio, workload=RSS_WORKLOAD, server=srv, sampler=sampler, spec=spec,
@@ -299,7 +309,12 @@ def run(plan: Plan) -> Outcome:
         "baseline": baseline,
         "workloads": {w.name: w.description for w in plan.workloads},
         "fio": tool_version("fio"),
-        "server_versions": {k.value: tool_version(k) for k in plan.servers},
+        "server_versions": {
+            k.value: checkout_version(plan.old_checkout)
+            if k is ServerKind.NBD_SERVE_OLD and plan.old_checkout is not None
+            else tool_version(k)
+            for k in plan.servers
+        },
         "baseline_rss_peak": sampler.overall.get(baseline),
         "rss_peak_by_server": dict(sampler.overall),
         "qemu_nbd_args": "--cache=writeback --aio=threads --shared=8",
@@ -324,9 +339,10 @@ def run(plan: Plan) -> Outcome:
 
 
 def parse_servers(spec: str | None) -> tuple[ServerKind, ...]:
-    """Servers named in a comma-separated *spec*, in the canonical order; all when None."""
+    """Servers named in a comma-separated *spec*, in the canonical order; when None, all
+    but those run only on request (:data:`bench.servers.ON_REQUEST`)."""
     if spec is None:
-        return tuple(ServerKind)
+        return tuple(k for k in ServerKind if k not in ON_REQUEST)
     names = [n.strip() for n in spec.split(",") if n.strip()]
     known = {k.value: k for k in ServerKind}
     unknown = [n for n in names if n not in known]

@@ -24,6 +24,7 @@ from bench.workloads import Transport
 from vm import servers as launcher
 from vm.servers import (
     DEBIAN_PACKAGES,
+    LauncherKind,
     RunningServer,
     ServerError,
     ToolMissingError,
@@ -40,6 +41,7 @@ __all__ = [
     "ServerKind",
     "ToolMissingError",
     "check_fio_nbd",
+    "checkout_command",
     "free_port",
     "nbd_serve_path",
     "nbd_server_config",
@@ -65,6 +67,22 @@ class ServerKind(enum.StrEnum):
     NBDKIT = "nbdkit"
     QEMU_NBD = "qemu-nbd"
     NBD_SERVER = "nbd-server"
+    NBD_SERVE_OLD = "nbd-serve-old"
+    """nbd-serve from another checkout (``--old-nbd-serve DIR``): one version against
+    another in the same interleaved run."""
+
+
+#: Servers that run only when asked for by name (or by ``--old-nbd-serve``).
+ON_REQUEST: frozenset[ServerKind] = frozenset({ServerKind.NBD_SERVE_OLD})
+
+#: How :mod:`vm.servers` launches each: both nbd-serves alike, from different trees.
+_LAUNCHER: dict[ServerKind, LauncherKind] = {
+    ServerKind.NBD_SERVE: "nbd-serve",
+    ServerKind.NBDKIT: "nbdkit",
+    ServerKind.QEMU_NBD: "qemu-nbd",
+    ServerKind.NBD_SERVER: "nbd-server",
+    ServerKind.NBD_SERVE_OLD: "nbd-serve",
+}
 
 
 START_TIMEOUT_S = 15.0
@@ -95,6 +113,40 @@ def nbd_serve_path() -> str:
             "into the venv: .venv/bin/pip install -e . (or run ./dev setup)"
         )
     return found
+
+
+def checkout_command(checkout: Path) -> list[str]:
+    """nbd-serve from the swapnbd checkout *checkout*, on this interpreter and its deps.
+
+    ``-P`` keeps the working directory off ``sys.path`` and PYTHONPATH comes before the
+    venv's own (editable) install, so ``nbdserver`` is the checkout's.
+
+    Raises:
+        BenchError: *checkout* holds no swapnbd source tree.
+    """
+    if not (checkout / "nbdserver" / "cli.py").is_file():
+        raise BenchError(
+            f"{checkout} is not a swapnbd checkout (no nbdserver/cli.py); make one with "
+            "`git worktree add /tmp/nbdserve-old REV`"
+        )
+    return [
+        "env",
+        f"PYTHONPATH={checkout.resolve()}",
+        sys.executable,
+        "-P",
+        "-c",
+        "import sys; from nbdserver.cli import main; sys.exit(main())",
+    ]
+
+
+def checkout_version(checkout: Path) -> str:
+    """The commit of a checkout, for the report."""
+    proc = subprocess.run(
+        ["git", "-C", str(checkout), "log", "-1", "--format=%h %s"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    rev = proc.stdout.strip() if proc.returncode == 0 else "unknown commit"
+    return f"swapnbd checkout {checkout} at {rev}"
 
 
 def check_fio_nbd(fio: str) -> None:
@@ -148,8 +200,12 @@ def _export_name(kind: ServerKind, transport: Transport) -> str:
     return f"bench-{kind.value}-{transport.value}-{os.getpid()}-{next(_starts)}"
 
 
-def start_server(kind: ServerKind, transport: Transport, spec: ExportSpec) -> RunningServer:
+def start_server(
+    kind: ServerKind, transport: Transport, spec: ExportSpec, *, checkout: Path | None = None
+) -> RunningServer:
     """Start *kind* over *transport*, confirm its endpoint, and return it.
+
+    ``checkout`` is the swapnbd tree that :attr:`ServerKind.NBD_SERVE_OLD` runs.
 
     A peer on TCP that does not come up on its port is restarted on another one, up to
     ``PORT_ATTEMPTS`` times; nbd-serve picks its own port and Unix sockets are private,
@@ -159,18 +215,24 @@ def start_server(kind: ServerKind, transport: Transport, spec: ExportSpec) -> Ru
         ToolMissingError: the server's program is not installed.
         ServerError: it did not come up (the message quotes its log).
     """
-    exe = require_tool(kind.value)
-    peer_on_tcp = kind is not ServerKind.NBD_SERVE and transport is Transport.TCP
+    ours = kind in (ServerKind.NBD_SERVE, ServerKind.NBD_SERVE_OLD)
+    if kind is ServerKind.NBD_SERVE_OLD:
+        if checkout is None:
+            raise BenchError("nbd-serve-old needs the checkout to run: --old-nbd-serve DIR")
+        command = tuple(checkout_command(checkout))
+    else:
+        command = (require_tool(kind.value),)
+    peer_on_tcp = not ours and transport is Transport.TCP
     return launcher.start_server(
         launcher.Launch(
-            kind=kind.value,
+            kind=_LAUNCHER[kind],
             transport="tcp" if transport is Transport.TCP else "unix",
             size_bytes=spec.size,
             workdir=spec.workdir,
             backing="file",
             path=spec.path,
             names=lambda: _export_name(kind, transport),
-            nbd_serve=(exe,),
+            nbd_serve=command,
             strict_name=False,
             attempts=PORT_ATTEMPTS if peer_on_tcp else 1,
             timeout_s=START_TIMEOUT_S,

@@ -33,10 +33,6 @@ class ConfigError(NBDServerError):
     """Bad command line or configuration file; the message says what and how to fix it."""
 
 
-class ProtocolError(NBDServerError):
-    """The peer broke the protocol in a way that ends the connection (e.g. bad magic)."""
-
-
 class NBDError(NBDServerError):
     """A request failed; the server answers with ``errno`` and keeps the connection."""
 
@@ -55,10 +51,6 @@ class IOFailure(NBDError):
     errno = NBDErrno.EIO
 
 
-class OutOfMemory(NBDError):
-    errno = NBDErrno.ENOMEM
-
-
 class InvalidRequest(NBDError):
     """Bad offset/length, unknown command or unknown flag."""
 
@@ -71,20 +63,10 @@ class NoSpace(NBDError):
     errno = NBDErrno.ENOSPC
 
 
-class Overflow(NBDError):
-    """A request longer than the server will handle in one reply."""
-
-    errno = NBDErrno.EOVERFLOW
-
-
 class NotSupported(NBDError):
     """The operation (e.g. a fast zero) cannot be done as asked."""
 
     errno = NBDErrno.ENOTSUP
-
-
-class ShuttingDown(NBDError):
-    errno = NBDErrno.ESHUTDOWN
 
 
 _OSERROR_MAP: dict[int, NBDErrno] = {

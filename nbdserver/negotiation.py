@@ -37,7 +37,6 @@ from nbdserver.protocol import (
     IHAVEOPT,
     INFO_BLOCK_SIZE,
     INFO_EXPORT,
-    MAX_STRING,
     NBDMAGIC,
     OPTION_HEADER,
     U16,
@@ -49,6 +48,8 @@ from nbdserver.protocol import (
     OptionReply,
     Rep,
     TransmissionFlag,
+    unpack_info_go,
+    unpack_meta_context,
 )
 
 #: Largest option payload that is buffered; longer ones are discarded as they arrive.
@@ -61,13 +62,68 @@ SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_
 
 
 @dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; :func:`transmission_flags` turns it into the flags an
+    export advertises. Backends return it (re-exported by :mod:`nbdserver.backends.base`);
+    it lives here so the core never imports a backend."""
+
+    read_only: bool = False
+    flush: bool = True
+    fua: bool = True
+    trim: bool = True
+    zero: bool = True
+    fast_zero: bool = True
+    cache: bool = True
+    extents: bool = True
+    # True only when a flush through any connection covers writes completed on all
+    # the others (doc/proto.md, NBD_FLAG_CAN_MULTI_CONN).
+    multi_conn: bool = True
+    # NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum payload.
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_block: int = 32 * 1024 * 1024
+    #: Every call returns without waiting for storage (a RAM disk), so the adapter may
+    #: run all of them on its event loop instead of the thread pool.
+    never_blocks: bool = False
+
+
+def transmission_flags(caps: Capabilities, read_only: bool) -> TransmissionFlag:
+    """The flags an export advertises, before the per-session SEND_DF.
+
+    SEND_DF depends on whether this client negotiated structured replies, so
+    :class:`Negotiation` adds it per session (see ``_transmission_flags``).
+    """
+    flags = TransmissionFlag.HAS_FLAGS
+    if read_only or caps.read_only:
+        flags |= TransmissionFlag.READ_ONLY
+    if caps.flush:
+        flags |= TransmissionFlag.SEND_FLUSH
+    if caps.fua:
+        flags |= TransmissionFlag.SEND_FUA
+    if caps.trim:
+        flags |= TransmissionFlag.SEND_TRIM
+    if caps.zero:
+        flags |= TransmissionFlag.SEND_WRITE_ZEROES
+        if caps.fast_zero:
+            flags |= TransmissionFlag.SEND_FAST_ZERO
+    if caps.cache:
+        flags |= TransmissionFlag.SEND_CACHE
+    # CAN_MULTI_CONN: "the effects of NBD_CMD_FLUSH and NBD_CMD_FLAG_FUA MUST be visible
+    # across all connections" - only when the backend says its cache is shared.
+    if caps.multi_conn:
+        flags |= TransmissionFlag.CAN_MULTI_CONN
+    return flags
+
+
+@dataclass(frozen=True, slots=True)
 class ExportInfo:
     """What the handshake needs to know about one export."""
 
     name: str
     description: str
     size: int
-    #: Transmission flags without SEND_DF (which depends on structured replies).
+    #: Transmission flags from :func:`transmission_flags`; SEND_DF is decided per
+    #: session (set with structured replies, cleared without).
     flags: TransmissionFlag
     min_block: int = 1
     preferred_block: int = 4096
@@ -383,22 +439,10 @@ class Negotiation:
         raise _OptionFailed(Rep.ERR_UNSUP, "TLS is not supported by this server")
 
     def _opt_info_go(self, option: int, data: bytes) -> ExportInfo | None:
-        # Data: 32-bit name length "MUST be no larger than the option data length - 6",
-        # name, 16-bit count, count x 16-bit info requests (doc/proto.md NBD_OPT_INFO).
-        if len(data) < 6:
-            raise _OptionFailed(Rep.ERR_INVALID, "option data shorter than 6 bytes")
-        (name_length,) = U32.unpack_from(data)
-        if name_length > len(data) - 6:
-            raise _OptionFailed(Rep.ERR_INVALID, "export name length runs past the option")
-        if name_length > MAX_STRING:
-            raise _OptionFailed(Rep.ERR_INVALID, f"export name longer than {MAX_STRING}")
-        name = data[4 : 4 + name_length]
-        rest = data[4 + name_length :]
-        (count,) = U16.unpack_from(rest)
-        if len(rest) != 2 + 2 * count:
-            raise _OptionFailed(
-                Rep.ERR_INVALID, f"{count} information requests do not match the option length"
-            )
+        try:
+            name, _requests = unpack_info_go(data)
+        except ValueError as exc:
+            raise _OptionFailed(Rep.ERR_INVALID, str(exc)) from None
         export = self._lookup(name)
         flags = self._transmission_flags(export)
         # "The server MUST send an NBD_INFO_EXPORT information type at some point before
@@ -467,31 +511,10 @@ class Negotiation:
 
 
 def _parse_meta_context(data: bytes) -> tuple[bytes, list[bytes]]:
-    """Split META_CONTEXT option data; "If the option request is syntactically invalid
-    ... the server MUST fail the request with NBD_REP_ERR_INVALID"."""
-    invalid = Rep.ERR_INVALID
-    if len(data) < 8:
-        raise _OptionFailed(invalid, "meta context option data shorter than 8 bytes")
-    (name_length,) = U32.unpack_from(data)
-    if name_length > len(data) - 8:
-        raise _OptionFailed(invalid, "export name length runs past the option")
-    name = data[4 : 4 + name_length]
-    at = 4 + name_length
-    (count,) = U32.unpack_from(data, at)
-    at += 4
-    queries: list[bytes] = []
-    for _ in range(count):
-        if at + 4 > len(data):
-            raise _OptionFailed(invalid, f"{count} queries announced, data ends early")
-        (length,) = U32.unpack_from(data, at)
-        at += 4
-        if length > MAX_STRING or at + length > len(data):
-            raise _OptionFailed(invalid, "query length runs past the option or over 4096")
-        queries.append(data[at : at + length])
-        at += length
-    if at != len(data):
-        raise _OptionFailed(invalid, f"{len(data) - at} stray bytes after the queries")
-    return name, queries
+    try:
+        return unpack_meta_context(data)
+    except ValueError as exc:
+        raise _OptionFailed(Rep.ERR_INVALID, str(exc)) from None
 
 
 _Handler = Callable[[Negotiation, int, bytes], ExportInfo | None]

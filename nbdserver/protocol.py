@@ -1,6 +1,9 @@
 """The NBD wire format: constants, messages and their packing.
 
-Everything here is pure: no sockets, no event loop. Names follow doc/proto.md of
+Everything here is pure: no sockets, no event loop. Every wire constant and struct
+layout is defined here and only here, and every message has one encoder here, used by
+the server (through :mod:`nbdserver.negotiation` and :mod:`nbdserver.transmission`) and
+by the tests' client alike. Names follow doc/proto.md of
 NetworkBlockDevice/nbd; an enum member ``Opt.GO`` is the spec's ``NBD_OPT_GO``,
 ``Cmd.READ`` is ``NBD_CMD_READ`` and so on (the class name stands for the prefix).
 All integers travel big-endian ("network byte order", doc/proto.md "Conventions").
@@ -9,14 +12,15 @@ All integers travel big-endian ("network byte order", doc/proto.md "Conventions"
 from __future__ import annotations
 
 import enum
+import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 # --- magics (doc/proto.md "Handshake" and "Transmission") ---------------------------
 NBDMAGIC: Final = 0x4E42444D41474943  # "NBDMAGIC", INIT_PASSWD
 IHAVEOPT: Final = 0x49484156454F5054  # "IHAVEOPT", newstyle magic and option magic
-CLISERV_MAGIC: Final = 0x00420281861253  # oldstyle; recognised only to refuse it
 OPTION_REPLY_MAGIC: Final = 0x3E889045565A9
 REQUEST_MAGIC: Final = 0x25609513  # NBD_REQUEST_MAGIC
 SIMPLE_REPLY_MAGIC: Final = 0x67446698  # NBD_SIMPLE_REPLY_MAGIC
@@ -176,9 +180,83 @@ OFFSET_HOLE_PAYLOAD = struct.Struct(">QI")
 ERROR_PAYLOAD = struct.Struct(">IH")
 U32 = struct.Struct(">I")
 U16 = struct.Struct(">H")
-U64 = struct.Struct(">Q")
+BLOCK_DESCRIPTOR = struct.Struct(">II")  # extent length, status flags
 
 EXPORT_NAME_ZEROES: Final = bytes(124)
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of the export with uniform allocation state (base:allocation).
+
+    It lives with the wire format because it is what NBD_REPLY_TYPE_BLOCK_STATUS and the
+    hole chunks of a read describe; backends produce it (and re-export it from
+    :mod:`nbdserver.backends.base`).
+    """
+
+    offset: int
+    length: int
+    hole: bool  # NBD_STATE_HOLE: not allocated
+    zero: bool  # NBD_STATE_ZERO: reads as zeroes
+
+
+# --- reply encoders (the only ones: the server and the tests' client both use them) ---
+_DONE: Final = int(ReplyFlag.DONE)
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
+_pack_simple: Final = SIMPLE_REPLY.pack
+_pack_chunk_header: Final = STRUCTURED_HEADER.pack
+_pack_data_header: Final = OFFSET_DATA_HEADER.pack
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    """A simple reply (16 bytes); a read's data follows it unframed."""
+    return _pack_simple(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+#: ``ack_reply(cookie)`` is ``simple_reply(cookie)`` (error 0) without a Python frame: it
+#: answers every write and flush.
+ack_reply: Final = functools.partial(_pack_simple, SIMPLE_REPLY_MAGIC, 0)
+
+
+def chunk_header(flags: int, type_: int, cookie: int, length: int) -> bytes:
+    """The 20-byte header of a structured reply chunk with a ``length``-byte payload."""
+    return _pack_chunk_header(STRUCTURED_REPLY_MAGIC, flags, type_, cookie, length)
+
+
+def done_chunk(cookie: int) -> bytes:
+    """NBD_REPLY_TYPE_NONE: "MUST always be used with the NBD_REPLY_FLAG_DONE bit set"."""
+    return chunk_header(_DONE, ReplyType.NONE, cookie, 0)
+
+
+def offset_data_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
+    """Header of an OFFSET_DATA chunk carrying ``length`` data bytes (data follows)."""
+    # One pack with int constants: this runs for every structured read.
+    return _pack_data_header(
+        STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _OFFSET_DATA, cookie, 8 + length, offset
+    )
+
+
+def offset_hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
+    """An OFFSET_HOLE chunk: ``length`` bytes at ``offset`` read as zeroes."""
+    payload = OFFSET_HOLE_PAYLOAD.pack(offset, length)
+    return chunk_header(_DONE if done else 0, ReplyType.OFFSET_HOLE, cookie, len(payload)) + payload
+
+
+def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
+    """NBD_REPLY_TYPE_ERROR with a message "suitable for direct display"."""
+    text = message.encode("utf-8", "replace")[:MAX_STRING]
+    payload = ERROR_PAYLOAD.pack(error, len(text)) + text
+    return chunk_header(_DONE, ReplyType.ERROR, cookie, len(payload)) + payload
+
+
+def block_status_chunk(
+    cookie: int, context_id: int, descriptors: Sequence[tuple[int, int]]
+) -> bytes:
+    """A final NBD_REPLY_TYPE_BLOCK_STATUS chunk: context id, then (length, status) pairs."""
+    body = U32.pack(context_id) + b"".join(
+        BLOCK_DESCRIPTOR.pack(size, status) for size, status in descriptors
+    )
+    return chunk_header(_DONE, ReplyType.BLOCK_STATUS, cookie, len(body)) + body
 
 
 # --- messages ----------------------------------------------------------------------
@@ -249,7 +327,7 @@ class SimpleReply:
     cookie: int
 
     def pack(self) -> bytes:
-        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, self.error, self.cookie)
+        return simple_reply(self.cookie, self.error)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, at: int = 0) -> SimpleReply:
@@ -269,10 +347,7 @@ class StructuredChunk:
     payload: bytes
 
     def pack(self) -> bytes:
-        header = STRUCTURED_HEADER.pack(
-            STRUCTURED_REPLY_MAGIC, self.flags, self.type, self.cookie, len(self.payload)
-        )
-        return header + self.payload
+        return chunk_header(self.flags, self.type, self.cookie, len(self.payload)) + self.payload
 
     @classmethod
     def unpack(
@@ -294,16 +369,71 @@ def pack_option_string(text: bytes) -> bytes:
 
 
 def pack_info_go(name: bytes, requests: list[int]) -> bytes:
-    """The data of an NBD_OPT_INFO or NBD_OPT_GO option."""
+    """The data of an NBD_OPT_INFO or NBD_OPT_GO option (:func:`unpack_info_go` reverses it)."""
     return (
         pack_option_string(name) + U16.pack(len(requests)) + b"".join(U16.pack(r) for r in requests)
     )
 
 
+def unpack_info_go(data: bytes) -> tuple[bytes, list[int]]:
+    """Split NBD_OPT_INFO/GO data into the export name and the information requests.
+
+    Data: 32-bit name length "MUST be no larger than the option data length - 6", name,
+    16-bit count, count x 16-bit info requests (doc/proto.md NBD_OPT_INFO).
+
+    Raises:
+        ValueError: the data is malformed (the message says how).
+    """
+    if len(data) < 6:
+        raise ValueError("option data shorter than 6 bytes")
+    (name_length,) = U32.unpack_from(data)
+    if name_length > len(data) - 6:
+        raise ValueError("export name length runs past the option")
+    if name_length > MAX_STRING:
+        raise ValueError(f"export name longer than {MAX_STRING}")
+    name = data[4 : 4 + name_length]
+    rest = data[4 + name_length :]
+    (count,) = U16.unpack_from(rest)
+    if len(rest) != 2 + 2 * count:
+        raise ValueError(f"{count} information requests do not match the option length")
+    return name, [U16.unpack_from(rest, 2 + 2 * i)[0] for i in range(count)]
+
+
 def pack_meta_context(name: bytes, queries: list[bytes]) -> bytes:
-    """The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
+    """The data of NBD_OPT_LIST/SET_META_CONTEXT (:func:`unpack_meta_context` reverses it)."""
     return (
         pack_option_string(name)
         + U32.pack(len(queries))
         + b"".join(pack_option_string(q) for q in queries)
     )
+
+
+def unpack_meta_context(data: bytes) -> tuple[bytes, list[bytes]]:
+    """Split META_CONTEXT option data into the export name and the queries.
+
+    Raises:
+        ValueError: the data is malformed; "If the option request is syntactically
+            invalid ... the server MUST fail the request with NBD_REP_ERR_INVALID".
+    """
+    if len(data) < 8:
+        raise ValueError("meta context option data shorter than 8 bytes")
+    (name_length,) = U32.unpack_from(data)
+    if name_length > len(data) - 8:
+        raise ValueError("export name length runs past the option")
+    name = data[4 : 4 + name_length]
+    at = 4 + name_length
+    (count,) = U32.unpack_from(data, at)
+    at += 4
+    queries: list[bytes] = []
+    for _ in range(count):
+        if at + 4 > len(data):
+            raise ValueError(f"{count} queries announced, data ends early")
+        (length,) = U32.unpack_from(data, at)
+        at += 4
+        if length > MAX_STRING or at + length > len(data):
+            raise ValueError("query length runs past the option or over 4096")
+        queries.append(data[at : at + length])
+        at += length
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} stray bytes after the queries")
+    return name, queries

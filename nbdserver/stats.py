@@ -76,6 +76,14 @@ class ExportStats:
         for cmd in _NAME_OF:
             self._rows[cmd] = [0, 0, 0, [0] * (len(LATENCY_BOUNDS_US) + 1)]
 
+    def polled(self, hit: bool, spent_ns: int) -> None:
+        """One busy-poll window ended: it caught a request (``hit``) or expired."""
+        if hit:
+            self.poll_hits += 1
+        else:
+            self.poll_misses += 1
+        self.poll_ns += spent_ns
+
     def record(self, cmd: int, nbytes: int, latency_ns: int, error: bool) -> None:
         """Count one finished request (``nbytes`` is 0 for commands that move no data)."""
         rows = self._rows

@@ -1,58 +1,69 @@
-"""The transmission phase of NBD, sans-IO: request decoding, validation, reply building.
+"""The transmission phase of NBD as a sans-IO state machine (server side).
 
 Theory of operation
 -------------------
-:class:`RequestDecoder` turns a buffer of client bytes into :class:`Command` events.
+:class:`Transmission` is fed the client's bytes and a byte budget
+(:meth:`Transmission.receive`) and answers with events: a :class:`Command` for each valid
+request, a :class:`Rejected` for each request that failed validation (answer it with its
+error and carry on), and a :class:`~nbdserver.negotiation.Closed` - the same event the
+handshake uses - when the client sent NBD_CMD_DISC or broke the protocol. It never
+touches a socket, a backend or a clock.
+
 Each request header is validated (:func:`validate`) the moment it is parsed, *before* its
 payload is awaited: a WRITE that fails validation (too long, past the end, read-only
 export, bad flags) has its payload skipped as it arrives instead of being buffered, so a
 client can never make the server allocate what it merely announced. A valid WRITE's
 payload is handed out as a memoryview into the caller's buffer (zero copy).
 
-A bad request magic cannot be resynchronised, so it raises
-:class:`~nbdserver.errors.ProtocolError` and the adapter closes that one connection.
+The phases are data (:data:`TRANSITIONS`): OPEN decodes requests; DRAINING (after
+NBD_CMD_DISC, a protocol violation or a server shutdown) decodes nothing more while the
+adapter answers what is in flight; CLOSED is the end. A (phase, trigger) pair not in the
+table is a bug and raises. New phases (TLS, a graceful-shutdown notice) are new rows.
 
-Replies are built by small pure functions returning ``bytes``; reads are planned with
-:func:`plan_read` from the backend's extents so that zero ranges travel as
-NBD_REPLY_TYPE_OFFSET_HOLE chunks.
+The object also builds every reply of the phase, so the adapter never packs a byte:
+acks, errors, block status, and reads - whole (:meth:`Transmission.read_reply`, which
+describes zero runs as OFFSET_HOLE chunks and follows the DF and DONE rules), with the
+data in one buffer behind a header (:meth:`Transmission.read_prefix`), or as the header
+and trailer around a payload the adapter sends itself (:meth:`Transmission.sendfile_frame`,
+h11's "data passthrough"). The encoders themselves are :mod:`nbdserver.protocol`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from nbdserver.backends.base import Extent
 from nbdserver.errors import (
     InvalidRequest,
     NBDError,
     NoSpace,
     PermissionDenied,
-    ProtocolError,
 )
+from nbdserver.negotiation import Closed, Ready
 from nbdserver.protocol import (
-    ERROR_PAYLOAD,
-    MAX_STRING,
-    OFFSET_DATA_HEADER,
-    OFFSET_HOLE_PAYLOAD,
     REQUEST,
     REQUEST_MAGIC,
-    SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_HEADER,
-    STRUCTURED_REPLY_MAGIC,
-    U32,
     Cmd,
     CmdFlag,
-    ReplyFlag,
-    ReplyType,
+    Extent,
     State,
     TransmissionFlag,
+    ack_reply,
+    block_status_chunk,
+    done_chunk,
+    error_chunk,
+    offset_data_header,
+    offset_hole_chunk,
+    simple_reply,
 )
 
 #: Zero runs shorter than this are sent inside OFFSET_DATA rather than as a hole chunk.
 MIN_HOLE_CHUNK: Final = 4096
+#: Structured reads at least this long are scanned for zero blocks (:func:`zero_extents`),
+#: which then travel as OFFSET_HOLE chunks; shorter ones go out as one OFFSET_DATA chunk.
+HOLE_SCAN_MIN: Final = 64 * 1024
 
 _WRITE_TYPES: Final = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 _NEEDS_FLAG: Final = {
@@ -81,14 +92,27 @@ class Session:
         object.__setattr__(self, "allowed", {int(c): int(allowed_flags(c, self)) for c in Cmd})
         object.__setattr__(self, "read_only", bool(self.flags & TransmissionFlag.READ_ONLY))
 
+    @classmethod
+    def from_ready(cls, ready: Ready) -> Session:
+        """The session the handshake's :class:`~nbdserver.negotiation.Ready` describes."""
+        return cls(
+            size=ready.export.size,
+            flags=ready.flags,
+            structured=ready.structured,
+            meta_context=ready.meta_context,
+            max_block=ready.export.max_block,
+            min_block=ready.export.min_block,
+        )
 
+
+# --- events --------------------------------------------------------------------------
 @dataclass(slots=True)
 class Command:
-    """One parsed request. ``error`` is set when validation failed (reply with it).
+    """One valid request, ready for the backend.
 
     Treat it as immutable. It is not declared frozen because a frozen dataclass sets
-    each field through ``object.__setattr__``: 0.81 µs per command against 0.22 µs,
-    a third of the decoder's cost per 4 KiB request.
+    each field through ``object.__setattr__``, which costs a third of the decoder's
+    time per 4 KiB request (docs/performance.md, "Decoder").
     """
 
     type: int
@@ -96,9 +120,57 @@ class Command:
     cookie: int
     offset: int
     length: int
-    #: WRITE payload, a view into the decoder's input buffer (valid until it is reused).
+    #: WRITE payload, a view into the caller's input buffer (valid until it is reused).
     payload: memoryview | None = None
-    error: NBDError | None = None
+
+
+@dataclass(slots=True)
+class Rejected:
+    """A request that failed validation: answer it with ``error`` (connection stays)."""
+
+    type: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    error: NBDError
+
+
+Event = Command | Rejected | Closed
+
+
+class Phase(enum.Enum):
+    OPEN = enum.auto()
+    DRAINING = enum.auto()
+    CLOSED = enum.auto()
+
+
+class Trigger(enum.Enum):
+    #: The client sent NBD_CMD_DISC.
+    DISC = enum.auto()
+    #: The client broke a MUST of the phase (bad request magic).
+    VIOLATION = enum.auto()
+    #: The server is shutting down.
+    SHUTDOWN = enum.auto()
+    #: Every request decoded so far has been answered.
+    DRAINED = enum.auto()
+    #: The connection went away (or was aborted).
+    LOST = enum.auto()
+
+
+#: The transmission phase as a table: (phase, trigger) -> next phase.
+TRANSITIONS: Final[Mapping[tuple[Phase, Trigger], Phase]] = {
+    (Phase.OPEN, Trigger.DISC): Phase.DRAINING,
+    (Phase.OPEN, Trigger.VIOLATION): Phase.DRAINING,
+    (Phase.OPEN, Trigger.SHUTDOWN): Phase.DRAINING,
+    (Phase.OPEN, Trigger.LOST): Phase.CLOSED,
+    (Phase.DRAINING, Trigger.SHUTDOWN): Phase.DRAINING,
+    (Phase.DRAINING, Trigger.DRAINED): Phase.CLOSED,
+    (Phase.DRAINING, Trigger.LOST): Phase.CLOSED,
+    (Phase.CLOSED, Trigger.SHUTDOWN): Phase.CLOSED,
+    (Phase.CLOSED, Trigger.DRAINED): Phase.CLOSED,
+    (Phase.CLOSED, Trigger.LOST): Phase.CLOSED,
+}
 
 
 def allowed_flags(cmd: int, session: Session) -> CmdFlag:
@@ -120,8 +192,6 @@ def allowed_flags(cmd: int, session: Session) -> CmdFlag:
 
 
 _READ: Final = int(Cmd.READ)
-_DONE: Final = int(ReplyFlag.DONE)
-_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
 _WRITE: Final = int(Cmd.WRITE)
 _DISC: Final = int(Cmd.DISC)
 _FLUSH: Final = int(Cmd.FLUSH)
@@ -192,23 +262,57 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
     return None
 
 
-class RequestDecoder:
-    """Incremental request parser for one connection."""
+_DF: Final = int(CmdFlag.DF)
+_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
+_OPEN: Final = Phase.OPEN
+
+
+class Transmission:
+    """Server side of the transmission phase for one connection: requests in, replies out."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.phase = Phase.OPEN
+        #: Why the phase left OPEN (None while it is open).
+        self.closed: Closed | None = None
         self._skip = 0
         #: Bytes the next message needs contiguously in the buffer (header, or header
         #: plus a valid WRITE payload); skipped payloads never count.
         self.needed = REQUEST.size
-        #: True after NBD_CMD_DISC: "A client MUST NOT send anything to the server after
-        #: sending an NBD_CMD_DISC command", so nothing more is decoded.
-        self.disconnected = False
-        #: Set when the stream broke the protocol (bad magic); nothing more is decoded
-        #: and the connection must be dropped once the commands before it are answered.
-        self.violation: ProtocolError | None = None
 
-    def decode(self, buf: memoryview, budget: int | None = None) -> tuple[list[Command], int]:
+    # --- state -----------------------------------------------------------------------
+    def _go(self, trigger: Trigger) -> None:
+        try:
+            self.phase = TRANSITIONS[(self.phase, trigger)]
+        except KeyError:
+            raise RuntimeError(f"no transition from {self.phase.name} on {trigger.name}") from None
+
+    def _close(self, trigger: Trigger, reason: str, violation: bool) -> Closed:
+        self._go(trigger)
+        event = Closed(reason, violation)
+        if self.closed is None:
+            self.closed = event
+        return event
+
+    def shutdown(self) -> None:
+        """The server is stopping: decode nothing more, answer what is in flight.
+
+        "SHOULD wait for inflight requests to be serviced prior to initiating a hard
+        disconnect" (doc/proto.md "Terminating the transmission phase").
+        """
+        self._close(Trigger.SHUTDOWN, "server shutting down", violation=False)
+
+    def drained(self) -> None:
+        """Every decoded request has been answered; DRAINING becomes CLOSED."""
+        if self.phase is Phase.DRAINING:
+            self._go(Trigger.DRAINED)
+
+    def lost(self) -> None:
+        """The connection is gone, whatever the phase."""
+        self._go(Trigger.LOST)
+
+    # --- input -----------------------------------------------------------------------
+    def receive(self, buf: memoryview, budget: int | None = None) -> tuple[list[Event], int]:
         """Parse the complete requests in ``buf``.
 
         Args:
@@ -219,13 +323,17 @@ class RequestDecoder:
                 keeps unanswered bytes below a bound still makes progress.
 
         Returns:
-            The commands and how many bytes of ``buf`` were consumed. A bad request
-            magic sets :attr:`violation` (a ProtocolError) and stops decoding: "Either
-            side MAY initiate a hard disconnect if it detects a violation by the other
-            party of a mandatory condition" (doc/proto.md "Terminating the transmission
-            phase").
+            The events and how many bytes of ``buf`` were consumed. NBD_CMD_DISC ends
+            the list with a :class:`Closed` ("A client MUST NOT send anything to the
+            server after sending an NBD_CMD_DISC command"); so does a bad request
+            magic, with ``violation`` set: "Either side MAY initiate a hard disconnect
+            if it detects a violation by the other party of a mandatory condition"
+            (doc/proto.md "Terminating the transmission phase"). Either moves the
+            phase to DRAINING, after which nothing more is decoded.
         """
-        commands: list[Command] = []
+        events: list[Event] = []
+        if self.phase is not _OPEN:
+            return events, 0
         pos = 0
         end = len(buf)
         header_size = REQUEST.size
@@ -237,8 +345,8 @@ class RequestDecoder:
         fast_max_cmd = _READ if session.read_only else _WRITE
         cost = 0
         limit = -1 if budget is None else budget
-        while not self.disconnected and self.violation is None:
-            if 0 <= limit <= cost and commands:
+        while True:
+            if 0 <= limit <= cost and events:
                 self.needed = header_size
                 break
             if self._skip:
@@ -255,7 +363,8 @@ class RequestDecoder:
                 break
             magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(buf, pos)
             if magic != REQUEST_MAGIC:
-                self.violation = ProtocolError(f"bad request magic {magic:#010x}")
+                reason = f"bad request magic {magic:#010x}"
+                events.append(self._close(Trigger.VIOLATION, reason, violation=True))
                 break
             if (
                 not flags
@@ -269,13 +378,19 @@ class RequestDecoder:
                 error = None
             else:
                 error = validate(cmd, flags, offset, length, session)
-            if cmd == _WRITE:
-                if error is not None:
+            if error is not None:
+                pos += header_size
+                if cmd == _WRITE:
                     # Skip the payload as it streams in; never buffer it.
-                    pos += header_size
                     self._skip = length
-                    commands.append(Command(cmd, flags, cookie, offset, length, None, error))
-                    continue
+                events.append(Rejected(cmd, flags, cookie, offset, length, error))
+                if cmd == _DISC:  # even with bad flags, the client means to leave
+                    events.append(
+                        self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
+                    )
+                    break
+                continue
+            if cmd == _WRITE:
                 total = header_size + length
                 if end - pos < total:
                     self.needed = total
@@ -283,64 +398,101 @@ class RequestDecoder:
                 payload = buf[pos + header_size : pos + total]
                 pos += total
                 cost += length
-                commands.append(Command(cmd, flags, cookie, offset, length, payload))
+                events.append(Command(cmd, flags, cookie, offset, length, payload))
                 continue
             pos += header_size
-            if cmd == _READ and error is None:
+            if cmd == _READ:
                 cost += length
-            commands.append(Command(cmd, flags, cookie, offset, length, None, error))
+            events.append(Command(cmd, flags, cookie, offset, length))
             if cmd == _DISC:
-                self.disconnected = True
-        return commands, pos
+                events.append(
+                    self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
+                )
+                break
+        return events, pos
+
+    # --- output ----------------------------------------------------------------------
+    #: ``ack(cookie)``: success for any command without data, a simple reply even with
+    #: structured replies (the spec allows it for every command but READ).
+    ack = staticmethod(ack_reply)
+
+    def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
+        """The error reply for any command.
+
+        With structured replies the server "MUST NOT use a simple reply for NBD_CMD_READ"
+        and "SHOULD prefer sending errors via a structured reply" (doc/proto.md
+        "Structured reply chunk message"), so every error is a structured ERROR chunk then.
+        """
+        if self.session.structured:
+            return error_chunk(cookie, error, message)
+        return simple_reply(cookie, error)
+
+    def read_prefix(self, c: Command) -> bytes | None:
+        """The bytes that precede a read's data when the reply is that header and then
+        the data unchanged, so the adapter can read straight in behind it; None when the
+        framing depends on the data (a hole scan) or there is no data chunk.
+
+        The data is complete before anything is sent, so the one content chunk carries
+        NBD_REPLY_FLAG_DONE ("MUST NOT do so for a content chunk if it would still be
+        possible to detect an error while transmitting the chunk").
+        """
+        if not self.session.structured:
+            return simple_reply(c.cookie)
+        length = c.length
+        if length and (length < HOLE_SCAN_MIN or c.flags & _DF):
+            return offset_data_header(c.cookie, c.offset, length, True)
+        return None
+
+    def read_reply(
+        self, c: Command, data: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
+        """The whole reply to a read of ``data`` (all of it already read), as buffers
+        for one vectored write. Zero runs become OFFSET_HOLE chunks unless DF is set."""
+        cookie, offset, length = c.cookie, c.offset, c.length
+        if not self.session.structured:
+            return [simple_reply(cookie), data]
+        if length == 0:
+            return [done_chunk(cookie)]
+        # DF: "the server MUST send at most one content chunk ... If the area being read
+        # contains both data and a hole, the server MUST use NBD_REPLY_TYPE_OFFSET_DATA
+        # with the zeroes explicitly present."
+        if length < HOLE_SCAN_MIN or c.flags & _DF or not isinstance(data, (bytes, bytearray)):
+            return [offset_data_header(cookie, offset, length, True), data]
+        pieces = plan_read(offset, length, zero_extents(data, offset))
+        out: list[bytes | bytearray | memoryview] = []
+        view = memoryview(data)
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            if piece.hole:
+                out.append(offset_hole_chunk(cookie, piece.offset, piece.length, i == last))
+            else:
+                out.append(offset_data_header(cookie, piece.offset, piece.length, i == last))
+                at = piece.offset - offset
+                out.append(data if piece.length == length else view[at : at + piece.length])
+        return out
+
+    def sendfile_frame(self, c: Command) -> tuple[bytes, bytes]:
+        """Header and trailer around a read's data that the adapter sends itself.
+
+        With structured replies the data goes in an OFFSET_DATA chunk *without* DONE and
+        a NONE chunk ends the reply: the data is read while it is sent, so an error can
+        still strike after the header left (see :meth:`read_prefix` for the rule).
+        """
+        if self.session.structured:
+            return offset_data_header(c.cookie, c.offset, c.length, False), done_chunk(c.cookie)
+        return simple_reply(c.cookie), b""
+
+    def block_status_reply(self, c: Command, extents: Sequence[Extent]) -> bytes:
+        """The base:allocation reply to NBD_CMD_BLOCK_STATUS from the backend's extents."""
+        context = self.session.meta_context
+        assert context is not None  # validate() rejects BLOCK_STATUS without a context
+        descriptors = block_status_descriptors(
+            c.offset, c.length, extents, bool(c.flags & _REQ_ONE)
+        )
+        return block_status_chunk(c.cookie, context, descriptors)
 
 
-# --- replies -------------------------------------------------------------------------
-def simple_reply(cookie: int, error: int = 0) -> bytes:
-    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
-
-
-def chunk_header(flags: int, type_: int, cookie: int, length: int) -> bytes:
-    return STRUCTURED_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, type_, cookie, length)
-
-
-def done_chunk(cookie: int) -> bytes:
-    """NBD_REPLY_TYPE_NONE: "MUST always be used with the NBD_REPLY_FLAG_DONE bit set"."""
-    return chunk_header(ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
-
-
-def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
-    """NBD_REPLY_TYPE_ERROR with a message "suitable for direct display"."""
-    text = message.encode("utf-8", "replace")[:MAX_STRING]
-    payload = ERROR_PAYLOAD.pack(error, len(text)) + text
-    return chunk_header(ReplyFlag.DONE, ReplyType.ERROR, cookie, len(payload)) + payload
-
-
-def error_reply(session: Session, cookie: int, error: int, message: str = "") -> bytes:
-    """The error reply for any command.
-
-    With structured replies the server "MUST NOT use a simple reply for NBD_CMD_READ" and
-    "SHOULD prefer sending errors via a structured reply" (doc/proto.md "Structured
-    reply chunk message"), so every error is a structured ERROR chunk then.
-    """
-    if session.structured:
-        return error_chunk(cookie, error, message)
-    return simple_reply(cookie, error)
-
-
-def offset_data_header(cookie: int, offset: int, length: int, done: bool) -> bytes:
-    """Header of an OFFSET_DATA chunk carrying ``length`` data bytes (data follows)."""
-    # One pack with int constants: this runs for every structured read.
-    return OFFSET_DATA_HEADER.pack(
-        STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _OFFSET_DATA, cookie, 8 + length, offset
-    )
-
-
-def offset_hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
-    flags = ReplyFlag.DONE if done else 0
-    payload = OFFSET_HOLE_PAYLOAD.pack(offset, length)
-    return chunk_header(flags, ReplyType.OFFSET_HOLE, cookie, len(payload)) + payload
-
-
+# --- read planning and block status ------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ReadPiece:
     offset: int
@@ -393,14 +545,13 @@ def zero_extents(data: bytes | bytearray, offset: int) -> list[Extent]:
     Any zero run of two blocks contains a whole aligned block, so ``bytes.find`` of a
     two-block needle (C speed, linear) locates candidates and ``startswith`` (memcmp)
     extends them block by block. An isolated single zero block may be missed, which
-    only costs bandwidth. This beats asking the backend: SEEK_HOLE on shmem walks the
-    whole data run after ``offset`` (0.5 ms for a 256 MiB run).
+    only costs bandwidth. Why scan rather than ask the backend: docs/performance.md,
+    "Hole scan".
     """
     n = len(data)
     block = MIN_HOLE_CHUNK
     # Fast path: every zero block found below starts, at its aligned start, with eight
-    # zero bytes. One word sampled per aligned block (C-level strided copy, ~1 us per
-    # MiB) rules out most data before the full scan (44 us per MiB).
+    # zero bytes; one word sampled per aligned block rules out most data cheaply.
     first = (-offset) % block
     words = (n - first) // 8
     if words > 0:
@@ -460,13 +611,3 @@ def block_status_descriptors(
     if req_one:
         return descriptors[:1]
     return descriptors
-
-
-def block_status_chunk(
-    cookie: int, context_id: int, descriptors: Sequence[tuple[int, int]]
-) -> bytes:
-    """A final NBD_REPLY_TYPE_BLOCK_STATUS chunk: context id, then (length, status) pairs."""
-    body = U32.pack(context_id) + b"".join(
-        U32.pack(size) + U32.pack(status) for size, status in descriptors
-    )
-    return chunk_header(ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, len(body)) + body

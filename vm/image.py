@@ -304,8 +304,11 @@ def _resolve(cache: Cache, kernel_name: str, flavour: str) -> Resolved:
     """Ask apt (about 3 s of apt-cache) unless its answer for this apt state is remembered."""
     memo_dir = cache.root / "resolved"
     memo = memo_dir / f"{kernel_name}-{flavour}-{apt_fingerprint()}.json"
+    mirror = rootfs.debian_mirror()  # cheap (files only), and an override may change it
     try:
         data = json.loads(memo.read_text())
+        if data["mirror"] != mirror:
+            raise ValueError("remembered for another mirror")
         return Resolved(
             kernel=kernel.KernelPackage(**data["kernel"]),
             busybox=data["busybox"],
@@ -321,7 +324,6 @@ def _resolve(cache: Cache, kernel_name: str, flavour: str) -> Resolved:
         busybox = kernel.apt_candidate("busybox-static")
     if busybox is None:
         raise ImageError("apt has no candidate for busybox-static (check /etc/apt sources)")
-    mirror = rootfs.debian_mirror()
     versions = rootfs.package_versions(rootfs.PACKAGES, mirror)
     resolved = Resolved(kernel=pkg, busybox=busybox, mirror=mirror, versions=versions)
     memo_dir.mkdir(parents=True, exist_ok=True)

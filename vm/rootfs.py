@@ -2,7 +2,8 @@
 
 Theory of operation: debootstrap installs Debian bookworm (``--variant=minbase``
 plus :data:`PACKAGES`) into a directory, from the Debian mirror this host's apt
-uses (:func:`debian_mirror`). The tree is then adjusted for a guest whose PID 1
+uses (:func:`debian_mirror`), so a lab behind a local mirror or proxy builds from it;
+``$SWAPNBD_MIRROR`` overrides it. The tree is then adjusted for a guest whose PID 1
 is ``guest_init.py`` (no init system, no services): hostname, a harmless fstab,
 no resolver, a ``poweroff`` command, and no apt caches, documentation or
 locales. ``mke2fs -d`` turns it into an ext4 image without loop devices or
@@ -24,7 +25,7 @@ from pathlib import Path
 from vm.progress import Step, run_with_progress
 
 __all__ = [
-    "DEFAULT_MIRROR",
+    "MIRROR_ENV",
     "PACKAGES",
     "SUITE",
     "AptSource",
@@ -43,7 +44,9 @@ __all__ = [
 
 SUITE = "bookworm"
 VARIANT = "minbase"
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: Environment variable that overrides the mirror read from the host's apt sources.
+MIRROR_ENV = "SWAPNBD_MIRROR"
+_MIRROR_SCHEMES = ("http://", "https://", "file:/")
 PACKAGES: tuple[str, ...] = (
     "python3",
     "nbd-client",
@@ -154,26 +157,46 @@ def parse_one_line_sources(text: str) -> list[AptSource]:
     return sources
 
 
-def debian_mirror(suite: str = SUITE, etc_apt: Path = Path("/etc/apt")) -> str:
-    """The first enabled ``deb`` URI that serves ``suite``, else :data:`DEFAULT_MIRROR`.
+def debian_mirror(
+    suite: str = SUITE, etc_apt: Path = Path("/etc/apt"), *, override: str | None = None
+) -> str:
+    """The Debian mirror to build from: ``override``, else ``$SWAPNBD_MIRROR``, else the
+    first enabled ``deb`` URI of the host's apt sources that serves ``suite``.
 
-    Reads ``etc_apt/sources.list.d/*.sources`` (deb822) and the one-line
-    ``etc_apt/sources.list`` and ``sources.list.d/*.list``.
+    The host's sources are ``etc_apt/sources.list.d/*.sources`` (deb822), then the
+    one-line ``etc_apt/sources.list`` and ``sources.list.d/*.list``.
+
+    Raises:
+        RootfsError: the override is not a URL, or no source serves ``suite`` (the
+            message says where it looked and how to give a mirror).
     """
+    given = override if override is not None else os.environ.get(MIRROR_ENV) or None
+    if given is not None:
+        if not given.startswith(_MIRROR_SCHEMES):
+            raise RootfsError(
+                f"mirror {given!r} is not a URL; give one like http://HOST/debian "
+                f"(override or ${MIRROR_ENV})"
+            )
+        return given.rstrip("/")
     sources: list[AptSource] = []
     listd = etc_apt / "sources.list.d"
-    files = sorted(listd.glob("*.sources")) if listd.is_dir() else []
-    for path in files:
-        sources += parse_deb822_sources(path.read_text(errors="replace"))
+    deb822 = sorted(listd.glob("*.sources")) if listd.is_dir() else []
     one_line = [etc_apt / "sources.list"]
     one_line += sorted(listd.glob("*.list")) if listd.is_dir() else []
+    for path in deb822:
+        sources += parse_deb822_sources(path.read_text(errors="replace"))
     for path in one_line:
         if path.is_file():
             sources += parse_one_line_sources(path.read_text(errors="replace"))
     for source in sources:
         if source.enabled and "deb" in source.types and suite in source.suites and source.uris:
             return source.uris[0].rstrip("/")
-    return DEFAULT_MIRROR
+    raise RootfsError(
+        f"no enabled 'deb' source for {suite} in {etc_apt / 'sources.list'} or "
+        f"{listd}/*.sources|*.list ({len(sources)} sources read); add the Debian mirror "
+        f"this host should use to apt's sources, or name one with {MIRROR_ENV}=URL "
+        f"(e.g. http://HOST/debian)"
+    )
 
 
 def _apt_madison(packages: Sequence[str]) -> str:

@@ -2,47 +2,22 @@
 
 The transmission layer validates requests (bounds, flags, read-only) *before* calling a
 backend, so a backend only sees in-range offsets and lengths. Backends are synchronous:
-the asyncio adapter decides whether a call runs inline (memory, page-cache hits) or in a
-thread pool (calls that may block, such as fdatasync). A backend reports failure by
+the asyncio adapter decides whether a call runs inline (page-cache hits, or every call of
+a backend whose capabilities say ``never_blocks``) or in a thread pool (calls that may
+block, such as fdatasync). A backend reports failure by
 raising ``OSError`` (mapped by :func:`nbdserver.errors.errno_from_oserror`) or an
 :class:`nbdserver.errors.NBDError` subclass; it never returns an error code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+# Defined in the pure core (which must never import a backend), re-exported here.
+from nbdserver.negotiation import Capabilities
+from nbdserver.protocol import Extent
 
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A run of the export with uniform allocation state (base:allocation)."""
-
-    offset: int
-    length: int
-    hole: bool  # NBD_STATE_HOLE: not allocated
-    zero: bool  # NBD_STATE_ZERO: reads as zeroes
-
-
-@dataclass(frozen=True, slots=True)
-class Capabilities:
-    """What a backend can do; the server turns these into transmission flags."""
-
-    read_only: bool = False
-    flush: bool = True
-    fua: bool = True
-    trim: bool = True
-    zero: bool = True
-    fast_zero: bool = True
-    cache: bool = True
-    extents: bool = True
-    # True only when a flush through any connection covers writes completed on all
-    # the others (doc/proto.md, NBD_FLAG_CAN_MULTI_CONN).
-    multi_conn: bool = True
-    # NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum payload.
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = 32 * 1024 * 1024
+__all__ = ["Backend", "Capabilities", "Extent"]
 
 
 @runtime_checkable

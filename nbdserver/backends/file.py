@@ -188,6 +188,8 @@ class FileBackend:
 
     #: Whether extents() should ask FIEMAP which holes are really allocated.
     _probe_fiemap: ClassVar[bool] = True
+    #: Capabilities.never_blocks: no call can wait for storage (shmem-backed subclasses).
+    _never_blocks: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -235,6 +237,7 @@ class FileBackend:
             cache=True,
             extents=True,
             multi_conn=True,
+            never_blocks=self._never_blocks,
         )
 
     def __repr__(self) -> str:

@@ -44,6 +44,7 @@ class MemoryBackend(FileBackend):
     """A sparse RAM disk of a fixed size (see the module docstring)."""
 
     _probe_fiemap = False  # shmem has no FIEMAP, and no unwritten extents either
+    _never_blocks = True  # RAM (or swap): every call can run on the event loop
 
     def _durable_writes(self) -> bool:
         return False

@@ -28,6 +28,7 @@ class Flavour:
     persistent: bool  # has a backing file the test can read and prefill
     no_hole_reports_zero: bool  # a NO_HOLE zeroed range shows as allocated+zero (ZERO_RANGE)
     in_memory: bool  # pages are memory (tmpfs, ramfs, memfd): large reads may use sendfile
+    never_blocks: bool = False  # capabilities promise no call waits for storage
 
 
 FLAVOURS: dict[str, Flavour] = {
@@ -37,7 +38,7 @@ FLAVOURS: dict[str, Flavour] = {
         Flavour("file-tmpfs", True, True, True, False, True, False, True),
         Flavour("file-ramfs", False, False, False, False, True, False, True),
         Flavour("blockdev", False, True, True, True, True, False, False),
-        Flavour("memory", True, True, True, False, False, False, True),
+        Flavour("memory", True, True, True, False, False, False, True, never_blocks=True),
     )
 }
 

@@ -85,6 +85,7 @@ def test_size_and_capabilities(export: Export) -> None:
         min_block=1,
         preferred_block=4096,
         max_block=32 * 1024 * 1024,
+        never_blocks=export.flavour.never_blocks,
     )
 
 

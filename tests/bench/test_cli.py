@@ -9,7 +9,7 @@ import pytest
 
 from bench.__main__ import build_parser, main, plan_from_args
 from bench.runner import Plan, parse_servers
-from bench.servers import ServerKind
+from bench.servers import ON_REQUEST, ServerKind
 from bench.workloads import MIB, WORKLOADS
 
 
@@ -19,7 +19,8 @@ def plan(*argv: str) -> Plan:
 
 def test_full_defaults() -> None:
     p = plan()
-    assert p.servers == tuple(ServerKind)
+    assert p.servers == tuple(k for k in ServerKind if k not in ON_REQUEST)
+    assert ServerKind.NBD_SERVE_OLD not in p.servers
     assert p.workloads == WORKLOADS
     assert (p.rounds, p.runtime_s, p.ramp_s, p.file_size) == (3, 4.0, 1.0, 1024 * MIB)
     assert p.rss_scenario
@@ -68,6 +69,17 @@ def test_usage_errors_exit_2(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_old_nbd_serve_joins_the_run(tmp_path: Path) -> None:
+    p = plan("--servers", "nbd-serve", "--old-nbd-serve", str(tmp_path))
+    assert p.servers == (ServerKind.NBD_SERVE, ServerKind.NBD_SERVE_OLD)
+    assert p.old_checkout == tmp_path
+
+
+def test_old_nbd_serve_needs_a_checkout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--servers", "nbd-serve,nbd-serve-old"]) == 2
+    assert "server nbd-serve-old needs --old-nbd-serve DIR" in capsys.readouterr().err
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -91,3 +92,23 @@ def test_peer_that_loses_its_port_is_restarted_on_another(
         finally:
             servers.stop_server(server)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_checkout_command_runs_the_checkouts_own_nbdserver(tmp_path: Path) -> None:
+    """nbd-serve-old must import the other tree's nbdserver, not this venv's or the cwd's."""
+    package = tmp_path / "nbdserver"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "cli.py").write_text("def main():\n    print(__file__)\n    return 0\n")
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        servers.checkout_command(tmp_path), cwd=repo, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == str((package / "cli.py").resolve())
+
+
+def test_checkout_command_refuses_a_non_checkout(tmp_path: Path) -> None:
+    with pytest.raises(
+        servers.BenchError, match=r"is not a swapnbd checkout \(no nbdserver/cli.py\)"
+    ):
+        servers.checkout_command(tmp_path)

@@ -30,13 +30,17 @@ from nbdserver.protocol import (
     GREETING,
     IHAVEOPT,
     NBDMAGIC,
+    OPTION_REPLY_HEADER,
     SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
     STRUCTURED_HEADER,
+    U32,
     ClientFlag,
     Opt,
     OptionReply,
     OptionRequest,
     Rep,
+    ReplyFlag,
     Request,
     SimpleReply,
     StructuredChunk,
@@ -186,8 +190,8 @@ class RawClient:
         self.send(OptionRequest(option, data).pack())
         replies = []
         while True:
-            header = self.recv_exact(20)
-            length = int.from_bytes(header[16:20], "big")
+            header = self.recv_exact(OPTION_REPLY_HEADER.size)
+            length = int.from_bytes(header[-4:], "big")
             reply, _ = OptionReply.unpack(header + self.recv_exact(length))
             replies.append(reply)
             if reply.reply == Rep.ACK or reply.reply & (1 << 31):
@@ -242,7 +246,7 @@ class RawClient:
     def reply(self) -> list[StructuredChunk] | SimpleReply:
         """Read one whole reply: a simple reply, or chunks up to the DONE one."""
         magic = self.recv_exact(4)
-        if magic == (0x67446698).to_bytes(4, "big"):
+        if magic == U32.pack(SIMPLE_REPLY_MAGIC):
             rest = self.recv_exact(SIMPLE_REPLY.size - 4)
             return SimpleReply.unpack(magic + rest)
         chunks = []
@@ -251,7 +255,7 @@ class RawClient:
             length = int.from_bytes(header[16:20], "big")
             chunk, _ = StructuredChunk.unpack(header + self.recv_exact(length))
             chunks.append(chunk)
-            if chunk.flags & 1:
+            if chunk.flags & ReplyFlag.DONE:
                 return chunks
             header = self.recv_exact(STRUCTURED_HEADER.size)
 

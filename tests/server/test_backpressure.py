@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from nbdserver.backends.base import Backend
-from nbdserver.protocol import REQUEST, REQUEST_MAGIC, Cmd, CmdFlag
+from nbdserver.protocol import Cmd, CmdFlag, Request
 from nbdserver.server import Connection
 
 from .conftest import ThreadedServer, file_backend, memory
@@ -35,7 +35,7 @@ def only_connection(srv: ThreadedServer) -> Connection:
     assert srv.server is not None
     deadline = time.monotonic() + STARTUP_GUARD_S
     while True:
-        conns = [c for c in srv.server.connections if c._decoder is not None]
+        conns = [c for c in srv.server.connections if c.tx is not None]
         if conns:
             assert len(conns) == 1
             return conns[0]
@@ -89,13 +89,13 @@ def test_pipelined_reads_pause_reading_at_the_bound(
             _request(Cmd.READ, cookie=i, offset=i * MIB, length=MIB) for i in range(count)
         )
         client.send(requests)  # 1.8 KB: the server receives all of it at once
-        wait_for(lambda: conn._read_paused and conn._write_paused, "reading paused")
+        wait_for(lambda: conn.flow.read_paused and conn.flow.write_paused, "reading paused")
         answered = srv.exports[0].stats.requests["read"]
         assert answered < count, "the server answered everything: nothing held it back"
         # One request may cross the bound; never more.
-        assert conn.peak_inflight <= BOUND + MIB + 16, conn.peak_inflight
+        assert conn.flow.peak <= BOUND + MIB + 16, conn.flow.peak
         check_read_replies(client, data, count)
-        assert conn.peak_inflight <= BOUND + MIB + 16, conn.peak_inflight
+        assert conn.flow.peak <= BOUND + MIB + 16, conn.flow.peak
         assert srv.exports[0].stats.requests["read"] == count
 
 
@@ -127,12 +127,12 @@ def test_pipelined_fua_writes_stay_bounded(
         cookies = sorted(client.simple_reply()[0].cookie for _ in range(count))
         sender.join(STARTUP_GUARD_S)
         assert cookies == list(range(count))
-        assert conn.peak_inflight <= BOUND + MIB + 16, conn.peak_inflight
+        assert conn.flow.peak <= BOUND + MIB + 16, conn.flow.peak
     assert bytes(backend.pread(0, count * MIB)) == data
 
 
 def _request(type_: int, *, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
-    return REQUEST.pack(REQUEST_MAGIC, flags, type_, cookie, offset, length)
+    return Request(flags, type_, cookie, offset, length).pack()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

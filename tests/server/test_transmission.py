@@ -1,5 +1,6 @@
 """The transmission core: validation tables, decoding (whole, byte by byte, with
-trailing data), read planning and block status descriptors, plus hypothesis."""
+trailing data), the phase table, reply framing, read planning and block status
+descriptors, plus hypothesis."""
 
 from __future__ import annotations
 
@@ -9,19 +10,35 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdserver.backends.base import Extent
 from nbdserver.errors import NBDErrno
-from nbdserver.protocol import Cmd, CmdFlag, Request, State, TransmissionFlag
-from nbdserver.transmission import (
-    Command,
-    ReadPiece,
-    RequestDecoder,
-    Session,
+from nbdserver.negotiation import Closed
+from nbdserver.protocol import (
+    Cmd,
+    CmdFlag,
+    Extent,
+    ReplyFlag,
+    ReplyType,
+    Request,
+    SimpleReply,
+    State,
+    StructuredChunk,
+    TransmissionFlag,
     block_status_chunk,
+)
+from nbdserver.transmission import (
+    TRANSITIONS,
+    Command,
+    Event,
+    Phase,
+    ReadPiece,
+    Rejected,
+    Session,
+    Transmission,
+    Trigger,
     block_status_descriptors,
-    error_reply,
     plan_read,
     validate,
+    zero_extents,
 )
 
 ALL = (
@@ -98,7 +115,7 @@ def test_validation_table(  # noqa: PLR0917 - one argument per table column
     assert (error.errno if error is not None else None) == errno
 
 
-def _stream() -> tuple[bytes, list[tuple[int, int, bytes | None, int | None]]]:
+def _stream() -> tuple[bytes, list[Summary]]:
     """Requests of every kind back to back, and what the decoder must report."""
     reqs = [
         (Request(0, Cmd.READ, 1, 0, 4096).pack(), (Cmd.READ, 1, None, None)),
@@ -109,40 +126,42 @@ def _stream() -> tuple[bytes, list[tuple[int, int, bytes | None, int | None]]]:
         (Request(0, 42, 5, 0, 0).pack(), (42, 5, None, E.EINVAL)),
         (Request(0, Cmd.DISC, 6, 0, 0).pack(), (Cmd.DISC, 6, None, None)),
     ]
-    return b"".join(r for r, _ in reqs), [e for _, e in reqs]
+    closed: Summary = ("client sent NBD_CMD_DISC", False)
+    return b"".join(r for r, _ in reqs), [*(e for _, e in reqs), closed]
 
 
-def _decode_all(
-    chunks: list[bytes],
-) -> tuple[list[tuple[int, int, bytes | None, int | None]], RequestDecoder]:
-    decoder = RequestDecoder(RW)
+Summary = tuple[int, int, bytes | None, int | None] | tuple[str, bool]
+
+
+def _decode_all(chunks: list[bytes]) -> tuple[list[Summary], Transmission]:
+    tx = Transmission(RW)
     buf = bytearray()
     seen = []
     for chunk in chunks:
         buf += chunk
         view = memoryview(buf)
-        commands, used = decoder.decode(view)
-        seen += [_summary(c) for c in commands]
-        del commands  # payload views pin the buffer; drop them before reusing it
+        events, used = tx.receive(view)
+        seen += [_summary(e) for e in events]
+        del events  # payload views pin the buffer; drop them before reusing it
         view.release()
         del buf[:used]
-    return seen, decoder
+    return seen, tx
 
 
-def _summary(c: Command) -> tuple[int, int, bytes | None, int | None]:
-    return (
-        c.type,
-        c.cookie,
-        bytes(c.payload) if c.payload is not None else None,
-        c.error.errno if c.error is not None else None,
-    )
+def _summary(e: Event) -> Summary:
+    if isinstance(e, Closed):
+        return (e.reason, e.violation)
+    if isinstance(e, Rejected):
+        return (e.type, e.cookie, None, e.error.errno)
+    return (e.type, e.cookie, bytes(e.payload) if e.payload is not None else None, None)
 
 
 def test_decode_whole_bytewise_and_trailing() -> None:
     data, expected = _stream()
-    whole, decoder = _decode_all([data])
+    whole, tx = _decode_all([data])
     assert whole == expected
-    assert decoder.disconnected
+    assert tx.phase is Phase.DRAINING
+    assert tx.closed == Closed("client sent NBD_CMD_DISC", violation=False)
     bytewise, _ = _decode_all([data[i : i + 1] for i in range(len(data))])
     assert bytewise == expected
     # Anything after NBD_CMD_DISC is ignored (the client MUST NOT send it).
@@ -151,33 +170,94 @@ def test_decode_whole_bytewise_and_trailing() -> None:
 
 
 def test_decode_partial_header_waits() -> None:
-    decoder = RequestDecoder(RW)
+    tx = Transmission(RW)
     raw = Request(0, Cmd.WRITE, 1, 0, 100).pack()
-    commands, used = decoder.decode(memoryview(raw[:27]))
-    assert (commands, used, decoder.needed) == ([], 0, 28)
-    commands, used = decoder.decode(memoryview(raw + b"x" * 50))
-    assert (commands, used, decoder.needed) == ([], 0, 128)
+    events, used = tx.receive(memoryview(raw[:27]))
+    assert (events, used, tx.needed) == ([], 0, 28)
+    events, used = tx.receive(memoryview(raw + b"x" * 50))
+    assert (events, used, tx.needed) == ([], 0, 128)
 
 
 def test_decode_bad_magic_keeps_earlier_commands() -> None:
     good = Request(0, Cmd.READ, 1, 0, 1).pack()
     bad = b"\0" * 28
-    decoder = RequestDecoder(RW)
-    commands, used = decoder.decode(memoryview(good + bad + good))
-    assert [c.cookie for c in commands] == [1]
+    tx = Transmission(RW)
+    events, used = tx.receive(memoryview(good + bad + good))
+    assert events == [
+        Command(Cmd.READ, 0, 1, 0, 1),
+        Closed("bad request magic 0x00000000", violation=True),
+    ]
     assert used == 28
-    assert decoder.violation is not None and "bad request magic" in str(decoder.violation)
+    assert tx.phase is Phase.DRAINING
+    # Nothing more is decoded once the phase left OPEN.
+    assert tx.receive(memoryview(good)) == ([], 0)
 
 
 def test_huge_invalid_write_is_skipped_without_buffering() -> None:
-    decoder = RequestDecoder(RW)
+    tx = Transmission(RW)
     header = Request(0, Cmd.WRITE, 7, 0, 2**32 - 1).pack()
-    commands, used = decoder.decode(memoryview(header + b"z" * 1000))
-    assert [(c.cookie, c.error.errno if c.error else None) for c in commands] == [(7, E.EINVAL)]
+    events, used = tx.receive(memoryview(header + b"z" * 1000))
+    assert [_summary(e) for e in events] == [(Cmd.WRITE, 7, None, E.EINVAL)]
     assert used == 28 + 1000
-    assert decoder.needed == 28  # still skipping; asks for no more buffer than a header
-    commands, used = decoder.decode(memoryview(b"z" * 4096))
-    assert (commands, used) == ([], 4096)
+    assert tx.needed == 28  # still skipping; asks for no more buffer than a header
+    events, used = tx.receive(memoryview(b"z" * 4096))
+    assert (events, used) == ([], 4096)
+
+
+def test_disc_with_bad_flags_is_answered_and_still_ends_the_session() -> None:
+    tx = Transmission(RW)
+    events, _ = tx.receive(memoryview(Request(1 << 9, Cmd.DISC, 3, 0, 0).pack()))
+    assert [_summary(e) for e in events] == [
+        (Cmd.DISC, 3, None, E.EINVAL),
+        ("client sent NBD_CMD_DISC", False),
+    ]
+
+
+def test_budget_stops_after_the_command_that_reaches_it() -> None:
+    reads = b"".join(Request(0, Cmd.READ, i, 0, 4096).pack() for i in range(4))
+    tx = Transmission(RW)
+    events, used = tx.receive(memoryview(reads), budget=8192)
+    assert [e.cookie for e in events if isinstance(e, Command)] == [0, 1]
+    assert used == 56
+    # A spent budget still lets one command through, so the caller makes progress.
+    events, used = tx.receive(memoryview(reads[used:]), budget=0)
+    assert [e.cookie for e in events if isinstance(e, Command)] == [2]
+
+
+PHASE_TABLE = [
+    # (trigger sequence, final phase)
+    ((), Phase.OPEN),
+    ((Trigger.SHUTDOWN,), Phase.DRAINING),
+    ((Trigger.SHUTDOWN, Trigger.SHUTDOWN), Phase.DRAINING),
+    ((Trigger.SHUTDOWN, Trigger.DRAINED), Phase.CLOSED),
+    ((Trigger.LOST,), Phase.CLOSED),
+    ((Trigger.SHUTDOWN, Trigger.LOST, Trigger.SHUTDOWN), Phase.CLOSED),
+]
+
+
+@pytest.mark.parametrize(("triggers", "final"), PHASE_TABLE)
+def test_phase_table(triggers: tuple[Trigger, ...], final: Phase) -> None:
+    tx = Transmission(RW)
+    for trigger in triggers:
+        {
+            Trigger.SHUTDOWN: tx.shutdown,
+            Trigger.DRAINED: tx.drained,
+            Trigger.LOST: tx.lost,
+        }[trigger]()
+    assert tx.phase is final
+
+
+def test_every_phase_can_end() -> None:
+    """From every phase LOST leads to CLOSED, and CLOSED is never left."""
+    for phase in Phase:
+        assert TRANSITIONS[(phase, Trigger.LOST)] is Phase.CLOSED
+    assert {to for (frm, _), to in TRANSITIONS.items() if frm is Phase.CLOSED} == {Phase.CLOSED}
+
+
+def test_drained_while_open_keeps_it_open() -> None:
+    tx = Transmission(RW)
+    tx.drained()
+    assert tx.phase is Phase.OPEN
 
 
 @given(
@@ -266,17 +346,93 @@ def test_block_status_descriptors() -> None:
     assert block_status_descriptors(0, 512, [], req_one=True) == [(512, 0)]
     chunk = block_status_chunk(9, 1, [(4096, 3)])
     assert chunk.hex() == "668e33ef0001000500000000000000090000000c000000010000100000000003"
+    reply = Transmission(RW).block_status_reply(
+        Command(Cmd.BLOCK_STATUS, CmdFlag.REQ_ONE, 9, 0, 12288), ext
+    )
+    assert reply == block_status_chunk(9, 1, [(4096, 0)])
 
 
 def test_error_reply_shapes() -> None:
-    assert error_reply(SIMPLE, 5, E.EINVAL).hex() == "67446698000000160000000000000005"
-    chunk = error_reply(RW, 5, E.ENOSPC, "no")
+    assert Transmission(SIMPLE).error_reply(5, E.EINVAL).hex() == (
+        "67446698000000160000000000000005"
+    )
+    chunk = Transmission(RW).error_reply(5, E.ENOSPC, "no")
     assert chunk.hex() == "668e33ef000180010000000000000005000000080000001c00026e6f"
 
 
-def test_zero_extents_table() -> None:
-    from nbdserver.transmission import zero_extents
+def _chunks(raw: bytes) -> list[StructuredChunk]:
+    out, at = [], 0
+    while at < len(raw):
+        chunk, at = StructuredChunk.unpack(raw, at)
+        out.append(chunk)
+    return out
 
+
+def _join(reply: list[bytes | bytearray | memoryview]) -> bytes:
+    return b"".join(bytes(part) for part in reply)
+
+
+K = 4096
+DATA_HOLE_DATA = b"a" * (8 * K) + bytes(16 * K) + b"b" * (8 * K)
+
+
+def test_read_reply_shapes() -> None:
+    """The framing rules of a read, checked on the bytes the tests' client decodes."""
+    c = Command(Cmd.READ, 0, 7, 8 * K, len(DATA_HOLE_DATA))
+    # Simple replies: the 16-byte header, then the data as is.
+    simple = _join(Transmission(SIMPLE).read_reply(c, DATA_HOLE_DATA))
+    assert SimpleReply.unpack(simple) == SimpleReply(0, 7)
+    assert simple[16:] == DATA_HOLE_DATA
+    # Structured: data, hole, data; only the last chunk carries DONE.
+    chunks = _chunks(_join(Transmission(RW).read_reply(c, DATA_HOLE_DATA)))
+    assert [(ch.type, ch.flags) for ch in chunks] == [
+        (ReplyType.OFFSET_DATA, 0),
+        (ReplyType.OFFSET_HOLE, 0),
+        (ReplyType.OFFSET_DATA, ReplyFlag.DONE),
+    ]
+    assert chunks[1].payload == (16 * K).to_bytes(8, "big") + (16 * K).to_bytes(4, "big")
+    assert chunks[2].payload[8:] == b"b" * (8 * K)
+    # DF: "at most one content chunk", the zeroes explicitly present.
+    df = Command(Cmd.READ, CmdFlag.DF, 7, 8 * K, len(DATA_HOLE_DATA))
+    (only,) = _chunks(_join(Transmission(RW).read_reply(df, DATA_HOLE_DATA)))
+    assert (only.type, only.flags, only.payload[8:]) == (
+        ReplyType.OFFSET_DATA,
+        ReplyFlag.DONE,
+        DATA_HOLE_DATA,
+    )
+    # A zero-length read is a lone NONE chunk with DONE.
+    empty = Command(Cmd.READ, 0, 8, 0, 0)
+    assert _chunks(_join(Transmission(RW).read_reply(empty, b""))) == [
+        StructuredChunk(ReplyFlag.DONE, ReplyType.NONE, 8, b"")
+    ]
+
+
+def test_read_prefix_and_sendfile_frame() -> None:
+    tx = Transmission(RW)
+    small = Command(Cmd.READ, 0, 3, 4096, 512)
+    prefix = tx.read_prefix(small)
+    assert prefix is not None
+    (chunk,) = _chunks(prefix + b"x" * 512)
+    assert (chunk.type, chunk.flags, chunk.payload[:8]) == (
+        ReplyType.OFFSET_DATA,
+        ReplyFlag.DONE,
+        (4096).to_bytes(8, "big"),
+    )
+    # Large enough for a hole scan: the data decides the framing.
+    assert tx.read_prefix(Command(Cmd.READ, 0, 3, 0, 1 << 16)) is None
+    assert tx.read_prefix(Command(Cmd.READ, 0, 3, 0, 0)) is None
+    assert Transmission(SIMPLE).read_prefix(small) == SimpleReply(0, 3).pack()
+    # sendfile: the data chunk cannot carry DONE (an error may strike mid-transfer).
+    header, trailer = tx.sendfile_frame(small)
+    chunks = _chunks(header + b"y" * 512 + trailer)
+    assert [(ch.type, ch.flags) for ch in chunks] == [
+        (ReplyType.OFFSET_DATA, 0),
+        (ReplyType.NONE, ReplyFlag.DONE),
+    ]
+    assert Transmission(SIMPLE).sendfile_frame(small) == (SimpleReply(0, 3).pack(), b"")
+
+
+def test_zero_extents_table() -> None:
     k = 4096
     data = b"d" * 100 + bytes(3 * k) + b"e" * k + bytes(k) + b"f" + bytes(5 * k)
     # From offset 4000, block boundaries fall at data indexes 96 + m * 4096. Only whole
@@ -297,8 +453,6 @@ def test_zero_extents_table() -> None:
     st.integers(0, 10_000), st.lists(st.tuples(st.integers(1, 20_000), st.booleans()), max_size=8)
 )
 def test_zero_extents_are_exact(offset: int, runs: list[tuple[int, bool]]) -> None:
-    from nbdserver.transmission import zero_extents
-
     data = b"".join(bytes(n) if zero else b"\x01" * n for n, zero in runs)
     ext = zero_extents(data, offset)
     pos = offset

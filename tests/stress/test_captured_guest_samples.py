@@ -1,11 +1,11 @@
-"""summarize() on samples captured from real guests, not hand-written ones.
+"""summarize() on collector samples of two real experiments.
 
 The fixtures under ``fixtures/captured/`` are the first and last collector samples of two
 real ``swapnbd run`` experiments on the reference machine (TCG, swap on /dev/nbd0 through
 nbd-serve): Debian's 6.1.0-56 cloud kernel (8 workers, 512 MiB in a 128 MiB guest) and
 6.12.117 cloud (8 workers, 256 MiB). The expected deltas are the ones those runs recorded
 in run.json, so a change to summarize() that shifts them is caught. They also pin down
-how the two kernels' field sets differ, which the hand-written fixtures only guess at.
+how the two kernels' field sets differ (the /proc trees beside them agree).
 """
 
 from __future__ import annotations

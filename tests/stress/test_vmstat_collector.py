@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -24,12 +25,18 @@ from stress import vmstat
 from stress.vmstat import KEY_FIELDS, is_counter, summarize, take_sample
 
 SAMPLE_KEYS = {"type", "seq", "t_mono", "t_wall", "vmstat", "meminfo", "psi", "swaps", "netstat"}
+# Fields of the Debian cloud kernels' /proc/vmstat that only 6.12 has (from the captures).
 ONLY_612 = {"swpin_zero", "swpout_zero", "pgscan_khugepaged", "pgsteal_khugepaged"}
-ONLY_61 = {"allocstall_device", "zswpin", "zswpout"}
+# Neither cloud kernel has zswap: its counters are absent, not zero.
+NO_ZSWAP = {"zswpin", "zswpout"}
 
 
 def fixture_pair(kernel: str) -> list[dict[str, Any]]:
-    """t0 and t1 samples of a recorded guest, 10 s apart on the monotonic clock."""
+    """t0 and t1 samples of a captured guest, set 10 s apart on the monotonic clock.
+
+    The figures asserted below are the ones in the captured files
+    (fixtures/capture_proc.py: 128 MiB guest, 256 MiB swap on /dev/vdb, 192 MiB touched).
+    """
     first = take_sample(0, str(kernel_root(kernel, "t0")))
     last = take_sample(1, str(kernel_root(kernel, "t1")), final=True)
     first["t_mono"], last["t_mono"] = 100.0, 110.0
@@ -44,37 +51,84 @@ def test_sample_linux_61() -> None:
     assert sample.keys() >= SAMPLE_KEYS
     assert (sample["type"], sample["seq"], sample["final"]) == ("sample", 7, False)
     v = sample["vmstat"]
-    assert len(v) == 172
+    assert len(v) == 171
     assert next(iter(v)) == "nr_free_pages"  # kernel order kept
-    assert v["pswpout"] == 524288
+    assert v["pswpout"] == 134056
     assert v["allocstall_device"] == 0
     assert ONLY_612.isdisjoint(v)
-    assert sample["pgscan_direct_throttle"] == 17
-    assert sample["meminfo"]["MemTotal"] == 2014980 * 1024
-    assert sample["meminfo"]["SwapFree"] == 6291456 * 1024
+    assert NO_ZSWAP.isdisjoint(v)
+    assert sample["pgscan_direct_throttle"] == 14
+    assert sample["meminfo"]["MemTotal"] == 94776 * 1024
+    assert sample["meminfo"]["SwapFree"] == 256892 * 1024
     assert sample["meminfo"]["HugePages_Total"] == 0
     assert sample["meminfo_unit"] == "bytes"
-    assert sample["psi"] is None  # no /proc/pressure in this guest
+    assert sample["psi"] == {
+        "some": {"avg10": 40.58, "avg60": 12.29, "avg300": 2.82, "total": 9514307},
+        "full": {"avg10": 27.81, "avg60": 8.9, "avg300": 2.06, "total": 6911182},
+    }
     assert sample["netstat"] == {"PFMemallocDrop": 0}
-    assert [s["filename"] for s in sample["swaps"]] == ["/dev/nbd0"]
+    assert [s["filename"] for s in sample["swaps"]] == ["/dev/vdb"]
     json.dumps(sample)  # must serialise as one JSON line
 
 
 def test_sample_linux_612() -> None:
     sample = take_sample(0, str(kernel_root("linux-6.12", "t1")))
     v = sample["vmstat"]
-    assert len(v) == 135
+    assert len(v) == 182
     assert v.keys() >= ONLY_612
-    assert ONLY_61.isdisjoint(v)
-    assert v["nr_memmap_boot_pages"] == 8192
+    assert NO_ZSWAP.isdisjoint(v)
+    assert v["nr_memmap_boot_pages"] == 512
+    assert v["swpout_zero"] == 49172  # the zero-filled pages 6.12 did not write to swap
     assert sample["psi"] == {
-        "some": {"avg10": 61.27, "avg60": 48.9, "avg300": 20.11, "total": 182001043},
-        "full": {"avg10": 55.02, "avg60": 41.33, "avg300": 17.8, "total": 150000512},
+        "some": {"avg10": 39.28, "avg60": 11.01, "avg300": 2.48, "total": 7622369},
+        "full": {"avg10": 27.89, "avg60": 7.9, "avg300": 1.78, "total": 5506913},
     }
-    assert sample["netstat"] == {"PFMemallocDrop": 23}
-    assert sample["swaps"][0]["type"] == "file"
-    assert sample["swaps"][0]["used_bytes"] == 2097148 * 1024
-    assert "AnonHugePages" not in sample["meminfo"]
+    assert sample["netstat"] == {"PFMemallocDrop": 0}
+    assert sample["swaps"] == [
+        {
+            "filename": "/dev/vdb",
+            "type": "partition",
+            "size_bytes": 262140 * 1024,
+            "used_bytes": 5268 * 1024,
+            "priority": -2,
+        }
+    ]
+    assert sample["meminfo"]["AnonHugePages"] == 0
+
+
+def test_sample_without_pressure_file(tmp_path: Path) -> None:
+    """A kernel without PSI has no /proc/pressure: psi is None, not zeros."""
+    root = tmp_path / "proc"
+    shutil.copytree(kernel_root("linux-6.1", "t1"), root)
+    shutil.rmtree(root / "pressure")
+    sample = take_sample(0, str(root))
+    assert sample["psi"] is None
+    first = take_sample(0, str(root))
+    assert "psi" in summarize([first, sample])["absent"]
+    assert summarize([first, sample])["psi_delta"] is None
+
+
+# t1 - t0 in the captured guests (values read off the files; nr_free_pages is a gauge).
+CAPTURED_DELTAS = {
+    "linux-6.1": {
+        "pswpout": 134056,
+        "pswpin": 98686,
+        "pgscan_direct_throttle": 14,
+        "allocstall_normal": 5,
+        "allocstall_dma32": 0,
+        "nr_free_pages": 14759 - 11460,
+    },
+    "linux-6.12": {
+        "pswpout": 83991,
+        "pswpin": 49834,
+        "pgscan_direct_throttle": 84,
+        "allocstall_normal": 5,
+        "allocstall_dma32": 0,
+        "nr_free_pages": 15594 - 12433,
+    },
+}
+CAPTURED_SWAP_USED_KIB = {"linux-6.1": 5248, "linux-6.12": 5268}
+CAPTURED_AVAILABLE_KIB = {"linux-6.1": 67800, "linux-6.12": 63128}
 
 
 @pytest.mark.parametrize("kernel", ["linux-6.1", "linux-6.12"])
@@ -84,19 +138,17 @@ def test_summarize_recorded_guest(kernel: str) -> None:
     assert summary["interval_s"] == 10.0
     assert summary["samples"] == 2
     assert (summary["first_seq"], summary["last_seq"]) == (0, 1)
-    assert delta["pswpout"] == 524288
-    assert delta["pswpin"] == 401234
-    assert delta["pgscan_direct_throttle"] == summary["pgscan_direct_throttle"] == 17
-    assert delta["allocstall_dma32"] == 1234
+    expected = CAPTURED_DELTAS[kernel]
+    assert {name: delta[name] for name in expected} == expected
+    assert delta["pgscan_direct_throttle"] == summary["pgscan_direct_throttle"]
     assert delta["oom_kill"] == 0
-    assert delta["nr_free_pages"] == 12345 - 451234  # a gauge: change in level
-    assert rates["pswpout"] == pytest.approx(52428.8)
-    assert rates["pgscan_direct_throttle"] == pytest.approx(1.7)
+    assert rates["pswpout"] == pytest.approx(expected["pswpout"] / 10)
+    assert rates["pgscan_direct_throttle"] == pytest.approx(expected["pgscan_direct_throttle"] / 10)
     assert "nr_free_pages" not in rates
     assert "nr_dirty_threshold" not in rates
     assert set(rates) == {name for name in delta if is_counter(name)}
-    assert summary["swap_used_bytes_max"] == 2097148 * 1024
-    assert summary["meminfo_last"]["MemAvailable"] == 41020 * 1024
+    assert summary["swap_used_bytes_max"] == CAPTURED_SWAP_USED_KIB[kernel] * 1024
+    assert summary["meminfo_last"]["MemAvailable"] == CAPTURED_AVAILABLE_KIB[kernel] * 1024
     for name in summary["absent"]:  # absent means absent, never a zero
         assert name not in delta
         assert name not in rates
@@ -104,20 +156,18 @@ def test_summarize_recorded_guest(kernel: str) -> None:
 
 def test_summarize_61_absent_fields() -> None:
     summary = summarize(fixture_pair("linux-6.1"))
-    assert summary["absent"] == sorted(
-        {"swpin_zero", "swpout_zero", "pgscan_khugepaged", "pgsteal_khugepaged", "psi"}
-    )
+    assert summary["absent"] == sorted(ONLY_612 | NO_ZSWAP)
     assert summary["vmstat_delta"]["allocstall_device"] == 0
-    assert summary["psi_delta"] is None
+    assert summary["psi_delta"] == {"some_total_us": 9514307, "full_total_us": 6911182}
     assert summary["netstat_delta"] == {"PFMemallocDrop": 0}
 
 
 def test_summarize_612_absent_fields() -> None:
     summary = summarize(fixture_pair("linux-6.12"))
-    assert summary["absent"] == sorted({"allocstall_device", "zswpin", "zswpout"})
-    assert summary["vmstat_delta"]["swpout_zero"] == 0
-    assert summary["psi_delta"] == {"some_total_us": 182000000, "full_total_us": 150000000}
-    assert summary["netstat_delta"] == {"PFMemallocDrop": 23}
+    assert summary["absent"] == sorted(NO_ZSWAP)
+    assert summary["vmstat_delta"]["swpout_zero"] == 49172
+    assert summary["psi_delta"] == {"some_total_us": 7622369, "full_total_us": 5506913}
+    assert summary["netstat_delta"] == {"PFMemallocDrop": 0}
 
 
 def test_summarize_field_in_only_one_sample() -> None:
@@ -175,7 +225,9 @@ def test_live_proc_sample_and_summary() -> None:
     assert last["t_wall"] >= first["t_wall"]
     summary = summarize([first, last])
     assert summary["vmstat_delta"]["pgfault"] > 0
-    assert summary["vmstat_delta"]["pswpout"] >= 0
+    assert summary["vmstat_delta"]["pswpout"] == (
+        last["vmstat"]["pswpout"] - first["vmstat"]["pswpout"]
+    )
     assert set(summary["absent"]).isdisjoint(first["vmstat"].keys() & last["vmstat"].keys())
     assert (summary["psi_delta"] is None) == (not os.path.exists("/proc/pressure/memory"))
 

@@ -377,10 +377,12 @@ def test_parse_deb822_and_one_line_sources() -> None:
     assert one[1].types == ("deb-src",)
 
 
-def test_debian_mirror_prefers_a_bookworm_deb_source(tmp_path: Path) -> None:
+def test_debian_mirror_prefers_a_bookworm_deb_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(rootfs.MIRROR_ENV, raising=False)
     etc = tmp_path / "apt"
     (etc / "sources.list.d").mkdir(parents=True)
-    assert rootfs.debian_mirror(etc_apt=etc) == rootfs.DEFAULT_MIRROR
     (etc / "sources.list").write_text("deb http://one-line.example/debian/ bookworm main\n")
     assert rootfs.debian_mirror(etc_apt=etc) == "http://one-line.example/debian"
     (etc / "sources.list.d" / "debian.sources").write_text(DEB822)
@@ -389,20 +391,58 @@ def test_debian_mirror_prefers_a_bookworm_deb_source(tmp_path: Path) -> None:
         DEB822.replace("bookworm bookworm-updates", "trixie")
     )
     assert rootfs.debian_mirror(etc_apt=etc) == "http://one-line.example/debian"
+    # A deb822 file alone (no sources.list at all), as on a fresh bookworm host.
+    (etc / "sources.list").unlink()
+    (etc / "sources.list.d" / "debian.sources").write_text(DEB822)
+    assert rootfs.debian_mirror(etc_apt=etc) == "http://mirror.example/debian"
+
+
+def test_debian_mirror_override_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list.d" / "debian.sources").write_text(DEB822)
+    monkeypatch.setenv(rootfs.MIRROR_ENV, "http://env-proxy.example:3142/debian/")
+    assert rootfs.debian_mirror(etc_apt=etc) == "http://env-proxy.example:3142/debian"
+    assert (
+        rootfs.debian_mirror(etc_apt=etc, override="https://flag.example/debian")
+        == "https://flag.example/debian"
+    )
+    with pytest.raises(rootfs.RootfsError, match=r"mirror 'flag\.example/debian' is not a URL"):
+        rootfs.debian_mirror(etc_apt=etc, override="flag.example/debian")
+
+
+def test_debian_mirror_without_sources_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(rootfs.MIRROR_ENV, raising=False)
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    # Only sources that do not serve bookworm, and a disabled one that does.
+    (etc / "sources.list").write_text("deb http://old.example/debian bullseye main\n")
+    (etc / "sources.list.d" / "off.sources").write_text(
+        "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: bookworm\n"
+    )
+    with pytest.raises(rootfs.RootfsError) as info:
+        rootfs.debian_mirror(etc_apt=etc)
+    message = str(info.value)
+    assert "no enabled 'deb' source for bookworm" in message
+    assert "(2 sources read)" in message
+    assert f"name one with {rootfs.MIRROR_ENV}=URL" in message
 
 
 def test_pick_version_from_madison() -> None:
     madison = (
         "   python3 | 3.11.2-1+b2 | http://other.example/debian bookworm/main amd64 Packages\n"
-        "   python3 | 3.11.2-1+b1 | http://deb.debian.org/debian bookworm/main amd64 Packages\n"
-        "   python3 | 3.11.9-9 | http://deb.debian.org/debian-security bookworm-security/main "
+        "   python3 | 3.11.2-1+b1 | http://lab-mirror.example/debian bookworm/main amd64 Packages\n"
+        "   python3 | 3.11.9-9 | http://lab-mirror.example/debian-security bookworm-security/main "
         "amd64 Packages\n"
     )
     assert (
-        rootfs.pick_version(madison, "http://deb.debian.org/debian/", "bookworm") == "3.11.2-1+b1"
+        rootfs.pick_version(madison, "http://lab-mirror.example/debian/", "bookworm")
+        == "3.11.2-1+b1"
     )
     assert rootfs.pick_version(madison, "http://elsewhere/debian", "bookworm") == "3.11.2-1+b2"
-    assert rootfs.pick_version(madison, "http://deb.debian.org/debian", "trixie") is None
+    assert rootfs.pick_version(madison, "http://lab-mirror.example/debian", "trixie") is None
 
 
 def test_package_versions_with_real_apt() -> None:
@@ -457,7 +497,7 @@ def test_debootstrap_refuses_to_run_without_root(
     ):
         rootfs.debootstrap(
             tmp_path / "root",
-            mirror=rootfs.DEFAULT_MIRROR,
+            mirror="http://lab-mirror.example/debian",
             packages=rootfs.PACKAGES,
             step=step,
             log=tmp_path / "log",

@@ -1,0 +1,190 @@
+"""Commands against one export's backend: which may run inline, and how each runs.
+
+Backend calls that cannot block for long run on the event loop: every call of a backend
+whose capabilities say ``never_blocks`` (the RAM disk), and for the others whatever hits
+the page cache (plain WRITEs, READs below :data:`LARGE_READ`, BLOCK_STATUS). Calls that
+may block (FLUSH = fdatasync, FUA writes, TRIM/WRITE_ZEROES = fallocate, CACHE) and large
+reads go to the thread pool (docs/performance.md, "Inline or pool"). Every reply is
+framed by the :class:`~nbdserver.transmission.Transmission`; nothing here packs a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Final
+
+from nbdserver.backends.base import Backend
+from nbdserver.errors import errno_of
+from nbdserver.fastpath import sendfile_reply
+from nbdserver.protocol import Cmd, CmdFlag
+from nbdserver.transmission import Command, Transmission
+
+#: Reads at least this long leave by sendfile or run in the pool, and simple-reply ones
+#: skip the zero-filled combined buffer (docs/performance.md, "Large reads").
+LARGE_READ: Final = 256 * 1024
+
+#: What a command produces for the wire: one buffer, or several for a vectored write.
+Reply = bytes | bytearray | list[bytes | bytearray | memoryview]
+
+_FUA: Final = int(CmdFlag.FUA)
+_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
+_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
+_READ: Final = int(Cmd.READ)
+_WRITE: Final = int(Cmd.WRITE)
+_FLUSH: Final = int(Cmd.FLUSH)
+_TRIM: Final = int(Cmd.TRIM)
+_WRITE_ZEROES: Final = int(Cmd.WRITE_ZEROES)
+_CACHE: Final = int(Cmd.CACHE)
+_BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
+
+
+class Dispatcher:
+    """Runs one connection's validated commands against its export's backend."""
+
+    __slots__ = (
+        "_ack",
+        "_extents",
+        "_read_prefix",
+        "_read_reply",
+        "_tx",
+        "backend",
+        "log",
+        "never_blocks",
+        "pool_write_flags",
+    )
+
+    def __init__(
+        self, backend: Backend, tx: Transmission, log: logging.LoggerAdapter[logging.Logger]
+    ) -> None:
+        self.backend = backend
+        self._tx = tx
+        # Bound once: these run for every request.
+        self._ack = tx.ack
+        self._read_prefix = tx.read_prefix
+        self._read_reply = tx.read_reply
+        self.log = log
+        caps = backend.capabilities
+        self.never_blocks = caps.never_blocks
+        #: Flags that send a WRITE to the pool: FUA (a durable write may wait), unless
+        #: nothing can block.
+        self.pool_write_flags = 0 if caps.never_blocks else _FUA
+        self._extents = caps.extents
+
+    def inline(self, c: Command) -> bool:
+        """Whether ``c`` may run on the event loop (see the module docstring)."""
+        t = c.type
+        if t == _READ:
+            return c.length < LARGE_READ
+        if self.never_blocks:
+            return True
+        if t == _WRITE:
+            return not c.flags & self.pool_write_flags
+        return t == _BLOCK_STATUS
+
+    def execute(self, c: Command, payload: bytes | memoryview | None) -> Reply:
+        """Run one validated command; return its reply. Backend errors propagate (see
+        :meth:`failure`). Called on the loop or on a pool thread."""
+        t = c.type
+        backend = self.backend
+        if t == _READ:
+            length = c.length
+            prefix = self._read_prefix(c)
+            if prefix is not None and length < LARGE_READ:
+                # Header and data in one buffer, read straight in behind the header.
+                size = len(prefix)
+                buf = bytearray(size + length)
+                buf[:size] = prefix
+                if length:
+                    backend.pread_into(memoryview(buf)[size:], c.offset)
+                return buf
+            # os.pread allocates without zero-filling; the core frames what it returned.
+            data = backend.pread(c.offset, length) if length else b""
+            return self._read_reply(c, data)
+        fua = bool(c.flags & _FUA)
+        if t == _WRITE:
+            assert payload is not None
+            backend.pwrite(payload, c.offset, fua)
+        elif t == _FLUSH:
+            backend.flush()
+        elif t == _TRIM:
+            backend.trim(c.offset, c.length, fua)
+        elif t == _WRITE_ZEROES:
+            backend.zero(
+                c.offset,
+                c.length,
+                may_trim=not c.flags & _NO_HOLE,
+                fast=bool(c.flags & _FAST_ZERO),
+                fua=fua,
+            )
+        elif t == _CACHE:
+            backend.cache(c.offset, c.length)
+        elif t == _BLOCK_STATUS:
+            extents = backend.extents(c.offset, c.length) if self._extents else []
+            return self._tx.block_status_reply(c, extents)
+        else:  # pragma: no cover - validate() rejects everything else
+            raise AssertionError(f"unexpected command {t}")
+        return self._ack(c.cookie)
+
+    def submit(
+        self,
+        c: Command,
+        t0: int,
+        executor: Executor,
+        done: Callable[[Command, Future[Reply], int, int], None],
+    ) -> int:
+        """Run ``c`` in the thread pool; ``done(c, future, t0, held)`` follows on the loop.
+
+        Returns the bytes the job holds (a WRITE's payload copy, a read being made).
+        """
+        # The payload view points into the receive buffer, which is reused once the
+        # current callback returns: the pool gets a copy and the command no view at all.
+        payload = bytes(c.payload) if c.payload is not None else None
+        c = dataclasses.replace(c, payload=None)
+        held = c.length if payload is not None or c.type == _READ else 0
+        future = executor.submit(self.execute, c, payload)
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, c, f, t0, held))
+        return held
+
+    def sendfile(
+        self, c: Command, fd: int, queue: Callable[[bytes | bytearray | memoryview], None]
+    ) -> bool:
+        """Send a read with sendfile on socket ``fd``, framed by the core; what the socket
+        does not take goes to ``queue``. False when nothing was sent (the range is not
+        data in memory, or the socket is full); OSError once part of it may be sent."""
+        backend = self.backend
+        source = backend.sendfile_source(c.offset, c.length)
+        if source < 0:
+            return False
+        header, trailer = self._tx.sendfile_frame(c)
+        sent = sendfile_reply(
+            fd,
+            header,
+            source=source,
+            offset=c.offset,
+            length=c.length,
+            queue=queue,
+            pread=backend.pread,
+        )
+        if sent and trailer:
+            queue(trailer)
+        return sent
+
+    def failure(self, c: Command, exc: BaseException) -> bytes:
+        """A failing backend call becomes an error reply, never a crash."""
+        errno = errno_of(exc)
+        self.log.warning(
+            "%s at %d+%d failed: %s (%s)", cmd_name(c.type), c.offset, c.length, exc, errno.name
+        )
+        return self._tx.error_reply(c.cookie, errno, str(exc))
+
+
+def cmd_name(cmd: int) -> str:
+    try:
+        return f"NBD_CMD_{Cmd(cmd).name}"
+    except ValueError:
+        return f"command {cmd}"
