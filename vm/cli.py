@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from stress.sizes import SizeError, parse_size
-from vm import experiment, servers
+from vm import experiment, rootfs, servers
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -150,6 +150,13 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
         help="slab allocator of a built kernel (default: the kernel's own)",
     )
     p.add_argument("--flavour", default="cloud", help="Debian kernel flavour (default: cloud)")
+    p.add_argument(
+        "--mirror",
+        default=None,
+        metavar="URL",
+        help="Debian mirror for the guest root fs (default: $SWAPNBD_MIRROR, else the first "
+        "bookworm source in the host's /etc/apt sources)",
+    )
     p.add_argument(
         "--cache",
         type=Path,
@@ -572,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "mirror", None):
+        # The image builder reads the override from the environment (vm.rootfs.MIRROR_ENV),
+        # so runs a matrix starts in-process see it too.
+        os.environ[rootfs.MIRROR_ENV] = args.mirror
     func = args.func
     rc: int = func(args)
     return rc

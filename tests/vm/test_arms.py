@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -357,3 +358,16 @@ def test_arm_in_effect(arm: str, proof: dict[str, str | None] | None, ok: bool, 
     if proof is not None:
         nested = {"switches": proof, "cmdline": [], "dmesg": []}
         assert arms.arm_in_effect(arm, nested) == (verdict, reason)
+
+
+def test_mirror_flag_reaches_the_image_builder_and_is_checked() -> None:
+    """``--mirror`` overrides the host's apt sources; a bad one gets a clear error, exit 3."""
+    done = subprocess.run(
+        [sys.executable, "-m", "vm.cli", "image", "--kernel", "6.1", "--mirror", "mirror.invalid"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 3, done.stderr
+    assert "mirror 'mirror.invalid' is not a URL; give one like http://HOST/debian" in done.stderr
