@@ -108,7 +108,7 @@ def test_seed_matrix_is_the_issue_s_comparison() -> None:
         16,
         4.0,
         None,
-        2,
+        1,
     )
     assert (cfg.swap, cfg.server, cfg.lockup_after_s, cfg.timeout_s) == (
         "device",
