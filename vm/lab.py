@@ -20,7 +20,8 @@ sees progress while the hosts work:
 
 A host that fails loses only its share's unfinished runs: running the same command again
 resumes it. ``python -m vm.lab merge STORE SHARE_DIR...`` is the merge step alone (the
-playbook calls it).
+playbook calls it); ``python -m vm.lab run FILE.toml --inventory INV --out STORE`` is the
+whole drive, as ``swapnbd matrix --inventory`` runs it.
 """
 
 from __future__ import annotations
@@ -351,11 +352,24 @@ def main(argv: list[str] | None = None) -> int:
     merge = sub.add_parser("merge", help="merge fetched shares into one matrix store")
     merge.add_argument("store", type=Path)
     merge.add_argument("shares", type=Path, nargs="+")
+    run = sub.add_parser("run", help="run a matrix over an inventory's runners (matrix.yml)")
+    run.add_argument("matrix_file", type=Path)
+    run.add_argument("--inventory", type=Path, required=True)
+    run.add_argument("--out", type=Path, required=True, help="the merged store")
+    run.add_argument("--poll", type=float, default=30.0, help="seconds between status checks")
     args = parser.parse_args(argv)
     try:
+        if args.command == "run":
+            return run_matrix_on_inventory(
+                args.matrix_file,
+                args.inventory,
+                args.out,
+                lambda line: print(line, flush=True),
+                poll_s=args.poll,
+            )
         summary = merge_stores(args.store, args.shares)
     except LabError as exc:
-        print(f"vm.lab merge: error: {exc}", file=sys.stderr)
+        print(f"vm.lab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0
