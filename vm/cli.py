@@ -4,6 +4,8 @@ Subcommands:
 
 ``swapnbd run``    one experiment (guest image, NBD server, QEMU, watchdog, run.json)
 ``swapnbd image``  build (or find cached) the guest image only
+``swapnbd matrix`` a TOML file of cells, run interleaved into a resumable store (vm/matrix.py)
+``swapnbd report`` tables (md/csv/json) and plots from run.json files (vm/report.py)
 
 The parser is built from one function per subcommand, so ``matrix`` (kernel variants x
 servers with a comparison report) can be added as another subparser that calls
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
     _add_image(sub)
+    _add_matrix(sub)
+    _add_report(sub)
     return parser
 
 
@@ -365,6 +369,156 @@ def cmd_image(args: argparse.Namespace) -> int:
     print(
         json.dumps({f.name: str(getattr(img, f.name)) for f in dataclasses.fields(img)}, indent=2)
     )
+    return EXIT_OK
+
+
+MATRIX_EPILOG = """\
+examples:
+  swapnbd matrix vm/matrices/seed.toml --dry-run          # list the runs and the estimate
+  swapnbd matrix vm/matrices/seed.toml --out results/seed
+  swapnbd matrix vm/matrices/seed.toml --out results/seed --resume   # after a kill/Ctrl-C
+  swapnbd matrix vm/matrices/seed.toml --out results/seed --resume --retry-errors
+  swapnbd matrix vm/matrices/seed.toml --out results/seed --shard 1/2   # half the runs
+  swapnbd matrix vm/matrices/seed.toml --out results/seed --only 6.1-vanilla-slab-nbd-serve
+
+SIGINT and SIGTERM stop the current run cleanly (run.json marked interrupted) and the
+matrix; --resume reruns it.  exit codes: 0 every selected run finished (lockups are
+results), 1 some run ended in a harness error, 2 usage error, 130 interrupted
+"""
+
+REPORT_EPILOG = """\
+examples:
+  swapnbd report results/seed                              # Markdown on stdout
+  swapnbd report results/seed --baseline 6.1-vanilla-slab-nbd-serve --plots results/seed/plots
+  swapnbd report results/seed results/run-20261129-101500 --format csv --output seed.csv
+
+exit codes: 0 ok, 2 usage error (no run.json found, unknown baseline, no matplotlib)
+"""
+
+
+def _add_matrix(sub: Any) -> None:
+    p = sub.add_parser(
+        "matrix",
+        help="run a matrix of experiments from a TOML file",
+        description="Expand FILE.toml into runs (interleaved: every cell's repeat 1, then "
+        "repeat 2, ...) and run each as `swapnbd run` would, into STORE/<run-id>, keeping "
+        "STORE/index.json up to date after every run.",
+        epilog=MATRIX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", type=Path, metavar="FILE.toml", help="the matrix file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="STORE",
+        help="the store (default: results/matrix-FILESTEM-YYYYmmdd-HHMMSS)",
+    )
+    p.add_argument("--resume", action="store_true", help="skip runs already finished in --out")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="with --resume, also rerun runs whose outcome is error (a harness failure)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the runs and the estimate only")
+    p.add_argument("--shard", default=None, metavar="K/N", help="only runs with i %% N == K-1")
+    p.add_argument(
+        "--only", default=None, metavar="ID,...", help="only these run ids or cell labels"
+    )
+    p.set_defaults(func=cmd_matrix)
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="compare runs: tables and plots from run.json files",
+        description="Find every run.json under DIR... (matrix stores or single run "
+        "directories), group the runs by arm and print the seed's table.",
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="stores or run directories")
+    p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="default md")
+    p.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNGs here")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="ARM",
+        help="arm label the ratios are to (default: the first arm)",
+    )
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from vm import matrix  # noqa: PLC0415 - only this subcommand needs it
+
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    store: Path = args.out or Path("results") / f"matrix-{args.file.stem}-{stamp}"
+    try:
+        mx = matrix.load_matrix(args.file)
+        shard = matrix.parse_shard(args.shard) if args.shard else None
+        only = [x for x in (args.only or "").split(",") if x.strip()]
+        only = [x.strip() for x in only]
+        plan = matrix.plan_runs(mx)
+        selected = matrix.select_runs(plan, shard=shard, only=only)
+        if args.dry_run:
+            print("\n".join(matrix.dry_run_lines(mx, args.out, selected)))
+            return EXIT_OK
+        with matrix.sigterm_as_interrupt():
+            result = matrix.run_matrix(
+                mx,
+                store,
+                source=args.file,
+                resume=args.resume,
+                retry_errors=args.retry_errors,
+                shard=shard,
+                only=only,
+                emit=emit,
+            )
+    except matrix.MatrixError as exc:
+        print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # a second signal while the index was being written
+        print(f"interrupted: continue with --resume --out {store}")
+        return EXIT_INTERRUPTED
+    counts: dict[str, int] = {}
+    for outcome in result.outcomes.values():
+        counts[str(outcome)] = counts.get(str(outcome), 0) + 1
+    print(
+        f"matrix {mx.name}: ran {len(result.ran)}, skipped {len(result.skipped)} (finished "
+        f"before); outcomes "
+        + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+        + f"; store {store}"
+    )
+    if result.interrupted:
+        print(f"interrupted: continue with --resume --out {store}")
+        return EXIT_INTERRUPTED
+    errors = [rid for rid, outcome in result.outcomes.items() if outcome == "error"]
+    return EXIT_NOT_COMPLETED if errors else EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vm import report  # noqa: PLC0415 - only this subcommand needs it
+
+    try:
+        runs = report.load_runs(args.dirs)
+        rep = report.build_report(runs, baseline=args.baseline)
+        text = report.render(rep, args.format)
+        if args.plots is not None:
+            written = report.write_plots(runs, args.plots)
+            print(f"plots: {len(written)} PNG(s) in {args.plots}", file=sys.stderr)
+    except report.ReportError as exc:
+        print(f"swapnbd report: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 

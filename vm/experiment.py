@@ -73,6 +73,11 @@ class RunConfig:
     """Kernel name understood by vm.image (``6.1`` or ``6.12``)."""
     flavour: str = "cloud"
     """Debian kernel flavour."""
+    arm: str = "patched"
+    """Kernel arm: patched (today's code) or vanilla (nbd memalloc and the pfmemalloc
+    throttle switched off)."""
+    allocator: str | None = None
+    """Slab allocator of a built kernel (e.g. ``slab``); None: the kernel as packaged."""
     swap: SwapMode = "device"
     """Swap on /dev/nbd0 directly, or on a swapfile in ext4 on /dev/nbd0."""
     server: servers.ServerKind = "nbd-serve"

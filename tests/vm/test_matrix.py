@@ -1,0 +1,555 @@
+"""vm.matrix: planning (TOML -> interleaved runs, ids, shards, resume, ETA), the store and
+index, and one real two-run matrix through real guests (``vm`` marker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vm import cli, experiment, matrix
+
+MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parents[2]
+
+SMALL = """
+[matrix]
+name = "small"
+repeats = 2
+
+[defaults]
+memory = "128M"
+workers = 4
+total = "256M"
+loops = 1
+lockup_after = 60
+
+[axes]
+kernel = ["6.1", "6.12"]
+arm = ["patched", "vanilla"]
+
+[[cells]]
+kernel = "6.1"
+arm = "vanilla"
+allocator = "slab"
+repeats = 1
+"""
+
+
+def plan(text: str) -> list[matrix.PlannedRun]:
+    return matrix.plan_runs(matrix.parse_matrix(textwrap.dedent(text)))
+
+
+# --- planning -------------------------------------------------------------------------
+
+
+def test_runs_are_interleaved_with_readable_stable_ids() -> None:
+    ids = [r.id for r in plan(SMALL)]
+    assert ids == [
+        "r01-6.1-patched-slub-nbd-serve-rep1",
+        "r02-6.1-vanilla-slub-nbd-serve-rep1",
+        "r03-6.12-patched-slub-nbd-serve-rep1",
+        "r04-6.12-vanilla-slub-nbd-serve-rep1",
+        "r05-6.1-vanilla-slab-nbd-serve-rep1",
+        "r06-6.1-patched-slub-nbd-serve-rep2",
+        "r07-6.1-vanilla-slub-nbd-serve-rep2",
+        "r08-6.12-patched-slub-nbd-serve-rep2",
+        "r09-6.12-vanilla-slub-nbd-serve-rep2",
+    ]
+    assert ids == [r.id for r in plan(SMALL)]  # same file, same ids
+
+
+def test_cells_merge_defaults_and_become_run_configs(tmp_path: Path) -> None:
+    runs = plan(SMALL)
+    slab = runs[4]
+    cfg = slab.config(tmp_path)
+    assert cfg.out == tmp_path / slab.id
+    assert (cfg.kernel, cfg.arm, cfg.allocator, cfg.server) == (
+        "6.1",
+        "vanilla",
+        "slab",
+        "nbd-serve",
+    )
+    assert (cfg.memory_mib, cfg.cpus, cfg.workers, cfg.total_bytes, cfg.ratio, cfg.loops) == (
+        128,
+        2,
+        4,
+        256 * MIB,
+        None,
+        1,
+    )
+    assert cfg.lockup_after_s == 60.0
+    assert runs[0].config(tmp_path).allocator is None
+
+
+def test_seed_matrix_is_the_issue_s_comparison() -> None:
+    mx = matrix.load_matrix(REPO / "vm" / "matrices" / "seed.toml")
+    runs = matrix.plan_runs(mx)
+    assert len(runs) == 15
+    assert {r.label for r in runs} == {
+        "6.1-patched-slub-nbd-serve",
+        "6.1-vanilla-slub-nbd-serve",
+        "6.12-patched-slub-nbd-serve",
+        "6.12-vanilla-slub-nbd-serve",
+        "6.1-vanilla-slab-nbd-serve",
+    }
+    cfg = runs[0].config(Path("s"))
+    assert (cfg.memory_mib, cfg.cpus, cfg.workers, cfg.ratio, cfg.total_bytes, cfg.loops) == (
+        128,
+        2,
+        16,
+        4.0,
+        None,
+        2,
+    )
+    assert (cfg.swap, cfg.server, cfg.lockup_after_s, cfg.timeout_s) == (
+        "device",
+        "nbd-serve",
+        90.0,
+        1800.0,
+    )
+    servers_runs = matrix.plan_runs(matrix.load_matrix(REPO / "vm" / "matrices" / "servers.toml"))
+    assert [r.label for r in servers_runs[:3]] == [
+        "6.1-patched-slub-nbd-serve",
+        "6.1-patched-slub-nbdkit",
+        "6.1-patched-slub-nbd-server",
+    ]
+    assert len(servers_runs) == 15
+
+
+def test_a_differing_extra_axis_enters_the_label() -> None:
+    runs = plan(
+        """
+        [defaults]
+        total = "256M"
+        [axes]
+        memory = ["128M", "256M"]
+        workers = [4, 8]
+        """
+    )
+    assert [r.id for r in runs] == [
+        "r01-6.1-patched-slub-nbd-serve-128M-w4-rep1",
+        "r02-6.1-patched-slub-nbd-serve-128M-w8-rep1",
+        "r03-6.1-patched-slub-nbd-serve-256M-w4-rep1",
+        "r04-6.1-patched-slub-nbd-serve-256M-w8-rep1",
+    ]
+
+
+def test_no_axes_no_cells_is_one_cell_of_the_defaults() -> None:
+    runs = plan('[matrix]\nrepeats = 3\n[defaults]\nkernel = "6.12"\n')
+    assert [r.id for r in runs] == [
+        "r01-6.12-patched-slub-nbd-serve-rep1",
+        "r02-6.12-patched-slub-nbd-serve-rep2",
+        "r03-6.12-patched-slub-nbd-serve-rep3",
+    ]
+
+
+def test_a_bzimage_path_kernel_becomes_its_file_name_in_the_id() -> None:
+    runs = plan('[defaults]\nkernel = "/srv/k/bzImage-6.1 slab"\n')
+    assert runs[0].id == "r01-bzImage-6.1_slab-patched-slub-nbd-serve-rep1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[defaults]\nmemroy = '128M'\n", "unknown key 'defaults.memroy'; a cell may set: "),
+        ("[defaults]\nworkers = 0\n", r"defaults.workers must be a whole number >= 1, got 0"),
+        ("[defaults]\nmemory = 'lots'\n", "defaults.memory: "),
+        ("[defaults]\nserver = 'qemu-nbd'\n", "defaults.server must be one of nbd-serve"),
+        ("[defaults]\narm = 'both'\n", "defaults.arm must be patched or vanilla, got 'both'"),
+        ("[axes]\nkernel = '6.1'\n", "axes.kernel must be a non-empty list"),
+        ("[[cells]]\nkernel = '6.1'\n[[cells]]\nkernel = '6.1'\n", r"cells\[1\] repeats the cell"),
+        ("[matrix]\nrepeats = 0\n", "matrix.repeats must be >= 1, got 0"),
+        ("[cell]\nkernel = '6.1'\n", "unknown top-level key"),
+        ("[defaults]\nmemory = '32M'\n", "defaults: --memory must be at least 64M"),
+        ("[defaults\n", "not valid TOML"),
+    ],
+)
+def test_bad_matrix_files_get_clear_errors(text: str, message: str) -> None:
+    with pytest.raises(matrix.MatrixError, match=message):
+        matrix.parse_matrix(text)
+
+
+def test_ratio_and_total_override_each_other_by_layer(tmp_path: Path) -> None:
+    runs = plan('[defaults]\nratio = 4\n[[cells]]\ntotal = "300M"\n[[cells]]\nloops = 2\n')
+    first, second = (r.config(tmp_path) for r in runs)
+    assert (first.total_bytes, first.ratio) == (300 * MIB, None)
+    assert (second.total_bytes, second.ratio) == (None, 4.0)
+
+
+# --- selection: shards, --only, resume -------------------------------------------------
+
+
+def test_shards_partition_the_plan_by_index() -> None:
+    runs = plan(SMALL)
+    shards = [matrix.select_runs(runs, shard=(k, 3)) for k in (1, 2, 3)]
+    assert [r.index for r in shards[0]] == [0, 3, 6]
+    assert [r.index for r in shards[1]] == [1, 4, 7]
+    assert [r.index for r in shards[2]] == [2, 5, 8]
+    assert sorted(r.id for s in shards for r in s) == sorted(r.id for r in runs)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1/2", (1, 2)), (" 3 / 3 ", (3, 3))])
+def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
+    assert matrix.parse_shard(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "2", "a/b"])
+def test_bad_shards_are_refused(text: str) -> None:
+    with pytest.raises(matrix.MatrixError, match="--shard"):
+        matrix.parse_shard(text)
+
+
+def test_only_takes_run_ids_and_cell_labels() -> None:
+    runs = plan(SMALL)
+    chosen = matrix.select_runs(
+        runs, only=["6.1-vanilla-slab-nbd-serve", "r08-6.12-patched-slub-nbd-serve-rep2"]
+    )
+    assert [r.index for r in chosen] == [4, 7]
+    both = matrix.select_runs(runs, only=["6.1-patched-slub-nbd-serve"], shard=(1, 3))
+    assert [r.id for r in both] == ["r01-6.1-patched-slub-nbd-serve-rep1"]
+    with pytest.raises(matrix.MatrixError, match="no run or cell is called nope"):
+        matrix.select_runs(runs, only=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("run_json", "finished", "status"),
+    [
+        (None, False, "pending"),
+        ({"outcome": None}, False, "interrupted"),
+        ({"outcome": "error", "interrupted": True}, False, "interrupted"),
+        ({"outcome": "error", "outcome_reason": "image build failed"}, True, "finished"),
+        ({"outcome": "lockup"}, True, "finished"),
+        ({"outcome": "completed"}, True, "finished"),
+    ],
+)
+def test_resume_reruns_only_what_has_no_measurement(
+    run_json: dict[str, Any] | None, finished: bool, status: str
+) -> None:
+    assert matrix.is_finished(run_json) is finished
+    assert matrix.run_status(run_json, dir_exists=run_json is not None) == status
+
+
+def test_a_run_directory_without_run_json_is_started() -> None:
+    assert matrix.run_status(None, dir_exists=True) == "started"
+
+
+# --- estimates ------------------------------------------------------------------------
+
+
+def test_eta_uses_the_size_model_until_runs_are_measured() -> None:
+    runs = plan(SMALL)
+    est = matrix.Estimator()
+    cfg = runs[0].config(Path("/"))
+    # 45 s boot + 3 passes x 256 MiB / 12 MiB/s
+    assert matrix.model_seconds(cfg) == pytest.approx(45 + 3 * 256 / 12)
+    assert est.seconds(runs[0]) == pytest.approx(109.0)
+    assert est.total(runs) == pytest.approx(9 * 109.0)
+    assert est.basis == "size model (nothing measured yet)"
+
+
+def test_eta_prefers_the_same_cell_then_scales_the_model() -> None:
+    runs = plan(SMALL)
+    est = matrix.Estimator()
+    est.add(runs[0], 200.0)  # the model said 109 s
+    est.add(runs[5], 300.0)  # same cell, repeat 2
+    assert est.seconds(runs[0]) == pytest.approx(250.0)
+    # another cell: the model scaled by measured/model = 500 / 218
+    assert est.seconds(runs[1]) == pytest.approx(109.0 * 500 / 218)
+    assert est.basis == "2 measured run(s)"
+
+
+def test_model_is_capped_by_the_timeout() -> None:
+    cfg = experiment.RunConfig(out=Path("/"), total_bytes=8192 * MIB, loops=4, timeout_s=600.0)
+    assert matrix.model_seconds(cfg) == 645.0
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (65, "1m05s"), (3600 + 120, "1h02m")])
+def test_format_duration(seconds: float, text: str) -> None:
+    assert matrix.format_duration(seconds) == text
+
+
+# --- the store and the runner (the run itself replaced: these test the bookkeeping) -----
+
+
+def fake_runner(outcomes: dict[str, str], stop_at: str | None = None) -> Any:
+    """Writes a run.json the way run_experiment does; ``stop_at`` is marked interrupted."""
+
+    def run(cfg: experiment.RunConfig, emit: experiment.Emit) -> dict[str, Any]:
+        emit("guest phase: stress")
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        rid = cfg.out.name
+        obj: dict[str, Any] = {
+            "config": cfg.to_json(),
+            "outcome": outcomes.get(rid, "completed"),
+            "timings": {"total_s": 12.0},
+        }
+        if rid == stop_at:
+            obj.update(outcome="error", interrupted=True)
+        (cfg.out / "run.json").write_text(json.dumps(obj))
+        return obj
+
+    return run
+
+
+def test_runner_writes_the_index_after_each_run_and_resume_skips_finished(
+    tmp_path: Path,
+) -> None:
+    mx = matrix.parse_matrix(SMALL, name="small")
+    store = tmp_path / "store"
+    lines: list[str] = []
+    stop = "r03-6.12-patched-slub-nbd-serve-rep1"
+    first = matrix.run_matrix(mx, store, emit=lines.append, run_one=fake_runner({}, stop_at=stop))
+    assert first.interrupted
+    assert first.ran == [
+        "r01-6.1-patched-slub-nbd-serve-rep1",
+        "r02-6.1-vanilla-slub-nbd-serve-rep1",
+    ]
+    index = json.loads((store / "index.json").read_text())
+    assert index["counts"] == {"finished": 2, "interrupted": 1, "started": 0, "pending": 6}
+    assert index["matrix"]["sha256"] == mx.sha256
+    assert (store / "matrix.toml").read_text() == SMALL
+    entry = index["runs"][0]
+    assert (entry["status"], entry["outcome"], entry["duration_s"]) == (
+        "finished",
+        "completed",
+        12.0,
+    )
+    assert entry["config"]["out"] == str(store / entry["id"])
+    assert any(
+        line.startswith("[1/9] run 1 of 9: r01-6.1-patched-slub-nbd-serve-rep1") for line in lines
+    )
+    assert any("[2/9] guest phase: stress  [matrix ETA " in line for line in lines)
+
+    with pytest.raises(matrix.MatrixError, match="pass --resume"):
+        matrix.run_matrix(mx, store, run_one=fake_runner({}))
+
+    second = matrix.run_matrix(
+        mx,
+        store,
+        resume=True,
+        run_one=fake_runner({"r04-6.12-vanilla-slub-nbd-serve-rep1": "lockup"}),
+    )
+    assert not second.interrupted
+    assert second.skipped == first.ran
+    assert second.ran[0] == stop
+    assert len(second.ran) == 7
+    assert second.outcomes["r04-6.12-vanilla-slub-nbd-serve-rep1"] == "lockup"
+    index = json.loads((store / "index.json").read_text())
+    assert index["counts"] == {"finished": 9, "interrupted": 0, "started": 0, "pending": 0}
+    attic = list((store / ".attic").iterdir())
+    assert [p.name.startswith(stop) for p in attic] == [True]  # the interrupted try is kept
+
+    third = matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
+    assert (third.ran, len(third.skipped)) == ([], 9)
+
+    r05 = store / "r05-6.1-vanilla-slab-nbd-serve-rep1" / "run.json"
+    r05.write_text(json.dumps({"outcome": "error", "outcome_reason": "no slab image"}))
+    assert matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({})).ran == []
+    fourth = matrix.run_matrix(mx, store, resume=True, retry_errors=True, run_one=fake_runner({}))
+    assert fourth.ran == ["r05-6.1-vanilla-slab-nbd-serve-rep1"]
+    assert json.loads(r05.read_text())["outcome"] == "completed"
+
+
+def test_a_store_of_another_matrix_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    mx = matrix.parse_matrix(SMALL)
+    matrix.run_matrix(
+        mx, store, only=["r01-6.1-patched-slub-nbd-serve-rep1"], run_one=fake_runner({})
+    )
+    other = matrix.parse_matrix(SMALL.replace("workers = 4", "workers = 5"))
+    with pytest.raises(matrix.MatrixError, match="holds runs of a different matrix file"):
+        matrix.run_matrix(other, store, resume=True, run_one=fake_runner({}))
+
+
+def test_dry_run_lists_runs_and_the_estimate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(SMALL)
+    rc = cli.main(["matrix", str(path), "--dry-run", "--shard", "1/3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == "matrix small: 3 of 9 run(s)"
+    assert lines[1].split()[0] == "r01-6.1-patched-slub-nbd-serve-rep1"
+    assert lines[1].endswith("~1m49s")
+    assert lines[-1] == "estimated time: 5m27s for 3 run(s) (size model (nothing measured yet))"
+    assert not (Path.cwd() / "results" / "matrix-small").exists()
+
+
+def test_cli_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text("[defaults]\nworkers = 'many'\n")
+    assert cli.main(["matrix", str(path), "--dry-run"]) == 2
+    assert (
+        "swapnbd matrix: error: defaults.workers must be a whole number" in capsys.readouterr().err
+    )
+    assert cli.main(["matrix", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read the matrix file" in capsys.readouterr().err
+
+
+def test_sigterm_raises_keyboard_interrupt_only_inside_the_guard() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with matrix.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- the real thing -------------------------------------------------------------------
+
+E2E = """
+[matrix]
+name = "e2e"
+repeats = 1
+
+[defaults]
+kernel = "6.1"
+arm = "patched"
+memory = "128M"
+cpus = 2
+workers = 4
+total = "256M"
+loops = 1
+lockup_after = 120
+timeout = 600
+
+[axes]
+server = ["nbd-serve", "nbdkit"]
+"""
+
+
+@pytest.mark.vm
+def test_real_two_run_matrix_resume_and_report(tmp_path: Path) -> None:
+    """Two small patched runs through real guests, then --resume runs nothing, then the
+    report reads the store."""
+
+    path = tmp_path / "e2e.toml"
+    path.write_text(E2E)
+    store = tmp_path / "store"
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "vm.cli", "matrix", str(path), "--out", str(store)]
+    first = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=1500
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "[1/2] run 1 of 2: r01-6.1-patched-slub-nbd-serve-rep1" in first.stderr
+    assert "[2/2] run 2 of 2: r02-6.1-patched-slub-nbdkit-rep1" in first.stderr
+    assert "matrix ETA" in first.stderr
+    index = json.loads((store / "index.json").read_text())
+    assert [(e["id"], e["status"], e["outcome"]) for e in index["runs"]] == [
+        ("r01-6.1-patched-slub-nbd-serve-rep1", "finished", "completed"),
+        ("r02-6.1-patched-slub-nbdkit-rep1", "finished", "completed"),
+    ]
+    for entry in index["runs"]:
+        run = json.loads((store / entry["id"] / "run.json").read_text())
+        assert run["config"]["out"] == str(store / entry["id"])
+        assert run["swapstress"]["corrupt_pages"] == 0
+        assert run["vmstat_delta"]["pswpout"] > 0
+        assert entry["duration_s"] == run["timings"]["total_s"]
+
+    again = subprocess.run(
+        [*cmd, "--resume"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "matrix e2e: ran 0, skipped 2" in again.stdout
+    assert "QEMU started" not in again.stderr
+
+    rep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vm.cli",
+            "report",
+            str(store),
+            "--format",
+            "json",
+            "--plots",
+            str(tmp_path / "plots"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert rep.returncode == 0, rep.stderr
+    obj = json.loads(rep.stdout)
+    assert [(a["label"], a["outcome_text"]) for a in obj["arms"]] == [
+        ("6.1-patched-slub-nbd-serve", "completed 1/1"),
+        ("6.1-patched-slub-nbdkit", "completed 1/1"),
+    ]
+    sys_row = next(r for r in obj["rows"] if r["key"] == "sys_s")
+    assert sys_row["values"]["6.1-patched-slub-nbd-serve"]["n"] == 1
+    assert sys_row["values"]["6.1-patched-slub-nbd-serve"]["ratio"] == 1.0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "6.1-patched-slub-nbd-serve.png",
+        "6.1-patched-slub-nbdkit.png",
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.vm
+def test_sigterm_stops_the_run_and_the_matrix_and_resume_redoes_it(tmp_path: Path) -> None:
+    """SIGTERM mid-run: QEMU and the server stop, run.json is marked interrupted, the
+    matrix stops with 130 and the index says so; the run is not finished for --resume."""
+    path = tmp_path / "e2e.toml"
+    path.write_text(E2E)
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "vm.cli", "matrix", str(path), "--out", str(store)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    qemu_pid = None
+    for line in proc.stderr:
+        seen.append(line)
+        if "QEMU started (pid " in line:
+            qemu_pid = int(line.split("QEMU started (pid ")[1].split(",")[0])
+        if "guest phase: stress" in line:
+            break
+    assert qemu_pid is not None, "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted: continue with --resume --out {store}" in out
+    rid = "r01-6.1-patched-slub-nbd-serve-rep1"
+    run = json.loads((store / rid / "run.json").read_text())
+    assert (run["outcome"], run["interrupted"]) == ("error", True)
+    assert not _alive(qemu_pid)
+    assert not _alive(run["server"]["pid"])
+    index = json.loads((store / "index.json").read_text())
+    assert [(e["id"], e["status"]) for e in index["runs"]] == [
+        (rid, "interrupted"),
+        ("r02-6.1-patched-slub-nbdkit-rep1", "pending"),
+    ]
+    assert not (store / "r02-6.1-patched-slub-nbdkit-rep1").exists()
+    dry = subprocess.run(
+        [*cmd, "--dry-run"], cwd=REPO, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert "estimated time: " in dry.stdout
+    assert "for 2 run(s)" in dry.stdout  # the interrupted run is still to do

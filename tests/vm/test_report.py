@@ -1,0 +1,244 @@
+"""vm.report: loading run.json trees, per-arm aggregation, Markdown/CSV/JSON, plots.
+
+The fixtures in ``data/report`` come from a real ``swapnbd run`` (128M guest, 4 workers,
+256M, 1 loop, Debian 6.1, nbd-serve) trimmed by ``data/report/make_fixtures.py``;
+``lockup/`` is the same run cut at 40% of its samples and labelled as the vanilla arm.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vm import cli, report
+
+DATA = Path(__file__).resolve().parent / "data" / "report"
+PATCHED = "6.1-patched-slub-nbd-serve"
+VANILLA = "6.1-vanilla-slub-nbd-serve"
+
+
+def fixture(name: str) -> report.RunData:
+    (run,) = report.load_runs([DATA / name])
+    return run
+
+
+def synthetic(
+    base: report.RunData, *, outcome: str = "completed", sys_s: float = 10.0, **over: Any
+) -> report.RunData:
+    run = copy.deepcopy(base.run)
+    run["outcome"] = outcome
+    run["swapstress"] = {"sys_s": sys_s, "user_sys_s": sys_s + 1.0, "elapsed_s": sys_s * 10}
+    run["config"].update(over)
+    return report.RunData(base.path, run, base.samples)
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def test_load_finds_runs_recursively_and_skips_hidden_dirs(tmp_path: Path) -> None:
+    shutil.copytree(DATA / "completed", tmp_path / "store" / "r01")
+    shutil.copytree(DATA / "lockup", tmp_path / "store" / "r02")
+    shutil.copytree(DATA / "lockup", tmp_path / "store" / ".attic" / "r02-old")
+    runs = report.load_runs([tmp_path / "store", tmp_path / "store" / "r01"])
+    assert [r.name for r in runs] == ["r01", "r02"]  # r01 given twice, counted once
+    assert len(runs[0].samples) == 156
+    assert len(runs[1].samples) == 62
+
+
+def test_load_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(report.ReportError, match="does not exist"):
+        report.load_runs([tmp_path / "nope"])
+    with pytest.raises(report.ReportError, match=r"no run\.json under"):
+        report.load_runs([tmp_path])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "run.json").write_text("{cut")
+    with pytest.raises(report.ReportError, match="is not readable JSON"):
+        report.load_runs([tmp_path / "bad"])
+
+
+# --- metrics from the real run --------------------------------------------------------
+
+
+def test_metrics_of_the_real_completed_run() -> None:
+    m = report.run_metrics(fixture("completed"))
+    assert (m["sys_s"], m["user_sys_s"], m["elapsed_s"]) == (46.666407, 48.72359, 150.898838)
+    assert (m["pswpin"], m["pswpout"], m["pgscan_direct_throttle"]) == (134351, 190985, 4)
+    assert m["allocstall"] == 27 + 2219  # allocstall_normal + allocstall_movable
+    assert (m["pgscan_direct"], m["pgsteal_direct"]) == (340631, 101612)
+    assert m["direct_efficiency"] == pytest.approx(100 * 101612 / 340631)
+    assert m["kswapd_efficiency"] == pytest.approx(100 * 97890 / 372866)
+    assert m["pfmemalloc_drop"] == 0
+    assert m["server_cpu_s"] is None  # this run.json predates the cost section
+
+
+def test_a_lockup_run_has_counters_but_no_times() -> None:
+    m = report.run_metrics(fixture("lockup"))
+    assert (m["sys_s"], m["user_sys_s"], m["elapsed_s"]) == (None, None, None)
+    assert (m["pswpin"], m["pswpout"]) == (33327, 98791)
+
+
+def test_pfmemalloc_drop_is_last_minus_first_sample() -> None:
+    samples = [
+        {"netstat": {"PFMemallocDrop": 3}},
+        {"netstat": None},
+        {"netstat": {"PFMemallocDrop": 10}},
+    ]
+    assert report.pfmemalloc_drop(samples) == 7
+    assert report.pfmemalloc_drop([{"netstat": None}, {"netstat": {"PFMemallocDrop": 1}}]) is None
+    assert report.pfmemalloc_drop([]) is None
+
+
+def test_cost_rows_come_from_run_json_cost() -> None:
+    data = fixture("completed")
+    data.run["cost"] = {
+        "server": {"user_s": 3.5, "system_s": 6.5, "peak_rss_bytes": 64 * 1024 * 1024},
+        "qemu": {"user_s": 100.0, "system_s": 20.0},
+        "host_steal_s": None,
+    }
+    m = report.run_metrics(data)
+    assert (m["server_cpu_s"], m["server_peak_rss_mib"], m["qemu_cpu_s"]) == (10.0, 64.0, 120.0)
+    rep = report.build_report([data])
+    assert [r["key"] for r in rep["rows"]][-3:] == [
+        "server_cpu_s",
+        "server_peak_rss_mib",
+        "qemu_cpu_s",
+    ]
+
+
+# --- aggregation ----------------------------------------------------------------------
+
+
+def test_arms_mean_sd_ratio_and_outcome_counts() -> None:
+    base = fixture("completed")
+    runs = [
+        synthetic(base, sys_s=10.0, arm="vanilla", allocator="slab"),
+        synthetic(base, sys_s=12.0, arm="vanilla", allocator="slab"),
+        synthetic(base, sys_s=8.0),
+        synthetic(base, sys_s=9.0),
+        synthetic(base, outcome="lockup", sys_s=99.0),
+    ]
+    rep = report.build_report(runs, baseline="6.1-vanilla-slab-nbd-serve")
+    arms = {a["label"]: a for a in rep["arms"]}
+    assert list(arms) == ["6.1-vanilla-slab-nbd-serve", PATCHED]
+    assert arms[PATCHED]["outcome_text"] == "completed 2/3, lockup 1/3"
+    assert arms["6.1-vanilla-slab-nbd-serve"]["outcome_text"] == "completed 2/2"
+    sys_row = next(r for r in rep["rows"] if r["key"] == "sys_s")
+    slab = sys_row["values"]["6.1-vanilla-slab-nbd-serve"]
+    patched = sys_row["values"][PATCHED]
+    assert (slab["mean"], slab["sd"], slab["n"], slab["ratio"]) == pytest.approx(
+        (11.0, 1.4142135623730951, 2, 1.0)
+    )
+    # the lockup's 99 s is not averaged in: only completed runs have times
+    assert (patched["mean"], patched["n"], patched["ratio"]) == pytest.approx((8.5, 2, 8.5 / 11))
+    assert report.cell_text(patched, "time", 3, True) == "8.50 ± 0.71 (0.77x) (n=2)"
+    assert "(1 such run(s) here)" in rep["footnotes"][0]
+
+
+def test_real_runs_grouped_by_arm_in_markdown() -> None:
+    rep = report.build_report(report.load_runs([DATA]))
+    text = report.render(rep, "md")
+    lines = text.splitlines()
+    assert f"|  | {PATCHED} | {VANILLA} |" in lines
+    assert "| outcome | completed 1/1 | lockup 1/1 |" in lines
+    assert "| Sys Time (s) | 46.67 (1.00x) | — |" in lines
+    assert "| Total Elapsed Time (s) | 150.90 (1.00x) | — |" in lines
+    assert "| pgscan_direct_throttle | 4 | 4 |" in lines
+    assert "| swap outs (pswpout) (pages) | 190985 | 98791 |" in lines
+    assert "| direct reclaim efficiency (steal/scan) (%) | 29.83 | 31.23 |" in lines
+    assert "| PFMemallocDrop | 0 | 0 |" in lines
+    assert any("lockup, crash and OOM runs have no times" in line for line in lines)
+
+
+def test_csv_and_json_carry_the_same_numbers() -> None:
+    rep = report.build_report(report.load_runs([DATA]), baseline=VANILLA)
+    rows = list(csv.DictReader(io.StringIO(report.render(rep, "csv"))))
+    by = {(r["arm"], r["metric"]): r for r in rows}
+    assert by[(PATCHED, "outcome")]["text"] == "completed 1/1"
+    assert by[(VANILLA, "outcome_lockup")]["mean"] == "1"
+    assert float(by[(PATCHED, "pswpout")]["mean"]) == 190985
+    assert float(by[(PATCHED, "pswpout")]["ratio_to_baseline"]) == pytest.approx(190985 / 98791)
+    assert by[(VANILLA, "sys_s")]["n"] == "0"
+    obj = json.loads(report.render(rep, "json"))
+    assert obj["baseline"] == VANILLA
+    assert [a["outcomes"] for a in obj["arms"]] == [{"completed": 1}, {"lockup": 1}]
+
+
+def test_interrupted_runs_are_left_out_and_named() -> None:
+    base = fixture("completed")
+    stopped = synthetic(base, outcome="error")
+    stopped.run["interrupted"] = True
+    stopped.path = Path("/store/r02-x")
+    rep = report.build_report([base, stopped])
+    assert rep["runs"] == 1
+    assert rep["footnotes"][-1] == "1 interrupted run(s) left out: r02-x."
+
+
+def test_unknown_baseline_names_the_arms() -> None:
+    with pytest.raises(
+        report.ReportError, match=f"--baseline 'x' is not an arm here; arms: {PATCHED}, {VANILLA}"
+    ):
+        report.build_report(report.load_runs([DATA]), baseline="x")
+
+
+def test_a_differing_axis_splits_arms() -> None:
+    base = fixture("completed")
+    rep = report.build_report([synthetic(base, workers=4), synthetic(base, workers=16)])
+    assert [a["label"] for a in rep["arms"]] == [f"{PATCHED}-w4", f"{PATCHED}-w16"]
+
+
+# --- plots ----------------------------------------------------------------------------
+
+
+def test_series_rates_and_cumulative_throttle() -> None:
+    samples = [
+        {
+            "t_mono": 10.0,
+            "vmstat": {"pswpin": 0, "pswpout": 0, "pgscan_direct_throttle": 5},
+            "meminfo": {"MemFree": 8 * 1024 * 1024},
+        },
+        {
+            "t_mono": 12.0,
+            "vmstat": {"pswpin": 100, "pswpout": 400, "pgscan_direct_throttle": 7},
+            "meminfo": {"MemFree": 4 * 1024 * 1024},
+        },
+    ]
+    s = report.series(samples)
+    assert s == {
+        "t": [0.0, 2.0],
+        "memfree_mib": [8.0, 4.0],
+        "swapin_rate": [0.0, 50.0],
+        "swapout_rate": [0.0, 200.0],
+        "throttle": [0.0, 2.0],
+    }
+
+
+def test_the_lockup_series_ends_where_the_samples_end() -> None:
+    full = report.series(fixture("completed").samples)
+    cut = report.series(fixture("lockup").samples)
+    assert len(cut["t"]) == 62 < len(full["t"]) == 156
+    assert cut["t"] == full["t"][:62]
+
+
+def test_plots_one_png_per_arm(tmp_path: Path) -> None:
+    written = report.write_plots(report.load_runs([DATA]), tmp_path / "plots")
+    assert [p.name for p in written] == [f"{PATCHED}.png", f"{VANILLA}.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size > 20_000
+
+
+def test_cli_report_writes_the_output_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r.csv"
+    assert cli.main(["report", str(DATA), "--format", "csv", "--output", str(out)]) == 0
+    assert out.read_text().startswith("arm,metric,unit,mean,sd,n,runs,ratio_to_baseline,text\n")
+    assert cli.main(["report", str(tmp_path / "none")]) == 2
+    assert "swapnbd report: error: " in capsys.readouterr().err

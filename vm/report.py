@@ -1,0 +1,552 @@
+"""``swapnbd report``: the seed's comparison table from run.json files.
+
+Theory of operation
+-------------------
+:func:`load_runs` is the only part that reads files: it finds every ``run.json`` under the
+given directories (a matrix store, a single run directory, or a tree of either; hidden
+directories such as a store's ``.attic`` are skipped) together with the run's
+``vmstat.jsonl`` samples.  Everything after it is pure: :func:`build_report` groups runs
+into *arms* by the label of :func:`vm.matrix.label` (kernel, arm, allocator, server, plus
+any other setting that differs between the runs loaded), computes per-run metrics
+(:func:`run_metrics`) and aggregates them as mean and sample standard deviation per arm,
+with the ratio of each mean to the baseline arm's.  :func:`render` turns the report into
+Markdown, CSV or JSON; :func:`write_plots` draws one PNG per arm (matplotlib, the ``plot``
+extra).
+
+Only completed runs have times: swapstress reports Sys, User+Sys and Elapsed when it ends,
+and a lockup, crash or OOM never gets there.  The vmstat rows average every run (a lockup
+run's counters run up to the guest's last sample, which is what it did before it stopped).
+Interrupted runs (SIGINT/SIGTERM) are not measurements and are left out, and named.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vm import matrix
+
+MIB = 1024 * 1024
+
+
+class ReportError(ValueError):
+    """Input the report cannot use; the message says what and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    name: str
+    unit: str
+    kind: str
+    """``time`` (completed runs only, ratio shown), ``count``, ``percent`` or ``cost``."""
+
+
+#: The rows of the table, in order.
+ROWS: tuple[Row, ...] = (
+    Row("sys_s", "Sys Time", "s", "time"),
+    Row("user_sys_s", "User+Sys Time", "s", "time"),
+    Row("elapsed_s", "Total Elapsed Time", "s", "time"),
+    Row("pswpin", "swap ins (pswpin)", "pages", "count"),
+    Row("pswpout", "swap outs (pswpout)", "pages", "count"),
+    Row("pgscan_direct_throttle", "pgscan_direct_throttle", "", "count"),
+    Row("allocstall", "allocstall (sum of allocstall_*)", "", "count"),
+    Row("pgscan_direct", "pgscan_direct", "pages", "count"),
+    Row("pgsteal_direct", "pgsteal_direct", "pages", "count"),
+    Row("direct_efficiency", "direct reclaim efficiency (steal/scan)", "%", "percent"),
+    Row("pgscan_kswapd", "pgscan_kswapd", "pages", "count"),
+    Row("pgsteal_kswapd", "pgsteal_kswapd", "pages", "count"),
+    Row("kswapd_efficiency", "kswapd reclaim efficiency (steal/scan)", "%", "percent"),
+    Row("pfmemalloc_drop", "PFMemallocDrop", "", "count"),
+    Row("server_cpu_s", "server CPU (user+sys)", "s", "cost"),
+    Row("server_peak_rss_mib", "server peak RSS", "MiB", "cost"),
+    Row("qemu_cpu_s", "QEMU CPU (user+sys)", "s", "cost"),
+)
+ROW_BY_KEY = {r.key: r for r in ROWS}
+
+VMSTAT_KEYS = (
+    "pswpin",
+    "pswpout",
+    "pgscan_direct_throttle",
+    "pgscan_direct",
+    "pgsteal_direct",
+    "pgscan_kswapd",
+    "pgsteal_kswapd",
+)
+
+
+@dataclass(slots=True)
+class RunData:
+    """One run as loaded from disk."""
+
+    path: Path
+    """The run directory."""
+    run: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> dict[str, Any]:
+        cfg = self.run.get("config")
+        return cfg if isinstance(cfg, dict) else {}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _read_samples(path: Path) -> list[dict[str, Any]]:
+    samples: list[dict[str, Any]] = []
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return samples
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the guest stopping mid-write
+        if isinstance(obj, dict) and obj.get("type", "sample") == "sample" and "vmstat" in obj:
+            samples.append(obj)
+    return samples
+
+
+def _find(root: Path) -> list[Path]:
+    if (root / "run.json").is_file():
+        return [root / "run.json"]
+    found = []
+    for path in sorted(root.rglob("run.json")):
+        rel = path.relative_to(root).parts
+        if any(part.startswith(".") for part in rel):
+            continue
+        found.append(path)
+    return found
+
+
+def load_runs(dirs: Sequence[Path]) -> list[RunData]:
+    """Every run under ``dirs`` (stores, run directories, or trees of them), in path order.
+
+    Raises:
+        ReportError: a path that does not exist, or no run.json anywhere.
+    """
+    seen: set[Path] = set()
+    runs: list[RunData] = []
+    for root in dirs:
+        if not root.exists():
+            raise ReportError(f"{root} does not exist; give a matrix store or a run directory")
+        if root.is_file():
+            if root.name != "run.json":
+                raise ReportError(f"{root} is a file; give a directory or a run.json")
+            paths = [root]
+        else:
+            paths = _find(root)
+        for path in paths:
+            real = path.resolve()
+            if real in seen:
+                continue
+            seen.add(real)
+            try:
+                obj = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ReportError(
+                    f"{path} is not readable JSON ({exc}); remove it or rerun"
+                ) from exc
+            if not isinstance(obj, dict):
+                raise ReportError(f"{path} is not a run.json object")
+            vmstat_name = (obj.get("files") or {}).get("vmstat", "vmstat.jsonl")
+            runs.append(RunData(path.parent, obj, _read_samples(path.parent / vmstat_name)))
+    if not runs:
+        raise ReportError(
+            "no run.json under " + ", ".join(str(d) for d in dirs) + "; run swapnbd run or "
+            "swapnbd matrix first"
+        )
+    return runs
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def pfmemalloc_drop(samples: Sequence[Mapping[str, Any]]) -> float | None:
+    """TcpExt PFMemallocDrop, last sample minus first (None when the guest lacks it)."""
+    if not samples:
+        return None
+    first = samples[0].get("netstat") or {}
+    last = samples[-1].get("netstat") or {}
+    a, b = _num(first.get("PFMemallocDrop")), _num(last.get("PFMemallocDrop"))
+    return None if a is None or b is None else b - a
+
+
+def _efficiency(steal: float | None, scan: float | None) -> float | None:
+    if steal is None or scan is None or scan <= 0:
+        return None
+    return 100.0 * steal / scan
+
+
+def run_metrics(data: RunData) -> dict[str, float | None]:
+    """One run's value for every row (None: not measured or not meaningful)."""
+    run = data.run
+    out: dict[str, float | None] = {r.key: None for r in ROWS}
+    sw = run.get("swapstress") or {}
+    if run.get("outcome") == "completed":
+        for key in ("sys_s", "user_sys_s", "elapsed_s"):
+            out[key] = _num(sw.get(key))
+    delta = run.get("vmstat_delta") or {}
+    for key in VMSTAT_KEYS:
+        out[key] = _num(delta.get(key))
+    stalls = [_num(v) for k, v in delta.items() if k.startswith("allocstall")]
+    known = [v for v in stalls if v is not None]
+    out["allocstall"] = sum(known) if known else None
+    out["direct_efficiency"] = _efficiency(out["pgsteal_direct"], out["pgscan_direct"])
+    out["kswapd_efficiency"] = _efficiency(out["pgsteal_kswapd"], out["pgscan_kswapd"])
+    out["pfmemalloc_drop"] = pfmemalloc_drop(data.samples)
+    cost = run.get("cost") or {}
+    server = cost.get("server") or {}
+    qemu = cost.get("qemu") or {}
+    su, ss = _num(server.get("user_s")), _num(server.get("system_s"))
+    out["server_cpu_s"] = su + ss if su is not None and ss is not None else None
+    rss = _num(server.get("peak_rss_bytes"))
+    out["server_peak_rss_mib"] = rss / MIB if rss is not None else None
+    qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
+    out["qemu_cpu_s"] = qu + qs if qu is not None and qs is not None else None
+    return out
+
+
+def is_interrupted(run: Mapping[str, Any]) -> bool:
+    return bool(run.get("interrupted")) or run.get("outcome") is None
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+def _stat(values: Sequence[float]) -> dict[str, float | int | None]:
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "sd": None, "n": 0}
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if n >= 2 else None
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+def outcome_text(counts: Mapping[str, int], n: int) -> str:
+    """``completed 2/3, lockup 1/3``: most frequent first."""
+    order = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{k} {v}/{n}" for k, v in order)
+
+
+def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[str, Any]:
+    """Group ``runs`` by arm and aggregate every row.
+
+    Raises:
+        ReportError: no usable (non-interrupted) run, or a ``baseline`` that is no arm.
+    """
+    usable = [r for r in runs if not is_interrupted(r.run)]
+    excluded = [
+        {"run": str(r.path), "reason": "interrupted (SIGINT/SIGTERM): not a measurement"}
+        for r in runs
+        if is_interrupted(r.run)
+    ]
+    if not usable:
+        raise ReportError(
+            "every run found was interrupted; finish them with swapnbd matrix --resume"
+        )
+    varying = matrix.varying_keys([r.config for r in usable])
+    arms: dict[str, list[RunData]] = {}
+    for r in usable:
+        arms.setdefault(matrix.label(r.config, varying), []).append(r)
+    labels = list(arms)
+    if baseline is None:
+        baseline = labels[0]
+    elif baseline not in arms:
+        raise ReportError(f"--baseline {baseline!r} is not an arm here; arms: {', '.join(labels)}")
+    metrics = {label: [run_metrics(r) for r in rs] for label, rs in arms.items()}
+    arm_list = []
+    for label, rs in arms.items():
+        counts: dict[str, int] = {}
+        for r in rs:
+            key = str(r.run.get("outcome"))
+            counts[key] = counts.get(key, 0) + 1
+        releases = sorted({str((r.run.get("kernel") or {}).get("release") or "?") for r in rs})
+        arm_list.append(
+            {
+                "label": label,
+                "runs": [str(r.path) for r in rs],
+                "n": len(rs),
+                "outcomes": counts,
+                "outcome_text": outcome_text(counts, len(rs)),
+                "kernel_release": releases,
+                "parts": {
+                    k: v
+                    for k, v in matrix.label_parts(rs[0].config).items()
+                    if k in (*matrix.LABEL_KEYS, *varying)
+                },
+            }
+        )
+    rows = []
+    for row in ROWS:
+        values: dict[str, dict[str, float | int | None]] = {}
+        for label in labels:
+            vals = [m[row.key] for m in metrics[label]]
+            values[label] = _stat([v for v in vals if v is not None])
+        base = values[baseline]["mean"]
+        for label in labels:
+            mean = values[label]["mean"]
+            values[label]["ratio"] = (
+                mean / base if mean is not None and isinstance(base, float) and base != 0 else None
+            )
+        if all(v["n"] == 0 for v in values.values()) and row.kind == "cost":
+            continue  # runs from before run.json had a cost section
+        rows.append(
+            {"key": row.key, "name": row.name, "unit": row.unit, "kind": row.kind, "values": values}
+        )
+    not_completed = sum(1 for r in usable if r.run.get("outcome") != "completed")
+    footnotes = [
+        "Times (Sys, User+Sys, Total Elapsed: swapstress's own figures) average completed "
+        "runs only; lockup, crash and OOM runs have no times"
+        + (f" ({not_completed} such run(s) here)." if not_completed else "."),
+        "mean ± sample sd over the runs that have the value; (n=k) when fewer runs than "
+        "the arm has; (r x) is the ratio of the mean to the baseline arm's.",
+        "vmstat rows are deltas between the first and the last sample of each run; a run "
+        "that stopped (lockup) counts up to its last sample.",
+    ]
+    if excluded:
+        footnotes.append(
+            f"{len(excluded)} interrupted run(s) left out: "
+            + ", ".join(Path(e["run"]).name for e in excluded)
+            + "."
+        )
+    return {
+        "schema": 1,
+        "baseline": baseline,
+        "runs": len(usable),
+        "arms": arm_list,
+        "rows": rows,
+        "excluded": excluded,
+        "footnotes": footnotes,
+    }
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _fmt_num(value: float | None, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind in ("time", "cost", "percent"):
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return f"{value:.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.1f}"
+
+
+def cell_text(value: Mapping[str, Any], kind: str, arm_n: int, show_ratio: bool) -> str:
+    """``12.30 ± 0.40 (1.05x) (n=2)`` or ``—`` when no run has the value."""
+    n = value.get("n") or 0
+    if n == 0:
+        return "—"
+    text = _fmt_num(value.get("mean"), kind)
+    sd = value.get("sd")
+    if sd is not None:
+        text += f" ± {_fmt_num(sd, kind)}"
+    ratio = value.get("ratio")
+    if show_ratio and ratio is not None:
+        text += f" ({ratio:.2f}x)"
+    if n < arm_n:
+        text += f" (n={n})"
+    return text
+
+
+def render_markdown(rep: Mapping[str, Any]) -> str:
+    arms = rep["arms"]
+    head = ["", *(a["label"] for a in arms)]
+    lines = [
+        "# swapnbd report",
+        "",
+        f"{rep['runs']} run(s) in {len(arms)} arm(s); baseline: `{rep['baseline']}`.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * len(arms)) + "|",
+        "| runs | " + " | ".join(str(a["n"]) for a in arms) + " |",
+        "| outcome | " + " | ".join(a["outcome_text"] for a in arms) + " |",
+        "| kernel | " + " | ".join(", ".join(a["kernel_release"]) for a in arms) + " |",
+    ]
+    for row in rep["rows"]:
+        unit = f" ({row['unit']})" if row["unit"] else ""
+        cells = [
+            cell_text(row["values"][a["label"]], row["kind"], a["n"], row["kind"] == "time")
+            for a in arms
+        ]
+        lines.append(f"| {row['name']}{unit} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(f"- {note}" for note in rep["footnotes"])
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_csv(rep: Mapping[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["arm", "metric", "unit", "mean", "sd", "n", "runs", "ratio_to_baseline", "text"])
+    for arm in rep["arms"]:
+        w.writerow([arm["label"], "outcome", "", "", "", "", arm["n"], "", arm["outcome_text"]])
+        for outcome, count in sorted(arm["outcomes"].items()):
+            w.writerow(
+                [arm["label"], f"outcome_{outcome}", "runs", count, "", "", arm["n"], "", ""]
+            )
+    for row in rep["rows"]:
+        for arm in rep["arms"]:
+            v = row["values"][arm["label"]]
+            w.writerow(
+                [
+                    arm["label"],
+                    row["key"],
+                    row["unit"],
+                    "" if v["mean"] is None else repr(v["mean"]),
+                    "" if v["sd"] is None else repr(v["sd"]),
+                    v["n"],
+                    arm["n"],
+                    "" if v.get("ratio") is None else repr(v["ratio"]),
+                    "",
+                ]
+            )
+    return buf.getvalue()
+
+
+def render(rep: Mapping[str, Any], fmt: str) -> str:
+    """``md``, ``csv`` or ``json``.
+
+    Raises:
+        ReportError: another format.
+    """
+    if fmt == "md":
+        return render_markdown(rep)
+    if fmt == "csv":
+        return render_csv(rep)
+    if fmt == "json":
+        return json.dumps(rep, indent=2, allow_nan=False) + "\n"
+    raise ReportError(f"unknown format {fmt!r}; use md, csv or json")
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def series(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Time series for the plots, from the samples in order.
+
+    ``t`` seconds since the first sample; ``memfree_mib``; ``swapin_rate`` and
+    ``swapout_rate`` in pages/s between consecutive samples (the first point is 0);
+    ``throttle`` the cumulative pgscan_direct_throttle since the first sample.
+    """
+    out: dict[str, list[float]] = {
+        k: [] for k in ("t", "memfree_mib", "swapin_rate", "swapout_rate", "throttle")
+    }
+    if not samples:
+        return out
+    t0 = float(samples[0]["t_mono"])
+    v0 = samples[0].get("vmstat") or {}
+    prev: Mapping[str, Any] | None = None
+    for s in samples:
+        t = float(s["t_mono"]) - t0
+        vm = s.get("vmstat") or {}
+        mem = s.get("meminfo") or {}
+        out["t"].append(t)
+        free = _num(mem.get("MemFree"))
+        out["memfree_mib"].append(free / MIB if free is not None else math.nan)
+        for key, name in (("pswpin", "swapin_rate"), ("pswpout", "swapout_rate")):
+            rate = 0.0
+            if prev is not None:
+                dt = float(s["t_mono"]) - float(prev["t_mono"])
+                a, b = _num((prev.get("vmstat") or {}).get(key)), _num(vm.get(key))
+                if dt > 0 and a is not None and b is not None:
+                    rate = (b - a) / dt
+            out[name].append(rate)
+        a0, b0 = _num(v0.get("pgscan_direct_throttle")), _num(vm.get("pgscan_direct_throttle"))
+        out["throttle"].append(b0 - a0 if a0 is not None and b0 is not None else math.nan)
+        prev = s
+    return out
+
+
+def _safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
+
+
+def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
+    """One PNG per arm (``ARM.png``): free memory, swap-in and swap-out rates and the
+    cumulative pgscan_direct_throttle over time, one line per run.  A run that did not
+    complete ends where its samples end, marked with an x.
+
+    Raises:
+        ReportError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib  # noqa: PLC0415 - optional extra
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError as exc:
+        raise ReportError(
+            "--plots needs matplotlib: pip install 'swapnbd[plot]' (./dev setup installs it)"
+        ) from exc
+    usable = [r for r in runs if not is_interrupted(r.run)]
+    varying = matrix.varying_keys([r.config for r in usable])
+    arms: dict[str, list[RunData]] = {}
+    for r in usable:
+        arms.setdefault(matrix.label(r.config, varying), []).append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    panels = (
+        ("memfree_mib", "MemFree (MiB)"),
+        ("swapin_rate", "swap-in (pages/s)"),
+        ("swapout_rate", "swap-out (pages/s)"),
+        ("throttle", "pgscan_direct_throttle (cumulative)"),
+    )
+    written = []
+    for label, rs in arms.items():
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+        for r in rs:
+            ser = series(r.samples)
+            if not ser["t"]:
+                continue
+            outcome = str(r.run.get("outcome"))
+            for ax, (key, _title) in zip(axes.flat, panels, strict=True):
+                (line,) = ax.plot(ser["t"], ser[key], linewidth=1, label=f"{r.name} ({outcome})")
+                if outcome != "completed":
+                    ax.plot(ser["t"][-1], ser[key][-1], "x", color=line.get_color(), markersize=9)
+        for ax, (_key, title) in zip(axes.flat, panels, strict=True):
+            ax.set_title(title, fontsize=10)
+            ax.grid(True, alpha=0.3)
+        for ax in axes[1]:
+            ax.set_xlabel("seconds since the first sample")
+        handles, names = axes.flat[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
+        counts = _counts(rs)
+        stopped = (
+            " (x: where a run that did not complete stopped)" if set(counts) - {"completed"} else ""
+        )
+        fig.suptitle(f"{label}: {outcome_text(counts, len(rs))}{stopped}")
+        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+        path = out_dir / f"{_safe_name(label)}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _counts(rs: Sequence[RunData]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rs:
+        key = str(r.run.get("outcome"))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
