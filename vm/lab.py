@@ -30,6 +30,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ __all__ = [
     "merge_stores",
     "overall_line",
     "parse_status",
+    "parse_status_output",
     "run_matrix_on_inventory",
 ]
 
@@ -236,12 +238,12 @@ def _playbook_argv(
     ]
 
 
-def _env(json_output: bool) -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"))
     env["ANSIBLE_FORCE_COLOR"] = "0"
     env["ANSIBLE_NOCOLOR"] = "1"
-    if json_output:
-        env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.json"
+    env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.default"
+    env["ANSIBLE_CALLBACK_RESULT_FORMAT"] = "json"
     return env
 
 
@@ -251,7 +253,7 @@ def _stream(argv: list[str], emit: Emit, prefix: str) -> int:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(False),
+        env=_env(),
         cwd=str(ANSIBLE_DIR),
     )
     assert proc.stdout is not None
@@ -261,29 +263,39 @@ def _stream(argv: list[str], emit: Emit, prefix: str) -> int:
     return proc.wait()
 
 
+#: The debug task's message as the default callback prints it (a JSON string literal).
+_STATUS_RE = re.compile(r'"msg": ("SWAPNBD-MATRIX-STATUS (?:[^"\\]|\\.)*")')
+
+
+def parse_status_output(text: str) -> list[HostStatus]:
+    """Every host's status from the ``status`` step's output (default callback)."""
+    found: list[HostStatus] = []
+    for match in _STATUS_RE.finditer(text):
+        status = parse_status(json.loads(match.group(1)))
+        if status is not None:
+            found.append(status)
+    return sorted(found, key=lambda h: h.k)
+
+
 def status_once(
     inventory: Path, matrix_file: Path, store: Path, extra: Sequence[str] = ()
 ) -> list[HostStatus]:
-    """Run the ``status`` step once and return every reachable host's status."""
+    """Run the ``status`` step once and return every reachable host's status.
+
+    Raises:
+        LabError: no host reported (the inventory has no reachable runner).
+    """
     argv = _playbook_argv(inventory, matrix_file, store, "status", extra)
     done = subprocess.run(
-        argv, capture_output=True, text=True, env=_env(True), cwd=str(ANSIBLE_DIR), check=False
+        argv, capture_output=True, text=True, env=_env(), cwd=str(ANSIBLE_DIR), check=False
     )
-    try:
-        report = json.loads(done.stdout)
-    except ValueError as exc:
+    found = parse_status_output(done.stdout)
+    if not found:
         raise LabError(
-            f"matrix.yml status step printed no JSON (exit {done.returncode}): "
-            f"{(done.stderr or done.stdout).strip()[-500:]}"
-        ) from exc
-    found: list[HostStatus] = []
-    for play in report.get("plays", []):
-        for task in play.get("tasks", []):
-            for result in (task.get("hosts") or {}).values():
-                status = parse_status(str(result.get("msg", "")))
-                if status is not None:
-                    found.append(status)
-    return sorted(found, key=lambda h: h.k)
+            f"matrix.yml status step reported no host (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()[-800:]}"
+        )
+    return found
 
 
 def run_matrix_on_inventory(

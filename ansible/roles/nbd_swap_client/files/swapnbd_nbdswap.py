@@ -31,6 +31,8 @@ SETTING_PATHS = {
     "zswap": "/sys/module/zswap/parameters/enabled",
 }
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: What was looked at but needs no change (reported, never counted as a change).
+NOTES: list[str] = []
 
 
 class SwapError(Exception):
@@ -85,7 +87,7 @@ def pin(cfg: dict[str, Any], steps: list[str]) -> None:
     for path, value in wanted_settings(cfg).items():
         now = current(path)
         if now is None:
-            steps.append(f"skipped {path} (not on this kernel)")
+            NOTES.append(f"skipped {path} (not on this kernel)")
             continue
         if path not in state:
             state[path] = now
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except SwapError as exc:
         print(json.dumps({"failed": True, "changed": bool(steps), "steps": steps, "msg": str(exc)}))
         return 1
-    print(json.dumps({"changed": bool(steps), "steps": steps}))
+    print(json.dumps({"changed": bool(steps), "steps": steps, "notes": NOTES}))
     return 0
 
 
