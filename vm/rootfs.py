@@ -55,6 +55,9 @@ PACKAGES: tuple[str, ...] = (
     "procps",
     "e2fsprogs",
     "util-linux",
+    # sshd: the lab-client test (tests/ansible) boots this image as an Ansible-managed host.
+    # Nothing starts it in the experiment (PID 1 is guest_init.py there).
+    "openssh-server",
 )
 HOSTNAME = "swapnbd-guest"
 # The swap experiment puts its swapfile on ext4 on /dev/nbd0, not here; the
