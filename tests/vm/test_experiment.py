@@ -499,9 +499,9 @@ def test_a_corrupted_swap_in_is_corruption_naming_the_worker_and_page(
     cfg = e2e_config(
         out,
         guest_cache,
-        total_bytes=160 * MIB,
+        total_bytes=128 * MIB,
         server_fault="corrupt-read-after=10,match=SWAPNBD1",
-        timeout_s=1500.0,  # the run goes on after the fault; slow on a loaded machine
+        timeout_s=2400.0,  # the run goes on after the fault: slow on a loaded machine
     )
     run = experiment.run_experiment(cfg, print)
     log = Path(run["server"]["log"]).read_text()
