@@ -374,11 +374,12 @@ def test_guest_swaps_through_nbd_serve_and_completes(
 ) -> None:
     require_nbd_serve()
     out = tmp_path / "run"
-    # Through the CLI, as the README's main command runs it.
+    # Through the CLI, as the README's main command runs it. --timeout is a safety net
+    # (hangs are caught by --lockup-after): a loaded machine needs more than 10 minutes.
     rc = cli.main([
         "run", "--memory", "128M", "--cpus", "2", "--workers", "8", "--total", "128M",
         "--loops", "1", "--server", "nbd-serve", "--accel", "tcg", "--lockup-after", "120",
-        "--timeout", "600", "--cache", str(guest_cache), "--out", str(out),
+        "--timeout", "1800", "--cache", str(guest_cache), "--out", str(out),
     ])  # fmt: skip
     summary = capsys.readouterr().out
     on_disk = json.loads((out / "run.json").read_text())
