@@ -118,6 +118,7 @@ class RunningServer:
     """Our direct child, when the server did not daemonize."""
     exit_status: int | None = None
     killed: bool = False
+    frozen: bool = False
     stopped: bool = False
     guard: subprocess.Popen[bytes] | None = None
     """The vm.lifeline watcher of a daemonized server (nbd-server), reaped by stop/kill."""
@@ -195,6 +196,12 @@ class RunningServer:
             self.guard.kill()
             self.guard.wait()
 
+    def freeze(self) -> None:
+        """SIGSTOP the server and everything it forked: its sockets stay open and nothing
+        is answered (a server that hangs, not one that dies; :meth:`stop` resumes it)."""
+        self.frozen = True
+        self._signal(self._tree(), signal.SIGSTOP)
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (nbd-serve writes its final stats line), then SIGKILL after ``timeout``.
 
@@ -206,6 +213,8 @@ class RunningServer:
         procs = self._tree()
         if procs:
             self._signal(procs, signal.SIGTERM)
+            if self.frozen:  # a stopped process acts on SIGTERM only once continued
+                self._signal(procs, signal.SIGCONT)
             if not self._wait(procs, timeout):
                 log.warning("%s: pid %d ignored SIGTERM; killing it", self.label, self.pid)
                 self._signal(procs, signal.SIGKILL)
@@ -230,6 +239,7 @@ class RunningServer:
             "argv": self.argv,
             "exit_status": self.exit_status,
             "killed": self.killed,
+            "frozen": self.frozen,
             "log": str(self.log_path) if self.log_path is not None else None,
         }
 
