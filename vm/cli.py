@@ -472,6 +472,15 @@ def _add_matrix(sub: Any) -> None:
     p.add_argument(
         "--only", default=None, metavar="ID,...", help="only these run ids or cell labels"
     )
+    p.add_argument(
+        "--inventory",
+        type=Path,
+        default=None,
+        metavar="INV",
+        help="spread the matrix over the runner hosts of this Ansible inventory "
+        "(ansible/matrix.yml; each host runs its share with --resume --shard), fetch every "
+        "share back into --out and write the merged report; rerun to resume",
+    )
     p.set_defaults(func=cmd_matrix)
 
 
@@ -505,6 +514,20 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     store: Path = args.out or Path("results") / f"matrix-{args.file.stem}-{stamp}"
+    if args.inventory is not None and not args.dry_run:
+        if args.shard or args.only:
+            print(
+                "swapnbd matrix: error: --inventory shards by host itself; drop --shard and --only",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        from vm import lab  # noqa: PLC0415 - only the lab front door needs Ansible
+
+        try:
+            return lab.run_matrix_on_inventory(args.file, args.inventory, store, emit)
+        except lab.LabError as exc:
+            print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         mx = matrix.load_matrix(args.file)
         shard = matrix.parse_shard(args.shard) if args.shard else None
