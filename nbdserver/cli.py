@@ -23,6 +23,7 @@ from typing import Any
 
 import uvloop
 
+from nbdserver.activation import ActivationError, activation_fds, listening_sockets
 from nbdserver.backends import open_backend
 from nbdserver.backends.base import Backend
 from nbdserver.backends.fault import FaultBackend, parse_fault
@@ -168,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:
+        activated = listening_sockets(activation_fds(os.environ, os.getpid()))
+    except ActivationError as exc:
+        print(f"nbd-serve: error: {exc}", file=sys.stderr)
+        return 2
     tune_allocator()
     backends: list[Backend] = []
     try:
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             set_connection_ids(0, count)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config, exports, workers, parent=parent))
+            return runner.run(serve(config, exports, workers, parent=parent, activated=activated))
     finally:
         for backend in backends:
             backend.close()
@@ -230,8 +236,12 @@ async def serve(
     workers: Sequence[tuple[int, socket.socket]] = (),
     *,
     parent: int | None = None,
+    activated: Sequence[socket.socket] = (),
 ) -> int:
     """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
+
+    ``activated`` are listening sockets handed over by socket activation
+    (nbdserver.activation); with them nbd-serve binds nothing itself.
 
     With ``workers`` (forked by :func:`~nbdserver.workers.fork_workers`) this process
     accepts and shares the connections out; otherwise it serves them all itself.
@@ -244,14 +254,24 @@ async def serve(
     try:
         if acceptor is not None:
             acceptor.start()
-        if config.tcp:
+        for sock in activated:
+            if acceptor is not None:
+                acceptor.adopt_listener(sock)
+            else:
+                await server.adopt_listener(sock)
+            name = sock.getsockname()
+            if sock.family == socket.AF_UNIX:
+                listen.append({"kind": "unix", "path": str(name), "activated": True})
+            else:
+                listen.append({"kind": "tcp", "host": name[0], "port": name[1], "activated": True})
+        if config.tcp and not activated:
             if acceptor is not None:
                 bound = acceptor.listen_tcp(config.bind, config.port)
             else:
                 bound = await server.listen_tcp(config.bind, config.port)
             for host, port in bound:
                 listen.append({"kind": "tcp", "host": host, "port": port})
-        if config.unix is not None:
+        if config.unix is not None and not activated:
             _remove_stale_socket(config.unix)
             if acceptor is not None:
                 acceptor.listen_unix(config.unix)

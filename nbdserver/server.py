@@ -132,6 +132,15 @@ class NBDServer:
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(self._factory, sock)
 
+    async def adopt_listener(self, sock: socket.socket) -> None:
+        """Serve on a listening socket bound by someone else (socket activation)."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(self._factory, sock=sock)
+        else:
+            srv = await loop.create_server(self._factory, sock=sock)
+        self._servers.append(srv)
+
     async def listen_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
         srv = await loop.create_unix_server(self._factory, path)

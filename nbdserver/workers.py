@@ -277,6 +277,10 @@ class Acceptor:
             raise
         self._add_listener(sock)
 
+    def adopt_listener(self, sock: socket.socket) -> None:
+        """Accept on a listening socket bound by someone else (socket activation)."""
+        self._add_listener(sock)
+
     def _add_listener(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._listeners.append(sock)
