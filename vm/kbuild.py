@@ -97,18 +97,24 @@ def config_key(allocator: str) -> str:
     return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:12]
 
 
+def parse_config(text: str) -> dict[str, str]:
+    """Kconfig lines -> {CONFIG_X: value}, with ``# CONFIG_X is not set`` read as ``n``."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        off = re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip())
+        on = re.fullmatch(r"(CONFIG_\w+)=(.*)", line.strip())
+        if off:
+            values[off.group(1)] = "n"
+        elif on:
+            values[on.group(1)] = on.group(2)
+    return values
+
+
 def expected_config(allocator: str) -> dict[str, str]:
     """{CONFIG_X: "y" | "n" | value} that the fragments ask for."""
     wanted: dict[str, str] = {}
     for path in fragments(allocator):
-        for line in path.read_text().splitlines():
-            off = re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip())
-            if off:
-                wanted[off.group(1)] = "n"
-                continue
-            on = re.fullmatch(r"(CONFIG_\w+)=(.*)", line.strip())
-            if on:
-                wanted[on.group(1)] = on.group(2)
+        wanted.update(parse_config(path.read_text()))
     return wanted
 
 
@@ -117,15 +123,7 @@ def missing_config(config_text: str, wanted: dict[str, str]) -> list[str]:
 
     A symbol asked to be ``n`` may be absent altogether (its menu is off).
     """
-    have: dict[str, str] = {}
-    for line in config_text.splitlines():
-        off = re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip())
-        if off:
-            have[off.group(1)] = "n"
-            continue
-        on = re.fullmatch(r"(CONFIG_\w+)=(.*)", line.strip())
-        if on:
-            have[on.group(1)] = on.group(2)
+    have = parse_config(config_text)
     return [
         f"{key}={value}"
         for key, value in wanted.items()
