@@ -228,7 +228,9 @@ def _flag(value: object) -> bool | None:
     return None
 
 
-def arm_in_effect(arm: str, proof: Mapping[str, object] | None) -> tuple[bool, str]:
+def arm_in_effect(
+    arm: str, proof: Mapping[str, object] | None, *, reverted: bool = False
+) -> tuple[bool, str]:
     """Did the guest really run ``arm``? ``proof`` is the guest's ``arm`` info record.
 
     The proof holds what the guest read back: ``nbd.memalloc``
@@ -238,10 +240,19 @@ def arm_in_effect(arm: str, proof: Mapping[str, object] | None) -> tuple[bool, s
     stock kernels), under ``switches``. Returns (ok, one line saying why).
 
     A kernel that knows neither switch is the patched arm as shipped, so a
-    patched run on it is fine and a vanilla run is not.
+    patched run on it is fine and a vanilla run is not. A compile-time revert
+    (``reverted``) has no switches either: its proof is the line its nbd prints.
     """
     if proof is None:
         return False, "the guest sent no arm proof (it failed before reading its switches)"
+    if reverted:
+        lines = proof.get("dmesg")
+        said = isinstance(lines, list) and any("compile-time revert" in str(x) for x in lines)
+        if arm != "vanilla":
+            return False, f"{arm} asked of a kernel with the series reverted at compile time"
+        if not said:
+            return False, "vanilla by revert asked, but the kernel log has no revert line"
+        return True, "vanilla in effect: the series is reverted at compile time"
     nested = proof.get("switches")
     switches: Mapping[str, object] = nested if isinstance(nested, Mapping) else proof
     memalloc = _flag(switches.get("nbd.memalloc"))

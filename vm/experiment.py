@@ -861,7 +861,8 @@ def _check_arm(run: dict[str, Any], arm: str) -> None:
     kept as ``outcome_unchecked``).
     """
     proof = run["kernel"].get("in_guest")
-    ok, why = arms.arm_in_effect(arm, proof)
+    reverted = run["kernel"].get("fixed_arm") == "vanilla"
+    ok, why = arms.arm_in_effect(arm, proof, reverted=reverted)
     run["kernel"]["arm_check"] = {"ok": ok, "reason": why}
     if not ok and proof is not None and run.get("outcome") != watchdog.Outcome.ERROR.value:
         run["outcome_unchecked"] = run["outcome"]

@@ -698,6 +698,7 @@ def _build(
             config_hash=built.meta["config_hash"],
             patch_hash=built.meta["patch_hash"],
             patches=built.meta["patches"],
+            fixed_arm=built.meta["fixed_arm"],
         )
         kernel_key = built.bzimage.parent.name
     else:

@@ -371,3 +371,18 @@ def test_mirror_flag_reaches_the_image_builder_and_is_checked() -> None:
     )
     assert done.returncode == 3, done.stderr
     assert "mirror 'mirror.invalid' is not a URL; give one like http://HOST/debian" in done.stderr
+
+
+def test_a_compile_time_revert_proves_itself_by_its_log_line() -> None:
+    line = "[    1.9] nbd: swapnbd compile-time revert of the 2012 memalloc marking"
+    proof = {"switches": {"nbd.memalloc": None}, "dmesg": [line]}
+    assert arms.arm_in_effect("vanilla", proof, reverted=True) == (
+        True,
+        "vanilla in effect: the series is reverted at compile time",
+    )
+    ok, why = arms.arm_in_effect("vanilla", {"switches": {}, "dmesg": []}, reverted=True)
+    assert not ok and "no revert line" in why
+    ok, why = arms.arm_in_effect("patched", proof, reverted=True)
+    assert not ok and "reverted at compile time" in why
+    # Without the revert flag the same guest is not vanilla: it has no switches.
+    assert arms.arm_in_effect("vanilla", proof)[0] is False
