@@ -406,7 +406,9 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     kernel = on_disk["kernel"]
     assert (kernel["arm"], kernel["allocator"]) == ("patched", None)
     proof = kernel["in_guest"]
-    assert set(proof) == {"switches", "cmdline", "dmesg"}
+    assert set(proof) == {"switches", "cmdline", "dmesg", "allocator"}
+    assert proof["allocator"] == "slub"  # the stock kernel's, read from /sys/kernel/slab
+    assert kernel["arm_check"] == {"ok": True, "reason": "patched in effect: nbd memalloc Y"}
     assert set(proof["switches"]) == {
         "nbd.memalloc",
         "pfmemalloc_throttle",
