@@ -15,15 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vm.report import VMSTAT_KEYS
+
 HERE = Path(__file__).resolve().parent
+# What the report reads (vm.report.VMSTAT_KEYS), plus the allocstall_* it sums.
 VMSTAT_KEEP = (
-    "pswpin",
-    "pswpout",
-    "pgscan_direct_throttle",
-    "pgscan_direct",
-    "pgsteal_direct",
-    "pgscan_kswapd",
-    "pgsteal_kswapd",
+    *VMSTAT_KEYS,
     "allocstall_dma",
     "allocstall_dma32",
     "allocstall_normal",
