@@ -232,6 +232,21 @@ def _configure(src: Path, out: Path, allocator: str, log: Path, step: Step) -> N
         )
 
 
+def _source_tree(variant: arms.Variant, version: str, cache_root: Path) -> Path:
+    """CACHE/kbuild/linux-source-SERIES_VERSION: one per source version, shared by variants."""
+    return cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+
+
+def _patched_source(
+    variant: arms.Variant, version: str, tree: Path, log: Path, *, downloads: Path, step: Step
+) -> Path:
+    """The unpacked source in ``tree`` carrying ``variant``'s patches (hold the tree's lock)."""
+    tarball = source_tarball(variant.series, version, downloads, step)
+    src = _unpack_source(tarball, tree, step)
+    _switch_patches(src, tree, variant.series, variant.patches, log)
+    return src
+
+
 def _lines_memo(tree: Path) -> dict[str, int]:
     try:
         data = json.loads((tree.parent / "build-lines.json").read_text())
@@ -255,15 +270,13 @@ def build_variant(
     if (final / "bzImage").is_file():
         os.utime(final)
         return load_built(final)
-    tree = cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+    tree = _source_tree(variant, version, cache_root)
     with _locked(tree / "lock", step):
         if (final / "bzImage").is_file():
             return load_built(final)
         started = time.monotonic()
         log = tree / f"build-{key}.log"
-        tarball = source_tarball(variant.series, version, downloads, step)
-        src = _unpack_source(tarball, tree, step)
-        _switch_patches(src, tree, variant.series, variant.patches, log)
+        src = _patched_source(variant, version, tree, log, downloads=downloads, step=step)
         ckey = config_key(variant.allocator)
         out = tree / f"out-{ckey}"
         fresh = not (out / "arch" / "x86" / "boot" / "bzImage").exists()
@@ -329,7 +342,7 @@ def build_variant(
 
 def has_object_tree(variant: arms.Variant, version: str, cache_root: Path) -> bool:
     """Whether a build of ``variant``'s configuration exists (so the next one is incremental)."""
-    tree = cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+    tree = _source_tree(variant, version, cache_root)
     return (tree / f"out-{config_key(variant.allocator)}" / "vmlinux").exists()
 
 
@@ -348,12 +361,10 @@ def compile_objects(
     spare: same source tree, patches and configuration as :func:`build_variant`,
     so a later full build reuses what this compiled.
     """
-    tree = cache_root / "kbuild" / f"linux-source-{variant.series}_{version}"
+    tree = _source_tree(variant, version, cache_root)
     with _locked(tree / "lock", step):
         log = tree / "objects.log"
-        tarball = source_tarball(variant.series, version, downloads, step)
-        src = _unpack_source(tarball, tree, step)
-        _switch_patches(src, tree, variant.series, variant.patches, log)
+        src = _patched_source(variant, version, tree, log, downloads=downloads, step=step)
         out = tree / f"out-{config_key(variant.allocator)}"
         jobs = str(max(1, os.cpu_count() or 1))
         try:
