@@ -11,13 +11,15 @@ every reply; the adapter only moves bytes.
 
 The pieces, each small and named: :class:`~nbdserver.dispatch.Dispatcher` runs commands
 against the backend, inline or in the thread pool as the backend's capabilities allow;
-:class:`~nbdserver.policy.FlowControl` bounds in-flight bytes and requests
+:class:`~nbdserver.flow.TransportFlow` bounds in-flight bytes and requests
 (``--max-inflight``) by pausing reads; :class:`~nbdserver.policy.PollWindow` sizes the
-busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds the poll
-loop and sendfile. Replies of one decoded batch leave in one vectored write; pool replies
-go out whenever they complete, matched to the request by its cookie: the "completion
-order" of doc/proto.md, "Replies need not be sent in the same order as requests". The
-measured reasons behind each fast path are in docs/performance.md.
+busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds the receive
+buffer and two of the connection's steps, :func:`~nbdserver.fastpath.busy_poll` and
+:func:`~nbdserver.fastpath.sendfile_read`. Replies of one decoded batch leave in one
+vectored write; pool replies go out whenever they complete, matched to the request by
+its cookie: the "completion order" of doc/proto.md, "Replies need not be sent in the same
+order as requests". The measured reasons behind each fast path are in
+docs/performance.md.
 """
 
 from __future__ import annotations
