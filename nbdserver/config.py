@@ -65,8 +65,10 @@ _SERVER_KEYS: Final = (
     "exports",
     "exit_with_parent",
     "fault",
+    "cow_dir",
+    "swap_safe",
 )
-_EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only")
+_EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only", "cow", "swap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,12 @@ class ExportConfig:
     """The size in bytes of a ``memory`` export."""
     read_only: bool = False
     """Refuse every write-type request with EPERM and advertise NBD_FLAG_READ_ONLY."""
+    cow: bool = False
+    """Copy-on-write (``--cow``, file exports only): the file is opened read-only and
+    never written; writes go to a private overlay that disappears with the server
+    (nbdserver.backends.cow)."""
+    swap: bool = False
+    """The export is a swap device: swap-safe mode defaults to on (ServerConfig.swap_safe)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,11 @@ class ServerConfig:
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""
+    cow_dir: str | None = None
+    """Directory for the ``--cow`` overlay files (default: next to the base image)."""
+    swap_safe: bool | None = None
+    """mlockall, PR_SET_IO_FLUSHER and a fixed in-flight bound (nbdserver.swapsafe);
+    None = on exactly when an export has ``swap = true``."""
     fault: str | None = None
     """TEST ONLY: ``corrupt-read-after=N[,match=TEXT]`` wraps every export in
     :class:`nbdserver.backends.fault.FaultBackend`, which corrupts one READ on purpose."""
@@ -146,6 +159,7 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
     path = table.get("path")
     size = table.get("size")
     read_only = table.get("read_only", False)
+    flags = {key: table.get(key, False) for key in ("cow", "swap")}
     if not isinstance(name, str):
         raise _type_error(where, "name", name, "a string")
     if not isinstance(description, str):
@@ -158,6 +172,9 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
         raise _type_error(where, "path", path, "a string")
     if not isinstance(read_only, bool):
         raise _type_error(where, "read_only", read_only, "true or false")
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise _type_error(where, key, value, "true or false")
     size_bytes: int | None = None
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, (int, str)):
@@ -167,7 +184,9 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     kind: BackendKind = "file" if backend == "file" else "memory"
-    export = ExportConfig(name, description, kind, path, size_bytes, read_only)
+    export = ExportConfig(
+        name, description, kind, path, size_bytes, read_only, flags["cow"], flags["swap"]
+    )
     check_export(export, where)
     return export
 
@@ -182,6 +201,8 @@ def check_export(export: ExportConfig, where: str) -> None:
             raise ConfigError(f'{label}: a memory export needs a size, e.g. size = "1G"')
         if export.path is not None:
             raise ConfigError(f"{label}: a memory export takes a size, not path = {export.path!r}")
+        if export.cow:
+            raise ConfigError(f"{label}: --cow (cow = true) needs a file export, not memory")
     else:
         if export.path is None:
             raise ConfigError(f'{label}: a file export needs path = "/some/file"')
@@ -210,7 +231,7 @@ def load_file(path: str) -> dict[str, Any]:
             f" allowed: {', '.join(_SERVER_KEYS)}"
         )
     out: dict[str, Any] = {}
-    for key in ("bind", "unix", "stats", "ready_file", "log_level"):
+    for key in ("bind", "unix", "stats", "ready_file", "log_level", "cow_dir"):
         if key in data:
             if not isinstance(data[key], str):
                 raise _type_error(path, key, data[key], "a string")
@@ -223,6 +244,10 @@ def load_file(path: str) -> dict[str, Any]:
         out["workers"] = data["workers"]
     if "poll_us" in data:
         out["poll_us"] = data["poll_us"]
+    if "swap_safe" in data:
+        if not isinstance(data["swap_safe"], bool):
+            raise _type_error(path, "swap_safe", data["swap_safe"], "true or false")
+        out["swap_safe"] = data["swap_safe"]
     if "max_inflight" in data:
         raw = data["max_inflight"]
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
@@ -258,6 +283,8 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "poll_us",
         "exit_with_parent",
         "fault",
+        "cow_dir",
+        "swap_safe",
     ):
         if key in cli:
             values[key] = cli[key]
@@ -276,11 +303,12 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
             path=cli.get("file"),
             size=size,
             read_only=cli.get("read_only", False),
+            cow=cli.get("cow", False),
         )
         check_export(export, "command line")
         exports.append(export)
     else:
-        given = [f for f in ("name", "description", "read_only") if f in cli]
+        given = [f for f in ("name", "description", "read_only", "cow") if f in cli]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ConfigError(
