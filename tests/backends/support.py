@@ -179,7 +179,6 @@ class ExportFactory:
         finally:
             path.unlink()
 
-
     @contextlib.contextmanager
     def _cow(self, size: int, read_only: bool, prefill: bytes) -> Iterator[Export]:
         """A --cow export over a prefilled base in /dev/shm; its overlay is in /dev/shm too.
