@@ -31,6 +31,7 @@ from nbdserver.backends.cow import open_cow
 from nbdserver.backends.fault import FaultBackend, parse_fault
 from nbdserver.config import ExportConfig, ServerConfig, build_config, log_level_number
 from nbdserver.errors import ConfigError
+from nbdserver.reload import Reloader
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
 from nbdserver.stats import StatsWriter, stats_line
 from nbdserver.swapsafe import SwapSafeReport, enter_swap_safe_mode
@@ -199,26 +200,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
     tune_allocator()
-    backends: list[Backend] = []
+
+    def open_export(ec: ExportConfig) -> Export:
+        backend = open_export_backend(ec, config.cow_dir)
+        if config.fault is not None:
+            backend = FaultBackend(backend, parse_fault(config.fault))
+        return make_export(ec.name, ec.description, backend, ec.read_only)
+
+    exports: list[Export] = []
     try:
-        exports: list[Export] = []
         for ec in config.exports:
-            backend = open_export_backend(ec, config.cow_dir)
-            if config.fault is not None:
-                backend = FaultBackend(backend, parse_fault(config.fault))
-            backends.append(backend)
-            exports.append(make_export(ec.name, ec.description, backend, ec.read_only))
+            exports.append(open_export(ec))
     except ConfigError as exc:
-        for backend in backends:
-            backend.close()
+        for export in exports:
+            export.backend.close()
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
+    reloader = Reloader(vars(args), config, exports, open_export)
     count = config.workers if config.workers is not None else default_workers()
     swap_safe = swap_safe_wanted(config)
     workers: list[tuple[int, socket.socket]] = []
 
     def child(index: int, ctrl: socket.socket) -> int:
-        return _worker(index, count, ctrl, config, exports, swap_safe=swap_safe)
+        # The exports in force now: a worker forked after a reload serves the new set.
+        current = list(reloader.exports.values())
+        return _worker(index, count, ctrl, config, current, swap_safe=swap_safe)
 
     try:
         if count > 1:
@@ -235,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                     activated=activated,
                     respawn=lambda index: respawn_worker(index, child),
                     swap_safe=report,
+                    reloader=reloader,
                 )
             )
     finally:
-        for backend in backends:
+        for backend in reloader.backends():
             backend.close()
 
 
@@ -309,6 +316,7 @@ async def serve(
     activated: Sequence[socket.socket] = (),
     respawn: Callable[[int], tuple[int, socket.socket]] | None = None,
     swap_safe: SwapSafeReport | None = None,
+    reloader: Reloader | None = None,
 ) -> int:
     """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
 
@@ -320,6 +328,7 @@ async def serve(
     With ``config.exit_with_parent``, the death of ``parent`` (the pid that started us)
     is a shutdown request too. ``respawn(index)`` replaces a worker that died;
     ``swap_safe`` is this process's swap-safe outcome, reported in every stats line.
+    SIGHUP has ``reloader`` re-read the config file and change the exports.
 
     Returns the exit status: 0, or EXIT_WORKER_DIED when a worker process died.
     """
@@ -374,13 +383,29 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+    def on_hangup() -> None:
+        if reloader is None:
+            logger.warning("SIGHUP ignored: this server cannot reload")
+            return
+        plan = reloader.reload()
+        if plan is None or not plan.changes_anything:
+            return
+        live = reloader.exports
+        # Removed exports stay resolvable for handshakes already under way.
+        server.exports = {**{e.info.name: e for e in reloader.retired}, **live}
+        server.export_infos = {name: e.info for name, e in live.items()}
+        if acceptor is not None:
+            acceptor.roll()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     parent_fd = _watch_parent(loop, parent, stop) if config.exit_with_parent else None
     writer = StatsWriter(Path(config.stats)) if config.stats is not None else None
-    stats_by_name = {e.info.name: e.stats for e in exports}
 
     def emit() -> None:
         if writer is None:
             return
+        stats_by_name = {name: server.exports[name].stats for name in server.export_infos}
         extra: dict[str, Any] = {}
         if swap_safe is not None:
             extra["swap_safe"] = {
@@ -420,7 +445,7 @@ async def serve(
         await acceptor.shutdown()
     else:
         await server.shutdown()
-        flush_backends(exports)
+        flush_backends(list(server.exports.values()))
     if tick is not None:
         tick.cancel()
         with contextlib.suppress(asyncio.CancelledError):

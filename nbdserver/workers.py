@@ -19,7 +19,8 @@ worker to wake takes a whole burst of connections.
 
 Control messages, one datagram each:
 
-- parent -> worker: ``C`` with one descriptor attached (a new connection);
+- parent -> worker: ``C`` with one descriptor attached (a new connection); ``Q`` (retire:
+  no more connections will come; exit once the last one has closed, after a reload);
 - worker -> parent: ``X`` (one of its connections closed) and ``S`` + JSON (its per-export
   stats snapshot, every stats interval and once more when it exits).
 
@@ -87,6 +88,9 @@ _CONN: Final = b"C"
 _CLOSED: Final = b"X"
 _STATS: Final = b"S"
 _REPORT: Final = b"R"
+_RETIRE: Final = b"Q"
+#: Seconds between two looks at a retiring worker's connections.
+RETIRE_POLL: Final = 0.2
 _MAX_MESSAGE: Final = 1 << 20
 
 
@@ -134,6 +138,8 @@ class Worker:
     exit_code: int | None = None
     #: What the worker reported about itself at start (its swap-safe outcome).
     report: dict[str, Any] = field(default_factory=dict)
+    #: Replaced after a reload: gets no new connections, exits when its last one closes.
+    retiring: bool = False
 
 
 def fork_workers(
@@ -248,6 +254,12 @@ async def run_worker(
             sock.close()
             notify_closed()
 
+    async def retire() -> None:
+        while server.connections:
+            await asyncio.sleep(RETIRE_POLL)
+        logger.info("worker %d (pid %d) retired after a reload", index, os.getpid())
+        stop.set()
+
     def on_ctrl() -> None:
         while True:
             try:
@@ -261,6 +273,10 @@ async def run_worker(
                 loop.remove_reader(ctrl.fileno())
                 stop.set()
                 return
+            if msg == _RETIRE:
+                task = loop.create_task(retire())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             for fd in fds:
                 sock = socket.socket(fileno=fd)
                 task = loop.create_task(adopt(sock))
@@ -324,6 +340,8 @@ class Acceptor:
         self.respawned = 0
         #: Counters of dead workers (their last snapshots), kept in the totals.
         self._retired: list[dict[str, Any]] = []
+        #: Workers replaced by a reload that still serve their last connections.
+        self._retiring: list[Worker] = []
         self.own_load = 0
         self.total = 0
         self._listeners: list[socket.socket] = []
@@ -391,7 +409,34 @@ class Acceptor:
 
     @property
     def open_connections(self) -> int:
-        return self.own_load + sum(w.load for w in self.workers if w.alive)
+        return self.own_load + sum(w.load for w in [*self.workers, *self._retiring] if w.alive)
+
+    def roll(self) -> None:
+        """After a reload: replace every worker by a fresh fork that has the new exports;
+        the old ones keep their connections and exit when the last one closes."""
+        if self.respawn is None:
+            return
+        for i, old in enumerate(self.workers):
+            if not old.alive:
+                continue
+            try:
+                pid, ctrl = self.respawn(old.index)
+            except OSError as exc:
+                logger.error("reload: cannot fork a new worker %d: %s", old.index, exc)
+                continue
+            old.retiring = True
+            with contextlib.suppress(OSError):
+                old.ctrl.send(_RETIRE)
+            self._retiring.append(old)
+            self.workers[i] = Worker(old.index, pid, ctrl)
+            self._watch(self.workers[i])
+            logger.info(
+                "reload: worker %d is now pid %d; pid %d retires with %d connection(s)",
+                old.index,
+                pid,
+                old.pid,
+                old.load,
+            )
 
     def stats(self, own: Mapping[str, ExportStats]) -> dict[str, ExportStats]:
         return merge_stats(own, [*self._retired, *(w.snapshot for w in self.workers if w.snapshot)])
@@ -500,6 +545,14 @@ class Acceptor:
         worker.exit_code = os.waitstatus_to_exitcode(status)
         worker.alive = False
         worker.gone.set()
+        if worker.retiring and worker.exit_code == 0:
+            self._retiring.remove(worker)
+            if worker.snapshot:
+                self._retired.append(worker.snapshot)
+            logger.info("retired worker %d (pid %d) exited", worker.index, worker.pid)
+            return
+        if worker.retiring:
+            self._retiring.remove(worker)
         if self._closing:
             return
         self.deaths += 1
@@ -543,9 +596,12 @@ class Acceptor:
         for worker in self.workers:
             with contextlib.suppress(OSError):
                 worker.ctrl.shutdown(socket.SHUT_WR)
+        for worker in self._retiring:
+            with contextlib.suppress(OSError):
+                worker.ctrl.shutdown(socket.SHUT_WR)
         await self.server.shutdown()
         flush_backends(list(self.server.exports.values()))
-        for worker in self.workers:
+        for worker in [*self.workers, *self._retiring]:
             await worker.gone.wait()
             if worker.exit_code != 0:
                 self.deaths += 1
