@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fault",
         metavar="SPEC",
         help="TEST ONLY, destroys data: corrupt-read-after=N[,match=TEXT] flips a byte in one"
-        " page of one READ after N reads (see nbdserver/backends/fault.py)",
+        " page of one READ after N reads; flush-delay-ms=N makes every FLUSH N ms slow"
+        " (see nbdserver/backends/fault.py)",
     )
     parser.add_argument(
         "--log-level",
