@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         " how soon its next request comes (default 50; 0 = off)",
     )
     parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM, answer new requests with ESHUTDOWN and wait up to SECONDS for"
+        " clients to disconnect before hanging up on them (default 2)",
+    )
+    parser.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="shut down cleanly when the parent process exits (for harnesses; like nbdkit's)",

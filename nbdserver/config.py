@@ -48,6 +48,8 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 DEFAULT_MAX_INFLIGHT_BYTES: Final = 8 * 1024 * 1024
 #: Default upper bound of the adaptive poll window, in µs (nbdserver.server.Connection._poll).
 DEFAULT_POLL_US: Final = 50
+#: Default seconds a shutting-down server waits for clients to disconnect after ESHUTDOWN.
+DEFAULT_SHUTDOWN_GRACE: Final = 2.0
 #: Longest busy-poll window accepted: polling spins a core, so it stays short.
 MAX_POLL_US: Final = 10_000
 
@@ -67,6 +69,7 @@ _SERVER_KEYS: Final = (
     "fault",
     "cow_dir",
     "swap_safe",
+    "shutdown_grace",
 )
 _EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only", "cow", "swap")
 
@@ -131,6 +134,10 @@ class ServerConfig:
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    """Seconds after SIGTERM during which clients get ESHUTDOWN for new requests and may
+    disconnect themselves (NBD_CMD_DISC); then the rest are disconnected once their
+    in-flight requests are answered."""
     cow_dir: str | None = None
     """Directory for the ``--cow`` overlay files (default: next to the base image)."""
     swap_safe: bool | None = None
@@ -240,6 +247,8 @@ def load_file(path: str) -> dict[str, Any]:
         out["port"] = data["port"]
     if "stats_interval" in data:
         out["stats_interval"] = data["stats_interval"]
+    if "shutdown_grace" in data:
+        out["shutdown_grace"] = data["shutdown_grace"]
     if "workers" in data:
         out["workers"] = data["workers"]
     if "poll_us" in data:
@@ -285,6 +294,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "fault",
         "cow_dir",
         "swap_safe",
+        "shutdown_grace",
     ):
         if key in cli:
             values[key] = cli[key]
@@ -337,6 +347,9 @@ def check_server(config: ServerConfig) -> None:
     interval = config.stats_interval
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
         raise ConfigError(f"stats interval {interval!r} must be a number of seconds above 0")
+    grace = config.shutdown_grace
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 3600:
+        raise ConfigError(f"shutdown grace {grace!r} must be a number of seconds from 0 to 3600")
     workers = config.workers
     if workers is not None and (
         isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64

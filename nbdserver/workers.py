@@ -320,6 +320,8 @@ def flush_backends(exports: Sequence[Export]) -> None:
             export.backend.flush()
         except OSError as exc:
             logger.error("flushing export %r at shutdown failed: %s", export.info.name, exc)
+        else:
+            logger.info("export %r flushed at shutdown", export.info.name)
 
 
 class Acceptor:
