@@ -416,32 +416,35 @@ class Acceptor:
     def roll(self) -> None:
         """After a reload: replace every worker by a fresh fork that has the new exports;
         the old ones keep their connections and exit when the last one closes."""
-        if self.respawn is None:
-            return
-        for i, old in enumerate(self.workers):
-            if not old.alive:
-                continue
-            try:
-                pid, ctrl = self.respawn(old.index)
-            except OSError as exc:
-                logger.error("reload: cannot fork a new worker %d: %s", old.index, exc)
+        for old in list(self.workers):
+            if not old.alive or self._replace(old, "reload") is None:
                 continue
             old.retiring = True
             with contextlib.suppress(OSError):
                 old.ctrl.send(_RETIRE)
             self._retiring.append(old)
-            self.workers[i] = Worker(old.index, pid, ctrl)
-            self._watch(self.workers[i])
-            logger.info(
-                "reload: worker %d is now pid %d; pid %d retires with %d connection(s)",
-                old.index,
-                pid,
-                old.pid,
-                old.load,
-            )
+            logger.info("reload: pid %d retires with %d connection(s)", old.pid, old.load)
+
+    def _replace(self, old: Worker, why: str) -> Worker | None:
+        """Fork a worker to take ``old``'s place in the hand-out (None: could not)."""
+        if self.respawn is None:
+            return None
+        try:
+            pid, ctrl = self.respawn(old.index)
+        except OSError as exc:
+            logger.error("%s: cannot fork a new worker %d: %s", why, old.index, exc)
+            return None
+        new = Worker(old.index, pid, ctrl)
+        self.workers[self.workers.index(old)] = new
+        self._watch(new)
+        level = logging.WARNING if why == "respawn" else logging.INFO
+        logger.log(level, "%s: worker %d is now pid %d", why, old.index, pid)
+        return new
 
     def stats(self, own: Mapping[str, ExportStats]) -> dict[str, ExportStats]:
-        return merge_stats(own, [*self._retired, *(w.snapshot for w in self.workers if w.snapshot)])
+        """This process's counters plus every worker's, dead and retiring ones included."""
+        live = [w.snapshot for w in [*self.workers, *self._retiring] if w.snapshot]
+        return merge_stats(own, [*self._retired, *live])
 
     def worker_stats(self) -> dict[str, Any]:
         """The ``"workers"`` entry of a stats line."""
@@ -450,6 +453,7 @@ class Acceptor:
             "pids": [w.pid for w in self.workers if w.alive],
             "died": self.deaths,
             "respawned": self.respawned,
+            "retiring": [w.pid for w in self._retiring],
         }
 
     # --- accepting -----------------------------------------------------------------
@@ -572,18 +576,8 @@ class Acceptor:
         )
         if worker.snapshot:
             self._retired.append(worker.snapshot)
-        if self.respawn is None:
-            return
-        try:
-            pid, ctrl = self.respawn(worker.index)
-        except OSError as exc:
-            logger.error("cannot respawn worker %d: %s", worker.index, exc)
-            return
-        replacement = Worker(worker.index, pid, ctrl)
-        self.workers[self.workers.index(worker)] = replacement
-        self._watch(replacement)
-        self.respawned += 1
-        logger.warning("worker %d respawned as pid %d", worker.index, pid)
+        if self._replace(worker, "respawn") is not None:
+            self.respawned += 1
 
     # --- shutdown ------------------------------------------------------------------
     async def shutdown(self) -> None:

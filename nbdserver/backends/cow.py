@@ -61,13 +61,13 @@ class CowBackend:
             raise ValueError(f"overlay size {overlay.size} != base size {base.size}")
         self.base = base
         self.overlay = overlay
-        self._size = base.size
+        self.size = self._size = base.size
         self._read_only = read_only
         self._blocks = (self._size + BLOCK - 1) // BLOCK
         self._map = mmap.mmap(-1, max(1, (self._blocks + 7) // 8))  # MAP_SHARED, zeroed
         self._lock = threading.Lock()
         caps = overlay.capabilities
-        self._capabilities = replace(
+        self.capabilities: Capabilities = replace(
             caps,
             read_only=read_only,
             fua=not read_only,
@@ -132,14 +132,6 @@ class CowBackend:
         return first, stop
 
     # -- Backend protocol --------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self._capabilities
 
     @property
     def fd(self) -> int:

@@ -57,9 +57,7 @@ def parse_fault(text: str) -> FaultSpec:
     Raises:
         ConfigError: anything else, with the accepted form.
     """
-    form = (
-        "--fault corrupt-read-after=N[,match=TEXT] and/or flush-delay-ms=N (a test-only fault)"
-    )
+    form = "--fault corrupt-read-after=N[,match=TEXT] and/or flush-delay-ms=N (a test-only fault)"
     fields: dict[str, str] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,9 @@ from nbdserver.config import ExportConfig
 from nbdserver.protocol import Cmd
 from nbdserver.reload import plan_reload
 
-from .nbdtest import STARTUP_GUARD_S, RawClient, ServerProcess, require_tool, running_server
+from .nbdtest import STARTUP_GUARD_S, RawClient, ServerProcess, running_server
+from .nbdtest import require_tool as tool
+from .nbdtest import run_tool as run
 
 CONFIG = """\
 port = 0
@@ -30,13 +31,7 @@ FILE_EXPORT = '[[exports]]\nname = "{name}"\npath = "{path}"\n'
 
 
 def listed(server: ServerProcess) -> list[str]:
-    done = subprocess.run(
-        [require_tool("nbdinfo"), "--list", "--json", server.uri()],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    done = run(tool("nbdinfo"), "--list", "--json", server.uri())
     assert done.returncode == 0, done.stderr
     return sorted(e["export-name"] for e in json.loads(done.stdout)["exports"])
 

@@ -18,7 +18,7 @@ import pytest
 
 import nbdserver
 
-from .nbdtest import NBD_SERVE, STARTUP_GUARD_S, require_tool
+from .nbdtest import NBD_SERVE, STARTUP_GUARD_S, require_tool, run_tool
 
 UNITS = Path(nbdserver.__file__).parent / "systemd"
 INSTALLED_BINARY = "/usr/local/bin/nbd-serve"
@@ -63,14 +63,8 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     for name in ("nbd-serve.socket", "nbd-serve.service"):
         text = (UNITS / name).read_text().replace(INSTALLED_BINARY, NBD_SERVE)
         (tmp_path / name).write_text(text)
-    done = subprocess.run(
-        [analyze, "verify", "--man=no", "nbd-serve.socket", "nbd-serve.service"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    units = [str(tmp_path / "nbd-serve.socket"), str(tmp_path / "nbd-serve.service")]
+    done = run_tool(analyze, "verify", "--man=no", *units)
     assert done.returncode == 0, done.stderr
     assert "Unknown" not in done.stderr and "Invalid" not in done.stderr, done.stderr
 
@@ -104,13 +98,7 @@ def test_shipped_exec_start_under_socket_activation(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
             time.sleep(0.05)
         for _ in range(3):
-            done = subprocess.run(
-                [nbdinfo, "--size", f"nbd://127.0.0.1:{port}/swap"],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
-            )
+            done = run_tool(nbdinfo, "--size", f"nbd://127.0.0.1:{port}/swap")
             assert (done.returncode, done.stdout.strip()) == (0, str(32 << 20)), done.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
