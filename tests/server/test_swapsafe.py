@@ -13,10 +13,11 @@ import psutil
 import pytest
 
 from nbdserver.config import build_config
+from nbdserver.protocol import Cmd, Request
 from nbdserver.swapsafe import check_bounds
 
 from . import nbdtest
-from .nbdtest import STARTUP_GUARD_S, ServerProcess, running_server
+from .nbdtest import STARTUP_GUARD_S, RawClient, ServerProcess, running_server
 
 #: Task flags set by PR_SET_IO_FLUSHER (include/linux/sched.h), seen in /proc/PID/stat.
 PF_MEMALLOC_NOIO = 0x00080000
@@ -51,6 +52,7 @@ def last_stats(server: ServerProcess, path: Path, workers: int) -> dict[str, obj
 
 
 CAP_SYS_RESOURCE = 24
+MIB = 1 << 20
 
 
 def have_cap_sys_resource() -> bool:
@@ -150,3 +152,32 @@ def test_without_privileges_it_says_what_failed_and_why(
 def test_the_bound_is_reported() -> None:
     assert check_bounds(8 << 20, 32 << 20).ok
     assert not check_bounds(0, 32 << 20).ok
+
+
+def test_a_deep_queue_of_large_reads_stays_within_the_in_flight_bound(tmp_path: Path) -> None:
+    """128 x 1 MiB READs from a client that does not read its replies yet: the server
+    stops reading requests past --max-inflight, so its locked memory grows by about that
+    bound, not by the 128 MiB a QD128 x 1 MiB client asks for."""
+    args = ["--memory", "256M", "--swap-safe", "--workers", "1", "--max-inflight", "8M"]
+    with running_server(tmp_path, *args) as server:
+        pid = server.proc.pid
+        with RawClient(server.port) as c:
+            c.go(structured=False)
+            c.request(Cmd.WRITE, 0, MIB, cookie=1, payload=b"\xab" * MIB)
+            assert c.simple_reply()[0].error == 0
+            before = status_kib(pid, "VmLck")
+            c.send(b"".join(Request(0, Cmd.READ, i, 0, MIB).pack() for i in range(128)))
+            peak = 0
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                peak = max(peak, status_kib(pid, "VmLck"))
+                time.sleep(0.01)
+            grown_mib = (peak - before) / 1024
+            assert grown_mib < 48, f"locked memory grew by {grown_mib:.0f} MiB under the queue"
+            cookies = set()
+            for _ in range(128):
+                reply, data = c.simple_reply(MIB)
+                assert (reply.error, data[:1]) == (0, b"\xab")
+                cookies.add(reply.cookie)
+            assert cookies == set(range(128))
+        assert "Traceback" not in server.log()
