@@ -302,6 +302,7 @@ def _worker(
                 stats_interval=config.stats_interval if config.stats is not None else None,
                 max_inflight_bytes=config.max_inflight,
                 poll_us=config.poll_us,
+                shutdown_grace=config.shutdown_grace,
                 report=report,
             )
         )
@@ -340,7 +341,12 @@ async def serve(
 
     Returns the exit status: 0, or EXIT_WORKER_DIED when a worker process died.
     """
-    server = NBDServer(exports, max_inflight_bytes=config.max_inflight, poll_us=config.poll_us)
+    server = NBDServer(
+        exports,
+        max_inflight_bytes=config.max_inflight,
+        poll_us=config.poll_us,
+        shutdown_grace=config.shutdown_grace,
+    )
     acceptor = Acceptor(server, workers, respawn) if workers else None
     listen: list[dict[str, Any]] = []
     try:

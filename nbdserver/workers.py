@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from nbdserver import server as server_module
+from nbdserver.config import DEFAULT_SHUTDOWN_GRACE
 from nbdserver.server import Export, NBDServer
 from nbdserver.stats import ExportStats
 
@@ -228,6 +229,7 @@ async def run_worker(
     stats_interval: float | None,
     max_inflight_bytes: int,
     poll_us: int,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     report: Mapping[str, Any] | None = None,
 ) -> int:
     """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF.
@@ -235,7 +237,12 @@ async def run_worker(
     ``report`` (e.g. the swap-safe outcome in this process) is sent to the parent first.
     """
     loop = asyncio.get_running_loop()
-    server = NBDServer(exports, max_inflight_bytes=max_inflight_bytes, poll_us=poll_us)
+    server = NBDServer(
+        exports,
+        max_inflight_bytes=max_inflight_bytes,
+        poll_us=poll_us,
+        shutdown_grace=shutdown_grace,
+    )
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
     ctrl.setblocking(False)
