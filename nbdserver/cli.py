@@ -62,6 +62,10 @@ examples:
       listen on a Unix socket only (add --port to listen on TCP as well)
   nbd-serve --config exports.toml --stats stats.jsonl --stats-interval 0.5
       several exports from a TOML file, statistics as JSON lines every 0.5 s
+  nbd-serve --cow --cow-dir /dev/shm /var/lib/golden.img
+      serve an image copy-on-write: the file keeps its bytes and mtime
+  kill -HUP $(pidof nbd-serve)
+      re-read --config: exports added and removed, clients of the others stay
   nbd-serve --workers 4 --max-inflight 16M /dev/shm/disk.img
       four processes serve the connections (multi-conn clients spread over cores);
       each connection stops reading once 16 MiB of replies wait to be sent
@@ -78,6 +82,11 @@ config file (TOML; command-line flags override only what they set):
   size = "1G"
   description = "RAM disk"
   read_only = false
+  swap = true               # a swap device: turns on --swap-safe
+  [[exports]]
+  name = "golden"
+  path = "/var/lib/disk.img"
+  cow = true                # never write the file; writes go to a private overlay
 
 workers: the first process listens and hands each new connection to the process with
 the fewest connections; all share the export's file or RAM disk, so FLUSH/FUA effects
