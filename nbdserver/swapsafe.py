@@ -12,8 +12,11 @@ effect or not, and why:
 1. ``mlockall(MCL_CURRENT | MCL_FUTURE)``: every page of the process, now and later,
    stays in RAM. Needs CAP_IPC_LOCK or an RLIMIT_MEMLOCK large enough for the process.
    Memory locks are not inherited across fork(), so every worker process asks again.
-   Thread stacks are mapped fully when locked, so swap-safe mode shrinks the stacks of
-   threads started afterwards (:data:`THREAD_STACK`) to keep the locked size honest.
+   Thread stacks are resident in full once locked, so swap-safe mode shrinks the stacks
+   of Python threads started afterwards (:data:`THREAD_STACK`) and asks libuv for one
+   thread-pool thread instead of four (``UV_THREADPOOL_SIZE``, read at its first use; it
+   only resolves names for ``create_server``): each libuv thread has an 8 MiB stack, so
+   four of them were 32 of the 68 MiB an idle single process locked.
 2. ``prctl(PR_SET_IO_FLUSHER, 1)`` (Linux >= 5.6, needs CAP_SYS_RESOURCE): the kernel
    marks the thread PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE, so its allocations never
    start I/O to reclaim memory and it is not throttled for other devices' dirty pages,
@@ -146,6 +149,7 @@ def enter_swap_safe_mode(max_inflight: int, max_block: int) -> SwapSafeReport:
     pool starts (threads inherit the IO_FLUSHER flag and the smaller stack).
     """
     threading.stack_size(THREAD_STACK)
+    os.environ.setdefault("UV_THREADPOOL_SIZE", "1")
     report = SwapSafeReport(
         pid=os.getpid(),
         mlockall=lock_memory(),
