@@ -174,13 +174,17 @@ def stats_line(
     open_connections: int,
     total_connections: int,
     exports: Mapping[str, ExportStats],
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """One JSON line (with the newline) in the architecture.md format."""
+    """One JSON line (with the newline) in the architecture.md format; ``extra`` adds
+    server-wide entries (``"workers"``, ``"swap_safe"``)."""
     record = {
         "t_wall": t_wall,
         "t_mono": t_mono,
         "connections": {"open": open_connections, "total": total_connections},
         "exports": {name: stats.snapshot() for name, stats in exports.items()},
+        **(extra or {}),
     }
     return json.dumps(record, separators=(",", ":")) + "\n"
 
