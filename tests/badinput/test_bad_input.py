@@ -31,6 +31,7 @@ HELLO = CLIENT_FLAGS.pack(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
 def good_client_served(srv: ServerProcess) -> None:
     assert srv.alive(), srv.log()
+    srv.assert_no_crash(strict=True, what="nbd-serve log of this test")
     nbdinfo = require_tool("nbdinfo")
     size = subprocess.run(
         [nbdinfo, "--size", srv.uri()], capture_output=True, text=True, check=True
@@ -143,7 +144,19 @@ VANISHING = {
 }
 
 
-@pytest.mark.parametrize("case", list(VANISHING))
+#: Known crash, found by the crash watch (issue 11): a client that resets before the
+#: server's connection_made makes uvloop's peername None, and server._socket_setup
+#: raises TypeError ("Fatal error on transport"). Remove the mark with the fix.
+PEERNAME_CRASH = pytest.mark.xfail(
+    reason="server._socket_setup crashes on a peer that reset before connection_made",
+    strict=False,  # a race in principle: the RST must arrive before the accept
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=PEERNAME_CRASH) if c == "silent" else c for c in VANISHING],
+)
 def test_client_vanishes(victim: ServerProcess, case: str) -> None:
     c = connect(victim)
     VANISHING[case](c)
