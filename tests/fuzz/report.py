@@ -34,6 +34,9 @@ def record(name: str, stats: Stats, paths: Paths | None, directory: Path) -> dic
 def summary_lines() -> list[str]:
     out = []
     for r in RESULTS:
+        if "summary" in r:
+            out.append(r["summary"])
+            continue
         paths = r.get("paths")
         reach = (
             f", {paths['arcs']} distinct arcs / {paths['lines']} lines in nbdserver/"

@@ -83,7 +83,7 @@ def negotiated(rng: random.Random) -> Negotiated:
     )
 
 
-def request(rng: random.Random, cookie: int) -> bytes:
+def request(rng: random.Random, cookie: int, max_length: int = 70000) -> bytes:
     """One valid request for a writable export of EXPORT_SIZE bytes."""
     cmd = rng.choice(
         [Cmd.READ] * 4
@@ -94,6 +94,7 @@ def request(rng: random.Random, cookie: int) -> bytes:
     if cmd == Cmd.FLUSH:
         return Request(0, cmd, cookie, 0, 0).pack()
     length = rng.choice([1, 512, 4096, 4096, 65536, rng.randrange(1, 70000)])
+    length = min(length, max_length)
     offset = rng.randrange(0, EXPORT_SIZE - length + 1)
     flags = 0
     if rng.random() < 0.2:
@@ -106,11 +107,11 @@ def request(rng: random.Random, cookie: int) -> bytes:
     return Request(flags, cmd, cookie, offset, length).pack() + payload
 
 
-def session(rng: random.Random) -> Session:
+def session(rng: random.Random, max_length: int = 70000) -> Session:
     """A random valid session; it ends with NBD_CMD_DISC most of the time."""
     n = negotiated(rng)
     count = rng.randrange(1, 9)
-    reqs = [request(rng, cookie) for cookie in range(1, count + 1)]
+    reqs = [request(rng, cookie, max_length) for cookie in range(1, count + 1)]
     if rng.random() < 0.8:
         reqs.append(Request(0, Cmd.DISC, 0xD15C, 0, 0).pack())
     return Session(options(rng, n), reqs, n)
