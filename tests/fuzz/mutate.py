@@ -4,6 +4,8 @@ Two kinds:
 - :func:`mutate_frames` breaks anything: flips bits, overwrites fields with edge values,
   corrupts magics, truncates frames, inserts garbage, duplicates, drops and reorders
   frames. The server may close; it must not crash.
+- :func:`reshape_options` does the same for the handshake's options: each must get a
+  final reply (ACK or an error) echoing its option, until one GO succeeds.
 - :func:`reshape_requests` keeps every request well framed (the magic, and a WRITE's
   length equal to its payload): it changes flags, commands, offsets and lengths,
   duplicates, drops and reorders requests, and renumbers the cookies. Each request must
@@ -16,7 +18,16 @@ import random
 import struct
 from collections.abc import Callable
 
-from nbdserver.protocol import REQUEST, Cmd, Request
+from nbdserver.protocol import (
+    IHAVEOPT,
+    OPTION_HEADER,
+    REQUEST,
+    Cmd,
+    Opt,
+    OptionRequest,
+    Request,
+    pack_info_go,
+)
 
 from .sessions import EDGES, EXPORT_SIZE
 
@@ -169,3 +180,42 @@ def reshape_requests(rng: random.Random, requests: Frames) -> tuple[Frames, list
             # (mutate_frames covers that misbehaviour).
             break
     return renumbered, names
+
+
+#: Options a reshaped option may become: every one that keeps the handshake going
+#: (not EXPORT_NAME, which has no error reply, nor ABORT), plus unknown ones.
+_OPTIONS = (3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 0x7FFFFFFF, 0xFFFFFFFF)
+
+
+def _reshape_option(rng: random.Random, frame: bytes) -> bytes:
+    _, option, _length = OPTION_HEADER.unpack_from(frame)
+    data = bytearray(frame[OPTION_HEADER.size :])
+    op = rng.choice(("option", "data", "data", "shorter", "longer"))
+    if op == "option":
+        option = rng.choice(_OPTIONS)
+    elif op == "data" and data:
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.getrandbits(8)
+    elif op == "shorter" and data:
+        del data[rng.randrange(len(data)) :]
+    else:
+        data += rng.randbytes(rng.choice((1, 2, 4, 16)))
+    return OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + bytes(data)
+
+
+def reshape_options(rng: random.Random, options: Frames) -> tuple[Frames, list[str]]:
+    """Well-framed mutations of a session's options (``options[0]`` is the client flags,
+    kept): the framing (magic, length = data) holds, so each option must be answered."""
+    out = [frame for frame in options[1:] if OPTION_HEADER.unpack_from(frame)[1] != Opt.EXPORT_NAME]
+    if not out:
+        out.append(OptionRequest(Opt.GO, pack_info_go(b"", [])).pack())
+    names = []
+    for _ in range(rng.randint(1, 4)):
+        op = rng.choice(("option", "option", "duplicate", "drop", "swap"))
+        names.append(f"option-{op}")
+        if op == "option":
+            i = _pick(rng, out)
+            out[i] = _reshape_option(rng, out[i])
+        else:
+            {"duplicate": duplicate, "drop": drop, "swap": swap}[op](rng, out)
+    return [options[0], *out], names

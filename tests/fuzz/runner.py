@@ -20,11 +20,11 @@ from typing import Protocol
 
 from server.nbdtest import RawClient
 
-from nbdserver.protocol import Cmd
+from nbdserver.protocol import OPTION_HEADER, Cmd
 
-from .mutate import mutate_frames, reshape_requests
+from .mutate import mutate_frames, reshape_options, reshape_requests
 from .sessions import EXPORT_SIZE, KNOWN, Negotiated, session
-from .wire import exchange, expected_replies, read_replies
+from .wire import exchange, expected_replies, read_option_replies, read_replies
 
 
 def known_bytes(size: int = EXPORT_SIZE) -> bytes:
@@ -91,14 +91,41 @@ def _close_reason(target: Target, local_port: int) -> str | None:
     return lines[-1] if lines else None
 
 
+def _options_case(
+    target: Target, rng: random.Random, sock: socket.socket, handshake: list[bytes], stats: Stats
+) -> None:
+    """Well-framed options: each is answered in order until a GO succeeds."""
+    frames, names = reshape_options(rng, handshake)
+    stats.mutators.update(names)
+    stats.well_framed += 1
+    codes = [OPTION_HEADER.unpack_from(f)[1] for f in frames[1:]]
+    local_port = sock.getsockname()[1]
+
+    def all_answered(received: bytes) -> bool:
+        replies = read_option_replies(received, codes)
+        return replies.transmission or replies.answered == len(codes)
+
+    stream = exchange(sock, b"".join(frames), until=all_answered)
+    got = read_option_replies(stream, codes)
+    stats.requests_answered += got.answered
+    if not got.transmission and got.answered < len(codes):
+        stats.closed_early += 1
+        if _close_reason(target, local_port) is None:
+            raise CaseFailed(f"options {codes[got.answered :]} unanswered, no reason logged")
+
+
 def run_case(target: Target, seed: int, index: int, known: bytes, stats: Stats) -> None:
     rng = random.Random(f"{seed}:{index}")
     s = session(rng)
     sock = socket.create_connection(("127.0.0.1", target.port), timeout=10)
     try:
-        if rng.random() < 0.5:
+        kind = rng.random()
+        if kind < 0.45:
             frames, names = mutate_frames(rng, s.frames())
             exchange(sock, b"".join(frames))
+        elif kind < 0.6:
+            _options_case(target, rng, sock, s.handshake, stats)
+            names = ["options"]
         else:
             _negotiate(sock, s.negotiated)
             requests, names = reshape_requests(rng, s.requests)

@@ -16,12 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdserver.protocol import (
+    GREETING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_HEADER,
+    OPTION_REPLY_MAGIC,
     REQUEST,
     SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_HEADER,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
+    Opt,
+    Rep,
     ReplyFlag,
 )
 
@@ -133,3 +140,43 @@ def read_replies(stream: bytes, read_len: dict[int, int]) -> Replies:
         else:
             raise AssertionError(f"not a reply at byte {pos}: {stream[pos : pos + 32].hex()}")
     return Replies(answered, end - pos)
+
+
+@dataclass
+class OptionReplies:
+    #: Options answered with a final reply (ACK or an error), in order.
+    answered: int
+    #: A GO was acknowledged: transmission began after option ``answered``.
+    transmission: bool
+
+
+def read_option_replies(stream: bytes, options: list[int]) -> OptionReplies:
+    """Parse the greeting and the replies to ``options`` (option codes, in order).
+
+    Raises AssertionError on anything that is no option reply, or a reply that does not
+    echo its option ("the server MUST ... reply ... the option type being replied to").
+    """
+    if len(stream) < GREETING.size:
+        return OptionReplies(0, False)
+    magic, opt_magic, _flags = GREETING.unpack_from(stream)
+    assert (magic, opt_magic) == (NBDMAGIC, IHAVEOPT), stream[:18].hex()
+    pos = GREETING.size
+    answered = 0
+    for option in options:
+        while True:
+            if len(stream) - pos < OPTION_REPLY_HEADER.size:
+                return OptionReplies(answered, False)
+            magic, echoed, reply, length = OPTION_REPLY_HEADER.unpack_from(stream, pos)
+            assert magic == OPTION_REPLY_MAGIC, (
+                f"not an option reply: {stream[pos : pos + 20].hex()}"
+            )
+            assert echoed == option, f"reply to option {echoed} while {option} was asked"
+            if len(stream) - pos < OPTION_REPLY_HEADER.size + length:
+                return OptionReplies(answered, False)
+            pos += OPTION_REPLY_HEADER.size + length
+            if reply == Rep.ACK or reply & (1 << 31):
+                break
+        answered += 1
+        if option == Opt.GO and reply == Rep.ACK:
+            return OptionReplies(answered, True)
+    return OptionReplies(answered, False)
