@@ -16,7 +16,7 @@ from pathlib import Path
 from .report import RESULTS
 
 HARNESS = Path(__file__).with_name("core_harness.py")
-RUNS = int(os.environ.get("SWAPNBD_ATHERIS_RUNS", "10000"))
+RUNS = int(os.environ.get("SWAPNBD_ATHERIS_RUNS", "5000"))
 
 
 def test_core_never_raises_on_any_bytes(tmp_path: Path) -> None:
