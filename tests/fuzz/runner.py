@@ -2,8 +2,9 @@
 
 After each case: no traceback or "Fatal error" (the target's crash reports), the server
 (and each worker) is alive, and a fresh good client negotiates and READs known bytes.
-For a well-framed case (:func:`~tests.fuzz.mutate.reshape_requests`) every request sent
-before NBD_CMD_DISC must be answered, or the connection closed with a reason in the log.
+For a well-framed case every option (:func:`~tests.fuzz.mutate.reshape_options`) or
+request sent before NBD_CMD_DISC (:func:`~tests.fuzz.mutate.reshape_requests`) must be
+answered, or the connection closed with a reason in the log.
 
 Case ``i`` of seed ``s`` uses ``random.Random(f"{s}:{i}")``, so a failure names the
 two numbers that replay it (``python -m tests.fuzz --seed s --first i --cases 1``).
@@ -58,6 +59,7 @@ class CaseFailed(AssertionError):
 class Stats:
     cases: int = 0
     well_framed: int = 0
+    #: Options and requests of well-framed cases that got their final reply.
     requests_answered: int = 0
     closed_early: int = 0
     seconds: float = 0.0
@@ -93,10 +95,9 @@ def _close_reason(target: Target, local_port: int) -> str | None:
 
 def _options_case(
     target: Target, rng: random.Random, sock: socket.socket, handshake: list[bytes], stats: Stats
-) -> None:
+) -> list[str]:
     """Well-framed options: each is answered in order until a GO succeeds."""
     frames, names = reshape_options(rng, handshake)
-    stats.mutators.update(names)
     stats.well_framed += 1
     codes = [OPTION_HEADER.unpack_from(f)[1] for f in frames[1:]]
     local_port = sock.getsockname()[1]
@@ -112,6 +113,31 @@ def _options_case(
         stats.closed_early += 1
         if _close_reason(target, local_port) is None:
             raise CaseFailed(f"options {codes[got.answered :]} unanswered, no reason logged")
+    return names
+
+
+def _requests_case(
+    target: Target, rng: random.Random, sock: socket.socket, requests: list[bytes], stats: Stats
+) -> list[str]:
+    """Well-framed requests after a real handshake: each one before DISC is answered."""
+    requests, names = reshape_requests(rng, requests)
+    stats.well_framed += 1
+    want, disc, read_len = expected_replies(requests)
+    local_port = sock.getsockname()[1]
+    stream = exchange(
+        sock, b"".join(requests), until=lambda got: read_replies(got, read_len).answered >= want
+    )
+    got = read_replies(stream, read_len)
+    stats.requests_answered += got.answered.total()
+    missing = want - got.answered
+    if missing:
+        stats.closed_early += 1
+        if _close_reason(target, local_port) is None:
+            raise CaseFailed(f"requests {sorted(missing)} unanswered, no reason logged")
+    extra = got.answered - want
+    extra.pop(disc, None)
+    assert not extra, f"replies to cookies never sent: {dict(extra)}"
+    return names
 
 
 def run_case(target: Target, seed: int, index: int, known: bytes, stats: Stats) -> None:
@@ -124,29 +150,10 @@ def run_case(target: Target, seed: int, index: int, known: bytes, stats: Stats) 
             frames, names = mutate_frames(rng, s.frames())
             exchange(sock, b"".join(frames))
         elif kind < 0.6:
-            _options_case(target, rng, sock, s.handshake, stats)
-            names = ["options"]
+            names = _options_case(target, rng, sock, s.handshake, stats)
         else:
             _negotiate(sock, s.negotiated)
-            requests, names = reshape_requests(rng, s.requests)
-            stats.well_framed += 1
-            want, disc, read_len = expected_replies(requests)
-            local_port = sock.getsockname()[1]
-            stream = exchange(
-                sock,
-                b"".join(requests),
-                until=lambda got: read_replies(got, read_len).answered >= want,
-            )
-            got = read_replies(stream, read_len)
-            stats.requests_answered += got.answered.total()
-            missing = want - got.answered
-            if missing:
-                stats.closed_early += 1
-                if _close_reason(target, local_port) is None:
-                    raise CaseFailed(f"requests {sorted(missing)} unanswered, no reason logged")
-            extra = got.answered - want
-            extra.pop(disc, None)
-            assert not extra, f"replies to cookies never sent: {dict(extra)}"
+            names = _requests_case(target, rng, sock, s.requests, stats)
         stats.mutators.update(names)
     finally:
         sock.close()
@@ -165,7 +172,7 @@ def run(target: Target, seed: int, cases: int, first: int = 0) -> Stats:
         for index in range(first, first + cases):
             try:
                 run_case(target, seed, index, known, stats)
-            except AssertionError as exc:
+            except (AssertionError, OSError) as exc:  # OSError: the good client failed
                 raise CaseFailed(f"case seed={seed} index={index}: {exc}") from exc
             stats.cases += 1
     finally:
