@@ -33,7 +33,7 @@ from nbdserver.protocol import (
 )
 
 #: Guard against a server that never answers or never closes; not a timed assert.
-GUARD_S = 10.0
+GUARD_S = 30.0
 
 
 class Hung(AssertionError):
