@@ -3,12 +3,15 @@ process is still alive and a good client (nbdinfo) is served right away."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
-from server.nbdtest import RawClient, ServerProcess, require_tool
+from server.nbdtest import RawClient, ServerProcess, require_tool, running_server
 
 from nbdserver.errors import NBDErrno
 from nbdserver.protocol import (
@@ -31,6 +34,7 @@ HELLO = CLIENT_FLAGS.pack(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
 def good_client_served(srv: ServerProcess) -> None:
     assert srv.alive(), srv.log()
+    srv.assert_no_crash(strict=True, what="nbd-serve log of this test")
     nbdinfo = require_tool("nbdinfo")
     size = subprocess.run(
         [nbdinfo, "--size", srv.uri()], capture_output=True, text=True, check=True
@@ -143,13 +147,52 @@ VANISHING = {
 }
 
 
+RST = b"\1\0\0\0\0\0\0\0"  # SO_LINGER on, 0 s: close() sends a reset
+
+
 @pytest.mark.parametrize("case", list(VANISHING))
 def test_client_vanishes(victim: ServerProcess, case: str) -> None:
     c = connect(victim)
     VANISHING[case](c)
-    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST
+    # "silent" closes gently: whether a reset lands before or after the server's accept
+    # is a race, and test_client_resets_before_accept makes the "before" side certain.
+    if case != "silent":
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
     c.close()
     good_client_served(victim)
+
+
+@contextlib.contextmanager
+def frozen(srv: ServerProcess) -> Iterator[None]:
+    """SIGSTOP nbd-serve and its workers for the body: they accept nothing meanwhile."""
+    procs = [psutil.Process(srv.proc.pid)]
+    procs += procs[0].children()
+    for p in procs:
+        p.suspend()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.resume()
+
+
+@pytest.mark.xfail(
+    # Found by the crash watch (issue 11): uvloop gives peername None for a peer that
+    # reset before the accept, server._socket_setup subscripts it ("Fatal error on
+    # transport", and the transport is never closed: one leaked descriptor per such
+    # connection). Remove the mark with the fix in server.py.
+    reason="server._socket_setup crashes on a peer that reset before connection_made",
+    strict=True,
+)
+def test_client_resets_before_accept(tmp_path: Path) -> None:
+    # One process, so the reset connection is handled before the good client's.
+    args = ("--memory", "8M", "--workers", "1", "--log-level", "debug")
+    with running_server(tmp_path, *args, strict_log=True) as srv:
+        with frozen(srv):
+            c = connect(srv)
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
+            c.close()
+        good_client_served(srv)
 
 
 # --- errors that keep the session -----------------------------------------------------------

@@ -1,5 +1,6 @@
 """Fixtures for the in-process server tests: the real NBDServer on port 0 in a thread,
-run on the asyncio loop and on uvloop (every test here runs over both)."""
+run on the asyncio loop and on uvloop (every test here runs over both). Any unhandled
+exception in the server (see tests/server/crashwatch.py) fails the test at teardown."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from nbdserver.backends.base import Backend
 from nbdserver.backends.memory import MemoryBackend
 from nbdserver.server import Export, NBDServer, make_export
 
+from .crashwatch import CrashWatch, watch_connections
+
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
@@ -25,7 +28,8 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 
 
 class ThreadedServer:
-    """NBDServer listening on 127.0.0.1:0, its loop running in a background thread."""
+    """NBDServer listening on 127.0.0.1:0, its loop running in a background thread;
+    ``watch`` collects its unhandled exceptions (``__exit__`` fails on any)."""
 
     def __init__(
         self, exports: list[Export], loop_factory: Callable[[], asyncio.AbstractEventLoop]
@@ -39,6 +43,8 @@ class ThreadedServer:
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.watch = CrashWatch()
+        self._logging = self.watch.logging_attached()
 
     def _run(self) -> None:
         try:
@@ -50,8 +56,10 @@ class ThreadedServer:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.watch.install(self._loop)
         self._stop = asyncio.Event()
         self.server = NBDServer(self.exports)
+        watch_connections(self.server, self.watch)
         (addr,) = await self.server.listen_tcp("127.0.0.1", 0)
         self.port = addr[1]
         self._ready.set()
@@ -59,6 +67,7 @@ class ThreadedServer:
         await self.server.shutdown()
 
     def __enter__(self) -> ThreadedServer:
+        self._logging.__enter__()
         self._thread.start()
         assert self._ready.wait(30), "server thread did not start"
         if self._error is not None:
@@ -69,9 +78,11 @@ class ThreadedServer:
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
+        self._logging.__exit__(None, None, None)
         assert not self._thread.is_alive(), "server did not shut down"
         if self._error is not None:
             raise self._error
+        self.watch.assert_clean()
 
 
 class FaultyBackend(MemoryBackend):
@@ -126,10 +137,16 @@ def make_server(
         return srv
 
     yield start
+    failures: list[BaseException] = []
     for srv in started:
-        srv.__exit__(None, None, None)
+        try:
+            srv.__exit__(None, None, None)
+        except (AssertionError, Exception) as exc:  # stop every server, then report
+            failures.append(exc)
     for backend in backends:
         backend.close()
+    if failures:
+        raise failures[0]
 
 
 def memory(size: int = 16 << 20, read_only: bool = False) -> Backend:

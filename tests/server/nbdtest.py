@@ -48,6 +48,8 @@ from nbdserver.protocol import (
     pack_meta_context,
 )
 
+from .crashwatch import assert_log_clean
+
 NBD_SERVE = str(Path(sys.executable).parent / "nbd-serve")
 #: Guard against a hung server process; a test never asserts on time.
 STARTUP_GUARD_S = 30.0
@@ -92,6 +94,8 @@ class ServerProcess:
     stderr_path: Path
     stats_path: Path | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    #: Characters of the log already checked by :meth:`assert_no_crash`.
+    checked: int = 0
 
     @property
     def port(self) -> int:
@@ -109,10 +113,23 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def assert_no_crash(self, *, strict: bool = False, what: str = "nbd-serve log") -> None:
+        """The log written since the last check shows no unhandled exception (``strict``:
+        no ERROR line either), so each crash fails the test that caused it, once."""
+        text = self.log()
+        new, self.checked = text[self.checked :], len(text)
+        assert_log_clean(new, strict=strict, what=what)
+
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, *args: str, expect_exit: int = 0) -> Iterator[ServerProcess]:
-    """Run ``nbd-serve --port 0 --ready-file ... ARGS``; stop it with SIGTERM afterwards."""
+def running_server(
+    tmp_path: Path, *args: str, expect_exit: int = 0, strict_log: bool = False
+) -> Iterator[ServerProcess]:
+    """Run ``nbd-serve --port 0 --ready-file ... ARGS``; stop it with SIGTERM afterwards.
+
+    Once it has exited, its log must show no unhandled exception (``strict_log``: and no
+    ERROR line at all), see tests/server/crashwatch.py.
+    """
     ready_file = tmp_path / f"ready-{time.monotonic_ns()}.json"
     stderr_path = tmp_path / f"nbd-serve-{time.monotonic_ns()}.log"
     argv = [NBD_SERVE, "--ready-file", str(ready_file), *args]
@@ -129,7 +146,8 @@ def running_server(tmp_path: Path, *args: str, expect_exit: int = 0) -> Iterator
                 pytest.fail(f"nbd-serve did not become ready: {stderr_path.read_text()}")
             time.sleep(0.02)
         ready = json.loads(ready_file.read_text())
-        yield ServerProcess(proc, ready, stderr_path)
+        server = ServerProcess(proc, ready, stderr_path)
+        yield server
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -140,6 +158,7 @@ def running_server(tmp_path: Path, *args: str, expect_exit: int = 0) -> Iterator
             proc.wait()
             code = None
     assert code == expect_exit, f"nbd-serve exit code {code}; log:\n{stderr_path.read_text()}"
+    server.assert_no_crash(strict=strict_log, what="nbd-serve log up to its exit")
 
 
 class RawClient:
