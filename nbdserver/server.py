@@ -233,8 +233,10 @@ def _socket_setup(transport: asyncio.Transport) -> tuple[str, int]:
         # "both the client and server SHOULD disable Nagle's algorithm" (doc/proto.md
         # "Protocol phases").
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        host, port = transport.get_extra_info("peername")[:2]
-        return f"{host}:{port}", sock.fileno()
+        peer = transport.get_extra_info("peername")
+        if peer is None:  # uvloop: the peer reset before the accept; the read will fail
+            return "?", sock.fileno()
+        return f"{peer[0]}:{peer[1]}", sock.fileno()
     return "unix", sock.fileno()
 
 

@@ -176,14 +176,8 @@ def frozen(srv: ServerProcess) -> Iterator[None]:
             p.resume()
 
 
-@pytest.mark.xfail(
-    # Found by the crash watch (issue 11): uvloop gives peername None for a peer that
-    # reset before the accept, server._socket_setup subscripts it ("Fatal error on
-    # transport", and the transport is never closed: one leaked descriptor per such
-    # connection). Remove the mark with the fix in server.py.
-    reason="server._socket_setup crashes on a peer that reset before connection_made",
-    strict=True,
-)
+# Found by the crash watch (issue 11): uvloop gave peername None for a peer that reset
+# before the accept, and server._socket_setup crashed on it, leaking the descriptor.
 def test_client_resets_before_accept(tmp_path: Path) -> None:
     # One process, so the reset connection is handled before the good client's.
     args = ("--memory", "8M", "--workers", "1", "--log-level", "debug")

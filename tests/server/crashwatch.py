@@ -37,7 +37,7 @@ CRASH = re.compile(
     r"|Unhandled (?:error|exception)"
     r"|\bCRITICAL\b"
     r"|\bERROR asyncio:"
-    r"|worker \d+ (?:failed|\(pid \d+\) exited)"
+    r"|worker \d+ (?:failed|\(pid \d+\) (?:exited with status|was killed by signal))"
 )
 #: In hostile-input tests every ERROR line is a failure too: bad input earns a WARNING.
 ERROR_LINE = re.compile(r"\b(?:ERROR|CRITICAL)\b")
