@@ -92,6 +92,8 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -120,10 +122,24 @@ class FaultProxy:
         self._ready.set()
         async with server:
             await self._stop.wait()
-        server.close()
+            # Connections still open (a client killed mid-run) end with the proxy.
+            for writer in self._writers:
+                writer.transport.abort()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
     # --- one connection ---------------------------------------------------------------
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(cwriter)
+        try:
+            await self._proxy(creader, cwriter)
+        finally:
+            self._writers.discard(cwriter)
+            self._handlers.discard(task)
+
+    async def _proxy(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         record = Record(self.plan(next(self._count)))
         self.records.append(record)
         try:
@@ -131,14 +147,18 @@ class FaultProxy:
         except OSError:
             _rst(cwriter)
             return
+        self._writers.add(swriter)
         done = asyncio.Event()
         pumps = [
             asyncio.create_task(self._pump(record, "up", (creader, swriter, cwriter), done)),
             asyncio.create_task(self._pump(record, "down", (sreader, cwriter, swriter), done)),
         ]
         await asyncio.gather(*pumps, return_exceptions=True)
+        self._writers.discard(swriter)
         for writer in (cwriter, swriter):
             writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     async def _pump(
         self,
