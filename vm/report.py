@@ -34,6 +34,8 @@ from typing import Any
 from vm import matrix
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+PAGE = 4096  # bytes per pswpin/pswpout page (x86-64)
 
 
 class ReportError(ValueError):
@@ -66,10 +68,15 @@ ROWS: tuple[Row, ...] = (
     Row("kswapd_efficiency", "kswapd reclaim efficiency (steal/scan)", "%", "percent"),
     Row("pfmemalloc_drop", "PFMemallocDrop", "", "count"),
     Row("server_cpu_s", "server CPU (user+sys)", "s", "cost"),
+    Row("server_cpu_per_gib", "server CPU per GiB swapped", "s/GiB", "cost"),
     Row("server_peak_rss_mib", "server peak RSS", "MiB", "cost"),
     Row("qemu_cpu_s", "QEMU CPU (user+sys)", "s", "cost"),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
+
+#: Rows whose medians get rows of their own (with the ratio of medians): a server comparison
+#: is judged on the median, which one stalled run cannot drag (issue 13).
+MEDIAN_KEYS = ("elapsed_s", "sys_s", "server_cpu_per_gib")
 
 VMSTAT_KEYS = (
     "pswpin",
@@ -219,6 +226,12 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     qemu = cost.get("qemu") or {}
     su, ss = _num(server.get("user_s")), _num(server.get("system_s"))
     out["server_cpu_s"] = su + ss if su is not None and ss is not None else None
+    swapped = (out["pswpin"] or 0) + (out["pswpout"] or 0)
+    out["server_cpu_per_gib"] = (
+        out["server_cpu_s"] / (swapped * PAGE / GIB)
+        if out["server_cpu_s"] is not None and swapped
+        else None
+    )
     rss = _num(server.get("peak_rss_bytes"))
     out["server_peak_rss_mib"] = rss / MIB if rss is not None else None
     qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
@@ -236,10 +249,17 @@ def is_interrupted(run: Mapping[str, Any]) -> bool:
 def _stat(values: Sequence[float]) -> dict[str, float | int | None]:
     n = len(values)
     if n == 0:
-        return {"mean": None, "sd": None, "n": 0}
+        return {"mean": None, "sd": None, "n": 0, "median": None, "min": None, "max": None}
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if n >= 2 else None
-    return {"mean": mean, "sd": sd, "n": n}
+    return {
+        "mean": mean,
+        "sd": sd,
+        "n": n,
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def outcome_text(counts: Mapping[str, int], n: int) -> str:
@@ -302,12 +322,13 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
         for label in labels:
             vals = [m[row.key] for m in metrics[label]]
             values[label] = _stat([v for v in vals if v is not None])
-        base = values[baseline]["mean"]
-        for label in labels:
-            mean = values[label]["mean"]
-            values[label]["ratio"] = (
-                mean / base if mean is not None and isinstance(base, float) and base != 0 else None
-            )
+        for stat, key in (("mean", "ratio"), ("median", "median_ratio")):
+            base = values[baseline][stat]
+            for label in labels:
+                own = values[label][stat]
+                values[label][key] = (
+                    own / base if own is not None and isinstance(base, float) and base else None
+                )
         if all(v["n"] == 0 for v in values.values()) and row.kind == "cost":
             continue  # runs from before run.json had a cost section
         rows.append(
@@ -368,6 +389,18 @@ def cell_text(value: Mapping[str, Any], kind: str, arm_n: int, show_ratio: bool)
     return text
 
 
+def median_text(value: Mapping[str, Any], kind: str) -> str:
+    """``84.90 [71.40-90.20] (1.18x)``: median, range, ratio of medians to the baseline's."""
+    if not value.get("n"):
+        return "—"
+    text = (
+        f"{_fmt_num(value['median'], kind)} "
+        f"[{_fmt_num(value['min'], kind)}-{_fmt_num(value['max'], kind)}]"
+    )
+    ratio = value.get("median_ratio")
+    return text if ratio is None else text + f" ({ratio:.2f}x)"
+
+
 def render_markdown(rep: Mapping[str, Any]) -> str:
     arms = rep["arms"]
     head = ["", *(a["label"] for a in arms)]
@@ -389,6 +422,12 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
             for a in arms
         ]
         lines.append(f"| {row['name']}{unit} | " + " | ".join(cells) + " |")
+    for row in rep["rows"]:
+        if row["key"] not in MEDIAN_KEYS:
+            continue
+        unit = f" ({row['unit']})" if row["unit"] else ""
+        cells = [median_text(row["values"][a["label"]], row["kind"]) for a in arms]
+        lines.append(f"| median {row['name']}{unit} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.extend(f"- {note}" for note in rep["footnotes"])
     lines.append("")
@@ -398,7 +437,9 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
 def render_csv(rep: Mapping[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["arm", "metric", "unit", "mean", "sd", "n", "runs", "ratio_to_baseline", "text"])
+    w.writerow(
+        ["arm", "metric", "unit", "mean", "sd", "n", "runs", "ratio_to_baseline", "text", "median"]
+    )
     for arm in rep["arms"]:
         w.writerow([arm["label"], "outcome", "", "", "", "", arm["n"], "", arm["outcome_text"]])
         for outcome, count in sorted(arm["outcomes"].items()):
@@ -419,6 +460,7 @@ def render_csv(rep: Mapping[str, Any]) -> str:
                     arm["n"],
                     "" if v.get("ratio") is None else repr(v["ratio"]),
                     "",
+                    "" if v.get("median") is None else repr(v["median"]),
                 ]
             )
     return buf.getvalue()

@@ -105,11 +105,41 @@ def test_cost_rows_come_from_run_json_cost() -> None:
     m = report.run_metrics(data)
     assert (m["server_cpu_s"], m["server_peak_rss_mib"], m["qemu_cpu_s"]) == (10.0, 64.0, 120.0)
     rep = report.build_report([data])
-    assert [r["key"] for r in rep["rows"]][-3:] == [
+    assert [r["key"] for r in rep["rows"]][-4:] == [
         "server_cpu_s",
+        "server_cpu_per_gib",
         "server_peak_rss_mib",
         "qemu_cpu_s",
     ]
+
+
+def test_server_cpu_per_gib_divides_by_the_pages_swapped_both_ways() -> None:
+    data = fixture("completed")
+    data.run["cost"] = {"server": {"user_s": 1.0, "system_s": 2.0, "peak_rss_bytes": 1}}
+    data.run["vmstat_delta"] = {**data.run["vmstat_delta"], "pswpin": 131072, "pswpout": 131072}
+    assert report.run_metrics(data)["server_cpu_per_gib"] == 3.0  # 2 x 512 MiB = 1 GiB
+    data.run["vmstat_delta"] = {**data.run["vmstat_delta"], "pswpin": 0, "pswpout": 0}
+    assert report.run_metrics(data)["server_cpu_per_gib"] is None  # nothing swapped
+
+
+def test_medians_get_rows_with_range_and_ratio_of_medians() -> None:
+    base = fixture("completed")
+    runs = [
+        *(synthetic(base, sys_s=e / 10, server="nbdkit") for e in (70.0, 72.0, 90.0)),
+        *(synthetic(base, sys_s=e / 10, server="nbd-serve") for e in (60.0, 63.0, 200.0)),
+    ]
+    rep = report.build_report(runs, baseline="6.1-patched-slub-nbdkit")
+    (row,) = [r for r in rep["rows"] if r["key"] == "elapsed_s"]
+    serve = row["values"]["6.1-patched-slub-nbd-serve"]
+    assert (serve["median"], serve["min"], serve["max"]) == (63.0, 60.0, 200.0)
+    assert serve["median_ratio"] == pytest.approx(63.0 / 72.0)
+    assert serve["ratio"] == pytest.approx(323.0 / 232.0)  # the mean, dragged by one stall
+    md = report.render(rep, "md")
+    line = next(x for x in md.splitlines() if x.startswith("| median Total Elapsed Time (s)"))
+    assert line == (
+        "| median Total Elapsed Time (s) | 72.00 [70.00-90.00] (1.00x) "
+        "| 63.00 [60.00-200.00] (0.88x) |"
+    )
 
 
 # --- aggregation ----------------------------------------------------------------------
@@ -239,6 +269,8 @@ def test_cli_report_writes_the_output_file(
 ) -> None:
     out = tmp_path / "r.csv"
     assert cli.main(["report", str(DATA), "--format", "csv", "--output", str(out)]) == 0
-    assert out.read_text().startswith("arm,metric,unit,mean,sd,n,runs,ratio_to_baseline,text\n")
+    assert out.read_text().startswith(
+        "arm,metric,unit,mean,sd,n,runs,ratio_to_baseline,text,median\n"
+    )
     assert cli.main(["report", str(tmp_path / "none")]) == 2
     assert "swapnbd report: error: " in capsys.readouterr().err
