@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from nbdserver.errors import NBDError, PartialReply, errno_of
 from nbdserver.protocol import CMD_READ
 from nbdserver.transmission import Command, Phase
 
@@ -122,24 +123,32 @@ def sendfile_reply(
     read with ``pread``. See docs/performance.md, "sendfile".
 
     Returns False when nothing was sent (the socket is full: use the buffered path).
-    Raises OSError once part of the reply may be on the wire (the stream is lost).
+    Raises :class:`~nbdserver.errors.PartialReply` when reading the data fails after the
+    header left (how many data bytes are out is in it), OSError when the socket fails.
     """
     try:
         n = os.write(fd, header)
     except BlockingIOError:
         return False
     sent = 0
-    if n < len(header):
-        queue(header[n:])
-    else:
-        with contextlib.suppress(BlockingIOError):
-            while sent < length:
-                k = os.sendfile(fd, source, offset + sent, length - sent)
-                if k == 0:
-                    break
-                sent += k
-    if sent < length:
-        queue(pread(offset + sent, length - sent))
+    try:
+        if n < len(header):
+            queue(header[n:])
+        else:
+            with contextlib.suppress(BlockingIOError):
+                while sent < length:
+                    k = os.sendfile(fd, source, offset + sent, length - sent)
+                    if k == 0:  # the file ended early (it shrank): pread says why
+                        break
+                    sent += k
+        if sent < length:
+            queue(pread(offset + sent, length - sent))
+    except ConnectionError:
+        raise  # the socket is gone: nothing to finish
+    except (OSError, NBDError) as exc:
+        raise PartialReply(
+            f"read failed after {sent} of {length} bytes were sent: {exc}", sent, errno_of(exc)
+        ) from exc
     return True
 
 
@@ -200,6 +209,13 @@ def sendfile_read(conn: Connection, c: Command, t0: int) -> bool:
     try:
         if not dispatcher.sendfile(c, conn.fd, transport.write):
             return False
+    except PartialReply as exc:
+        export.stats.record(CMD_READ, 0, time.perf_counter_ns() - t0, True)
+        if dispatcher.finish_failed_sendfile(c, exc, transport.write):
+            return True  # an error reply, and the connection goes on
+        conn.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
+        transport.abort()  # a simple reply's header promised the data
+        return True
     except OSError as exc:
         # Part of the reply may be on the wire: the stream cannot be resumed.
         conn.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
