@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -36,12 +37,18 @@ class ReceiveBuffer:
     Requests are decoded from ``view[start:end]``; WRITE payloads are handed out as
     views into it, so it is only compacted or grown between batches. It grows (once)
     to fit the largest valid WRITE actually received.
+
+    The memory is an anonymous mmap, not a bytearray: its pages cost RAM only once data
+    lands in them (an idle connection holds a page or two, where a zero-filled bytearray
+    held all 256 KiB), and dropping it unmaps them, whereas freed heap memory stays with
+    the process under :func:`tune_allocator`'s trim threshold (docs/performance.md,
+    "malloc"; tests/faults/test_churn.py measures both).
     """
 
     __slots__ = ("buf", "end", "start", "view")
 
     def __init__(self, size: int) -> None:
-        self.buf = bytearray(size)
+        self.buf: mmap.mmap | bytearray = mmap.mmap(-1, size)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
@@ -58,7 +65,7 @@ class ReceiveBuffer:
             if len(self.buf) < needed:
                 # A WRITE larger than the buffer: grow once to fit it (bounded by the
                 # validated max block size, as invalid WRITEs are skipped, not buffered).
-                new = bytearray(needed + MIN_FREE)
+                new = mmap.mmap(-1, needed + MIN_FREE)
                 new[:pending] = self.view[:pending]
                 self.view.release()
                 self.buf = new
