@@ -64,6 +64,7 @@ config file (TOML; command-line flags override only what they set):
   port = 10809
   workers = 2               # default: one per core, at most 4
   max_inflight = "8M"
+  max_connections = 64      # default: no limit
   poll_us = 50              # 0 = never busy-poll
   [[exports]]
   name = "swap"
@@ -125,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight",
         metavar="SIZE",
         help="per-connection bound on unanswered bytes; reading pauses past it (default 8M)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="serve at most N connections at once (all workers together); a client past"
+        " it is refused in the handshake with the reason (NBD_REP_ERR_POLICY) and a"
+        " warning is logged (default: no limit)",
     )
     parser.add_argument(
         "--poll-us",
@@ -248,7 +257,12 @@ async def serve(
     With ``config.exit_with_parent``, the death of ``parent`` (the pid that started us)
     is a shutdown request too.
     """
-    server = NBDServer(exports, max_inflight_bytes=config.max_inflight, poll_us=config.poll_us)
+    server = NBDServer(
+        exports,
+        max_inflight_bytes=config.max_inflight,
+        poll_us=config.poll_us,
+        max_connections=config.max_connections,
+    )
     acceptor = Acceptor(server, workers) if workers else None
     listen: list[dict[str, Any]] = []
     try:
