@@ -58,6 +58,9 @@ def test_client_vanishes_during_pool_operations(tmp_path: Path) -> None:
     args = [str(image), "--workers", "1", "--stats", str(stats), "--stats-interval", "0.1"]
     with running_server(tmp_path, *args) as srv:
         fresh_roundtrip(srv, offset=0)  # warm-up (one-time descriptors); one WRITE
+        deadline = time.monotonic() + GUARD_S
+        while open_connections(stats) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server closes its side of the warm-up connection
         base = fd_count(srv)
         payload = os.urandom(MiB)
         rounds, answered = 3, 1
@@ -88,6 +91,12 @@ def test_client_vanishes_during_pool_operations(tmp_path: Path) -> None:
         assert fd_count(srv) == base, "descriptors left behind by vanished clients"
         assert_healthy(srv, workers=1)
         fresh_roundtrip(srv)
+
+
+def open_connections(stats: Path) -> int:
+    """Connections the server holds, from its last stats line (-1 before the first)."""
+    line = last_stats(stats)
+    return int(line["connections"]["open"]) if line else -1  # type: ignore[index]
 
 
 def send_quietly(sock: socket.socket, data: bytes) -> None:
