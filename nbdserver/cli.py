@@ -1,7 +1,8 @@
 """``nbd-serve``: the command line of the NBD server.
 
 Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 1 on a runtime failure (e.g. the
-port is taken), 2 on a usage or configuration error.
+port is taken), 2 on a usage or configuration error, 3 after a clean shutdown when a
+worker process had died during the run (it was respawned; see the log).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,21 @@ import uvloop
 from nbdserver.activation import ActivationError, activation_fds, listening_sockets
 from nbdserver.backends import open_backend
 from nbdserver.backends.base import Backend
+from nbdserver.backends.cow import open_cow
 from nbdserver.backends.fault import FaultBackend, parse_fault
-from nbdserver.config import ServerConfig, build_config, log_level_number
+from nbdserver.config import ExportConfig, ServerConfig, build_config, log_level_number
 from nbdserver.errors import ConfigError
+from nbdserver.reload import Reloader
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
 from nbdserver.stats import StatsWriter, stats_line
+from nbdserver.swapsafe import SwapSafeReport, enter_swap_safe_mode
 from nbdserver.workers import (
+    EXIT_WORKER_DIED,
     Acceptor,
     default_workers,
+    flush_backends,
     fork_workers,
+    respawn_worker,
     run_worker,
     set_connection_ids,
 )
@@ -55,6 +62,10 @@ examples:
       listen on a Unix socket only (add --port to listen on TCP as well)
   nbd-serve --config exports.toml --stats stats.jsonl --stats-interval 0.5
       several exports from a TOML file, statistics as JSON lines every 0.5 s
+  nbd-serve --cow --cow-dir /dev/shm /var/lib/golden.img
+      serve an image copy-on-write: the file keeps its bytes and mtime
+  kill -HUP $(pidof nbd-serve)
+      re-read --config: exports added and removed, clients of the others stay
   nbd-serve --workers 4 --max-inflight 16M /dev/shm/disk.img
       four processes serve the connections (multi-conn clients spread over cores);
       each connection stops reading once 16 MiB of replies wait to be sent
@@ -72,13 +83,19 @@ config file (TOML; command-line flags override only what they set):
   size = "1G"
   description = "RAM disk"
   read_only = false
+  swap = true               # a swap device: turns on --swap-safe
+  [[exports]]
+  name = "golden"
+  path = "/var/lib/disk.img"
+  cow = true                # never write the file; writes go to a private overlay
 
 workers: the first process listens and hands each new connection to the process with
 the fewest connections; all share the export's file or RAM disk, so FLUSH/FUA effects
 are visible on every connection (NBD_FLAG_CAN_MULTI_CONN). The --stats lines and the
 ready file's pid are the first process's and cover all workers.
 
-exit codes: 0 clean shutdown (SIGINT/SIGTERM), 1 runtime failure, 2 usage/config error
+exit codes: 0 clean shutdown (SIGINT/SIGTERM), 1 runtime failure, 2 usage/config error,
+  3 clean shutdown but a worker process died during the run (it was respawned)
 """
 
 
@@ -103,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", metavar="NAME", help='export name (default "")')
     parser.add_argument("--description", metavar="TEXT", help="export description")
     parser.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    parser.add_argument(
+        "--cow",
+        action="store_true",
+        help="copy-on-write: never write FILE; writes go to a private overlay that is"
+        " discarded when the server exits (TOML: cow = true per export)",
+    )
+    parser.add_argument(
+        "--cow-dir",
+        metavar="DIR",
+        help="where --cow overlays live (default: next to the file, else the temp dir)",
+    )
+    parser.add_argument(
+        "--swap-safe",
+        action=argparse.BooleanOptionalAction,
+        help="mlockall, PR_SET_IO_FLUSHER and bounded in-flight memory, each reported in"
+        " the log and --stats (default: on when an export has swap = true)",
+    )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with server settings and exports"
     )
@@ -143,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         " how soon its next request comes (default 50; 0 = off)",
     )
     parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM, answer new requests with ESHUTDOWN and wait up to SECONDS for"
+        " clients to disconnect before hanging up on them (default 2)",
+    )
+    parser.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="shut down cleanly when the parent process exits (for harnesses; like nbdkit's)",
@@ -151,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fault",
         metavar="SPEC",
         help="TEST ONLY, destroys data: corrupt-read-after=N[,match=TEXT] flips a byte in one"
-        " page of one READ after N reads (see nbdserver/backends/fault.py)",
+        " page of one READ after N reads; flush-delay-ms=N makes every FLUSH N ms slow"
+        " (see nbdserver/backends/fault.py)",
     )
     parser.add_argument(
         "--log-level",
@@ -184,40 +226,91 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
     tune_allocator()
-    backends: list[Backend] = []
+
+    def open_export(ec: ExportConfig) -> Export:
+        backend = open_export_backend(ec, config.cow_dir)
+        if config.fault is not None:
+            backend = FaultBackend(backend, parse_fault(config.fault))
+        return make_export(ec.name, ec.description, backend, ec.read_only)
+
+    exports: list[Export] = []
     try:
-        exports: list[Export] = []
         for ec in config.exports:
-            backend = open_backend(ec.backend, path=ec.path, size=ec.size, read_only=ec.read_only)
-            if config.fault is not None:
-                backend = FaultBackend(backend, parse_fault(config.fault))
-            backends.append(backend)
-            exports.append(make_export(ec.name, ec.description, backend, ec.read_only))
+            exports.append(open_export(ec))
     except ConfigError as exc:
-        for backend in backends:
-            backend.close()
+        for export in exports:
+            export.backend.close()
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
+    reloader = Reloader(vars(args), config, exports, open_export)
     count = config.workers if config.workers is not None else default_workers()
+    swap_safe = swap_safe_wanted(config)
     workers: list[tuple[int, socket.socket]] = []
+
+    def child(index: int, ctrl: socket.socket) -> int:
+        # The exports in force now: a worker forked after a reload serves the new set.
+        current = list(reloader.exports.values())
+        return _worker(index, count, ctrl, config, current, swap_safe=swap_safe)
+
     try:
         if count > 1:
-            workers = fork_workers(
-                count - 1, lambda i, ctrl: _worker(i, count, ctrl, config, exports)
-            )
+            workers = fork_workers(count - 1, child)
             set_connection_ids(0, count)
+        report = _enter_swap_safe(config, exports) if swap_safe else None
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config, exports, workers, parent=parent, activated=activated))
+            return runner.run(
+                serve(
+                    config,
+                    exports,
+                    workers,
+                    parent=parent,
+                    activated=activated,
+                    respawn=lambda index: respawn_worker(index, child),
+                    swap_safe=report,
+                    reloader=reloader,
+                )
+            )
     finally:
-        for backend in backends:
+        for backend in reloader.backends():
             backend.close()
+
+
+def open_export_backend(ec: ExportConfig, cow_dir: str | None) -> Backend:
+    """The backend of one configured export (with its --cow overlay, if asked)."""
+    if not ec.cow:
+        return open_backend(ec.backend, path=ec.path, size=ec.size, read_only=ec.read_only)
+    assert ec.path is not None  # check_export: cow needs a file export
+    base = open_backend("file", path=ec.path, read_only=True)
+    try:
+        return open_cow(base, ec.path, cow_dir, read_only=ec.read_only)
+    except BaseException:
+        base.close()
+        raise
+
+
+def swap_safe_wanted(config: ServerConfig) -> bool:
+    """--swap-safe / --no-swap-safe, else on exactly when an export has swap = true."""
+    if config.swap_safe is not None:
+        return config.swap_safe
+    return any(e.swap for e in config.exports)
+
+
+def _enter_swap_safe(config: ServerConfig, exports: Sequence[Export]) -> SwapSafeReport:
+    return enter_swap_safe_mode(config.max_inflight, max(e.info.max_block for e in exports))
 
 
 def _worker(
-    index: int, count: int, ctrl: socket.socket, config: ServerConfig, exports: list[Export]
+    index: int,
+    count: int,
+    ctrl: socket.socket,
+    config: ServerConfig,
+    exports: list[Export],
+    *,
+    swap_safe: bool,
 ) -> int:
     """Body of a forked worker process (see nbdserver.workers)."""
     set_connection_ids(index, count)
+    report = _enter_swap_safe(config, exports).as_dict() if swap_safe else None
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(
             run_worker(
@@ -227,6 +320,8 @@ def _worker(
                 stats_interval=config.stats_interval if config.stats is not None else None,
                 max_inflight_bytes=config.max_inflight,
                 poll_us=config.poll_us,
+                shutdown_grace=config.shutdown_grace,
+                report=report,
             )
         )
 
@@ -246,6 +341,9 @@ async def serve(
     *,
     parent: int | None = None,
     activated: Sequence[socket.socket] = (),
+    respawn: Callable[[int], tuple[int, socket.socket]] | None = None,
+    swap_safe: SwapSafeReport | None = None,
+    reloader: Reloader | None = None,
 ) -> int:
     """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
 
@@ -255,15 +353,20 @@ async def serve(
     With ``workers`` (forked by :func:`~nbdserver.workers.fork_workers`) this process
     accepts and shares the connections out; otherwise it serves them all itself.
     With ``config.exit_with_parent``, the death of ``parent`` (the pid that started us)
-    is a shutdown request too.
+    is a shutdown request too. ``respawn(index)`` replaces a worker that died;
+    ``swap_safe`` is this process's swap-safe outcome, reported in every stats line.
+    SIGHUP has ``reloader`` re-read the config file and change the exports.
+
+    Returns the exit status: 0, or EXIT_WORKER_DIED when a worker process died.
     """
     server = NBDServer(
         exports,
         max_inflight_bytes=config.max_inflight,
         poll_us=config.poll_us,
+        shutdown_grace=config.shutdown_grace,
         max_connections=config.max_connections,
     )
-    acceptor = Acceptor(server, workers) if workers else None
+    acceptor = Acceptor(server, workers, respawn) if workers else None
     listen: list[dict[str, Any]] = []
     try:
         if acceptor is not None:
@@ -313,20 +416,44 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+    def on_hangup() -> None:
+        if reloader is None:
+            logger.warning("SIGHUP ignored: this server cannot reload")
+            return
+        plan = reloader.reload()
+        if plan is None or not plan.changes_anything:
+            return
+        live = reloader.exports
+        # Removed exports stay resolvable for handshakes already under way.
+        server.exports = {**{e.info.name: e for e in reloader.retired}, **live}
+        server.export_infos = {name: e.info for name, e in live.items()}
+        if acceptor is not None:
+            acceptor.roll()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     parent_fd = _watch_parent(loop, parent, stop) if config.exit_with_parent else None
     writer = StatsWriter(Path(config.stats)) if config.stats is not None else None
-    stats_by_name = {e.info.name: e.stats for e in exports}
 
     def emit() -> None:
         if writer is None:
             return
+        stats_by_name = {name: server.exports[name].stats for name in server.export_infos}
+        extra: dict[str, Any] = {}
+        if swap_safe is not None:
+            extra["swap_safe"] = {
+                **swap_safe.as_dict(),
+                "workers": [w.report for w in acceptor.workers] if acceptor else [],
+            }
         if acceptor is not None:
+            extra["workers"] = acceptor.worker_stats()
             line = stats_line(
                 time.time(),
                 time.monotonic(),
                 acceptor.open_connections,
                 acceptor.total,
                 acceptor.stats(stats_by_name),
+                extra=extra,
             )
         else:
             line = stats_line(
@@ -335,6 +462,7 @@ async def serve(
                 len(server.connections),
                 server.total_connections,
                 stats_by_name,
+                extra=extra,
             )
         writer.write(line)
 
@@ -350,6 +478,7 @@ async def serve(
         await acceptor.shutdown()
     else:
         await server.shutdown()
+        flush_backends(list(server.exports.values()))
     if tick is not None:
         tick.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -363,6 +492,13 @@ async def serve(
     if parent_fd is not None:
         loop.remove_reader(parent_fd)
         os.close(parent_fd)
+    if acceptor is not None and acceptor.deaths:
+        logger.error(
+            "%d worker process(es) died during the run; exiting with %d",
+            acceptor.deaths,
+            EXIT_WORKER_DIED,
+        )
+        return EXIT_WORKER_DIED
     return 0
 
 

@@ -49,6 +49,8 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 DEFAULT_MAX_INFLIGHT_BYTES: Final = 8 * 1024 * 1024
 #: Default upper bound of the adaptive poll window, in µs (nbdserver.fastpath.busy_poll).
 DEFAULT_POLL_US: Final = 50
+#: Default seconds a shutting-down server waits for clients to disconnect after ESHUTDOWN.
+DEFAULT_SHUTDOWN_GRACE: Final = 2.0
 #: Longest busy-poll window accepted: polling spins a core, so it stays short.
 MAX_POLL_US: Final = 10_000
 
@@ -67,8 +69,11 @@ _SERVER_KEYS: Final = (
     "exports",
     "exit_with_parent",
     "fault",
+    "cow_dir",
+    "swap_safe",
+    "shutdown_grace",
 )
-_EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only")
+_EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only", "cow", "swap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +92,12 @@ class ExportConfig:
     """The size in bytes of a ``memory`` export."""
     read_only: bool = False
     """Refuse every write-type request with EPERM and advertise NBD_FLAG_READ_ONLY."""
+    cow: bool = False
+    """Copy-on-write (``--cow``, file exports only): the file is opened read-only and
+    never written; writes go to a private overlay that disappears with the server
+    (nbdserver.backends.cow)."""
+    swap: bool = False
+    """The export is a swap device: swap-safe mode defaults to on (ServerConfig.swap_safe)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +142,15 @@ class ServerConfig:
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    """Seconds after SIGTERM during which clients get ESHUTDOWN for new requests and may
+    disconnect themselves (NBD_CMD_DISC); then the rest are disconnected once their
+    in-flight requests are answered."""
+    cow_dir: str | None = None
+    """Directory for the ``--cow`` overlay files (default: next to the base image)."""
+    swap_safe: bool | None = None
+    """mlockall, PR_SET_IO_FLUSHER and a fixed in-flight bound (nbdserver.swapsafe);
+    None = on exactly when an export has ``swap = true``."""
     fault: str | None = None
     """TEST ONLY: ``corrupt-read-after=N[,match=TEXT]`` wraps every export in
     :class:`nbdserver.backends.fault.FaultBackend`, which corrupts one READ on purpose."""
@@ -154,6 +174,7 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
     path = table.get("path")
     size = table.get("size")
     read_only = table.get("read_only", False)
+    flags = {key: table.get(key, False) for key in ("cow", "swap")}
     if not isinstance(name, str):
         raise _type_error(where, "name", name, "a string")
     if not isinstance(description, str):
@@ -166,6 +187,9 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
         raise _type_error(where, "path", path, "a string")
     if not isinstance(read_only, bool):
         raise _type_error(where, "read_only", read_only, "true or false")
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise _type_error(where, key, value, "true or false")
     size_bytes: int | None = None
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, (int, str)):
@@ -175,7 +199,9 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     kind: BackendKind = "file" if backend == "file" else "memory"
-    export = ExportConfig(name, description, kind, path, size_bytes, read_only)
+    export = ExportConfig(
+        name, description, kind, path, size_bytes, read_only, flags["cow"], flags["swap"]
+    )
     check_export(export, where)
     return export
 
@@ -190,6 +216,8 @@ def check_export(export: ExportConfig, where: str) -> None:
             raise ConfigError(f'{label}: a memory export needs a size, e.g. size = "1G"')
         if export.path is not None:
             raise ConfigError(f"{label}: a memory export takes a size, not path = {export.path!r}")
+        if export.cow:
+            raise ConfigError(f"{label}: --cow (cow = true) needs a file export, not memory")
     else:
         if export.path is None:
             raise ConfigError(f'{label}: a file export needs path = "/some/file"')
@@ -218,7 +246,7 @@ def load_file(path: str) -> dict[str, Any]:
             f" allowed: {', '.join(_SERVER_KEYS)}"
         )
     out: dict[str, Any] = {}
-    for key in ("bind", "unix", "stats", "ready_file", "log_level"):
+    for key in ("bind", "unix", "stats", "ready_file", "log_level", "cow_dir"):
         if key in data:
             if not isinstance(data[key], str):
                 raise _type_error(path, key, data[key], "a string")
@@ -227,12 +255,18 @@ def load_file(path: str) -> dict[str, Any]:
         out["port"] = data["port"]
     if "stats_interval" in data:
         out["stats_interval"] = data["stats_interval"]
+    if "shutdown_grace" in data:
+        out["shutdown_grace"] = data["shutdown_grace"]
     if "workers" in data:
         out["workers"] = data["workers"]
     if "poll_us" in data:
         out["poll_us"] = data["poll_us"]
     if "max_connections" in data:
         out["max_connections"] = data["max_connections"]
+    if "swap_safe" in data:
+        if not isinstance(data["swap_safe"], bool):
+            raise _type_error(path, "swap_safe", data["swap_safe"], "true or false")
+        out["swap_safe"] = data["swap_safe"]
     if "max_inflight" in data:
         raw = data["max_inflight"]
         if isinstance(raw, bool) or not isinstance(raw, (int, str)):
@@ -269,6 +303,9 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "poll_us",
         "exit_with_parent",
         "fault",
+        "cow_dir",
+        "swap_safe",
+        "shutdown_grace",
     ):
         if key in cli:
             values[key] = cli[key]
@@ -287,11 +324,12 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
             path=cli.get("file"),
             size=size,
             read_only=cli.get("read_only", False),
+            cow=cli.get("cow", False),
         )
         check_export(export, "command line")
         exports.append(export)
     else:
-        given = [f for f in ("name", "description", "read_only") if f in cli]
+        given = [f for f in ("name", "description", "read_only", "cow") if f in cli]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ConfigError(
@@ -320,6 +358,9 @@ def check_server(config: ServerConfig) -> None:
     interval = config.stats_interval
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
         raise ConfigError(f"stats interval {interval!r} must be a number of seconds above 0")
+    grace = config.shutdown_grace
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 3600:
+        raise ConfigError(f"shutdown grace {grace!r} must be a number of seconds from 0 to 3600")
     workers = config.workers
     if workers is not None and (
         isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64

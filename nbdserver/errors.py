@@ -79,6 +79,12 @@ class NotSupported(NBDError):
     errno = NBDErrno.ENOTSUP
 
 
+class ShuttingDown(NBDError):
+    """The server is shutting down: the client must disconnect (NBD_CMD_DISC)."""
+
+    errno = NBDErrno.ESHUTDOWN
+
+
 _OSERROR_MAP: dict[int, NBDErrno] = {
     _errno.EPERM: NBDErrno.EPERM,
     _errno.EACCES: NBDErrno.EPERM,

@@ -13,7 +13,8 @@ from typing import Final
 from nbdserver.policy import FlowControl
 from nbdserver.transmission import Phase, Transmission
 
-_OPEN: Final = Phase.OPEN
+#: Phases that still read requests (STOPPING answers them with ESHUTDOWN).
+_READING: Final = frozenset({Phase.OPEN, Phase.STOPPING})
 
 
 class TransportFlow(FlowControl):
@@ -25,7 +26,7 @@ class TransportFlow(FlowControl):
         super().__init__(max_requests, max_bytes)
         #: Set while connected (None before connection_made and after connection_lost).
         self.transport: asyncio.Transport | None = None
-        #: Set once the handshake is over; past OPEN (draining) reading stays paused.
+        #: Set once the handshake is over; once DRAINING, reading stays paused.
         self.tx: Transmission | None = None
 
     def update_reading(self) -> None:
@@ -34,7 +35,7 @@ class TransportFlow(FlowControl):
         if transport is None:
             return
         tx = self.tx
-        draining = tx is not None and tx.phase is not _OPEN
+        draining = tx is not None and tx.phase not in _READING
         pause = self.should_pause(transport.get_write_buffer_size(), draining)
         if pause and not self.read_paused:
             transport.pause_reading()

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from nbdserver.backends.base import Backend
-from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US
+from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US, DEFAULT_SHUTDOWN_GRACE
 from nbdserver.dispatch import LARGE_READ, Dispatcher, Reply
 from nbdserver.fastpath import ReceiveBuffer, busy_poll, sendfile_read, tune_allocator
 from nbdserver.flow import TransportFlow
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 INITIAL_BUFFER: Final = 256 * 1024
 
 _OPEN: Final = Phase.OPEN
+_READING: Final = frozenset({Phase.OPEN, Phase.STOPPING})
 
 _next_id = itertools.count(1)
 
@@ -99,6 +100,7 @@ class NBDServer:
         max_inflight_requests: int = 256,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         poll_us: int = DEFAULT_POLL_US,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         max_connections: int | None = None,
     ) -> None:
         if not exports:
@@ -109,6 +111,7 @@ class NBDServer:
         self.max_inflight_requests = max_inflight_requests
         self.max_inflight_bytes = max_inflight_bytes
         self.poll_ns = poll_us * 1000
+        self.shutdown_grace = shutdown_grace
         self.connections: set[Connection] = set()
         #: --max-connections: past it a new connection is refused (see _refusal).
         self.max_connections = max_connections
@@ -172,13 +175,24 @@ class NBDServer:
             self.on_connection_closed()
 
     async def shutdown(self) -> None:
-        """Stop accepting, let every connection finish its in-flight requests, close."""
+        """Stop accepting; every connection finishes its in-flight requests and answers
+        new ones with ESHUTDOWN until its client disconnects or the grace period ends."""
         self.closing = True
         for srv in self._servers:
             srv.close()
         for conn in list(self.connections):
             conn.shutdown()
-        await self._idle.wait()
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.shutdown_grace)
+        except TimeoutError:
+            logger.info(
+                "shutdown grace period (%.1f s) over: disconnecting %d client(s)",
+                self.shutdown_grace,
+                len(self.connections),
+            )
+            for conn in list(self.connections):
+                conn.hang_up()
+            await self._idle.wait()
         for srv in self._servers:
             await srv.wait_closed()
         self.executor.shutdown(wait=True)
@@ -380,7 +394,7 @@ class Connection(asyncio.BufferedProtocol):
                 finally:
                     self.batch = None
                     rx.consume(used)  # payload views are all consumed (or copied) by now
-                if not events or tx.phase is not _OPEN:
+                if not events or tx.phase not in _READING:
                     break
         finally:
             self._processing = False
@@ -492,12 +506,21 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.close()
 
     def shutdown(self) -> None:
-        """Server shutdown: finish the requests in flight, then close."""
+        """Server shutdown: new requests get ESHUTDOWN, those in flight finish; the
+        client's NBD_CMD_DISC (or :meth:`hang_up`) ends the connection."""
         if self.transport is None:
             return
         if self.tx is None:
             self.transport.close()
             return
         self.tx.shutdown()
+        self._process()  # requests already received are answered with ESHUTDOWN
+        self.flow.update_reading()
+
+    def hang_up(self) -> None:
+        """The shutdown grace is over: close once the requests in flight are answered."""
+        if self.tx is None or self.transport is None:
+            return
+        self.tx.deadline()
         self.flow.update_reading()
         self._finish_if_drained()

@@ -54,6 +54,11 @@ _DATA_COMMANDS: Final = frozenset({"read", "write"})
 #: LATENCY_BOUNDS_US in nanoseconds: ``x µs <= b µs`` exactly when ``x*1000 ns <= b*1000``.
 _BOUNDS_NS: Final = tuple(bound * 1000 for bound in LATENCY_BOUNDS_US)
 
+#: READ/WRITE sizes are counted in power-of-two buckets: bucket i holds lengths from
+#: SIZE_FLOORS[i] up to twice that (bucket 0: zero-length requests; the last: 32 MiB and up).
+_SIZE_BUCKETS: Final = 27
+SIZE_FLOORS: Final = [0] + [1 << (i - 1) for i in range(1, _SIZE_BUCKETS)]
+
 
 class ExportStats:
     """Counters for one export, shared by all its connections.
@@ -71,10 +76,11 @@ class ExportStats:
         self.poll_hits = 0
         self.poll_misses = 0
         self.poll_ns = 0
-        #: cmd number -> [requests, errors, bytes, bucket counts] (None: not counted).
+        #: cmd number -> [requests, errors, bytes, latency bucket counts, size bucket
+        #: counts] (None: not counted). Size buckets are by ``nbytes.bit_length()``.
         self._rows: list[list[Any] | None] = [None] * (max(_NAME_OF) + 1)
         for cmd in _NAME_OF:
-            self._rows[cmd] = [0, 0, 0, [0] * (len(LATENCY_BOUNDS_US) + 1)]
+            self._rows[cmd] = [0, 0, 0, [0] * (len(LATENCY_BOUNDS_US) + 1), [0] * _SIZE_BUCKETS]
 
     def polled(self, hit: bool, spent_ns: int) -> None:
         """One busy-poll window ended: it caught a request (``hit``) or expired."""
@@ -97,6 +103,7 @@ class ExportStats:
             row[1] += 1
         else:
             row[2] += nbytes
+            row[4][min(nbytes.bit_length(), _SIZE_BUCKETS - 1)] += 1
         row[3][bisect.bisect_left(_BOUNDS_NS, latency_ns)] += 1
 
     def _named(self) -> list[tuple[str, list[Any]]]:
@@ -128,6 +135,11 @@ class ExportStats:
             "latency_us": {
                 name: {"le": bounds, "counts": list(row[3])} for name, row in self._named()
             },
+            "size_bytes": {
+                name: {"ge": SIZE_FLOORS, "counts": list(row[4])}
+                for name, row in self._named()
+                if name in _DATA_COMMANDS
+            },
             "poll": {
                 "hits": self.poll_hits,
                 "misses": self.poll_misses,
@@ -150,6 +162,10 @@ class ExportStats:
                 counts = row[3]
                 for i, count in enumerate(hist["counts"]):
                     counts[i] += count
+            sizes = snapshot.get("size_bytes", {}).get(name)
+            if sizes is not None:
+                for i, count in enumerate(sizes["counts"]):
+                    row[4][i] += count
 
 
 def stats_line(
@@ -158,13 +174,17 @@ def stats_line(
     open_connections: int,
     total_connections: int,
     exports: Mapping[str, ExportStats],
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """One JSON line (with the newline) in the architecture.md format."""
+    """One JSON line (with the newline) in the architecture.md format; ``extra`` adds
+    server-wide entries (``"workers"``, ``"swap_safe"``)."""
     record = {
         "t_wall": t_wall,
         "t_mono": t_mono,
         "connections": {"open": open_connections, "total": total_connections},
         "exports": {name: stats.snapshot() for name, stats in exports.items()},
+        **(extra or {}),
     }
     return json.dumps(record, separators=(",", ":")) + "\n"
 

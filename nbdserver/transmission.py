@@ -15,10 +15,13 @@ export, bad flags) has its payload skipped as it arrives instead of being buffer
 client can never make the server allocate what it merely announced. A valid WRITE's
 payload is handed out as a memoryview into the caller's buffer (zero copy).
 
-The phases are data (:data:`TRANSITIONS`): OPEN decodes requests; DRAINING (after
-NBD_CMD_DISC, a protocol violation or a server shutdown) decodes nothing more while the
-adapter answers what is in flight; CLOSED is the end. A (phase, trigger) pair not in the
-table is a bug and raises. New phases (TLS, a graceful-shutdown notice) are new rows.
+The phases are data (:data:`TRANSITIONS`): OPEN decodes requests; STOPPING (the server
+is shutting down) still decodes them, but answers every one except NBD_CMD_DISC with
+ESHUTDOWN while the adapter finishes what was in flight, and waits for the client's soft
+disconnect; DRAINING (after NBD_CMD_DISC, a protocol violation, or the end of the
+shutdown grace period) decodes nothing more while the adapter answers what is in flight;
+CLOSED is the end. A (phase, trigger) pair not in the table is a bug and raises. New
+phases (TLS) are new rows.
 
 The object also builds every reply of the phase, so the adapter never packs a byte:
 acks, errors, block status, and reads - whole (:meth:`Transmission.read_reply`, which
@@ -40,6 +43,7 @@ from nbdserver.errors import (
     NBDError,
     NoSpace,
     PermissionDenied,
+    ShuttingDown,
 )
 from nbdserver.negotiation import Closed, Ready
 from nbdserver.protocol import (
@@ -151,6 +155,7 @@ Event = Command | Rejected | Closed
 
 class Phase(enum.Enum):
     OPEN = enum.auto()
+    STOPPING = enum.auto()
     DRAINING = enum.auto()
     CLOSED = enum.auto()
 
@@ -160,8 +165,10 @@ class Trigger(enum.Enum):
     DISC = enum.auto()
     #: The client broke a MUST of the phase (bad request magic).
     VIOLATION = enum.auto()
-    #: The server is shutting down.
+    #: The server is shutting down (new requests get ESHUTDOWN).
     SHUTDOWN = enum.auto()
+    #: The shutdown grace period is over: hard disconnect once in-flight requests end.
+    DEADLINE = enum.auto()
     #: Every request decoded so far has been answered.
     DRAINED = enum.auto()
     #: The connection went away (or was aborted).
@@ -172,12 +179,20 @@ class Trigger(enum.Enum):
 TRANSITIONS: Final[Mapping[tuple[Phase, Trigger], Phase]] = {
     (Phase.OPEN, Trigger.DISC): Phase.DRAINING,
     (Phase.OPEN, Trigger.VIOLATION): Phase.DRAINING,
-    (Phase.OPEN, Trigger.SHUTDOWN): Phase.DRAINING,
+    (Phase.OPEN, Trigger.SHUTDOWN): Phase.STOPPING,
+    (Phase.OPEN, Trigger.DEADLINE): Phase.DRAINING,
     (Phase.OPEN, Trigger.LOST): Phase.CLOSED,
+    (Phase.STOPPING, Trigger.DISC): Phase.DRAINING,
+    (Phase.STOPPING, Trigger.VIOLATION): Phase.DRAINING,
+    (Phase.STOPPING, Trigger.SHUTDOWN): Phase.STOPPING,
+    (Phase.STOPPING, Trigger.DEADLINE): Phase.DRAINING,
+    (Phase.STOPPING, Trigger.LOST): Phase.CLOSED,
     (Phase.DRAINING, Trigger.SHUTDOWN): Phase.DRAINING,
+    (Phase.DRAINING, Trigger.DEADLINE): Phase.DRAINING,
     (Phase.DRAINING, Trigger.DRAINED): Phase.CLOSED,
     (Phase.DRAINING, Trigger.LOST): Phase.CLOSED,
     (Phase.CLOSED, Trigger.SHUTDOWN): Phase.CLOSED,
+    (Phase.CLOSED, Trigger.DEADLINE): Phase.CLOSED,
     (Phase.CLOSED, Trigger.DRAINED): Phase.CLOSED,
     (Phase.CLOSED, Trigger.LOST): Phase.CLOSED,
 }
@@ -296,12 +311,21 @@ class Transmission:
         return event
 
     def shutdown(self) -> None:
-        """The server is stopping: decode nothing more, answer what is in flight.
+        """The server is stopping: OPEN becomes STOPPING, where every new request but
+        NBD_CMD_DISC is answered with ESHUTDOWN.
 
-        "SHOULD wait for inflight requests to be serviced prior to initiating a hard
-        disconnect" (doc/proto.md "Terminating the transmission phase").
+        "On a server shutdown, the server SHOULD wait for inflight requests to be
+        serviced prior to initiating a hard disconnect. ... The error value issued in
+        respect of these requests and any subsequently received requests SHOULD be
+        ESHUTDOWN. If the client receives an ESHUTDOWN error it MUST initiate a soft
+        disconnect." (doc/proto.md "Terminating the transmission phase").
         """
-        self._close(Trigger.SHUTDOWN, "server shutting down", violation=False)
+        self._go(Trigger.SHUTDOWN)
+
+    def deadline(self) -> None:
+        """The shutdown grace period is over: decode nothing more, answer what is in
+        flight, then the adapter hangs up (a hard disconnect)."""
+        self._close(Trigger.DEADLINE, "shutdown grace period over", violation=False)
 
     def drained(self) -> None:
         """Every decoded request has been answered; DRAINING becomes CLOSED."""
@@ -333,7 +357,8 @@ class Transmission:
             phase to DRAINING, after which nothing more is decoded.
         """
         events: list[Event] = []
-        if self.phase is not _OPEN:
+        stopping = self.phase is Phase.STOPPING
+        if self.phase is not _OPEN and not stopping:
             return events, 0
         pos = 0
         end = len(buf)
@@ -367,7 +392,10 @@ class Transmission:
                 reason = f"bad request magic {magic:#010x}"
                 events.append(self._close(Trigger.VIOLATION, reason, violation=True))
                 break
-            if (
+            if stopping and cmd != CMD_DISC:
+                # "... and any subsequently received requests SHOULD be ESHUTDOWN".
+                error: NBDError | None = ShuttingDown("server shutting down: send NBD_CMD_DISC")
+            elif (
                 not flags
                 and cmd <= fast_max_cmd
                 and offset + length <= size

@@ -19,7 +19,8 @@ worker to wake takes a whole burst of connections.
 
 Control messages, one datagram each:
 
-- parent -> worker: ``C`` with one descriptor attached (a new connection);
+- parent -> worker: ``C`` with one descriptor attached (a new connection); ``Q`` (retire:
+  no more connections will come; exit once the last one has closed, after a reload);
 - worker -> parent: ``X`` (one of its connections closed) and ``S`` + JSON (its per-export
   stats snapshot, every stats interval and once more when it exits).
 
@@ -30,23 +31,41 @@ interval; the final line waits for every worker's last snapshot).
 Shutdown: the parent stops accepting and shuts down the write side of every control
 socket; a worker then stops exactly as a single process does (in-flight requests are
 answered), sends its last snapshot and exits.
+
+Supervision: the parent holds a pidfd per worker, which becomes readable the moment the
+worker exits, whatever killed it. A worker that dies while the server runs is reaped,
+logged at ERROR with its exit status, counted in the stats line (``"workers"``), and
+replaced by a fresh fork (:func:`respawn_worker`). Its connections die with it: the
+parent closed its copy when it handed each one out, so the kernel closes them and their
+clients see the connection end, while every other connection carries on. The counters it
+had reported are kept, so the stats never go backwards. nbd-serve then exits with
+:data:`EXIT_WORKER_DIED` instead of 0, so a dead worker is never hidden.
+
+A respawn forks the running parent, not a pristine process: the child first forgets the
+parent's event loop, replaces every inherited socket except its own control socket with
+/dev/null (so a client connection or listener of the parent never stays open because of
+it, and no stale socket object can close a reused descriptor), and only then starts its
+own loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from nbdserver import server as server_module
+from nbdserver.config import DEFAULT_SHUTDOWN_GRACE
 from nbdserver.server import Export, NBDServer
 from nbdserver.stats import ExportStats
 
@@ -63,9 +82,16 @@ MAX_DEFAULT_WORKERS: Final = 4
 #: connection, never per request.
 HANDOUT_DELAY: Final = 0.005
 
+#: Exit status of nbd-serve when it shut down cleanly but a worker process had died.
+EXIT_WORKER_DIED: Final = 3
+
 _CONN: Final = b"C"
 _CLOSED: Final = b"X"
 _STATS: Final = b"S"
+_REPORT: Final = b"R"
+_RETIRE: Final = b"Q"
+#: Seconds between two looks at a retiring worker's connections.
+RETIRE_POLL: Final = 0.2
 _MAX_MESSAGE: Final = 1 << 20
 
 
@@ -109,6 +135,12 @@ class Worker:
     alive: bool = True
     snapshot: dict[str, Any] = field(default_factory=dict)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    pidfd: int = -1
+    exit_code: int | None = None
+    #: What the worker reported about itself at start (its swap-safe outcome).
+    report: dict[str, Any] = field(default_factory=dict)
+    #: Replaced after a reload: gets no new connections, exits when its last one closes.
+    retiring: bool = False
 
 
 def fork_workers(
@@ -121,23 +153,67 @@ def fork_workers(
     """
     made: list[tuple[int, socket.socket]] = []
     for index in range(1, count + 1):
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, measured by the CLI tests
-            code = 1
-            try:
-                parent_end.close()
-                for _, ctrl in made:
-                    ctrl.close()
-                code = child(index, child_end)
-            except BaseException:
-                logger.exception("worker %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        child_end.close()
-        made.append((pid, parent_end))
+        made.append(_fork_one(index, child, functools.partial(_close_siblings, list(made))))
     return made
+
+
+def _close_siblings(
+    siblings: list[tuple[int, socket.socket]], _ctrl: socket.socket
+) -> None:  # pragma: no cover - runs in the child
+    for _, ctrl in siblings:
+        ctrl.close()
+
+
+def _fork_one(
+    index: int,
+    child: Callable[[int, socket.socket], int],
+    prepare: Callable[[socket.socket], object],
+) -> tuple[int, socket.socket]:
+    """Fork one worker; in the child, ``prepare(ctrl)`` then ``child(index, ctrl)``."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, measured by the CLI tests
+        code = 1
+        try:
+            parent_end.close()
+            prepare(child_end)
+            code = child(index, child_end)
+        except BaseException:
+            logger.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    child_end.close()
+    return pid, parent_end
+
+
+def respawn_worker(
+    index: int, child: Callable[[int, socket.socket], int]
+) -> tuple[int, socket.socket]:
+    """Fork a replacement worker from the running parent (see the module docstring)."""
+    return _fork_one(index, child, _forget_parent)
+
+
+def _forget_parent(ctrl: socket.socket) -> None:  # pragma: no cover - runs in the child
+    """In a child forked from the serving parent: drop its loop, signals and sockets."""
+    asyncio.events._set_running_loop(None)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    keep = ctrl.fileno()
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in (keep, devnull):
+                continue
+            try:
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
+            except OSError:
+                continue  # the descriptor listdir itself used, already gone
+    finally:
+        os.close(devnull)
 
 
 def set_connection_ids(index: int, count: int) -> None:
@@ -153,10 +229,20 @@ async def run_worker(
     stats_interval: float | None,
     max_inflight_bytes: int,
     poll_us: int,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+    report: Mapping[str, Any] | None = None,
 ) -> int:
-    """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF."""
+    """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF.
+
+    ``report`` (e.g. the swap-safe outcome in this process) is sent to the parent first.
+    """
     loop = asyncio.get_running_loop()
-    server = NBDServer(exports, max_inflight_bytes=max_inflight_bytes, poll_us=poll_us)
+    server = NBDServer(
+        exports,
+        max_inflight_bytes=max_inflight_bytes,
+        poll_us=poll_us,
+        shutdown_grace=shutdown_grace,
+    )
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
     ctrl.setblocking(False)
@@ -175,6 +261,12 @@ async def run_worker(
             sock.close()
             notify_closed()
 
+    async def retire() -> None:
+        while server.connections:
+            await asyncio.sleep(RETIRE_POLL)
+        logger.info("worker %d (pid %d) retired after a reload", index, os.getpid())
+        stop.set()
+
     def on_ctrl() -> None:
         while True:
             try:
@@ -188,6 +280,10 @@ async def run_worker(
                 loop.remove_reader(ctrl.fileno())
                 stop.set()
                 return
+            if msg == _RETIRE:
+                task = loop.create_task(retire())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             for fd in fds:
                 sock = socket.socket(fileno=fd)
                 task = loop.create_task(adopt(sock))
@@ -195,7 +291,10 @@ async def run_worker(
                 task.add_done_callback(tasks.discard)
 
     loop.add_reader(ctrl.fileno(), on_ctrl)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    if report is not None:
+        with contextlib.suppress(OSError):
+            ctrl.send(_REPORT + json.dumps(report, separators=(",", ":")).encode())
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # The parent decides when to stop (it closes the control socket); a terminal's
         # ^C reaches the whole process group, and a worker must not stop before it.
         loop.add_signal_handler(signum, lambda: None)
@@ -209,6 +308,7 @@ async def run_worker(
     tick = loop.create_task(ticker(stats_interval)) if stats_interval else None
     await stop.wait()
     await server.shutdown()
+    flush_backends(exports)
     if tick is not None:
         tick.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -220,12 +320,37 @@ async def run_worker(
     return 0
 
 
+def flush_backends(exports: Sequence[Export]) -> None:
+    """Flush every export's backend at shutdown; a failure is logged, never hidden."""
+    for export in exports:
+        try:
+            export.backend.flush()
+        except OSError as exc:
+            logger.error("flushing export %r at shutdown failed: %s", export.info.name, exc)
+        else:
+            logger.info("export %r flushed at shutdown", export.info.name)
+
+
 class Acceptor:
     """The parent's listening sockets and the connection hand-out to workers."""
 
-    def __init__(self, server: NBDServer, workers: Sequence[tuple[int, socket.socket]]) -> None:
+    def __init__(
+        self,
+        server: NBDServer,
+        workers: Sequence[tuple[int, socket.socket]],
+        respawn: Callable[[int], tuple[int, socket.socket]] | None = None,
+    ) -> None:
+        """``respawn(index)`` forks a replacement for a dead worker (None: never)."""
         self.server = server
         self.workers = [Worker(i + 1, pid, ctrl) for i, (pid, ctrl) in enumerate(workers)]
+        self.respawn = respawn
+        #: Workers that died while serving, and replacements started.
+        self.deaths = 0
+        self.respawned = 0
+        #: Counters of dead workers (their last snapshots), kept in the totals.
+        self._retired: list[dict[str, Any]] = []
+        #: Workers replaced by a reload that still serve their last connections.
+        self._retiring: list[Worker] = []
         self.own_load = 0
         self.total = 0
         self._listeners: list[socket.socket] = []
@@ -236,10 +361,15 @@ class Acceptor:
         server.on_connection_closed = self._own_closed
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for worker in self.workers:
-            worker.ctrl.setblocking(False)
-            loop.add_reader(worker.ctrl.fileno(), self._on_ctrl, worker)
+            self._watch(worker)
+
+    def _watch(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        worker.ctrl.setblocking(False)
+        loop.add_reader(worker.ctrl.fileno(), self._on_ctrl, worker)
+        worker.pidfd = os.pidfd_open(worker.pid)
+        loop.add_reader(worker.pidfd, self._on_exit, worker)
 
     def listen_tcp(self, host: str, port: int) -> list[tuple[str, int]]:
         """Listen on every address of ``host:port`` (port 0 = ephemeral)."""
@@ -288,10 +418,50 @@ class Acceptor:
 
     @property
     def open_connections(self) -> int:
-        return self.own_load + sum(w.load for w in self.workers if w.alive)
+        return self.own_load + sum(w.load for w in [*self.workers, *self._retiring] if w.alive)
+
+    def roll(self) -> None:
+        """After a reload: replace every worker by a fresh fork that has the new exports;
+        the old ones keep their connections and exit when the last one closes."""
+        for old in list(self.workers):
+            if not old.alive or self._replace(old, "reload") is None:
+                continue
+            old.retiring = True
+            with contextlib.suppress(OSError):
+                old.ctrl.send(_RETIRE)
+            self._retiring.append(old)
+            logger.info("reload: pid %d retires with %d connection(s)", old.pid, old.load)
+
+    def _replace(self, old: Worker, why: str) -> Worker | None:
+        """Fork a worker to take ``old``'s place in the hand-out (None: could not)."""
+        if self.respawn is None:
+            return None
+        try:
+            pid, ctrl = self.respawn(old.index)
+        except OSError as exc:
+            logger.error("%s: cannot fork a new worker %d: %s", why, old.index, exc)
+            return None
+        new = Worker(old.index, pid, ctrl)
+        self.workers[self.workers.index(old)] = new
+        self._watch(new)
+        level = logging.WARNING if why == "respawn" else logging.INFO
+        logger.log(level, "%s: worker %d is now pid %d", why, old.index, pid)
+        return new
 
     def stats(self, own: Mapping[str, ExportStats]) -> dict[str, ExportStats]:
-        return merge_stats(own, [w.snapshot for w in self.workers if w.snapshot])
+        """This process's counters plus every worker's, dead and retiring ones included."""
+        live = [w.snapshot for w in [*self.workers, *self._retiring] if w.snapshot]
+        return merge_stats(own, [*self._retired, *live])
+
+    def worker_stats(self) -> dict[str, Any]:
+        """The ``"workers"`` entry of a stats line."""
+        return {
+            "alive": sum(1 for w in self.workers if w.alive),
+            "pids": [w.pid for w in self.workers if w.alive],
+            "died": self.deaths,
+            "respawned": self.respawned,
+            "retiring": [w.pid for w in self._retiring],
+        }
 
     # --- accepting -----------------------------------------------------------------
     def _on_accept(self, listener: socket.socket) -> None:
@@ -370,28 +540,61 @@ class Acceptor:
             except OSError as exc:
                 logger.error("worker %d: control socket failed: %s", worker.index, exc)
                 msg = b""
-            if not msg:
-                self._worker_gone(worker)
+            if not msg:  # the worker closed it (exiting): the pidfd says when it is gone
+                asyncio.get_running_loop().remove_reader(worker.ctrl.fileno())
                 return
             kind = msg[:1]
             if kind == _CLOSED:
                 worker.load -= 1
             elif kind == _STATS:
                 worker.snapshot = json.loads(msg[1:])
+            elif kind == _REPORT:
+                worker.report = json.loads(msg[1:])
             else:
                 logger.error("worker %d sent an unknown message %r", worker.index, msg[:16])
 
-    def _worker_gone(self, worker: Worker) -> None:
-        asyncio.get_running_loop().remove_reader(worker.ctrl.fileno())
+    def _on_exit(self, worker: Worker) -> None:
+        """The worker's pidfd is readable: the process has exited. Reap it and, while
+        serving, report the death and start a replacement."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(worker.pidfd)
+        os.close(worker.pidfd)
+        worker.pidfd = -1
+        if worker.ctrl.fileno() >= 0:
+            self._on_ctrl(worker)  # its last messages (the final snapshot) first
+            loop.remove_reader(worker.ctrl.fileno())
+            worker.ctrl.close()
+        _pid, status = os.waitpid(worker.pid, 0)  # exited already: does not block
+        worker.exit_code = os.waitstatus_to_exitcode(status)
         worker.alive = False
         worker.gone.set()
-        if not self._closing:
-            logger.error(
-                "worker %d (pid %d) exited; its %d connection(s) are lost",
-                worker.index,
-                worker.pid,
-                worker.load,
-            )
+        if worker.retiring and worker.exit_code == 0:
+            self._retiring.remove(worker)
+            if worker.snapshot:
+                self._retired.append(worker.snapshot)
+            logger.info("retired worker %d (pid %d) exited", worker.index, worker.pid)
+            return
+        if worker.retiring:
+            self._retiring.remove(worker)
+        if self._closing:
+            return
+        self.deaths += 1
+        how = (
+            f"was killed by signal {-worker.exit_code}"
+            if worker.exit_code < 0
+            else f"exited with status {worker.exit_code}"
+        )
+        logger.error(
+            "worker %d (pid %d) %s while serving; its %d connection(s) were closed",
+            worker.index,
+            worker.pid,
+            how,
+            worker.load,
+        )
+        if worker.snapshot:
+            self._retired.append(worker.snapshot)
+        if self._replace(worker, "respawn") is not None:
+            self.respawned += 1
 
     # --- shutdown ------------------------------------------------------------------
     async def shutdown(self) -> None:
@@ -406,21 +609,31 @@ class Acceptor:
         for worker in self.workers:
             with contextlib.suppress(OSError):
                 worker.ctrl.shutdown(socket.SHUT_WR)
+        for worker in self._retiring:
+            with contextlib.suppress(OSError):
+                worker.ctrl.shutdown(socket.SHUT_WR)
         await self.server.shutdown()
-        for worker in self.workers:
+        flush_backends(list(self.server.exports.values()))
+        for worker in [*self.workers, *self._retiring]:
             await worker.gone.wait()
-            worker.ctrl.close()
-            _pid, status = os.waitpid(worker.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0:
-                logger.error("worker %d (pid %d) exited with %d", worker.index, worker.pid, code)
+            if worker.exit_code != 0:
+                self.deaths += 1
+                logger.error(
+                    "worker %d (pid %d) exited with %s at shutdown",
+                    worker.index,
+                    worker.pid,
+                    worker.exit_code,
+                )
 
 
 __all__ = [
+    "EXIT_WORKER_DIED",
     "Acceptor",
     "default_workers",
+    "flush_backends",
     "fork_workers",
     "merge_stats",
+    "respawn_worker",
     "run_worker",
     "set_connection_ids",
 ]

@@ -685,6 +685,14 @@ def _accelerator(
     return choice
 
 
+#: nbd-serve flags for the experiment only (docs/performance.md, "The swap path"): under
+#: TCG the guest's vCPU threads keep every host core busy, so a busy-polling server spins
+#: on CPU the guest needs (a profile of a real run put 7% of the server's CPU in the poll
+#: loop, for 240 hits in 1,540 windows). The worker count is set to the client's
+#: connections beside it: a worker with no connection only holds memory.
+SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0")
+
+
 @contextlib.contextmanager
 def _serving(
     cfg: RunConfig, run: dict[str, Any], cost: Cost, say: Emit
@@ -692,7 +700,9 @@ def _serving(
     """Step 3: the NBD server, stopped (final stats line, cost) however the block ends."""
     t0 = time.monotonic()
     stats_path = cfg.out / OUTPUT_FILES["server_stats"]
-    extra = ("--fault", cfg.server_fault) if cfg.server_fault else ()
+    extra: tuple[str, ...] = ("--fault", cfg.server_fault) if cfg.server_fault else ()
+    if cfg.server == "nbd-serve":
+        extra = (*extra, *SWAP_PATH_ARGS, "--workers", str(cfg.nbd_connections))
     server = servers.launch_server(
         cfg.server,
         cfg.export_bytes,

@@ -15,6 +15,11 @@ this wrapper does it once, deterministically:
 
 The wrapper logs one WARNING line ``fault: corrupted ...`` with the export offset and
 the page's first 32 bytes in hex, so a test can name the page it expects to be reported.
+
+``flush-delay-ms=N`` (alone or with the above)
+    every FLUSH sleeps N ms before flushing: a slow backend, so that a test can have a
+    request in flight when it sends SIGTERM (graceful shutdown). The wrapper then
+    never claims ``never_blocks``, so FLUSH runs in the thread pool, off the event loop.
 It never offers sendfile (reads must pass through it) and is never the fast inline path.
 Do not use it for anything but tests: it destroys data by design.
 """
@@ -22,7 +27,8 @@ Do not use it for anything but tests: it destroys data by design.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from nbdserver.backends.base import Backend, Capabilities, Extent
 from nbdserver.errors import ConfigError
@@ -40,32 +46,39 @@ FLIP_AT = 100
 class FaultSpec:
     """A parsed ``--fault`` value."""
 
-    corrupt_read_after: int
+    corrupt_read_after: int | None
     match: bytes = b""
+    flush_delay_ms: int = 0
 
 
 def parse_fault(text: str) -> FaultSpec:
-    """Parse ``corrupt-read-after=N[,match=TEXT]``.
+    """Parse ``corrupt-read-after=N[,match=TEXT][,flush-delay-ms=N]``.
 
     Raises:
         ConfigError: anything else, with the accepted form.
     """
-    form = "--fault corrupt-read-after=N[,match=TEXT] (a test-only fault)"
+    form = "--fault corrupt-read-after=N[,match=TEXT] and/or flush-delay-ms=N (a test-only fault)"
     fields: dict[str, str] = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep or key in fields:
             raise ConfigError(f"--fault {text!r} is not understood; the form is {form}")
         fields[key.strip()] = value
-    if set(fields) - {"corrupt-read-after", "match"} or "corrupt-read-after" not in fields:
+    known = {"corrupt-read-after", "match", "flush-delay-ms"}
+    if set(fields) - known or not {"corrupt-read-after", "flush-delay-ms"} & set(fields):
         raise ConfigError(f"--fault {text!r} is not understood; the form is {form}")
-    after = fields["corrupt-read-after"]
-    if not after.isdigit():
-        raise ConfigError(f"--fault: corrupt-read-after={after!r} must be a whole number >= 0")
+    if "match" in fields and "corrupt-read-after" not in fields:
+        raise ConfigError(f"--fault {text!r}: match= goes with corrupt-read-after=N")
+    numbers: dict[str, int | None] = {}
+    for key in ("corrupt-read-after", "flush-delay-ms"):
+        given = fields.get(key)
+        if given is not None and not given.isdigit():
+            raise ConfigError(f"--fault: {key}={given!r} must be a whole number >= 0")
+        numbers[key] = None if given is None else int(given)
     match = fields.get("match", "").encode()
     if len(match) > FLIP_AT:
         raise ConfigError(f"--fault: match={fields['match']!r} is longer than {FLIP_AT} bytes")
-    return FaultSpec(int(after), match)
+    return FaultSpec(numbers["corrupt-read-after"], match, numbers["flush-delay-ms"] or 0)
 
 
 class FaultBackend:
@@ -83,12 +96,14 @@ class FaultBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
+        caps = self.inner.capabilities
+        return replace(caps, never_blocks=False) if self.spec.flush_delay_ms else caps
 
     def _corrupt(self, data: bytearray | memoryview, offset: int) -> None:
         """Flip a byte of the first matching page of ``data``, read at ``offset``."""
         self.reads += 1
-        if self.fired or self.reads <= self.spec.corrupt_read_after:
+        after = self.spec.corrupt_read_after
+        if self.fired or after is None or self.reads <= after:
             return
         first = -offset % PAGE  # the first page boundary inside the read
         for start in range(first, len(data) - PAGE + 1, PAGE):
@@ -121,6 +136,8 @@ class FaultBackend:
         self.inner.pwrite(data, offset, fua)
 
     def flush(self) -> None:
+        if self.spec.flush_delay_ms:
+            time.sleep(self.spec.flush_delay_ms / 1000)  # on a pool thread: see capabilities
         self.inner.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:

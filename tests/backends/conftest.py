@@ -12,6 +12,7 @@ here and torn down afterwards:
 - ``blockdev``: a loop device over a file on that ext4: a real block device (512-byte
   sectors, size from lseek(SEEK_END), punch/zero-range by sector, hardware write-zeroes).
 - ``memory``: the memfd RAM disk.
+- ``cow``: nbdserver.backends.cow over a file in /dev/shm (the base must stay untouched).
 
 Mounts and loop devices need root (mount, losetup); without it those tests fail and say so.
 """

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbdserver.backends import Backend, open_backend
+from nbdserver.backends.cow import open_cow
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,9 @@ FLAVOURS: dict[str, Flavour] = {
         Flavour("file-ramfs", False, False, False, False, True, False, True),
         Flavour("blockdev", False, True, True, True, True, False, False),
         Flavour("memory", True, True, True, False, False, False, True, never_blocks=True),
+        # --cow over a file in /dev/shm, overlay in /dev/shm: tmpfs answers, no sendfile
+        # (a range may mix base and overlay), and the base file is never the store.
+        Flavour("cow", True, True, True, False, True, False, False),
     )
 }
 
@@ -141,6 +145,10 @@ class ExportFactory:
             finally:
                 backend.close()
             return
+        if name == "cow":
+            with self._cow(size, read_only, prefill) as export:
+                yield export
+            return
         directories = {
             "file-ext4": self._ext4,
             "blockdev": self._ext4,
@@ -170,6 +178,27 @@ class ExportFactory:
                     backend.close()
         finally:
             path.unlink()
+
+    @contextlib.contextmanager
+    def _cow(self, size: int, read_only: bool, prefill: bytes) -> Iterator[Export]:
+        """A --cow export over a prefilled base in /dev/shm; its overlay is in /dev/shm too.
+        On the way out it checks that the base file was never written."""
+        base_path = self._new_path(Path("/dev/shm"))
+        with open(base_path, "wb") as f:
+            f.truncate(size)
+            f.write(prefill)
+        before = base_path.read_bytes(), base_path.stat().st_mtime_ns
+        try:
+            base = open_backend("file", path=str(base_path), read_only=True)
+            backend = open_cow(base, str(base_path), "/dev/shm", read_only=read_only)
+            try:
+                yield Export(backend, self.flavour, None)
+            finally:
+                backend.close()
+            after = base_path.read_bytes(), base_path.stat().st_mtime_ns
+            assert after == before, "--cow wrote to its base image"
+        finally:
+            base_path.unlink()
 
 
 #: Size of the ``export`` fixture: 1 MiB plus a page, so ranges cross many blocks.

@@ -72,6 +72,11 @@ def require_tool(name: str) -> str:
     return path
 
 
+def run_tool(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a peer tool to completion, capturing its text output (never raises on failure)."""
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+
+
 def require_python3_libnbd() -> str:
     python = "/usr/bin/python3"
     probe = subprocess.run([python, "-c", "import nbd"], capture_output=True, check=False)

@@ -330,6 +330,12 @@ def test_stats_are_counted(make_server: Start) -> None:
     assert snap["bytes"] == {"read": 50, "write": 100}
     assert snap["errors"]["read"] == 1 and snap["errors"]["write"] == 0
     assert sum(snap["latency_us"]["read"]["counts"]) == 2
+    # Sizes of the successful data requests, by power of two: 50 is in [32, 64), 100 in
+    # [64, 128); the failed READ (past the end) is not a size the client got.
+    sizes = snap["size_bytes"]
+    assert sizes["read"]["ge"][6:8] == [32, 64]
+    assert (sizes["read"]["counts"][6], sum(sizes["read"]["counts"])) == (1, 1)
+    assert (sizes["write"]["counts"][7], sum(sizes["write"]["counts"])) == (1, 1)
 
 
 def test_export_name_and_option_errors(make_server: Start) -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from nbdserver.errors import NBDErrno
 from nbdserver.negotiation import Closed
 from nbdserver.protocol import (
+    REQUEST,
     Cmd,
     CmdFlag,
     Extent,
@@ -227,9 +228,12 @@ def test_budget_stops_after_the_command_that_reaches_it() -> None:
 PHASE_TABLE = [
     # (trigger sequence, final phase)
     ((), Phase.OPEN),
-    ((Trigger.SHUTDOWN,), Phase.DRAINING),
-    ((Trigger.SHUTDOWN, Trigger.SHUTDOWN), Phase.DRAINING),
-    ((Trigger.SHUTDOWN, Trigger.DRAINED), Phase.CLOSED),
+    ((Trigger.SHUTDOWN,), Phase.STOPPING),
+    ((Trigger.SHUTDOWN, Trigger.SHUTDOWN), Phase.STOPPING),
+    ((Trigger.SHUTDOWN, Trigger.DRAINED), Phase.STOPPING),  # waits for DISC or DEADLINE
+    ((Trigger.SHUTDOWN, Trigger.DEADLINE), Phase.DRAINING),
+    ((Trigger.SHUTDOWN, Trigger.DEADLINE, Trigger.DRAINED), Phase.CLOSED),
+    ((Trigger.DEADLINE, Trigger.DEADLINE), Phase.DRAINING),
     ((Trigger.LOST,), Phase.CLOSED),
     ((Trigger.SHUTDOWN, Trigger.LOST, Trigger.SHUTDOWN), Phase.CLOSED),
 ]
@@ -241,10 +245,61 @@ def test_phase_table(triggers: tuple[Trigger, ...], final: Phase) -> None:
     for trigger in triggers:
         {
             Trigger.SHUTDOWN: tx.shutdown,
+            Trigger.DEADLINE: tx.deadline,
             Trigger.DRAINED: tx.drained,
             Trigger.LOST: tx.lost,
         }[trigger]()
     assert tx.phase is final
+
+
+def test_stopping_answers_eshutdown_until_the_client_disconnects() -> None:
+    """doc/proto.md: after a server shutdown, "any subsequently received requests SHOULD
+    be ESHUTDOWN"; the client "MUST initiate a soft disconnect"."""
+    tx = Transmission(RW)
+    tx.shutdown()
+    wire = (
+        Request(0, Cmd.READ, 1, 0, 4096).pack()
+        + Request(0, Cmd.WRITE, 2, 0, 8).pack()
+        + b"payload!"
+        + Request(0, Cmd.FLUSH, 3, 0, 0).pack()
+        + Request(0, Cmd.DISC, 4, 0, 0).pack()
+    )
+    events, used = tx.receive(memoryview(wire))
+    assert used == len(wire)
+    rejected = [e for e in events if isinstance(e, Rejected)]
+    assert [(e.cookie, e.error.errno) for e in rejected] == [
+        (1, NBDErrno.ESHUTDOWN),
+        (2, NBDErrno.ESHUTDOWN),
+        (3, NBDErrno.ESHUTDOWN),
+    ]
+    assert isinstance(events[3], Command) and events[3].type == Cmd.DISC
+    assert isinstance(events[4], Closed) and not events[4].violation
+    assert tx.phase is Phase.DRAINING
+    assert tx.receive(memoryview(Request(0, Cmd.READ, 5, 0, 1).pack())) == ([], 0)
+
+
+def test_stopping_skips_a_refused_write_payload_byte_by_byte() -> None:
+    tx = Transmission(RW)
+    tx.shutdown()
+    wire = (
+        Request(0, Cmd.WRITE, 9, 0, 100).pack() + bytes(100) + Request(0, Cmd.DISC, 10, 0, 0).pack()
+    )
+    events: list[object] = []
+    pos = 0
+    for end in range(1, len(wire) + 1):
+        got, used = tx.receive(memoryview(wire[pos:end]))
+        events += got
+        pos += used
+    assert tx.needed == REQUEST.size  # the refused payload was never asked to be buffered
+    assert [type(e).__name__ for e in events] == ["Rejected", "Command", "Closed"]
+
+
+def test_deadline_ends_a_stopping_session() -> None:
+    tx = Transmission(RW)
+    tx.shutdown()
+    tx.deadline()
+    assert tx.phase is Phase.DRAINING
+    assert tx.closed is not None and tx.closed.reason == "shutdown grace period over"
 
 
 def test_every_phase_can_end() -> None:

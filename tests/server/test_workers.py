@@ -70,6 +70,13 @@ def test_two_connections_two_processes_one_export(tmp_path: Path, source: list[s
     assert last["requests"]["read"] == 16
     assert last["bytes"] == {"read": 16 * 65536, "write": 16 * 65536}
     assert sum(last["latency_us"]["read"]["counts"]) == 16
+    # 64 KiB requests from both processes, merged: all in the [64 KiB, 128 KiB) bucket.
+    assert (
+        last["size_bytes"]["write"]["counts"][17]
+        == 16
+        == sum(last["size_bytes"]["write"]["counts"])
+    )
+    assert last["size_bytes"]["write"]["ge"][17] == 65536
     assert lines[-1]["connections"] == {"open": 0, "total": 2}
 
 

@@ -399,6 +399,9 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     assert "[never]" in on_disk["guest"]["settings"]["transparent_hugepage.enabled"]
     stats = on_disk["server"]["stats"]
     assert stats is not None
+    # The swap path's server flags (issue 13): no busy-poll, one process per connection.
+    argv = " ".join(on_disk["server"]["argv"])
+    assert " --poll-us 0 --workers 1 " in argv
     assert stats["totals"]["requests_write"] > 0
     assert stats["totals"]["bytes_write"] > 0
     assert (out / "console.log").stat().st_size > 0
