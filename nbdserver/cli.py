@@ -75,6 +75,7 @@ config file (TOML; command-line flags override only what they set):
   port = 10809
   workers = 2               # default: one per core, at most 4
   max_inflight = "8M"
+  max_connections = 64      # default: no limit
   poll_us = 50              # 0 = never busy-poll
   [[exports]]
   name = "swap"
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight",
         metavar="SIZE",
         help="per-connection bound on unanswered bytes; reading pauses past it (default 8M)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="serve at most N connections at once (all workers together); a client past"
+        " it is refused in the handshake with the reason (NBD_REP_ERR_POLICY) and a"
+        " warning is logged (default: no limit)",
     )
     parser.add_argument(
         "--poll-us",
@@ -355,6 +364,7 @@ async def serve(
         max_inflight_bytes=config.max_inflight,
         poll_us=config.poll_us,
         shutdown_grace=config.shutdown_grace,
+        max_connections=config.max_connections,
     )
     acceptor = Acceptor(server, workers, respawn) if workers else None
     listen: list[dict[str, Any]] = []

@@ -11,6 +11,7 @@ and :class:`ExportConfig` for the meaning of each)::
     log_level = "info"
     workers = 2             # processes serving connections (default: one per core, max 4)
     max_inflight = "8M"     # per-connection bound on unanswered bytes (backpressure)
+    max_connections = 64    # past it new clients are refused at the handshake (default: no limit)
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
 
     [[exports]]
@@ -63,6 +64,7 @@ _SERVER_KEYS: Final = (
     "log_level",
     "workers",
     "max_inflight",
+    "max_connections",
     "poll_us",
     "exports",
     "exit_with_parent",
@@ -127,6 +129,11 @@ class ServerConfig:
     """Per-connection bound, in bytes, on replies queued for sending plus WRITE payloads
     held by pending requests; past it the connection stops reading (pause_reading) until
     the client has taken enough replies."""
+    max_connections: int | None = None
+    """Open connections served at once, counted over all worker processes; past it a new
+    client is refused during the handshake (every option answered NBD_REP_ERR_POLICY
+    with the reason, NBD_OPT_EXPORT_NAME closed) and a warning is logged. None = no limit.
+    """
     poll_us: int = DEFAULT_POLL_US
     """Upper bound, in microseconds, of the adaptive busy-poll window: after answering a
     lone request on the only connection of a process, read the socket for up to this
@@ -254,6 +261,8 @@ def load_file(path: str) -> dict[str, Any]:
         out["workers"] = data["workers"]
     if "poll_us" in data:
         out["poll_us"] = data["poll_us"]
+    if "max_connections" in data:
+        out["max_connections"] = data["max_connections"]
     if "swap_safe" in data:
         if not isinstance(data["swap_safe"], bool):
             raise _type_error(path, "swap_safe", data["swap_safe"], "true or false")
@@ -290,6 +299,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "ready_file",
         "log_level",
         "workers",
+        "max_connections",
         "poll_us",
         "exit_with_parent",
         "fault",
@@ -356,6 +366,14 @@ def check_server(config: ServerConfig) -> None:
         isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64
     ):
         raise ConfigError(f"workers {workers!r} must be a whole number from 1 to 64")
+    limit = config.max_connections
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1_000_000
+    ):
+        raise ConfigError(
+            f"max connections {limit!r} must be a whole number from 1 to 1000000"
+            " (leave it out for no limit)"
+        )
     poll = config.poll_us
     if isinstance(poll, bool) or not isinstance(poll, int) or not 0 <= poll <= MAX_POLL_US:
         raise ConfigError(

@@ -18,7 +18,7 @@ from concurrent.futures import Executor, Future
 from typing import Final
 
 from nbdserver.backends.base import Backend
-from nbdserver.errors import errno_of
+from nbdserver.errors import PartialReply, errno_of
 from nbdserver.fastpath import sendfile_reply
 from nbdserver.protocol import (
     CMD_BLOCK_STATUS,
@@ -174,6 +174,25 @@ class Dispatcher:
         if sent and trailer:
             queue(trailer)
         return sent
+
+    def finish_failed_sendfile(
+        self, c: Command, exc: PartialReply, queue: Callable[[bytes], None]
+    ) -> bool:
+        """End a sendfile reply whose data failed midway with an error the client sees
+        (structured replies); False when only a disconnect can end it (simple replies)."""
+        tail = self._tx.sendfile_failed(c, exc.sent, exc.errno, str(exc))
+        if tail is None:
+            return False
+        self.log.warning(
+            "NBD_CMD_READ at %d+%d failed while sending: %s (%s)",
+            c.offset,
+            c.length,
+            exc,
+            exc.errno.name,
+        )
+        for piece in tail:
+            queue(piece)
+        return True
 
     def failure(self, c: Command, exc: BaseException) -> bytes:
         """A failing backend call becomes an error reply, never a crash."""

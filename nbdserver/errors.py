@@ -51,6 +51,16 @@ class IOFailure(NBDError):
     errno = NBDErrno.EIO
 
 
+class PartialReply(IOFailure):
+    """A read's data failed after its reply header left: ``sent`` bytes of the data are
+    on the wire (raised by the sendfile path; the adapter finishes or drops the reply)."""
+
+    def __init__(self, message: str, sent: int, errno: NBDErrno) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.errno = errno
+
+
 class InvalidRequest(NBDError):
     """Bad offset/length, unknown command or unknown flag."""
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from nbdserver.errors import NBDError, PartialReply, errno_of
 from nbdserver.protocol import CMD_READ
 from nbdserver.transmission import Command, Phase
 
@@ -35,12 +37,18 @@ class ReceiveBuffer:
     Requests are decoded from ``view[start:end]``; WRITE payloads are handed out as
     views into it, so it is only compacted or grown between batches. It grows (once)
     to fit the largest valid WRITE actually received.
+
+    The memory is an anonymous mmap, not a bytearray: its pages cost RAM only once data
+    lands in them (an idle connection holds a page or two, where a zero-filled bytearray
+    held all 256 KiB), and dropping it unmaps them, whereas freed heap memory stays with
+    the process under :func:`tune_allocator`'s trim threshold (docs/performance.md,
+    "malloc"; tests/faults/test_churn.py measures both).
     """
 
     __slots__ = ("buf", "end", "start", "view")
 
     def __init__(self, size: int) -> None:
-        self.buf = bytearray(size)
+        self.buf: mmap.mmap | bytearray = mmap.mmap(-1, size)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
@@ -57,7 +65,7 @@ class ReceiveBuffer:
             if len(self.buf) < needed:
                 # A WRITE larger than the buffer: grow once to fit it (bounded by the
                 # validated max block size, as invalid WRITEs are skipped, not buffered).
-                new = bytearray(needed + MIN_FREE)
+                new = mmap.mmap(-1, needed + MIN_FREE)
                 new[:pending] = self.view[:pending]
                 self.view.release()
                 self.buf = new
@@ -122,24 +130,32 @@ def sendfile_reply(
     read with ``pread``. See docs/performance.md, "sendfile".
 
     Returns False when nothing was sent (the socket is full: use the buffered path).
-    Raises OSError once part of the reply may be on the wire (the stream is lost).
+    Raises :class:`~nbdserver.errors.PartialReply` when reading the data fails after the
+    header left (how many data bytes are out is in it), OSError when the socket fails.
     """
     try:
         n = os.write(fd, header)
     except BlockingIOError:
         return False
     sent = 0
-    if n < len(header):
-        queue(header[n:])
-    else:
-        with contextlib.suppress(BlockingIOError):
-            while sent < length:
-                k = os.sendfile(fd, source, offset + sent, length - sent)
-                if k == 0:
-                    break
-                sent += k
-    if sent < length:
-        queue(pread(offset + sent, length - sent))
+    try:
+        if n < len(header):
+            queue(header[n:])
+        else:
+            with contextlib.suppress(BlockingIOError):
+                while sent < length:
+                    k = os.sendfile(fd, source, offset + sent, length - sent)
+                    if k == 0:  # the file ended early (it shrank): pread says why
+                        break
+                    sent += k
+        if sent < length:
+            queue(pread(offset + sent, length - sent))
+    except ConnectionError:
+        raise  # the socket is gone: nothing to finish
+    except (OSError, NBDError) as exc:
+        raise PartialReply(
+            f"read failed after {sent} of {length} bytes were sent: {exc}", sent, errno_of(exc)
+        ) from exc
     return True
 
 
@@ -200,6 +216,13 @@ def sendfile_read(conn: Connection, c: Command, t0: int) -> bool:
     try:
         if not dispatcher.sendfile(c, conn.fd, transport.write):
             return False
+    except PartialReply as exc:
+        export.stats.record(CMD_READ, 0, time.perf_counter_ns() - t0, True)
+        if dispatcher.finish_failed_sendfile(c, exc, transport.write):
+            return True  # an error reply, and the connection goes on
+        conn.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
+        transport.abort()  # a simple reply's header promised the data
+        return True
     except OSError as exc:
         # Part of the reply may be on the wire: the stream cannot be resumed.
         conn.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)

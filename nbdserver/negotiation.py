@@ -182,6 +182,7 @@ class Trigger(enum.Enum):
     GO = enum.auto()
     ABORT = enum.auto()
     VIOLATION = enum.auto()
+    REFUSED = enum.auto()
 
 
 #: The handshake as a table: (phase, trigger) -> next phase.
@@ -195,6 +196,7 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Trigger], Phase]] = {
     (Phase.OPTION_DATA, Trigger.GO): Phase.TRANSMISSION,
     (Phase.OPTION_DATA, Trigger.ABORT): Phase.CLOSED,
     (Phase.OPTION_DATA, Trigger.VIOLATION): Phase.CLOSED,
+    (Phase.OPTION_DATA, Trigger.REFUSED): Phase.CLOSED,
     (Phase.DISCARD, Trigger.DISCARD_DONE): Phase.OPTION_HEADER,
 }
 
@@ -211,10 +213,17 @@ class _OptionFailed(Exception):
 class Negotiation:
     """Server side of the fixed-newstyle handshake for one connection."""
 
-    def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], *, refusal: str | None = None) -> None:
+        """Args:
+        exports: the exports by name.
+        refusal: set when the server will not serve this connection (e.g. past
+            ``--max-connections``): every option but NBD_OPT_ABORT is then answered
+            NBD_REP_ERR_POLICY with this text, and NBD_OPT_EXPORT_NAME closes.
+        """
         if not exports:
             raise ValueError("at least one export is needed")
         self._exports = dict(exports)
+        self.refusal = refusal
         # "A special, "empty", name ... is reserved for a "default" export"
         # (doc/proto.md NBD_OPT_EXPORT_NAME). Only an export actually named "" is the
         # default: a client that gives no name must never land on a named export, or a
@@ -346,7 +355,13 @@ class Negotiation:
         try:
             name = raw_name.decode("utf-8")
         except UnicodeDecodeError:
-            raise _OptionFailed(Rep.ERR_INVALID, "export name is not valid UTF-8") from None
+            # "a string ... is a sequence of UTF-8 code points" (doc/proto.md
+            # "Conventions"): the option is syntactically invalid. The message shows the
+            # bytes escaped, so it is readable text in the client's error and our log.
+            shown = raw_name[:64].decode("utf-8", "backslashreplace")
+            raise _OptionFailed(
+                Rep.ERR_INVALID, f"export name '{shown}' is not valid UTF-8"
+            ) from None
         export = self._exports.get(name)
         if export is None:
             raise _OptionFailed(Rep.ERR_UNKNOWN, f"no export named {name!r} on this server")
@@ -377,6 +392,9 @@ class Negotiation:
         )
 
     def _handle_option(self, option: int, data: bytes, events: list[Event]) -> None:
+        if self.refusal is not None and option != Opt.ABORT:
+            self._refuse(option, events)
+            return
         if option == Opt.EXPORT_NAME:
             try:
                 export = self._lookup(data)
@@ -416,6 +434,22 @@ class Negotiation:
         else:
             self._go(Trigger.OPTION_DONE)
             events.append(OptionHandled(option, Rep.ACK))
+
+    def _refuse(self, option: int, events: list[Event]) -> None:
+        assert self.refusal is not None
+        if option == Opt.EXPORT_NAME:
+            # It cannot carry an error: "the server MUST terminate the session"
+            # (doc/proto.md NBD_OPT_EXPORT_NAME).
+            self._go(Trigger.REFUSED)
+            events.append(Closed(f"NBD_OPT_EXPORT_NAME refused: {self.refusal}", False))
+            return
+        # "it MUST ... simply error inbound options until the client gets the hint that
+        # it is unwelcome" (doc/proto.md "Termination of the session during option
+        # haggling"); ERR_POLICY: "server-side policy forbids the server to allow the
+        # option".
+        self._reply(option, Rep.ERR_POLICY, self.refusal.encode())
+        self._go(Trigger.OPTION_DONE)
+        events.append(OptionHandled(option, Rep.ERR_POLICY, self.refusal))
 
     # --- individual options (return an export to enter transmission) ---------------
     def _opt_list(self, option: int, data: bytes) -> ExportInfo | None:

@@ -197,6 +197,7 @@ OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")  # STRUCTURED_HEADER + the data's 
 OFFSET_HOLE_PAYLOAD = struct.Struct(">QI")
 ERROR_PAYLOAD = struct.Struct(">IH")
 U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
 U16 = struct.Struct(">H")
 BLOCK_DESCRIPTOR = struct.Struct(">II")  # extent length, status flags
 
@@ -265,6 +266,14 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     text = message.encode("utf-8", "replace")[:MAX_STRING]
     payload = ERROR_PAYLOAD.pack(error, len(text)) + text
     return chunk_header(_DONE, ReplyType.ERROR, cookie, len(payload)) + payload
+
+
+def error_offset_chunk(cookie: int, error: int, offset: int, message: str = "") -> bytes:
+    """NBD_REPLY_TYPE_ERROR_OFFSET (with DONE): "an error occurred at a given offset",
+    which lets the client keep the data before it (doc/proto.md "Structured reply types")."""
+    text = message.encode("utf-8", "replace")[:MAX_STRING]
+    payload = ERROR_PAYLOAD.pack(error, len(text)) + text + U64.pack(offset)
+    return chunk_header(_DONE, ReplyType.ERROR_OFFSET, cookie, len(payload)) + payload
 
 
 def block_status_chunk(

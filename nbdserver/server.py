@@ -101,6 +101,7 @@ class NBDServer:
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         poll_us: int = DEFAULT_POLL_US,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        max_connections: int | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -112,6 +113,8 @@ class NBDServer:
         self.poll_ns = poll_us * 1000
         self.shutdown_grace = shutdown_grace
         self.connections: set[Connection] = set()
+        #: --max-connections: past it a new connection is refused (see _refusal).
+        self.max_connections = max_connections
         self.total_connections = 0
         self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
@@ -130,10 +133,11 @@ class NBDServer:
         self._servers.append(srv)
         return [sock.getsockname()[:2] for sock in srv.sockets]
 
-    async def adopt(self, sock: socket.socket) -> None:
-        """Serve a connection accepted elsewhere (handed over by the worker pool)."""
+    async def adopt(self, sock: socket.socket, *, refuse: bool = False) -> None:
+        """Serve a connection accepted elsewhere (handed over by the worker pool), or
+        with ``refuse`` only tell it the server is full (the pool counts the limit)."""
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(self._factory, sock)
+        await loop.connect_accepted_socket(lambda: Connection(self, refuse=refuse), sock)
 
     async def adopt_listener(self, sock: socket.socket) -> None:
         """Serve on a listening socket bound by someone else (socket activation)."""
@@ -154,11 +158,20 @@ class NBDServer:
         self.total_connections += 1
         self._idle.clear()
 
+    def _refusal(self, conn: Connection) -> str | None:
+        """Why ``conn`` (just opened) is refused, or None when it is served."""
+        limit = self.max_connections
+        if not conn.refused and (
+            limit is None or sum(not c.refused for c in self.connections) <= limit
+        ):
+            return None
+        return f"server is at its connection limit (--max-connections {limit}); try again later"
+
     def _closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self._idle.set()
-        if self.on_connection_closed is not None:
+        if self.on_connection_closed is not None and not conn.refused:
             self.on_connection_closed()
 
     async def shutdown(self) -> None:
@@ -243,8 +256,10 @@ def _socket_setup(transport: asyncio.Transport) -> tuple[str, int]:
 class Connection(asyncio.BufferedProtocol):
     """One client: handshake, then requests."""
 
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: NBDServer, *, refuse: bool = False) -> None:
         self.server = server
+        #: Past --max-connections: the handshake only says so (Negotiation refusal).
+        self.refused = refuse
         self.id = next(_next_id)
         self.peer = "?"
         self.log = _ConnectionLog(logger, self)
@@ -279,6 +294,11 @@ class Connection(asyncio.BufferedProtocol):
         if self.server.closing:
             transport.close()
             return
+        refusal = self.server._refusal(self)
+        if refusal is not None:
+            self.refused = True
+            self.log.warning("refusing the connection: %s", refusal)
+            self._negotiation = Negotiation(self.server.export_infos, refusal=refusal)
         assert self._negotiation is not None
         transport.write(self._negotiation.data_to_send())
 

@@ -67,6 +67,7 @@ from nbdserver.protocol import (
     block_status_chunk,
     done_chunk,
     error_chunk,
+    error_offset_chunk,
     offset_data_header,
     offset_hole_chunk,
     simple_reply,
@@ -509,6 +510,22 @@ class Transmission:
         if self.session.structured:
             return offset_data_header(c.cookie, c.offset, c.length, False), done_chunk(c.cookie)
         return simple_reply(c.cookie), b""
+
+    def sendfile_failed(
+        self, c: Command, sent: int, errno: int, message: str
+    ) -> list[bytes] | None:
+        """What ends a structured sendfile reply whose data failed after ``sent`` bytes:
+        zero padding for the rest of the OFFSET_DATA chunk, then an ERROR_OFFSET chunk
+        with DONE at the first byte not sent. "If an error is detected, the server MUST
+        still complete the transmission of any current chunk (it MUST use padding bytes
+        which SHOULD be zero ...). The server MUST include an error chunk" (doc/proto.md
+        NBD_CMD_READ, "Structured replies"). None with simple replies: "the server MUST
+        immediately initiate a hard disconnect" once a zero-error header left.
+        """
+        if not self.session.structured:
+            return None
+        at = c.offset + sent
+        return [bytes(c.length - sent), error_offset_chunk(c.cookie, errno, at, message)]
 
     def block_status_reply(self, c: Command, extents: Sequence[Extent]) -> bytes:
         """The base:allocation reply to NBD_CMD_BLOCK_STATUS from the backend's extents."""

@@ -489,6 +489,12 @@ class Acceptor:
         logger.debug(
             "hand-out: loads %s", [self.own_load, *(w.load for w in self.workers if w.alive)]
         )
+        limit = self.server.max_connections
+        if limit is not None and self.open_connections >= limit:
+            # The limit counts every process's connections, which only this one knows:
+            # it tells the client itself (NBDServer._refusal) and counts it nowhere.
+            self._serve_here(conn, refuse=True)
+            return
         target: Worker | None = None
         best = self.own_load
         for worker in self.workers:
@@ -505,17 +511,21 @@ class Acceptor:
                 conn.close()
                 return
         self.own_load += 1
+        self._serve_here(conn, refuse=False)
+
+    def _serve_here(self, conn: socket.socket, *, refuse: bool) -> None:
         conn.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self._adopt(conn))
+        task = asyncio.get_running_loop().create_task(self._adopt(conn, refuse))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _adopt(self, conn: socket.socket) -> None:
+    async def _adopt(self, conn: socket.socket, refuse: bool) -> None:
         try:
-            await self.server.adopt(conn)
+            await self.server.adopt(conn, refuse=refuse)
         except OSError as exc:
             logger.warning("cannot serve an accepted connection: %s", exc)
-            self.own_load -= 1
+            if not refuse:
+                self.own_load -= 1
             conn.close()
 
     def _own_closed(self) -> None:
