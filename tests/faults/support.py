@@ -1,8 +1,9 @@
 """Helpers of the fault tests: health checks, descriptor and RSS counts, quick clients.
 
-"Healthy" is stricter than "still answers": the log has no traceback and no asyncio
-"Fatal error" (a handler that crashed closes only its connection, which looks like a
-clean close), and the process and every worker process are alive.
+"Healthy" is stricter than "still answers": the log shows no crash (tests/server/
+crashwatch.py: a traceback, asyncio's "Fatal error" - a handler that crashed closes only
+its connection, which looks like a clean close - or a dead worker), and the process and
+every worker process are alive.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ import os
 from pathlib import Path
 
 import psutil
+from server.crashwatch import crash_lines
 from server.nbdtest import RawClient, ServerProcess
 
 from nbdserver.protocol import Cmd, StructuredChunk
-
-#: Log lines that mean a handler crashed (asyncio logs an exception in a protocol
-#: callback as "Fatal error on transport/protocol").
-CRASH_MARKERS = ("Traceback", "Fatal error")
 
 
 def processes(srv: ServerProcess) -> list[psutil.Process]:
@@ -29,8 +27,8 @@ def processes(srv: ServerProcess) -> list[psutil.Process]:
 def assert_healthy(srv: ServerProcess, workers: int | None = None) -> None:
     """No crash in the log; the server (and ``workers`` processes in all) alive."""
     log = srv.log()
-    for marker in CRASH_MARKERS:
-        assert marker not in log, f"server log has {marker!r}:\n{log[-4000:]}"
+    bad = crash_lines(log)
+    assert not bad, f"server log shows a crash: {bad[:5]}\n{log[-4000:]}"
     assert srv.alive(), f"server exited {srv.proc.returncode}:\n{log[-4000:]}"
     procs = processes(srv)
     assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs), procs
