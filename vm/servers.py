@@ -34,6 +34,7 @@ daemon, which forks away from both, is watched by a ``vm.lifeline`` guard proces
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -434,6 +435,13 @@ def start_server(how: Launch) -> RunningServer:
     if how.backing == "memory" and how.kind in ("nbd-server", "qemu-nbd"):
         raise ServerError(f"{how.kind} only serves files; use the file backing")
     require_tool("nbdinfo")
+    # nbd-server daemonizes into "/": a relative config, pid file or export path (a
+    # matrix run with --out results/x) would name files it can never find.
+    how = dataclasses.replace(
+        how,
+        workdir=how.workdir.resolve(),
+        path=None if how.path is None else how.path.resolve(),
+    )
     exe = list(how.nbd_serve or nbd_serve_command()) if how.kind == "nbd-serve" else None
     if exe is None:
         exe = [require_tool(how.kind)]

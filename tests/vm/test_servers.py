@@ -78,6 +78,24 @@ def test_launch_answers_only_the_random_export_on_loopback(
 
 
 @pytest.mark.parametrize("kind", servers.SERVER_KINDS)
+def test_launch_from_a_relative_workdir(
+    kind: servers.ServerKind,
+    tmp_path: Path,
+    launched: list[servers.RunningServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A matrix run with --out results/x passes relative paths; nbd-server daemonizes into
+    # "/" and never found its pid file (every nbd-server run of a matrix was an error).
+    require("nbdinfo", "libnbd-bin")
+    monkeypatch.chdir(tmp_path)
+    server = servers.launch_server(kind, SIZE, Path("results") / "run")
+    launched.append(server)
+    ok = nbdinfo(server.uri)
+    assert (ok.returncode, ok.stdout.strip()) == (0, str(SIZE)), ok.stderr
+    assert server.pid > 1 and servers.pid_listens(server.pid, "127.0.0.1", server.port)
+
+
+@pytest.mark.parametrize("kind", servers.SERVER_KINDS)
 def test_default_export_is_refused(
     kind: servers.ServerKind, tmp_path: Path, launched: list[servers.RunningServer]
 ) -> None:
