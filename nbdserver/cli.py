@@ -29,8 +29,10 @@ from nbdserver.backends.base import Backend
 from nbdserver.backends.fault import FaultBackend, parse_fault
 from nbdserver.config import ServerConfig, build_config, log_level_number
 from nbdserver.errors import ConfigError
+from nbdserver.exposure import startup_warnings
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
 from nbdserver.stats import StatsWriter, stats_line
+from nbdserver.tls import server_context
 from nbdserver.workers import (
     Acceptor,
     default_workers,
@@ -55,6 +57,12 @@ examples:
       listen on a Unix socket only (add --port to listen on TCP as well)
   nbd-serve --config exports.toml --stats stats.jsonl --stats-interval 0.5
       several exports from a TOML file, statistics as JSON lines every 0.5 s
+  nbd-serve --tls require --tls-cert server-cert.pem --tls-key server-key.pem \
+            --tls-ca ca-cert.pem --memory 1G
+      TLS only (NBD_OPT_STARTTLS), and only for clients with a certificate signed by
+      ca-cert.pem; then: nbdinfo 'nbds://127.0.0.1:10809/?tls-certificates=DIR'
+  nbd-serve --bind 0.0.0.0 --allow 10.0.0.0/8,192.168.1.7 --memory 1G
+      listen on every address but serve the export only to those clients
   nbd-serve --workers 4 --max-inflight 16M /dev/shm/disk.img
       four processes serve the connections (multi-conn clients spread over cores);
       each connection stops reading once 16 MiB of replies wait to be sent
@@ -71,6 +79,14 @@ config file (TOML; command-line flags override only what they set):
   size = "1G"
   description = "RAM disk"
   read_only = false
+  swap = false              # true: a client swaps on it (warned about under TLS)
+  allow = ["127.0.0.1", "10.0.0.0/8"]   # default: every client
+  # server keys for TLS: tls = "off"|"on"|"require", tls_cert, tls_key, tls_ca
+
+security: nbd-serve listens on 127.0.0.1 unless told otherwise, and warns when it
+listens elsewhere without TLS and without allow-lists. --tls on lets clients upgrade
+with NBD_OPT_STARTTLS; --tls require refuses every option before it
+(NBD_REP_ERR_TLS_REQD). With --tls-ca, clients need a certificate signed by that CA.
 
 workers: the first process listens and hands each new connection to the process with
 the fewest connections; all share the export's file or RAM disk, so FLUSH/FUA effects
@@ -102,6 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", metavar="NAME", help='export name (default "")')
     parser.add_argument("--description", metavar="TEXT", help="export description")
     parser.add_argument("--read-only", action="store_true", help="refuse writes (EPERM)")
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="ADDR[,ADDR...]",
+        help="serve the export only to these client IPs or CIDR networks (repeatable;"
+        " default: every client); others get NBD_REP_ERR_POLICY",
+    )
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        help="off (default): no TLS; on: clients may upgrade with STARTTLS; require:"
+        " plaintext clients are refused (NBD_REP_ERR_TLS_REQD)",
+    )
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificates; clients must present a certificate signed by one of them",
+    )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with server settings and exports"
     )
@@ -161,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         config = build_config(vars(args))
+        ssl_context = (
+            server_context(config.tls_cert, config.tls_key, config.tls_ca)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
     except ConfigError as exc:
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
@@ -169,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for warning in startup_warnings(config):
+        logger.warning("%s", warning)
     try:
         activated = listening_sockets(activation_fds(os.environ, os.getpid()))
     except ActivationError as exc:

@@ -1,0 +1,79 @@
+"""The server's TLS context (stdlib :mod:`ssl`), built once at startup from ``--tls-cert``,
+``--tls-key`` and ``--tls-ca``.
+
+Every problem with those files becomes a :class:`~nbdserver.errors.ConfigError` that names
+the file and says what to do, so ``nbd-serve`` exits 2 before it listens instead of
+failing each client's handshake later.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+from nbdserver.errors import ConfigError
+
+_CERT_MARK = b"-----BEGIN CERTIFICATE-----"
+_KEY_MARK = b"PRIVATE KEY-----"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} file {path!r} is a directory; give the PEM file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path!r}: {exc.strerror}") from None
+
+
+def server_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` for the server side of NBD_OPT_STARTTLS.
+
+    Args:
+        cert: PEM file with the server certificate (and any intermediates).
+        key: PEM file with its unencrypted private key.
+        ca: PEM file (or OpenSSL hashed directory) of CAs that sign client certificates;
+            when given, a client without such a certificate fails the handshake.
+
+    Raises:
+        ConfigError: a file is missing, unreadable, not PEM, or the key does not match.
+    """
+    if _CERT_MARK not in _read(cert, "TLS certificate"):
+        raise ConfigError(
+            f"TLS certificate file {cert!r} holds no PEM certificate ({_CERT_MARK!r})"
+        )
+    if _KEY_MARK not in _read(key, "TLS key"):
+        raise ConfigError(f"TLS key file {key!r} holds no PEM private key")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # "NBD implementations supporting TLS MUST support TLS version 1.2 ... MAY support
+    # older versions but SHOULD NOT do so by default" (doc/proto.md "TLS versions").
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    def no_passphrase() -> str:
+        raise ConfigError(
+            f"TLS key file {key!r} is encrypted; nbd-serve needs an unencrypted key"
+            f" (e.g. openssl pkey -in {key} -out plain-key.pem, then chmod 600 it)"
+        )
+
+    try:
+        ctx.load_cert_chain(cert, key, password=no_passphrase)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"cannot use TLS certificate {cert!r} with key {key!r}: {exc.reason or exc};"
+            " check that both are PEM and that the key belongs to the certificate"
+        ) from None
+    if ca is not None:
+        try:
+            if os.path.isdir(ca):
+                ctx.load_verify_locations(capath=ca)
+            else:
+                if _CERT_MARK not in _read(ca, "TLS CA"):
+                    raise ConfigError(f"TLS CA file {ca!r} holds no PEM certificate")
+                ctx.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"cannot load TLS CA file {ca!r}: {exc.reason or exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
