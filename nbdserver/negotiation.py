@@ -340,11 +340,6 @@ class Negotiation:
         if self._in_phase(Phase.TRANSMISSION):
             self.trailing_data = bytes(self._in)
             self._in.clear()
-        elif self._in_phase(Phase.TLS_HANDSHAKE) and self._in:
-            # "After an NBD_REP_ACK reply has been sent ... all further data MUST be sent
-            # and received over TLS" (doc/proto.md "FORCEDTLS mode"); the client must wait
-            # for the ACK, so bytes already here are plaintext it had no right to send.
-            self._violation(events, f"{len(self._in)} plaintext bytes after NBD_OPT_STARTTLS")
         return events
 
     def tls_established(self) -> None:
@@ -559,7 +554,14 @@ class Negotiation:
         if option == Opt.STARTTLS:
             self._go(Trigger.STARTTLS)
             events.append(OptionHandled(option, Rep.ACK))
-            events.append(StartTLS())
+            if self._in:
+                # "After an NBD_REP_ACK reply has been sent ... all further data MUST be
+                # sent and received over TLS" (doc/proto.md "FORCEDTLS mode"); the client
+                # must wait for the ACK, so bytes already here are plaintext it had no
+                # right to send: no handshake is started.
+                self._violation(events, f"{len(self._in)} plaintext bytes after NBD_OPT_STARTTLS")
+            else:
+                events.append(StartTLS())
         elif go is not None:
             self._ready(go, events)
         else:

@@ -157,6 +157,7 @@ def test_plaintext_after_starttls_is_a_violation() -> None:
     events, rs = run(neg, HELLO + opt(Opt.STARTTLS) + GO_OPEN, False)
     assert kinds(rs) == [Rep.ACK]
     assert isinstance(events[-1], Closed) and events[-1].violation
+    assert not any(isinstance(e, StartTLS) for e in events)  # no handshake is started
     assert neg.phase is Phase.CLOSED
 
 
