@@ -54,7 +54,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 #: Default bound on one connection's in-flight bytes (nbdserver.server.Connection._process):
 #: eight 1 MiB replies, what a QD8 1 MiB reader keeps outstanding.
 DEFAULT_MAX_INFLIGHT_BYTES: Final = 8 * 1024 * 1024
-#: Default upper bound of the adaptive poll window, in µs (nbdserver.server.Connection._poll).
+#: Default upper bound of the adaptive poll window, in µs (nbdserver.fastpath.busy_poll).
 DEFAULT_POLL_US: Final = 50
 #: Longest busy-poll window accepted: polling spins a core, so it stays short.
 MAX_POLL_US: Final = 10_000
@@ -148,7 +148,8 @@ class ServerConfig:
     poll_us: int = DEFAULT_POLL_US
     """Upper bound, in microseconds, of the adaptive busy-poll window: after answering a
     lone request on the only connection of a process, read the socket for up to this
-    long before going back to the event loop (0 = never poll). See Connection._poll."""
+    long before going back to the event loop (0 = never poll). See
+    nbdserver.fastpath.busy_poll."""
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""

@@ -20,7 +20,19 @@ from typing import Final
 from nbdserver.backends.base import Backend
 from nbdserver.errors import errno_of
 from nbdserver.fastpath import sendfile_reply
-from nbdserver.protocol import Cmd, CmdFlag
+from nbdserver.protocol import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+    Cmd,
+)
 from nbdserver.transmission import Command, Transmission
 
 #: Reads at least this long leave by sendfile or run in the pool, and simple-reply ones
@@ -29,17 +41,6 @@ LARGE_READ: Final = 256 * 1024
 
 #: What a command produces for the wire: one buffer, or several for a vectored write.
 Reply = bytes | bytearray | list[bytes | bytearray | memoryview]
-
-_FUA: Final = int(CmdFlag.FUA)
-_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
-_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
-_READ: Final = int(Cmd.READ)
-_WRITE: Final = int(Cmd.WRITE)
-_FLUSH: Final = int(Cmd.FLUSH)
-_TRIM: Final = int(Cmd.TRIM)
-_WRITE_ZEROES: Final = int(Cmd.WRITE_ZEROES)
-_CACHE: Final = int(Cmd.CACHE)
-_BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
 
 
 class Dispatcher:
@@ -71,26 +72,26 @@ class Dispatcher:
         self.never_blocks = caps.never_blocks
         #: Flags that send a WRITE to the pool: FUA (a durable write may wait), unless
         #: nothing can block.
-        self.pool_write_flags = 0 if caps.never_blocks else _FUA
+        self.pool_write_flags = 0 if caps.never_blocks else FLAG_FUA
         self._extents = caps.extents
 
     def inline(self, c: Command) -> bool:
         """Whether ``c`` may run on the event loop (see the module docstring)."""
         t = c.type
-        if t == _READ:
+        if t == CMD_READ:
             return c.length < LARGE_READ
         if self.never_blocks:
             return True
-        if t == _WRITE:
+        if t == CMD_WRITE:
             return not c.flags & self.pool_write_flags
-        return t == _BLOCK_STATUS
+        return t == CMD_BLOCK_STATUS
 
     def execute(self, c: Command, payload: bytes | memoryview | None) -> Reply:
         """Run one validated command; return its reply. Backend errors propagate (see
         :meth:`failure`). Called on the loop or on a pool thread."""
         t = c.type
         backend = self.backend
-        if t == _READ:
+        if t == CMD_READ:
             length = c.length
             prefix = self._read_prefix(c)
             if prefix is not None and length < LARGE_READ:
@@ -104,25 +105,25 @@ class Dispatcher:
             # os.pread allocates without zero-filling; the core frames what it returned.
             data = backend.pread(c.offset, length) if length else b""
             return self._read_reply(c, data)
-        fua = bool(c.flags & _FUA)
-        if t == _WRITE:
+        fua = bool(c.flags & FLAG_FUA)
+        if t == CMD_WRITE:
             assert payload is not None
             backend.pwrite(payload, c.offset, fua)
-        elif t == _FLUSH:
+        elif t == CMD_FLUSH:
             backend.flush()
-        elif t == _TRIM:
+        elif t == CMD_TRIM:
             backend.trim(c.offset, c.length, fua)
-        elif t == _WRITE_ZEROES:
+        elif t == CMD_WRITE_ZEROES:
             backend.zero(
                 c.offset,
                 c.length,
-                may_trim=not c.flags & _NO_HOLE,
-                fast=bool(c.flags & _FAST_ZERO),
+                may_trim=not c.flags & FLAG_NO_HOLE,
+                fast=bool(c.flags & FLAG_FAST_ZERO),
                 fua=fua,
             )
-        elif t == _CACHE:
+        elif t == CMD_CACHE:
             backend.cache(c.offset, c.length)
-        elif t == _BLOCK_STATUS:
+        elif t == CMD_BLOCK_STATUS:
             extents = backend.extents(c.offset, c.length) if self._extents else []
             return self._tx.block_status_reply(c, extents)
         else:  # pragma: no cover - validate() rejects everything else
@@ -144,7 +145,7 @@ class Dispatcher:
         # current callback returns: the pool gets a copy and the command no view at all.
         payload = bytes(c.payload) if c.payload is not None else None
         c = dataclasses.replace(c, payload=None)
-        held = c.length if payload is not None or c.type == _READ else 0
+        held = c.length if payload is not None or c.type == CMD_READ else 0
         future = executor.submit(self.execute, c, payload)
         loop = asyncio.get_running_loop()
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(done, c, f, t0, held))

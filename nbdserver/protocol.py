@@ -138,6 +138,24 @@ class CmdFlag(enum.IntFlag):
     PAYLOAD_LEN = 1 << 5
 
 
+# Plain-int copies for the per-request paths, where comparing with an enum member costs
+# more (docs/performance.md, "Decoder").
+CMD_READ: Final = int(Cmd.READ)
+CMD_WRITE: Final = int(Cmd.WRITE)
+CMD_DISC: Final = int(Cmd.DISC)
+CMD_FLUSH: Final = int(Cmd.FLUSH)
+CMD_TRIM: Final = int(Cmd.TRIM)
+CMD_CACHE: Final = int(Cmd.CACHE)
+CMD_WRITE_ZEROES: Final = int(Cmd.WRITE_ZEROES)
+CMD_BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
+CMD_RESIZE: Final = int(Cmd.RESIZE)
+FLAG_FUA: Final = int(CmdFlag.FUA)
+FLAG_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
+FLAG_DF: Final = int(CmdFlag.DF)
+FLAG_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
+FLAG_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
+
+
 class ReplyFlag(enum.IntFlag):
     """Structured reply flags (NBD_REPLY_FLAG_*)."""
 

@@ -11,13 +11,15 @@ every reply; the adapter only moves bytes.
 
 The pieces, each small and named: :class:`~nbdserver.dispatch.Dispatcher` runs commands
 against the backend, inline or in the thread pool as the backend's capabilities allow;
-:class:`~nbdserver.policy.FlowControl` bounds in-flight bytes and requests
+:class:`~nbdserver.flow.TransportFlow` bounds in-flight bytes and requests
 (``--max-inflight``) by pausing reads; :class:`~nbdserver.policy.PollWindow` sizes the
-busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds the poll
-loop and sendfile. Replies of one decoded batch leave in one vectored write; pool replies
-go out whenever they complete, matched to the request by its cookie: the "completion
-order" of doc/proto.md, "Replies need not be sent in the same order as requests". The
-measured reasons behind each fast path are in docs/performance.md.
+busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds the receive
+buffer and two of the connection's steps, :func:`~nbdserver.fastpath.busy_poll` and
+:func:`~nbdserver.fastpath.sendfile_read`. Replies of one decoded batch leave in one
+vectored write; pool replies go out whenever they complete, matched to the request by
+its cookie: the "completion order" of doc/proto.md, "Replies need not be sent in the same
+order as requests". The measured reasons behind each fast path are in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from typing import Any, Final, cast
 from nbdserver.backends.base import Backend
 from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US
 from nbdserver.dispatch import LARGE_READ, Dispatcher, Reply
-from nbdserver.fastpath import ReceiveBuffer, poll_read, tune_allocator
+from nbdserver.fastpath import ReceiveBuffer, busy_poll, sendfile_read, tune_allocator
+from nbdserver.flow import TransportFlow
 from nbdserver.negotiation import (
     Closed,
     ExportInfo,
@@ -44,8 +47,8 @@ from nbdserver.negotiation import (
     Ready,
     transmission_flags,
 )
-from nbdserver.policy import FlowControl, PollWindow
-from nbdserver.protocol import Cmd, Opt, Rep, TransmissionFlag
+from nbdserver.policy import PollWindow
+from nbdserver.protocol import CMD_DISC, CMD_READ, CMD_WRITE, Opt, Rep, TransmissionFlag
 from nbdserver.stats import ExportStats
 from nbdserver.transmission import Command, Phase, Rejected, Session, Transmission
 
@@ -57,9 +60,6 @@ logger = logging.getLogger(__name__)
 #: the largest WRITE actually received.
 INITIAL_BUFFER: Final = 256 * 1024
 
-_READ: Final = int(Cmd.READ)
-_WRITE: Final = int(Cmd.WRITE)
-_DISC: Final = int(Cmd.DISC)
 _OPEN: Final = Phase.OPEN
 
 _next_id = itertools.count(1)
@@ -233,28 +233,28 @@ class Connection(asyncio.BufferedProtocol):
         self.peer = "?"
         self.log = _ConnectionLog(logger, self)
         self.transport: asyncio.Transport | None = None
-        self._rx = ReceiveBuffer(INITIAL_BUFFER)
+        self.rx = ReceiveBuffer(INITIAL_BUFFER)
         self._negotiation: Negotiation | None = Negotiation(server.export_infos)
         self.tx: Transmission | None = None
-        self._export: Export | None = None
-        self._dispatcher: Dispatcher | None = None
-        self.flow = FlowControl(server.max_inflight_requests, server.max_inflight_bytes)
-        self._poll_window = PollWindow(server.poll_ns)
-        self._lost = False  # connection_lost was called
+        self.export: Export | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.flow = TransportFlow(server.max_inflight_requests, server.max_inflight_bytes)
+        self.poll_window = PollWindow(server.poll_ns)
+        self.lost = False  # connection_lost was called
         self._processing = False
         #: Replies collected during one decoded batch (None outside _process).
-        self._batch: list[bytes | bytearray | memoryview] | None = None
+        self.batch: list[bytes | bytearray | memoryview] | None = None
         #: The socket, for the poll loop and sendfile (-1: no socket, no fast paths).
-        self._fd = -1
+        self.fd = -1
         #: Events in the last decoded batch (polling follows lone requests only).
-        self._batch_size = 0
+        self.batch_size = 0
 
     # --- asyncio callbacks -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        self.peer, self._fd = _socket_setup(transport)
+        self.transport = self.flow.transport = transport
+        self.peer, self.fd = _socket_setup(transport)
         # pause_writing fires exactly when queued replies pass the in-flight bound, so
         # a connection that stopped decoding at the bound is always resumed.
         limit = self.server.max_inflight_bytes
@@ -267,12 +267,13 @@ class Connection(asyncio.BufferedProtocol):
         transport.write(self._negotiation.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
+        self.lost = True
+        self.flow.transport = None
         if self.tx is not None:
             self.tx.lost()
         # The connection and its log adapter form a reference cycle, which only a full
         # collection frees: drop the receive buffer now (bench/ saw RSS grow run by run).
-        self._rx.release()
+        self.rx.release()
         if exc is not None:
             self.log.debug("connection lost: %s", exc)
         self.server._closed(self)
@@ -283,32 +284,32 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.flow.write_paused = True
-        self._update_reading()
+        self.flow.update_reading()
 
     def resume_writing(self) -> None:
         self.flow.write_paused = False
         self._process()
-        self._update_reading()
+        self.flow.update_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rx.space(self.tx.needed if self.tx is not None else 0)
+        return self.rx.space(self.tx.needed if self.tx is not None else 0)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._rx.end += nbytes
+        self.rx.end += nbytes
         if self._negotiation is not None:
             self._negotiate()
-        if self.tx is not None and not self._lost:
-            if self._poll_window.waiting_since:
-                self._poll_window.arrived(time.perf_counter_ns())
+        if self.tx is not None and not self.lost:
+            if self.poll_window.waiting_since:
+                self.poll_window.arrived(time.perf_counter_ns())
             self._process()
-            while self._poll():
+            while busy_poll(self):
                 self._process()
 
     # --- handshake ---------------------------------------------------------------
     def _negotiate(self) -> None:
         neg = self._negotiation
         assert neg is not None and self.transport is not None
-        events = neg.receive_data(self._rx.take())
+        events = neg.receive_data(self.rx.take())
         out = neg.data_to_send()
         if out:
             self.transport.write(out)
@@ -322,10 +323,10 @@ class Connection(asyncio.BufferedProtocol):
                 return
             elif isinstance(event, Ready):
                 self.log.ready(event)
-                self._export = export = self.server.exports[event.export.name]
-                self.tx = Transmission(Session.from_ready(event))
-                self._dispatcher = Dispatcher(export.backend, self.tx, self.log)
-                self._rx.put(neg.trailing_data)
+                self.export = export = self.server.exports[event.export.name]
+                self.tx = self.flow.tx = Transmission(Session.from_ready(event))
+                self.dispatcher = Dispatcher(export.backend, self.tx, self.log)
+                self.rx.put(neg.trailing_data)
                 self._negotiation = None
                 return
 
@@ -342,22 +343,22 @@ class Connection(asyncio.BufferedProtocol):
             return
         self._processing = True
         flow = self.flow
-        rx = self._rx
+        rx = self.rx
         try:
-            while rx.start < rx.end and not self._lost:
+            while rx.start < rx.end and not self.lost:
                 budget = flow.budget(transport.get_write_buffer_size())
                 if budget < 0:  # past a bound: resume_writing or a completion resumes
                     break
                 events, used = tx.receive(rx.view[rx.start : rx.end], budget)
-                self._batch_size = len(events)
+                self.batch_size = len(events)
                 # One send for all the replies of a batch (docs/performance.md, "Batching").
-                self._batch = []
+                self.batch = []
                 try:
                     for event in events:
                         self._dispatch(event)
-                    self._flush()
+                    self.flush()
                 finally:
-                    self._batch = None
+                    self.batch = None
                     rx.consume(used)  # payload views are all consumed (or copied) by now
                 if not events or tx.phase is not _OPEN:
                     break
@@ -365,28 +366,28 @@ class Connection(asyncio.BufferedProtocol):
             self._processing = False
         if tx.phase is not _OPEN:
             self._finish_if_drained()
-        self._update_reading()
+        flow.update_reading()
 
     def _write(self, data: Reply) -> None:
-        batch = self._batch
-        if batch is not None:  # inside _process: sent by _flush in one vectored write
+        batch = self.batch
+        if batch is not None:  # inside _process: sent by flush in one vectored write
             if isinstance(data, list):
                 batch.extend(data)
             else:
                 batch.append(data)
             return
-        if self._lost or self.transport is None:
+        if self.lost or self.transport is None:
             return
         if isinstance(data, (bytes, bytearray)):
             self.transport.write(data)
         else:
             self.transport.writelines(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Send the replies collected while dispatching one decoded batch."""
-        batch = self._batch
-        self._batch = None
-        if not batch or self._lost or self.transport is None:
+        batch = self.batch
+        self.batch = None
+        if not batch or self.lost or self.transport is None:
             return
         if len(batch) == 1:
             self.transport.write(batch[0])
@@ -395,8 +396,8 @@ class Connection(asyncio.BufferedProtocol):
         self.flow.queued(self.transport.get_write_buffer_size())
 
     def _dispatch(self, c: Command | Rejected | Closed) -> None:
-        export = self._export
-        dispatcher = self._dispatcher
+        export = self.export
+        dispatcher = self.dispatcher
         assert export is not None and dispatcher is not None
         t0 = time.perf_counter_ns()
         if c.__class__ is not Command:
@@ -404,16 +405,16 @@ class Connection(asyncio.BufferedProtocol):
             return
         t = c.type
         # Dispatcher.inline's rule for READ and WRITE, spelled out on the hottest path.
-        if t == _READ:
+        if t == CMD_READ:
             if c.length >= LARGE_READ:
-                if not self._sendfile_read(c, t0):
+                if not sendfile_read(self, c, t0):
                     self._submit(c, t0)
                 return
-        elif t == _WRITE:
+        elif t == CMD_WRITE:
             if c.flags & dispatcher.pool_write_flags:
                 self._submit(c, t0)
                 return
-        elif t == _DISC:
+        elif t == CMD_DISC:
             export.stats.record(t, 0, 0, False)
             return
         elif not dispatcher.inline(c):
@@ -425,8 +426,9 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             reply = dispatcher.failure(c, exc)
             error = True
-        export.stats.record(t, c.length if t <= _WRITE else 0, time.perf_counter_ns() - t0, error)
-        batch = self._batch
+        nbytes = c.length if t <= CMD_WRITE else 0
+        export.stats.record(t, nbytes, time.perf_counter_ns() - t0, error)
+        batch = self.batch
         if batch is None:
             self._write(reply)
         elif isinstance(reply, list):
@@ -437,110 +439,31 @@ class Connection(asyncio.BufferedProtocol):
     def _answer_event(self, event: Command | Rejected | Closed, t0: int) -> None:
         """A request that failed validation gets its error; the end of the session is logged."""
         if isinstance(event, Rejected):
-            assert self._export is not None and self.tx is not None
+            assert self.export is not None and self.tx is not None
             self.log.debug("request %#x rejected: %s", event.cookie, event.error)
-            self._export.stats.record(event.type, 0, time.perf_counter_ns() - t0, True)
+            self.export.stats.record(event.type, 0, time.perf_counter_ns() - t0, True)
             self._write(self.tx.error_reply(event.cookie, event.error.errno, str(event.error)))
         elif isinstance(event, Closed):
             self.log.closed(event, "transmission", self.flow.requests)
 
-    def _sendfile_read(self, c: Command, t0: int) -> bool:
-        """Send a large read with sendfile (docs/performance.md, "sendfile"); False: it
-        takes the buffered path. The bytes bypass the transport: it must be idle."""
-        transport, export, dispatcher = self.transport, self._export, self._dispatcher
-        assert transport is not None and export is not None and dispatcher is not None
-        if self._fd < 0:
-            return False
-        if self._batch:  # replies decoded before this read go first
-            self._flush()
-            self._batch = []
-        if transport.get_write_buffer_size():
-            return False
-        try:
-            if not dispatcher.sendfile(c, self._fd, transport.write):
-                return False
-        except OSError as exc:
-            # Part of the reply may be on the wire: the stream cannot be resumed.
-            self.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
-            export.stats.record(_READ, 0, time.perf_counter_ns() - t0, True)
-            transport.abort()
-            return True
-        export.stats.record(_READ, c.length, time.perf_counter_ns() - t0, False)
-        return True
-
     def _submit(self, c: Command, t0: int) -> None:
-        assert self._dispatcher is not None
-        self.flow.hold(self._dispatcher.submit(c, t0, self.server.executor, self._completed))
-        self._update_reading()
+        assert self.dispatcher is not None
+        self.flow.hold(self.dispatcher.submit(c, t0, self.server.executor, self._completed))
+        self.flow.update_reading()
 
     def _completed(self, c: Command, future: Future[Reply], t0: int, held: int) -> None:
-        assert self._export is not None and self._dispatcher is not None
+        assert self.export is not None and self.dispatcher is not None
         self.flow.release(held)
         exc = future.exception()
-        reply = future.result() if exc is None else self._dispatcher.failure(c, exc)
-        nbytes = c.length if c.type in (_READ, _WRITE) else 0
-        self._export.stats.record(c.type, nbytes, time.perf_counter_ns() - t0, exc is not None)
+        reply = future.result() if exc is None else self.dispatcher.failure(c, exc)
+        nbytes = c.length if c.type in (CMD_READ, CMD_WRITE) else 0
+        self.export.stats.record(c.type, nbytes, time.perf_counter_ns() - t0, exc is not None)
         self._write(reply)
         self._process()
-        self._update_reading()
+        self.flow.update_reading()
         self._finish_if_drained()
 
-    def _poll(self) -> bool:
-        """After a lone request was answered, read the socket for up to the poll window
-        (docs/performance.md, "Busy-poll"); True when bytes came (the caller processes
-        them). Only when this process serves one connection and nothing is queued,
-        paused or in the pool."""
-        window, transport, tx = self._poll_window, self.transport, self.tx
-        if (
-            window.max_ns <= 0
-            or self._batch_size != 1
-            or self._fd < 0
-            or self._lost
-            or tx is None
-            or tx.phase is not _OPEN
-            or self.flow.read_paused
-            or self.flow.requests
-            or transport is None
-            or transport.get_write_buffer_size()
-            or len(self.server.connections) != 1
-        ):
-            window.forget()
-            return False
-        started = time.perf_counter_ns()
-        if window.window:
-            assert self._export is not None
-            try:
-                n, now = poll_read(self._fd, self._rx.space(0), started + window.window)
-            except OSError as exc:  # the loop would have seen it too: the socket is done
-                self.log.debug("connection lost while polling: %s", exc)
-                n, now = 0, 0
-                transport.abort()
-            if n == 0:  # end of stream (or error): left to the event loop
-                window.forget()
-                return False
-            if n > 0:
-                self._rx.end += n
-                self._export.stats.polled(True, time.perf_counter_ns() - started)
-                return True
-            self._export.stats.polled(False, now - started)
-        window.waiting(started)
-        return False
-
-    # --- flow control and shutdown ----------------------------------------------
-    def _update_reading(self) -> None:
-        transport = self.transport
-        if transport is None or self._lost:
-            return
-        flow = self.flow
-        draining = self.tx is not None and self.tx.phase is not _OPEN
-        pause = flow.should_pause(transport.get_write_buffer_size(), draining)
-        if pause and not flow.read_paused:
-            transport.pause_reading()
-            flow.read_paused = True
-        elif not pause and flow.read_paused:
-            flow.read_paused = False
-            transport.resume_reading()
-
+    # --- shutdown ----------------------------------------------------------------
     def _finish_if_drained(self) -> None:
         tx = self.tx
         if tx is not None and tx.phase is Phase.DRAINING and self.flow.requests == 0:
@@ -556,5 +479,5 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
             return
         self.tx.shutdown()
-        self._update_reading()
+        self.flow.update_reading()
         self._finish_if_drained()

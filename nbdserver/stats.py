@@ -67,7 +67,7 @@ class ExportStats:
 
     def __init__(self) -> None:
         #: Busy-poll windows that caught the client's next request / that expired, and
-        #: the nanoseconds spent polling (see nbdserver.server.Connection._poll).
+        #: the nanoseconds spent polling (see nbdserver.fastpath.busy_poll).
         self.poll_hits = 0
         self.poll_misses = 0
         self.poll_ns = 0

@@ -43,6 +43,15 @@ from nbdserver.errors import (
 )
 from nbdserver.negotiation import Closed, Ready
 from nbdserver.protocol import (
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_RESIZE,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_DF,
+    FLAG_REQ_ONE,
     REQUEST,
     REQUEST_MAGIC,
     Cmd,
@@ -191,13 +200,6 @@ def allowed_flags(cmd: int, session: Session) -> CmdFlag:
     return allowed
 
 
-_READ: Final = int(Cmd.READ)
-_WRITE: Final = int(Cmd.WRITE)
-_DISC: Final = int(Cmd.DISC)
-_FLUSH: Final = int(Cmd.FLUSH)
-_WRITE_ZEROES: Final = int(Cmd.WRITE_ZEROES)
-_BLOCK_STATUS: Final = int(Cmd.BLOCK_STATUS)
-_RESIZE: Final = int(Cmd.RESIZE)
 _WRITE_TYPES_INT: Final = frozenset(int(c) for c in _WRITE_TYPES)
 _NEEDS_FLAG_INT: Final = {int(c): int(f) for c, f in _NEEDS_FLAG.items()}
 
@@ -208,7 +210,7 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
     if allowed is None:
         # "The server SHOULD return NBD_EINVAL if it receives an unknown command."
         return InvalidRequest(f"unknown command {cmd}")
-    if cmd == _RESIZE:
+    if cmd == CMD_RESIZE:
         return InvalidRequest("NBD_CMD_RESIZE is not supported")
     bad = flags & ~allowed
     if bad:
@@ -223,17 +225,17 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
         needed = _NEEDS_FLAG_INT.get(cmd)
         if needed is not None and not session.flags & needed:
             return InvalidRequest(f"{Cmd(cmd).name} was not advertised for this export")
-    elif cmd == _FLUSH:
-        if not session.flags & _NEEDS_FLAG_INT[_FLUSH]:
+    elif cmd == CMD_FLUSH:
+        if not session.flags & _NEEDS_FLAG_INT[CMD_FLUSH]:
             return InvalidRequest("NBD_CMD_FLUSH was not advertised for this export")
         # "For a flush request, length and offset are reserved, and MUST be set to
         # all-zero."
         if offset or length:
             return InvalidRequest("NBD_CMD_FLUSH with nonzero offset or length")
         return None
-    elif cmd == _DISC:
+    elif cmd == CMD_DISC:
         return None
-    if cmd in (_READ, _WRITE):
+    if cmd in (CMD_READ, CMD_WRITE):
         if length > session.max_block:
             return InvalidRequest(
                 f"length {length} exceeds the maximum block size {session.max_block}"
@@ -246,14 +248,14 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
             )
     if offset + length > session.size:
         name = Cmd(cmd).name
-        if cmd in (_WRITE, _WRITE_ZEROES):
+        if cmd in (CMD_WRITE, CMD_WRITE_ZEROES):
             # "The server SHOULD return NBD_ENOSPC if it receives a write request
             # including one or more sectors beyond the size of the device."
             return NoSpace(f"{name} past the end: {offset}+{length} > {session.size}")
         # "It SHOULD return NBD_EINVAL if it receives a read or trim request including
         # one or more sectors beyond the size of the device"; BLOCK_STATUS likewise.
         return InvalidRequest(f"{name} past the end: {offset}+{length} > {session.size}")
-    if cmd == _BLOCK_STATUS:
+    if cmd == CMD_BLOCK_STATUS:
         if session.meta_context is None:
             # "Servers SHOULD reply to clients doing so anyway with EINVAL."
             return InvalidRequest("NBD_CMD_BLOCK_STATUS without a selected metadata context")
@@ -262,8 +264,6 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
     return None
 
 
-_DF: Final = int(CmdFlag.DF)
-_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
 _OPEN: Final = Phase.OPEN
 
 
@@ -342,7 +342,7 @@ class Transmission:
         max_block = session.max_block
         # The spec makes block sizes powers of two; any other value takes the slow path.
         align = session.min_block - 1 if not session.min_block & (session.min_block - 1) else -1
-        fast_max_cmd = _READ if session.read_only else _WRITE
+        fast_max_cmd = CMD_READ if session.read_only else CMD_WRITE
         cost = 0
         limit = -1 if budget is None else budget
         while True:
@@ -380,17 +380,17 @@ class Transmission:
                 error = validate(cmd, flags, offset, length, session)
             if error is not None:
                 pos += header_size
-                if cmd == _WRITE:
+                if cmd == CMD_WRITE:
                     # Skip the payload as it streams in; never buffer it.
                     self._skip = length
                 events.append(Rejected(cmd, flags, cookie, offset, length, error))
-                if cmd == _DISC:  # even with bad flags, the client means to leave
+                if cmd == CMD_DISC:  # even with bad flags, the client means to leave
                     events.append(
                         self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
                     )
                     break
                 continue
-            if cmd == _WRITE:
+            if cmd == CMD_WRITE:
                 total = header_size + length
                 if end - pos < total:
                     self.needed = total
@@ -401,10 +401,10 @@ class Transmission:
                 events.append(Command(cmd, flags, cookie, offset, length, payload))
                 continue
             pos += header_size
-            if cmd == _READ:
+            if cmd == CMD_READ:
                 cost += length
             events.append(Command(cmd, flags, cookie, offset, length))
-            if cmd == _DISC:
+            if cmd == CMD_DISC:
                 events.append(
                     self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
                 )
@@ -439,7 +439,7 @@ class Transmission:
         if not self.session.structured:
             return simple_reply(c.cookie)
         length = c.length
-        if length and (length < HOLE_SCAN_MIN or c.flags & _DF):
+        if length and (length < HOLE_SCAN_MIN or c.flags & FLAG_DF):
             return offset_data_header(c.cookie, c.offset, length, True)
         return None
 
@@ -456,7 +456,7 @@ class Transmission:
         # DF: "the server MUST send at most one content chunk ... If the area being read
         # contains both data and a hole, the server MUST use NBD_REPLY_TYPE_OFFSET_DATA
         # with the zeroes explicitly present."
-        if length < HOLE_SCAN_MIN or c.flags & _DF or not isinstance(data, (bytes, bytearray)):
+        if length < HOLE_SCAN_MIN or c.flags & FLAG_DF or not isinstance(data, (bytes, bytearray)):
             return [offset_data_header(cookie, offset, length, True), data]
         pieces = plan_read(offset, length, zero_extents(data, offset))
         out: list[bytes | bytearray | memoryview] = []
@@ -487,7 +487,7 @@ class Transmission:
         context = self.session.meta_context
         assert context is not None  # validate() rejects BLOCK_STATUS without a context
         descriptors = block_status_descriptors(
-            c.offset, c.length, extents, bool(c.flags & _REQ_ONE)
+            c.offset, c.length, extents, bool(c.flags & FLAG_REQ_ONE)
         )
         return block_status_chunk(c.cookie, context, descriptors)
 

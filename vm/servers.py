@@ -349,8 +349,18 @@ def nbd_serve_available() -> bool:
 
 
 def nbd_serve_command() -> list[str]:
-    """nbd-serve through this interpreter, so it works from a venv without the script on PATH."""
-    return [sys.executable, "-c", "import sys; from nbdserver.cli import main; sys.exit(main())"]
+    """nbd-serve of this checkout, through this interpreter.
+
+    The interpreter makes it work from a venv without the script on PATH; the path makes it
+    this checkout's server even when the venv's editable install points at another one (a
+    git worktree sharing the main checkout's venv).
+    """
+    checkout = str(Path(__file__).resolve().parents[1])
+    code = (
+        f"import sys; sys.path.insert(0, {checkout!r}); "
+        "from nbdserver.cli import main; sys.exit(main())"
+    )
+    return [sys.executable, "-c", code]
 
 
 def nbd_server_config(
