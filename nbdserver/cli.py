@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import sys
 import time
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             if config.fault is not None:
                 backend = FaultBackend(backend, parse_fault(config.fault))
             backends.append(backend)
-            exports.append(make_export(ec.name, ec.description, backend, ec.read_only))
+            exports.append(make_export(ec.name, ec.description, backend, ec.read_only, ec.allow))
     except ConfigError as exc:
         for backend in backends:
             backend.close()
@@ -237,18 +238,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if count > 1:
             workers = fork_workers(
-                count - 1, lambda i, ctrl: _worker(i, count, ctrl, config, exports)
+                count - 1,
+                lambda i, ctrl: _worker(i, count, ctrl, config, exports, ssl_context=ssl_context),
             )
             set_connection_ids(0, count)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(serve(config, exports, workers, parent=parent, activated=activated))
+            return runner.run(
+                serve(
+                    config,
+                    exports,
+                    workers,
+                    parent=parent,
+                    activated=activated,
+                    ssl_context=ssl_context,
+                )
+            )
     finally:
         for backend in backends:
             backend.close()
 
 
 def _worker(
-    index: int, count: int, ctrl: socket.socket, config: ServerConfig, exports: list[Export]
+    index: int,
+    count: int,
+    ctrl: socket.socket,
+    config: ServerConfig,
+    exports: list[Export],
+    *,
+    ssl_context: ssl.SSLContext | None,
 ) -> int:
     """Body of a forked worker process (see nbdserver.workers)."""
     set_connection_ids(index, count)
@@ -261,6 +278,8 @@ def _worker(
                 stats_interval=config.stats_interval if config.stats is not None else None,
                 max_inflight_bytes=config.max_inflight,
                 poll_us=config.poll_us,
+                tls=config.tls,
+                ssl_context=ssl_context,
             )
         )
 
@@ -280,6 +299,7 @@ async def serve(
     *,
     parent: int | None = None,
     activated: Sequence[socket.socket] = (),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
 
@@ -291,7 +311,13 @@ async def serve(
     With ``config.exit_with_parent``, the death of ``parent`` (the pid that started us)
     is a shutdown request too.
     """
-    server = NBDServer(exports, max_inflight_bytes=config.max_inflight, poll_us=config.poll_us)
+    server = NBDServer(
+        exports,
+        max_inflight_bytes=config.max_inflight,
+        poll_us=config.poll_us,
+        tls=config.tls,
+        ssl_context=ssl_context,
+    )
     acceptor = Acceptor(server, workers) if workers else None
     listen: list[dict[str, Any]] = []
     try:

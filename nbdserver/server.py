@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,14 +43,19 @@ from nbdserver.flow import TransportFlow
 from nbdserver.negotiation import (
     Closed,
     ExportInfo,
+    IPNetwork,
     Negotiation,
     OptionHandled,
     Ready,
+    Refused,
+    StartTLS,
+    TlsMode,
     transmission_flags,
 )
 from nbdserver.policy import PollWindow
 from nbdserver.protocol import CMD_DISC, CMD_READ, CMD_WRITE, Opt, Rep, TransmissionFlag
 from nbdserver.stats import ExportStats
+from nbdserver.tls import describe_tls, peer_address
 from nbdserver.transmission import Command, Phase, Rejected, Session, Transmission
 
 __all__ = ["Connection", "Export", "NBDServer", "make_export", "tune_allocator"]
@@ -74,7 +80,13 @@ class Export:
     stats: ExportStats
 
 
-def make_export(name: str, description: str, backend: Backend, read_only: bool = False) -> Export:
+def make_export(
+    name: str,
+    description: str,
+    backend: Backend,
+    read_only: bool = False,
+    allow: tuple[IPNetwork, ...] | None = None,
+) -> Export:
     caps = backend.capabilities
     info = ExportInfo(
         name=name,
@@ -84,6 +96,7 @@ def make_export(name: str, description: str, backend: Backend, read_only: bool =
         min_block=caps.min_block,
         preferred_block=caps.preferred_block,
         max_block=caps.max_block,
+        allow=allow,
     )
     return Export(info, backend, ExportStats())
 
@@ -99,9 +112,15 @@ class NBDServer:
         max_inflight_requests: int = 256,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         poll_us: int = DEFAULT_POLL_US,
+        tls: TlsMode = TlsMode.OFF,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
+        if tls is not TlsMode.OFF and ssl_context is None:
+            raise ValueError(f"TLS mode {tls.value} needs an ssl_context")
+        self.tls = tls
+        self.ssl_context = ssl_context
         self.exports = {e.info.name: e for e in exports}
         self.export_infos = {name: e.info for name, e in self.exports.items()}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
@@ -116,6 +135,8 @@ class NBDServer:
         self.closing = False
         #: Called after each connection closes (the worker pool counts its load).
         self.on_connection_closed: Callable[[], None] | None = None
+        #: TLS handshakes under way (held so that they are not garbage-collected).
+        self.handshakes: set[asyncio.Task[None]] = set()
 
     def _factory(self) -> Connection:
         return Connection(self)
@@ -234,7 +255,7 @@ class Connection(asyncio.BufferedProtocol):
         self.log = _ConnectionLog(logger, self)
         self.transport: asyncio.Transport | None = None
         self.rx = ReceiveBuffer(INITIAL_BUFFER)
-        self._negotiation: Negotiation | None = Negotiation(server.export_infos)
+        self._negotiation: Negotiation | None = None  # made once the peer is known
         self.tx: Transmission | None = None
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
@@ -263,10 +284,14 @@ class Connection(asyncio.BufferedProtocol):
         if self.server.closing:
             transport.close()
             return
-        assert self._negotiation is not None
+        self._negotiation = Negotiation(
+            self.server.export_infos, tls=self.server.tls, peer=peer_address(transport)
+        )
         transport.write(self._negotiation.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:  # a failed TLS handshake reports the loss itself (_start_tls)
+            return
         self.lost = True
         self.flow.transport = None
         if self.tx is not None:
@@ -316,6 +341,15 @@ class Connection(asyncio.BufferedProtocol):
         for event in events:
             if isinstance(event, OptionHandled):
                 self.log.option(event)
+            elif isinstance(event, Refused):
+                self.log.warning("refused: %s", event.reason)
+            elif isinstance(event, StartTLS):
+                # The ClientHello is for the TLS layer: nothing may reach us until then.
+                self.transport.pause_reading()
+                task = asyncio.get_running_loop().create_task(self._start_tls())
+                self.server.handshakes.add(task)
+                task.add_done_callback(self.server.handshakes.discard)
+                return
             elif isinstance(event, Closed):
                 self.log.closed(event, "handshake", 0)
                 self._negotiation = None
@@ -329,6 +363,28 @@ class Connection(asyncio.BufferedProtocol):
                 self.rx.put(neg.trailing_data)
                 self._negotiation = None
                 return
+
+    async def _start_tls(self) -> None:
+        """The server side of the TLS handshake once the STARTTLS ACK is queued
+        (doc/proto.md "TLS support"); option haggling then goes on over TLS."""
+        neg, raw, ctx = self._negotiation, self.transport, self.server.ssl_context
+        assert neg is not None and raw is not None and ctx is not None
+        try:
+            tls = await asyncio.get_running_loop().start_tls(raw, self, ctx, server_side=True)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            # "If the handshake is unsuccessful ... the server MUST terminate the session".
+            self.log.warning("TLS handshake failed: %s", exc)
+            raw.abort()
+            self.connection_lost(exc)
+            return
+        if tls is None or self.lost:
+            return
+        self.transport = self.flow.transport = tls
+        self.fd = -1  # sendfile and the busy-poll use the socket itself: never under TLS
+        limit = self.server.max_inflight_bytes
+        tls.set_write_buffer_limits(high=limit, low=limit // 2)
+        neg.tls_established()
+        self.log.info("TLS established: %s", describe_tls(tls))
 
     # --- transmission ------------------------------------------------------------
     def _process(self) -> None:

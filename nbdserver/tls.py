@@ -1,5 +1,6 @@
-"""The server's TLS context (stdlib :mod:`ssl`), built once at startup from ``--tls-cert``,
-``--tls-key`` and ``--tls-ca``.
+"""TLS for the asyncio adapter: the server's context (stdlib :mod:`ssl`), built once at
+startup from ``--tls-cert``, ``--tls-key`` and ``--tls-ca``, and two small facts about a
+connection (its peer address for allow-lists, its TLS session for the log).
 
 Every problem with those files becomes a :class:`~nbdserver.errors.ConfigError` that names
 the file and says what to do, so ``nbd-serve`` exits 2 before it listens instead of
@@ -8,11 +9,14 @@ failing each client's handshake later.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import os
 import ssl
 from pathlib import Path
 
 from nbdserver.errors import ConfigError
+from nbdserver.negotiation import IPAddress
 
 _CERT_MARK = b"-----BEGIN CERTIFICATE-----"
 _KEY_MARK = b"PRIVATE KEY-----"
@@ -77,3 +81,25 @@ def server_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext
             raise ConfigError(f"cannot load TLS CA file {ca!r}: {exc.reason or exc}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def peer_address(transport: asyncio.BaseTransport) -> IPAddress | None:
+    """The client's IP address, for allow-lists (None on a Unix socket)."""
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple):
+        return None
+    return ipaddress.ip_address(str(peer[0]).partition("%")[0])  # drop an IPv6 zone
+
+
+def describe_tls(transport: asyncio.BaseTransport) -> str:
+    """``TLSv1.3 TLS_AES_256_GCM_SHA384, client 'name'`` for the log."""
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return "no TLS object"
+    cipher = obj.cipher()
+    who = "no client certificate"
+    peer = transport.get_extra_info("peercert")
+    if peer:
+        subject = dict(item for rdn in peer.get("subject", ()) for item in rdn)
+        who = f"client {subject.get('commonName', '?')!r}"
+    return f"{obj.version()} {cipher[0] if cipher else '?'}, {who}"

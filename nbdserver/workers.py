@@ -42,11 +42,13 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from nbdserver import server as server_module
+from nbdserver.negotiation import TlsMode
 from nbdserver.server import Export, NBDServer
 from nbdserver.stats import ExportStats
 
@@ -153,10 +155,18 @@ async def run_worker(
     stats_interval: float | None,
     max_inflight_bytes: int,
     poll_us: int,
+    tls: TlsMode = TlsMode.OFF,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF."""
     loop = asyncio.get_running_loop()
-    server = NBDServer(exports, max_inflight_bytes=max_inflight_bytes, poll_us=poll_us)
+    server = NBDServer(
+        exports,
+        max_inflight_bytes=max_inflight_bytes,
+        poll_us=poll_us,
+        tls=tls,
+        ssl_context=ssl_context,
+    )
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
     ctrl.setblocking(False)

@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -28,10 +29,15 @@ class ThreadedServer:
     """NBDServer listening on 127.0.0.1:0, its loop running in a background thread."""
 
     def __init__(
-        self, exports: list[Export], loop_factory: Callable[[], asyncio.AbstractEventLoop]
+        self,
+        exports: list[Export],
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        **options: Any,
     ):
         self.exports = exports
         self.loop_factory = loop_factory
+        #: Keyword arguments for NBDServer (e.g. tls, ssl_context).
+        self.options = options
         self.port = 0
         self.server: NBDServer | None = None
         self._ready = threading.Event()
@@ -51,7 +57,7 @@ class ThreadedServer:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.server = NBDServer(self.exports)
+        self.server = NBDServer(self.exports, **self.options)
         (addr,) = await self.server.listen_tcp("127.0.0.1", 0)
         self.port = addr[1]
         self._ready.set()

@@ -10,14 +10,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from server.nbdtest import NBD_SERVE
-from server.tlscerts import Pki, make_pki
 
 from nbdserver.config import ExportConfig, ServerConfig, build_config
 from nbdserver.errors import ConfigError
 from nbdserver.exposure import is_loopback, startup_warnings
 from nbdserver.negotiation import TlsMode
 from nbdserver.tls import server_context
+from server.nbdtest import NBD_SERVE
+from server.tlscerts import Pki, make_pki
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_allow_list_parsing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ('["10.1.2.3/8"]', r"'10.1.2.3/8' is not an IP address or CIDR .*did you mean 10.0.0.0/8\?"),
+        ('["10.1.2.3/8"]', r"'10.1.2.3/8' is not an IP .*did you mean 10.0.0.0/8\?"),
         ('["example.com"]', r"'example.com' is not an IP address"),
         ("[]", r"allow = \[\] admits no client"),
         ('"127.0.0.1"', r"allow = '127.0.0.1' is not a list"),

@@ -13,11 +13,13 @@ as libnbd's ``set_tls_certificates(DIR)`` wants them (``ca-cert.pem``,
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.nbdtest import require_tool
+from nbdserver.protocol import Opt, Rep
+from server.nbdtest import RawClient, require_tool
 
 _KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
 
@@ -99,3 +101,20 @@ def make_pki(directory: Path) -> Pki:
         anonymous_dir=_client_dir(directory / "anonymous", ca[0], None),
         rogue_dir=_client_dir(directory / "rogue", ca[0], rogue),
     )
+
+
+def client_context(directory: Path) -> ssl.SSLContext:
+    """A Python client context from a libnbd-style certificate directory."""
+    ctx = ssl.create_default_context(cafile=str(directory / "ca-cert.pem"))
+    if (directory / "client-cert.pem").exists():
+        ctx.load_cert_chain(directory / "client-cert.pem", directory / "client-key.pem")
+    return ctx
+
+
+def starttls(client: RawClient, directory: Path) -> RawClient:
+    """Send NBD_OPT_STARTTLS on a raw client after its handshake; return a RawClient on
+    the TLS socket (the caller keeps using that one)."""
+    (reply,) = client.option(Opt.STARTTLS)
+    assert reply.reply == Rep.ACK, Rep(reply.reply)
+    tls = client_context(directory).wrap_socket(client.sock, server_hostname="localhost")
+    return RawClient(sock=tls)
