@@ -290,8 +290,6 @@ class Connection(asyncio.BufferedProtocol):
         transport.write(self._negotiation.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost:  # a failed TLS handshake reports the loss itself (_start_tls)
-            return
         self.lost = True
         self.flow.transport = None
         if self.tx is not None:
@@ -372,10 +370,9 @@ class Connection(asyncio.BufferedProtocol):
         try:
             tls = await asyncio.get_running_loop().start_tls(raw, self, ctx, server_side=True)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            # "If the handshake is unsuccessful ... the server MUST terminate the session".
+            # "If the handshake is unsuccessful ... the server MUST terminate the session":
+            # the TLS layer has closed the transport, and reports connection_lost to us.
             self.log.warning("TLS handshake failed: %s", exc)
-            raw.abort()
-            self.connection_lost(exc)
             return
         if tls is None or self.lost:
             return
