@@ -122,12 +122,15 @@ def make_server(
     started: list[ThreadedServer] = []
     backends: list[Backend] = []
 
-    def start(*specs: tuple[str, Backend, bool]) -> ThreadedServer:
+    def start(*specs: tuple[str, Backend, bool], **options: Any) -> ThreadedServer:
+        """Serve ``(name, backend, read_only)`` exports; ``options`` go to NBDServer,
+        except ``allow``, the allow-list given to every export."""
+        allow = options.pop("allow", None)
         exports = []
         for name, backend, read_only in specs:
             backends.append(backend)
-            exports.append(make_export(name, f"{name} export", backend, read_only))
-        srv = ThreadedServer(exports, loop_factory).__enter__()
+            exports.append(make_export(name, f"{name} export", backend, read_only, allow))
+        srv = ThreadedServer(exports, loop_factory, **options).__enter__()
         started.append(srv)
         return srv
 

@@ -34,6 +34,8 @@ from nbdserver.protocol import (
     pack_info_go,
     pack_meta_context,
 )
+from server.test_negotiation import opt
+from server.test_negotiation import parse_replies as replies
 
 FLAGS = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH
 LOCAL = ipaddress.ip_address("127.0.0.1")
@@ -45,10 +47,6 @@ EXPORTS = {
 }
 HELLO = CLIENT_FLAGS.pack(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 GO_OPEN = OptionRequest(Opt.GO, pack_info_go(b"open", [])).pack()
-
-
-def opt(option: int, data: bytes = b"") -> bytes:
-    return OptionRequest(option, data).pack()
 
 
 def run(
@@ -63,15 +61,6 @@ def run(
             break
         events += neg.receive_data(chunk)
     return events, replies(neg.data_to_send())
-
-
-def replies(out: bytes) -> list[OptionReply]:
-    found, pos = [], 0
-    while pos < len(out):
-        reply, used = OptionReply.unpack(out[pos:])
-        found.append(reply)
-        pos += used
-    return found
 
 
 def kinds(rs: list[OptionReply] | bytes) -> list[Rep]:

@@ -11,14 +11,12 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from nbdserver.backends.base import Backend
 from nbdserver.negotiation import TlsMode
 from nbdserver.protocol import ClientFlag, Cmd, Opt, Rep, pack_info_go
-from nbdserver.server import make_export
 from nbdserver.tls import server_context
 from server.conftest import ThreadedServer, memory
 from server.nbdtest import STARTUP_GUARD_S, RawClient
@@ -36,29 +34,16 @@ Start = Callable[..., ThreadedServer]
 
 
 @pytest.fixture
-def tls_server(loop_factory: Callable[[], object], pki: Pki) -> Iterator[Start]:
-    started: list[ThreadedServer] = []
-    backends: list[Backend] = []
-
+def tls_server(make_server: Start, pki: Pki) -> Start:
     def start(
         mode: TlsMode = TlsMode.REQUIRE, *, verify: bool = True, allow: str | None = None
     ) -> ThreadedServer:
-        backend = memory(8 * MiB)
-        backends.append(backend)
+        ca = str(pki.ca_cert) if verify else None
+        ctx = server_context(str(pki.server_cert), str(pki.server_key), ca)
         networks = None if allow is None else (ipaddress.ip_network(allow),)
-        export = make_export("", "tls disk", backend, allow=networks)
-        ctx = server_context(
-            str(pki.server_cert), str(pki.server_key), str(pki.ca_cert) if verify else None
-        )
-        srv = ThreadedServer([export], loop_factory, tls=mode, ssl_context=ctx).__enter__()  # type: ignore[arg-type]
-        started.append(srv)
-        return srv
+        return make_server(("", memory(8 * MiB), False), tls=mode, ssl_context=ctx, allow=networks)
 
-    yield start
-    for srv in started:
-        srv.__exit__(None, None, None)
-    for backend in backends:
-        backend.close()
+    return start
 
 
 def no_crash(caplog: pytest.LogCaptureFixture) -> None:
