@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import sys
 import time
@@ -31,10 +32,12 @@ from nbdserver.backends.cow import open_cow
 from nbdserver.backends.fault import FaultBackend, parse_fault
 from nbdserver.config import ExportConfig, ServerConfig, build_config, log_level_number
 from nbdserver.errors import ConfigError
+from nbdserver.exposure import startup_warnings
 from nbdserver.reload import Reloader
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
 from nbdserver.stats import StatsWriter, stats_line
 from nbdserver.swapsafe import SwapSafeReport, enter_swap_safe_mode
+from nbdserver.tls import server_context
 from nbdserver.workers import (
     EXIT_WORKER_DIED,
     Acceptor,
@@ -66,6 +69,12 @@ examples:
       serve an image copy-on-write: the file keeps its bytes and mtime
   kill -HUP $(pidof nbd-serve)
       re-read --config: exports added and removed, clients of the others stay
+  nbd-serve --tls require --tls-cert server-cert.pem --tls-key server-key.pem \
+            --tls-ca ca-cert.pem --memory 1G
+      TLS only (NBD_OPT_STARTTLS), and only for clients with a certificate signed by
+      ca-cert.pem; then: nbdinfo 'nbds://127.0.0.1:10809/?tls-certificates=DIR'
+  nbd-serve --bind 0.0.0.0 --allow 10.0.0.0/8,192.168.1.7 --memory 1G
+      listen on every address but serve the export only to those clients
   nbd-serve --workers 4 --max-inflight 16M /dev/shm/disk.img
       four processes serve the connections (multi-conn clients spread over cores);
       each connection stops reading once 16 MiB of replies wait to be sent
@@ -83,11 +92,18 @@ config file (TOML; command-line flags override only what they set):
   size = "1G"
   description = "RAM disk"
   read_only = false
-  swap = true               # a swap device: turns on --swap-safe
+  swap = true               # a swap device: turns on --swap-safe (warned about under TLS)
+  allow = ["127.0.0.1", "10.0.0.0/8"]   # default: every client
   [[exports]]
   name = "golden"
   path = "/var/lib/disk.img"
   cow = true                # never write the file; writes go to a private overlay
+  # server keys for TLS: tls = "off"|"on"|"require", tls_cert, tls_key, tls_ca
+
+security: nbd-serve listens on 127.0.0.1 unless told otherwise, and warns when it
+listens elsewhere without TLS and without allow-lists. --tls on lets clients upgrade
+with NBD_OPT_STARTTLS; --tls require refuses every option before it
+(NBD_REP_ERR_TLS_REQD). With --tls-ca, clients need a certificate signed by that CA.
 
 workers: the first process listens and hands each new connection to the process with
 the fewest connections; all share the export's file or RAM disk, so FLUSH/FUA effects
@@ -136,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="mlockall, PR_SET_IO_FLUSHER and bounded in-flight memory, each reported in"
         " the log and --stats (default: on when an export has swap = true)",
+    )
+    parser.add_argument(
+        "--allow",
+        action="append",
+        metavar="ADDR[,ADDR...]",
+        help="serve the export only to these client IPs or CIDR networks (repeatable;"
+        " default: every client); others get NBD_REP_ERR_POLICY",
+    )
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        help="off (default): no TLS; on: clients may upgrade with STARTTLS; require:"
+        " plaintext clients are refused (NBD_REP_ERR_TLS_REQD)",
+    )
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls)")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificates; clients must present a certificate signed by one of them",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML file with server settings and exports"
@@ -212,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         config = build_config(vars(args))
+        ssl_context = (
+            server_context(config.tls_cert, config.tls_key, config.tls_ca)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
     except ConfigError as exc:
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
@@ -220,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for warning in startup_warnings(config):
+        logger.warning("%s", warning)
     try:
         activated = listening_sockets(activation_fds(os.environ, os.getpid()))
     except ActivationError as exc:
@@ -231,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = open_export_backend(ec, config.cow_dir)
         if config.fault is not None:
             backend = FaultBackend(backend, parse_fault(config.fault))
-        return make_export(ec.name, ec.description, backend, ec.read_only)
+        return make_export(ec.name, ec.description, backend, ec.read_only, ec.allow)
 
     exports: list[Export] = []
     try:
@@ -250,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     def child(index: int, ctrl: socket.socket) -> int:
         # The exports in force now: a worker forked after a reload serves the new set.
         current = list(reloader.exports.values())
-        return _worker(index, count, ctrl, config, current, swap_safe=swap_safe)
+        return _worker(
+            index, count, ctrl, config, current, swap_safe=swap_safe, ssl_context=ssl_context
+        )
 
     try:
         if count > 1:
@@ -268,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     respawn=lambda index: respawn_worker(index, child),
                     swap_safe=report,
                     reloader=reloader,
+                    ssl_context=ssl_context,
                 )
             )
     finally:
@@ -307,6 +353,7 @@ def _worker(
     exports: list[Export],
     *,
     swap_safe: bool,
+    ssl_context: ssl.SSLContext | None,
 ) -> int:
     """Body of a forked worker process (see nbdserver.workers)."""
     set_connection_ids(index, count)
@@ -322,6 +369,8 @@ def _worker(
                 poll_us=config.poll_us,
                 shutdown_grace=config.shutdown_grace,
                 report=report,
+                tls=config.tls,
+                ssl_context=ssl_context,
             )
         )
 
@@ -344,6 +393,7 @@ async def serve(
     respawn: Callable[[int], tuple[int, socket.socket]] | None = None,
     swap_safe: SwapSafeReport | None = None,
     reloader: Reloader | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """Listen, write the ready file, serve until SIGINT/SIGTERM, shut down cleanly.
 
@@ -355,7 +405,8 @@ async def serve(
     With ``config.exit_with_parent``, the death of ``parent`` (the pid that started us)
     is a shutdown request too. ``respawn(index)`` replaces a worker that died;
     ``swap_safe`` is this process's swap-safe outcome, reported in every stats line.
-    SIGHUP has ``reloader`` re-read the config file and change the exports.
+    SIGHUP has ``reloader`` re-read the config file and change the exports (the TLS
+    mode and ``ssl_context``, the server's for STARTTLS, stay as they are).
 
     Returns the exit status: 0, or EXIT_WORKER_DIED when a worker process died.
     """
@@ -365,6 +416,8 @@ async def serve(
         poll_us=config.poll_us,
         shutdown_grace=config.shutdown_grace,
         max_connections=config.max_connections,
+        tls=config.tls,
+        ssl_context=ssl_context,
     )
     acceptor = Acceptor(server, workers, respawn) if workers else None
     listen: list[dict[str, Any]] = []

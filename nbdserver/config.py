@@ -13,12 +13,18 @@ and :class:`ExportConfig` for the meaning of each)::
     max_inflight = "8M"     # per-connection bound on unanswered bytes (backpressure)
     max_connections = 64    # past it new clients are refused at the handshake (default: no limit)
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
+    tls = "require"         # off (default), on (clients may upgrade) or require
+    tls_cert = "/etc/swapnbd/server-cert.pem"
+    tls_key = "/etc/swapnbd/server-key.pem"
+    tls_ca = "/etc/swapnbd/ca-cert.pem"    # optional: clients must show a certificate it signed
 
     [[exports]]
     name = "swap"
     description = "1 GiB RAM disk for swap experiments"
     backend = "memory"
     size = "1G"
+    swap = true             # the client swaps on it (logged: TLS under swap can deadlock)
+    allow = ["127.0.0.1", "10.0.0.0/8"]   # only these clients see and use it
 
     [[exports]]
     name = "image"
@@ -32,6 +38,7 @@ adds one more export (named by ``--name``, default ``""``).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from nbdserver.errors import ConfigError
+from nbdserver.negotiation import IPNetwork, TlsMode
 from nbdserver.sizes import parse_size
 
 BackendKind = Literal["file", "memory"]
@@ -72,8 +80,24 @@ _SERVER_KEYS: Final = (
     "cow_dir",
     "swap_safe",
     "shutdown_grace",
+    "tls",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
 )
-_EXPORT_KEYS: Final = ("name", "description", "backend", "path", "size", "read_only", "cow", "swap")
+_EXPORT_KEYS: Final = (
+    "name",
+    "description",
+    "backend",
+    "path",
+    "size",
+    "read_only",
+    "cow",
+    "allow",
+    "swap",
+)
+#: "MUST be no longer than 4096 bytes" (doc/proto.md "Conventions", for every string).
+MAX_STRING_BYTES: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +120,13 @@ class ExportConfig:
     """Copy-on-write (``--cow``, file exports only): the file is opened read-only and
     never written; writes go to a private overlay that disappears with the server
     (nbdserver.backends.cow)."""
+    allow: tuple[IPNetwork, ...] | None = None
+    """Client addresses (IPs or CIDR networks) that may see and use the export; None =
+    every client. Others get NBD_REP_ERR_POLICY and do not see it in NBD_OPT_LIST."""
     swap: bool = False
-    """The export is a swap device: swap-safe mode defaults to on (ServerConfig.swap_safe)."""
+    """The export is a swap device: swap-safe mode defaults to on (ServerConfig.swap_safe),
+    and with TLS on a warning is logged (nbd-client documents TLS under swap as
+    deadlock-prone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +183,16 @@ class ServerConfig:
     fault: str | None = None
     """TEST ONLY: ``corrupt-read-after=N[,match=TEXT]`` wraps every export in
     :class:`nbdserver.backends.fault.FaultBackend`, which corrupts one READ on purpose."""
+    tls: TlsMode = TlsMode.OFF
+    """off: no TLS (STARTTLS refused); on: clients may upgrade with STARTTLS; require:
+    every option before STARTTLS is refused with NBD_REP_ERR_TLS_REQD."""
+    tls_cert: str | None = None
+    """PEM file with the server's X.509 certificate (chain); needed unless tls is off."""
+    tls_key: str | None = None
+    """PEM file with the private key of ``tls_cert``; needed unless tls is off."""
+    tls_ca: str | None = None
+    """PEM file of CA certificates; when given, clients must present a certificate
+    signed by one of them (CERT_REQUIRED)."""
 
 
 def _type_error(where: str, key: str, value: object, expected: str) -> ConfigError:
@@ -175,6 +214,14 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
     size = table.get("size")
     read_only = table.get("read_only", False)
     flags = {key: table.get(key, False) for key in ("cow", "swap")}
+    allow = None
+    if "allow" in table:
+        raw_allow = table["allow"]
+        if not isinstance(raw_allow, list) or not all(isinstance(a, str) for a in raw_allow):
+            raise _type_error(
+                where, "allow", raw_allow, 'a list such as ["127.0.0.1", "10.0.0.0/8"]'
+            )
+        allow = parse_allow(raw_allow, where)
     if not isinstance(name, str):
         raise _type_error(where, "name", name, "a string")
     if not isinstance(description, str):
@@ -200,17 +247,69 @@ def _export_from_table(table: object, where: str) -> ExportConfig:
             raise ConfigError(f"{where}: {exc}") from None
     kind: BackendKind = "file" if backend == "file" else "memory"
     export = ExportConfig(
-        name, description, kind, path, size_bytes, read_only, flags["cow"], flags["swap"]
+        name,
+        description,
+        kind,
+        path,
+        size_bytes,
+        read_only,
+        cow=flags["cow"],
+        allow=allow,
+        swap=flags["swap"],
     )
     check_export(export, where)
     return export
 
 
+def parse_allow(entries: list[str], where: str) -> tuple[IPNetwork, ...]:
+    """Turn ``["127.0.0.1", "10.0.0.0/8", "::1"]`` into networks (an address is a /32 or /128).
+
+    Raises:
+        ConfigError: an entry is not an IP address or network, or the list is empty.
+    """
+    if not entries:
+        raise ConfigError(
+            f"{where}: allow = [] admits no client; remove the key to admit every client"
+        )
+    networks: list[IPNetwork] = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=True))
+        except ValueError as exc:
+            hint = ""
+            if "host bits set" in str(exc):
+                hint = f"; did you mean {ipaddress.ip_network(entry.strip(), strict=False)}?"
+            raise ConfigError(
+                f"{where}: allow entry {entry!r} is not an IP address or CIDR network{hint}"
+            ) from None
+    return tuple(networks)
+
+
+def check_string(label: str, what: str, value: str) -> None:
+    """Raise ConfigError unless ``value`` is a string the NBD protocol can carry:
+    "a sequence of UTF-8 code points, which ... MUST NOT contain NUL characters ... and
+    MUST be no longer than 4096 bytes" (doc/proto.md "Conventions")."""
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A command-line byte that is not UTF-8 arrives as a lone surrogate.
+        shown = value.encode("utf-8", "surrogateescape")
+        raise ConfigError(f"{label}: the {what} {shown!r} is not valid UTF-8") from None
+    if "\0" in value:
+        raise ConfigError(f"{label}: the {what} contains a NUL character, which NBD forbids")
+    if len(encoded) > MAX_STRING_BYTES:
+        raise ConfigError(
+            f"{label}: the {what} is {len(encoded)} bytes long; the NBD protocol allows at"
+            f" most {MAX_STRING_BYTES}"
+        )
+
+
 def check_export(export: ExportConfig, where: str) -> None:
-    """Raise ConfigError when an export lacks what its backend needs."""
+    """Raise ConfigError when an export's name or description cannot go on the wire or
+    the export lacks what its backend needs."""
     label = f"{where}: export {export.name!r}"
-    if len(export.name.encode()) > 4096:
-        raise ConfigError(f"{label}: names are limited to 4096 bytes by the NBD protocol")
+    check_string(label, "name", export.name)
+    check_string(label, "description", export.description)
     if export.backend == "memory":
         if export.size is None:
             raise ConfigError(f'{label}: a memory export needs a size, e.g. size = "1G"')
@@ -246,11 +345,23 @@ def load_file(path: str) -> dict[str, Any]:
             f" allowed: {', '.join(_SERVER_KEYS)}"
         )
     out: dict[str, Any] = {}
-    for key in ("bind", "unix", "stats", "ready_file", "log_level", "cow_dir"):
+    for key in (
+        "bind",
+        "unix",
+        "stats",
+        "ready_file",
+        "log_level",
+        "cow_dir",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+    ):
         if key in data:
             if not isinstance(data[key], str):
                 raise _type_error(path, key, data[key], "a string")
             out[key] = data[key]
+    if "tls" in data:
+        out["tls"] = parse_tls_mode(data["tls"], path)
     if "port" in data:
         out["port"] = data["port"]
     if "stats_interval" in data:
@@ -281,6 +392,13 @@ def load_file(path: str) -> dict[str, Any]:
     return out
 
 
+def parse_tls_mode(value: object, where: str) -> TlsMode:
+    modes = [m.value for m in TlsMode]
+    if value not in modes:
+        raise ConfigError(f"{where}: tls = {value!r}; choose one of {', '.join(modes)}")
+    return TlsMode(value)
+
+
 def build_config(cli: dict[str, Any]) -> ServerConfig:
     """Combine the config file (if ``cli["config"]``) with the flags the user gave.
 
@@ -306,9 +424,14 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "cow_dir",
         "swap_safe",
         "shutdown_grace",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
     ):
         if key in cli:
             values[key] = cli[key]
+    if "tls" in cli:
+        values["tls"] = parse_tls_mode(cli["tls"], "--tls")
     if "max_inflight" in cli:
         values["max_inflight"] = parse_size(cli["max_inflight"])
     exports = list(values.pop("exports", ()))
@@ -325,11 +448,12 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
             size=size,
             read_only=cli.get("read_only", False),
             cow=cli.get("cow", False),
+            allow=_cli_allow(cli["allow"]) if "allow" in cli else None,
         )
         check_export(export, "command line")
         exports.append(export)
     else:
-        given = [f for f in ("name", "description", "read_only", "cow") if f in cli]
+        given = [f for f in ("name", "description", "read_only", "cow", "allow") if f in cli]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ConfigError(
@@ -349,6 +473,41 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
     config = replace(ServerConfig(), exports=tuple(exports), **values)
     check_server(config)
     return config
+
+
+def _cli_allow(values: list[str]) -> tuple[IPNetwork, ...]:
+    """``--allow A,B --allow C`` -> networks."""
+    entries = [e for value in values for e in value.split(",") if e.strip()]
+    return parse_allow(entries, "--allow")
+
+
+def check_tls(config: ServerConfig) -> None:
+    """TLS on needs a certificate and key; certificate flags without TLS are a mistake."""
+    given = [
+        flag
+        for flag, value in (
+            ("--tls-cert", config.tls_cert),
+            ("--tls-key", config.tls_key),
+            ("--tls-ca", config.tls_ca),
+        )
+        if value is not None
+    ]
+    if config.tls is TlsMode.OFF:
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} given but TLS is off; add --tls on or --tls require"
+            )
+        return
+    missing = [
+        flag
+        for flag, value in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key))
+        if value is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"--tls {config.tls.value} needs {' and '.join(missing)} (PEM files; tls_cert and"
+            " tls_key in the config file)"
+        )
 
 
 def check_server(config: ServerConfig) -> None:
@@ -387,6 +546,7 @@ def check_server(config: ServerConfig) -> None:
         from nbdserver.backends.fault import parse_fault  # noqa: PLC0415 - test-only path
 
         parse_fault(config.fault)
+    check_tls(config)
     if config.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
 

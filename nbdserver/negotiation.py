@@ -19,14 +19,25 @@ flags, bad option magic, an oversized EXPORT_NAME) moves the machine to CLOSED w
 Bounds: option data is buffered only up to :data:`MAX_OPTION_DATA`. A longer option is
 read and thrown away as it arrives (never allocated) and then answered with
 NBD_REP_ERR_TOO_BIG, so the session survives a client that merely *announces* 4 GiB.
+
+TLS (doc/proto.md "TLS support"): :class:`TlsMode` OFF is the spec's NOTLS mode, ON its
+SELECTIVETLS mode with no TLS-only export (a client may upgrade, never must), REQUIRE its
+FORCEDTLS mode. An accepted NBD_OPT_STARTTLS queues the ACK, emits :class:`StartTLS` and
+parks the machine in TLS_HANDSHAKE; the adapter sends the ACK, runs the TLS handshake and
+calls :meth:`Negotiation.tls_established`, after which option haggling starts afresh.
+
+Allow-lists: an export whose :attr:`ExportInfo.allow` does not hold the client's address
+is refused (NBD_REP_ERR_POLICY, or the end of the session for NBD_OPT_EXPORT_NAME) and left
+out of NBD_OPT_LIST, and a :class:`Refused` event says so for the log.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from nbdserver.protocol import (
     BASE_ALLOCATION,
@@ -59,6 +70,36 @@ MAX_OPTION_DATA: Final = 64 * 1024
 BASE_ALLOCATION_ID: Final = 1
 
 SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TlsMode(enum.Enum):
+    """``--tls``: the server's TLS mode, named after doc/proto.md "Server-side requirements"."""
+
+    #: NOTLS: NBD_OPT_STARTTLS is refused with NBD_REP_ERR_POLICY.
+    OFF = "off"
+    #: SELECTIVETLS with no TLS-only export: clients may upgrade; plain ones are served.
+    ON = "on"
+    #: FORCEDTLS: every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD until TLS runs.
+    REQUIRE = "require"
+
+
+def address_allowed(allow: tuple[IPNetwork, ...] | None, peer: IPAddress | None) -> bool:
+    """Whether ``peer`` may use an export with allow-list ``allow`` (None = everyone).
+
+    A client without an IP address (a Unix socket) is on no IP list, so an export with an
+    allow-list refuses it; an IPv4 client seen on a dual-stack socket (``::ffff:a.b.c.d``)
+    is checked as the IPv4 address it is.
+    """
+    if allow is None:
+        return True
+    if peer is None:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    return any(peer in network for network in allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +169,8 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_block: int = 32 * 1024 * 1024
+    #: Client addresses that may use the export; None = every client.
+    allow: tuple[IPNetwork, ...] | None = None
 
 
 # --- events ------------------------------------------------------------------------
@@ -161,7 +204,24 @@ class Closed:
     violation: bool
 
 
-Event = OptionHandled | Ready | Closed
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was accepted and its ACK queued: send it, run the server side of
+    the TLS handshake, then call :meth:`Negotiation.tls_established` (or drop the
+    connection if the handshake fails: "the server MUST terminate the session",
+    doc/proto.md "FORCEDTLS mode")."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A client was turned away by policy (TLS required, or not on an export's
+    allow-list); emitted besides the reply, so the adapter can log who and why."""
+
+    option: int
+    reason: str
+
+
+Event = OptionHandled | Ready | Closed | StartTLS | Refused
 
 
 class Phase(enum.Enum):
@@ -169,6 +229,8 @@ class Phase(enum.Enum):
     OPTION_HEADER = enum.auto()
     OPTION_DATA = enum.auto()
     DISCARD = enum.auto()
+    #: STARTTLS was acknowledged; no plaintext may follow until tls_established().
+    TLS_HANDSHAKE = enum.auto()
     TRANSMISSION = enum.auto()
     CLOSED = enum.auto()
 
@@ -180,6 +242,8 @@ class Trigger(enum.Enum):
     OPTION_DONE = enum.auto()
     DISCARD_DONE = enum.auto()
     GO = enum.auto()
+    STARTTLS = enum.auto()
+    TLS_DONE = enum.auto()
     ABORT = enum.auto()
     VIOLATION = enum.auto()
     REFUSED = enum.auto()
@@ -198,6 +262,11 @@ TRANSITIONS: Final[Mapping[tuple[Phase, Trigger], Phase]] = {
     (Phase.OPTION_DATA, Trigger.VIOLATION): Phase.CLOSED,
     (Phase.OPTION_DATA, Trigger.REFUSED): Phase.CLOSED,
     (Phase.DISCARD, Trigger.DISCARD_DONE): Phase.OPTION_HEADER,
+    (Phase.OPTION_DATA, Trigger.STARTTLS): Phase.TLS_HANDSHAKE,
+    # "the server MUST NOT preserve any negotiation state ... issued before this command"
+    # (doc/proto.md NBD_OPT_STARTTLS): haggling starts afresh, over TLS.
+    (Phase.TLS_HANDSHAKE, Trigger.TLS_DONE): Phase.OPTION_HEADER,
+    (Phase.TLS_HANDSHAKE, Trigger.VIOLATION): Phase.CLOSED,
 }
 
 
@@ -213,17 +282,30 @@ class _OptionFailed(Exception):
 class Negotiation:
     """Server side of the fixed-newstyle handshake for one connection."""
 
-    def __init__(self, exports: Mapping[str, ExportInfo], *, refusal: str | None = None) -> None:
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        *,
+        refusal: str | None = None,
+        tls: TlsMode = TlsMode.OFF,
+        peer: IPAddress | None = None,
+    ) -> None:
         """Args:
         exports: the exports by name.
         refusal: set when the server will not serve this connection (e.g. past
             ``--max-connections``): every option but NBD_OPT_ABORT is then answered
             NBD_REP_ERR_POLICY with this text, and NBD_OPT_EXPORT_NAME closes.
+        tls: the server's TLS mode (the adapter must be able to run a handshake unless OFF).
+        peer: the client's IP address for allow-lists (None: a Unix-socket client).
         """
         if not exports:
             raise ValueError("at least one export is needed")
         self._exports = dict(exports)
         self.refusal = refusal
+        self._tls_mode = tls
+        self._peer = peer
+        #: TLS is running on this connection (tls_established() was called).
+        self.tls_active = False
         # "A special, "empty", name ... is reserved for a "default" export"
         # (doc/proto.md NBD_OPT_EXPORT_NAME). Only an export actually named "" is the
         # default: a client that gives no name must never land on a named export, or a
@@ -252,6 +334,8 @@ class Negotiation:
         """Consume client bytes; return the events they caused, in order."""
         if self.phase in (Phase.TRANSMISSION, Phase.CLOSED):
             raise RuntimeError(f"negotiation is over (phase {self.phase.name})")
+        if self.phase is Phase.TLS_HANDSHAKE:
+            raise RuntimeError("bytes fed during the TLS handshake: call tls_established()")
         events: list[Event] = []
         view = memoryview(data)
         if self.phase is Phase.DISCARD:
@@ -265,6 +349,19 @@ class Negotiation:
             self._in.clear()
         return events
 
+    def tls_established(self) -> None:
+        """The adapter finished the TLS handshake that :class:`StartTLS` asked for.
+
+        Option haggling restarts: "When this command succeeds, the server MUST NOT
+        preserve any negotiation state (such as a request for NBD_OPT_STRUCTURED_REPLY, or
+        metadata contexts from NBD_OPT_SET_META_CONTEXT)" (doc/proto.md NBD_OPT_STARTTLS).
+        """
+        self._go(Trigger.TLS_DONE)
+        self.tls_active = True
+        self.structured = False
+        self._meta_context = None
+        self._meta_export = None
+
     # --- machinery -----------------------------------------------------------------
     def _in_phase(self, phase: Phase) -> bool:
         # A method rather than an inline test: handlers change self.phase, which
@@ -272,7 +369,7 @@ class Negotiation:
         return self.phase is phase
 
     def _over(self) -> bool:
-        return self.phase in (Phase.TRANSMISSION, Phase.CLOSED)
+        return self.phase in (Phase.TRANSMISSION, Phase.CLOSED, Phase.TLS_HANDSHAKE)
 
     def _go(self, trigger: Trigger) -> None:
         try:
@@ -289,12 +386,18 @@ class Negotiation:
         self._discard_left -= take
         if self._discard_left == 0:
             self._go(Trigger.DISCARD_DONE)
-            message = (
-                f"option data of {self._option_length} bytes is longer than the"
-                f" {MAX_OPTION_DATA}-byte limit"
-            )
-            self._reply(self._option, Rep.ERR_TOO_BIG, message.encode())
-            events.append(OptionHandled(self._option, Rep.ERR_TOO_BIG, message))
+            refusal = self._tls_refusal(self._option)
+            if refusal is not None:
+                reply, message = refusal
+                events.append(Refused(self._option, message))
+            else:
+                reply = Rep.ERR_TOO_BIG
+                message = (
+                    f"option data of {self._option_length} bytes is longer than the"
+                    f" {MAX_OPTION_DATA}-byte limit"
+                )
+            self._reply(self._option, reply, message.encode())
+            events.append(OptionHandled(self._option, reply, message))
         return view[take:]
 
     def _step(self, events: list[Event]) -> bool:
@@ -312,6 +415,9 @@ class Negotiation:
                 self._violation(events, f"unknown client flags {raw:#x}")
                 return False
             self.client_flags = ClientFlag(raw)
+            # "The server MUST operate in NOTLS mode unless the server set flag
+            # NBD_FLAG_FIXED_NEWSTYLE and the client replied with NBD_FLAG_C_FIXED_NEWSTYLE"
+            # (doc/proto.md "Server-side requirements"); _tls_refusal reads this.
             self._go(Trigger.FLAGS_OK)
             return True
         if self.phase is Phase.OPTION_HEADER:
@@ -365,7 +471,28 @@ class Negotiation:
         export = self._exports.get(name)
         if export is None:
             raise _OptionFailed(Rep.ERR_UNKNOWN, f"no export named {name!r} on this server")
+        if not address_allowed(export.allow, self._peer):
+            # NBD_REP_ERR_POLICY: "server-side policy forbids the server to allow the
+            # option" (doc/proto.md "Option reply types").
+            who = "a client without an IP address" if self._peer is None else str(self._peer)
+            raise _OptionFailed(
+                Rep.ERR_POLICY, f"export {name!r} is not available to {who} (allow-list)"
+            )
         return export
+
+    def _tls_refusal(self, option: int) -> tuple[Rep, str] | None:
+        """The error for ``option`` before TLS runs in TLS-required mode, else None."""
+        if self._tls_mode is not TlsMode.REQUIRE or self.tls_active:
+            return None
+        if option in (Opt.STARTTLS, Opt.ABORT):
+            return None
+        if not self.client_flags & ClientFlag.FIXED_NEWSTYLE:
+            # NOTLS is forced for such a client, which "MUST NOT" get ERR_TLS_REQD.
+            return Rep.ERR_POLICY, "this server requires TLS, which needs fixed newstyle"
+        # FORCEDTLS: "If the server receives any other option, including NBD_OPT_INFO and
+        # unsupported options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has not
+        # been initiated" (doc/proto.md "FORCEDTLS mode").
+        return Rep.ERR_TLS_REQD, "this server requires TLS: send NBD_OPT_STARTTLS first"
 
     def _transmission_flags(self, export: ExportInfo) -> TransmissionFlag:
         flags = export.flags | TransmissionFlag.HAS_FLAGS
@@ -395,12 +522,19 @@ class Negotiation:
         if self.refusal is not None and option != Opt.ABORT:
             self._refuse(option, events)
             return
+        refusal = self._tls_refusal(option)
         if option == Opt.EXPORT_NAME:
             try:
+                if refusal is not None:
+                    raise _OptionFailed(*refusal)
                 export = self._lookup(data)
             except _OptionFailed as exc:
                 # "If the server is unwilling to allow the export, it MUST terminate
-                # the session" (doc/proto.md "Newstyle negotiation").
+                # the session" (doc/proto.md "Newstyle negotiation"); likewise "when TLS
+                # has not been initiated, then as this request cannot error, it MUST
+                # terminate the session" (doc/proto.md "FORCEDTLS mode").
+                if exc.reply in (Rep.ERR_POLICY, Rep.ERR_TLS_REQD):
+                    events.append(Refused(option, exc.message))
                 self._violation(events, f"NBD_OPT_EXPORT_NAME: {exc.message}")
                 return
             flags = self._transmission_flags(export)
@@ -419,6 +553,8 @@ class Negotiation:
             return
         handler = _HANDLERS.get(option)
         try:
+            if refusal is not None:
+                raise _OptionFailed(*refusal)
             if handler is None:
                 # "Servers that receive messages which they do not implement MUST reply
                 # to them with NBD_REP_ERR_UNSUP" (doc/proto.md "Baseline").
@@ -427,9 +563,22 @@ class Negotiation:
         except _OptionFailed as exc:
             self._reply(option, exc.reply, exc.message.encode())
             self._go(Trigger.OPTION_DONE)
+            if exc.reply in (Rep.ERR_POLICY, Rep.ERR_TLS_REQD):
+                events.append(Refused(option, exc.message))
             events.append(OptionHandled(option, exc.reply, exc.message))
             return
-        if go is not None:
+        if option == Opt.STARTTLS:
+            self._go(Trigger.STARTTLS)
+            events.append(OptionHandled(option, Rep.ACK))
+            if self._in:
+                # "After an NBD_REP_ACK reply has been sent ... all further data MUST be
+                # sent and received over TLS" (doc/proto.md "FORCEDTLS mode"); the client
+                # must wait for the ACK, so bytes already here are plaintext it had no
+                # right to send: no handshake is started.
+                self._violation(events, f"{len(self._in)} plaintext bytes after NBD_OPT_STARTTLS")
+            else:
+                events.append(StartTLS())
+        elif go is not None:
             self._ready(go, events)
         else:
             self._go(Trigger.OPTION_DONE)
@@ -458,6 +607,9 @@ class Negotiation:
             # NBD_REP_ERR_INVALID" (doc/proto.md NBD_OPT_LIST).
             raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
         for export in self._exports.values():
+            # An export the client may not use is not shown to it either.
+            if not address_allowed(export.allow, self._peer):
+                continue
             name = export.name.encode()
             self._reply(
                 option, Rep.SERVER, U32.pack(len(name)) + name + export.description.encode()
@@ -467,10 +619,22 @@ class Negotiation:
 
     def _opt_starttls(self, option: int, data: bytes) -> ExportInfo | None:
         if data:
+            # "The client MUST NOT send any additional data with the option" (NBD_OPT_STARTTLS).
             raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
-        # NOTLS mode: "it MUST respond with NBD_REP_ERR_POLICY ... NBD_REP_ERR_UNSUP"
-        # (doc/proto.md "NOTLS mode").
-        raise _OptionFailed(Rep.ERR_UNSUP, "TLS is not supported by this server")
+        if self.tls_active:
+            # "If the server receives NBD_OPT_STARTTLS when TLS has already been
+            # negotiated, it it MUST reply with NBD_REP_ERR_INVALID" (doc/proto.md).
+            raise _OptionFailed(Rep.ERR_INVALID, "TLS is already running on this connection")
+        if self._tls_mode is TlsMode.OFF:
+            # NOTLS mode: "it MUST respond with NBD_REP_ERR_POLICY (if it does not support
+            # TLS for policy reasons)" (doc/proto.md "NOTLS mode").
+            raise _OptionFailed(Rep.ERR_POLICY, "TLS is switched off on this server (--tls off)")
+        if not self.client_flags & ClientFlag.FIXED_NEWSTYLE:
+            raise _OptionFailed(Rep.ERR_POLICY, "TLS needs fixed newstyle negotiation")
+        # FORCEDTLS/SELECTIVETLS: "it MUST reply with NBD_REP_ACK"; the caller moves to
+        # TLS_HANDSHAKE and emits StartTLS.
+        self._reply(option, Rep.ACK)
+        return None
 
     def _opt_info_go(self, option: int, data: bytes) -> ExportInfo | None:
         try:

@@ -30,6 +30,7 @@ from typing import Any
 from nbdserver.backends.base import Backend
 from nbdserver.config import ExportConfig, ServerConfig, build_config
 from nbdserver.errors import ConfigError
+from nbdserver.exposure import startup_warnings
 from nbdserver.server import Export
 
 __all__ = ["ReloadPlan", "Reloader", "plan_reload"]
@@ -118,7 +119,11 @@ class Reloader:
         for export in opened:
             self.exports[export.info.name] = export
         self.configs = {e.name: e for e in config.exports}
+        before = startup_warnings(self.config)
         self.config = ServerConfig(**{**_as_kwargs(self.config), "exports": config.exports})
+        for warning in startup_warnings(self.config):
+            if warning not in before:  # what the new exports expose (e.g. no allow-list)
+                logger.warning("reload: %s", warning)
         logger.info(
             "reloaded %s: exports %s (added %s, removed %s, unchanged %s)",
             self.cli["config"],

@@ -28,8 +28,9 @@ import asyncio
 import itertools
 import logging
 import socket
+import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -42,14 +43,19 @@ from nbdserver.flow import TransportFlow
 from nbdserver.negotiation import (
     Closed,
     ExportInfo,
+    IPNetwork,
     Negotiation,
     OptionHandled,
     Ready,
+    Refused,
+    StartTLS,
+    TlsMode,
     transmission_flags,
 )
 from nbdserver.policy import PollWindow
 from nbdserver.protocol import CMD_DISC, CMD_READ, CMD_WRITE, Opt, Rep, TransmissionFlag
 from nbdserver.stats import ExportStats
+from nbdserver.tls import peer_address, upgrade
 from nbdserver.transmission import Command, Phase, Rejected, Session, Transmission
 
 __all__ = ["Connection", "Export", "NBDServer", "make_export", "tune_allocator"]
@@ -75,7 +81,13 @@ class Export:
     stats: ExportStats
 
 
-def make_export(name: str, description: str, backend: Backend, read_only: bool = False) -> Export:
+def make_export(
+    name: str,
+    description: str,
+    backend: Backend,
+    read_only: bool = False,
+    allow: tuple[IPNetwork, ...] | None = None,
+) -> Export:
     caps = backend.capabilities
     info = ExportInfo(
         name=name,
@@ -85,6 +97,7 @@ def make_export(name: str, description: str, backend: Backend, read_only: bool =
         min_block=caps.min_block,
         preferred_block=caps.preferred_block,
         max_block=caps.max_block,
+        allow=allow,
     )
     return Export(info, backend, ExportStats())
 
@@ -102,9 +115,15 @@ class NBDServer:
         poll_us: int = DEFAULT_POLL_US,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         max_connections: int | None = None,
+        tls: TlsMode = TlsMode.OFF,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
+        if tls is not TlsMode.OFF and ssl_context is None:
+            raise ValueError(f"TLS mode {tls.value} needs an ssl_context")
+        self.tls = tls
+        self.ssl_context = ssl_context
         self.exports = {e.info.name: e for e in exports}
         self.export_infos = {name: e.info for name, e in self.exports.items()}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
@@ -122,6 +141,19 @@ class NBDServer:
         self.closing = False
         #: Called after each connection closes (the worker pool counts its load).
         self.on_connection_closed: Callable[[], None] | None = None
+        #: TLS handshakes under way (held so that they are not garbage-collected).
+        self.handshakes: set[asyncio.Task[None]] = set()
+
+    def handshake(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's TLS handshake, holding its task until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.handshakes.add(task)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self.handshakes.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so now
+            logger.error("TLS upgrade crashed", exc_info=task.exception())
 
     def _factory(self) -> Connection:
         return Connection(self)
@@ -265,7 +297,7 @@ class Connection(asyncio.BufferedProtocol):
         self.log = _ConnectionLog(logger, self)
         self.transport: asyncio.Transport | None = None
         self.rx = ReceiveBuffer(INITIAL_BUFFER)
-        self._negotiation: Negotiation | None = Negotiation(server.export_infos)
+        self._negotiation: Negotiation | None = None  # made once the peer is known
         self.tx: Transmission | None = None
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
@@ -298,8 +330,12 @@ class Connection(asyncio.BufferedProtocol):
         if refusal is not None:
             self.refused = True
             self.log.warning("refusing the connection: %s", refusal)
-            self._negotiation = Negotiation(self.server.export_infos, refusal=refusal)
-        assert self._negotiation is not None
+        self._negotiation = Negotiation(
+            self.server.export_infos,
+            refusal=refusal,
+            tls=self.server.tls,
+            peer=peer_address(transport),
+        )
         transport.write(self._negotiation.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -352,6 +388,13 @@ class Connection(asyncio.BufferedProtocol):
         for event in events:
             if isinstance(event, OptionHandled):
                 self.log.option(event)
+            elif isinstance(event, Refused):
+                self.log.warning("refused: %s", event.reason)
+            elif isinstance(event, StartTLS):
+                # The ClientHello is for the TLS layer: nothing may reach us until then.
+                self.transport.pause_reading()
+                self.server.handshake(self._start_tls())
+                return
             elif isinstance(event, Closed):
                 self.log.closed(event, "handshake", 0)
                 self._negotiation = None
@@ -365,6 +408,16 @@ class Connection(asyncio.BufferedProtocol):
                 self.rx.put(neg.trailing_data)
                 self._negotiation = None
                 return
+
+    async def _start_tls(self) -> None:
+        """Option haggling goes on over TLS once the handshake succeeds (tls.upgrade)."""
+        neg, raw, ctx = self._negotiation, self.transport, self.server.ssl_context
+        assert neg is not None and raw is not None and ctx is not None
+        tls = await upgrade(raw, self, ctx, self.server.max_inflight_bytes, self.log)
+        if tls is not None and not self.lost:
+            self.transport = self.flow.transport = tls
+            self.fd = -1  # sendfile and the busy-poll use the socket itself: never under TLS
+            neg.tls_established()
 
     # --- transmission ------------------------------------------------------------
     def _process(self) -> None:

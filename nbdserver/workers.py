@@ -59,6 +59,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ from typing import Any, Final
 
 from nbdserver import server as server_module
 from nbdserver.config import DEFAULT_SHUTDOWN_GRACE
+from nbdserver.negotiation import TlsMode
 from nbdserver.server import Export, NBDServer
 from nbdserver.stats import ExportStats
 
@@ -231,6 +233,8 @@ async def run_worker(
     poll_us: int,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     report: Mapping[str, Any] | None = None,
+    tls: TlsMode = TlsMode.OFF,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     """A worker's event loop: adopt connections from ``ctrl`` until it reaches EOF.
 
@@ -242,6 +246,8 @@ async def run_worker(
         max_inflight_bytes=max_inflight_bytes,
         poll_us=poll_us,
         shutdown_grace=shutdown_grace,
+        tls=tls,
+        ssl_context=ssl_context,
     )
     stop = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()

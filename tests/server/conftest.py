@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -32,10 +33,15 @@ class ThreadedServer:
     ``watch`` collects its unhandled exceptions (``__exit__`` fails on any)."""
 
     def __init__(
-        self, exports: list[Export], loop_factory: Callable[[], asyncio.AbstractEventLoop]
+        self,
+        exports: list[Export],
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+        **options: Any,
     ):
         self.exports = exports
         self.loop_factory = loop_factory
+        #: Keyword arguments for NBDServer (e.g. tls, ssl_context).
+        self.options = options
         self.port = 0
         self.server: NBDServer | None = None
         self._ready = threading.Event()
@@ -58,7 +64,7 @@ class ThreadedServer:
         self._loop = asyncio.get_running_loop()
         self.watch.install(self._loop)
         self._stop = asyncio.Event()
-        self.server = NBDServer(self.exports)
+        self.server = NBDServer(self.exports, **self.options)
         watch_connections(self.server, self.watch)
         (addr,) = await self.server.listen_tcp("127.0.0.1", 0)
         self.port = addr[1]
@@ -127,12 +133,15 @@ def make_server(
     started: list[ThreadedServer] = []
     backends: list[Backend] = []
 
-    def start(*specs: tuple[str, Backend, bool]) -> ThreadedServer:
+    def start(*specs: tuple[str, Backend, bool], **options: Any) -> ThreadedServer:
+        """Serve ``(name, backend, read_only)`` exports; ``options`` go to NBDServer,
+        except ``allow``, the allow-list given to every export."""
+        allow = options.pop("allow", None)
         exports = []
         for name, backend, read_only in specs:
             backends.append(backend)
-            exports.append(make_export(name, f"{name} export", backend, read_only))
-        srv = ThreadedServer(exports, loop_factory).__enter__()
+            exports.append(make_export(name, f"{name} export", backend, read_only, allow))
+        srv = ThreadedServer(exports, loop_factory, **options).__enter__()
         started.append(srv)
         return srv
 

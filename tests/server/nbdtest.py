@@ -221,9 +221,13 @@ class RawClient:
             if reply.reply == Rep.ACK or reply.reply & (1 << 31):
                 return replies
 
-    def go(self, name: bytes = b"", *, structured: bool = True, meta: bool = True) -> int:
-        """Negotiate and enter transmission; return the export size."""
-        self.handshake()
+    def go(
+        self, name: bytes = b"", *, structured: bool = True, meta: bool = True, greet: bool = True
+    ) -> int:
+        """Negotiate and enter transmission; return the export size. ``greet=False``: the
+        handshake (greeting and client flags) was done already."""
+        if greet:
+            self.handshake()
         if structured:
             assert self.option(Opt.STRUCTURED_REPLY)[-1].reply == Rep.ACK
             self.structured = True

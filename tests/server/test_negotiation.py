@@ -133,7 +133,7 @@ CASES = [
         [Rep.ERR_UNSUP],
         OptionHandled,
     ),
-    Case("starttls", HELLO + opt(Opt.STARTTLS), [Rep.ERR_UNSUP], OptionHandled),
+    Case("starttls-tls-off", HELLO + opt(Opt.STARTTLS), [Rep.ERR_POLICY], OptionHandled),
     Case(
         "info",
         HELLO + opt(Opt.INFO, pack_info_go(b"", [Info.BLOCK_SIZE])),
