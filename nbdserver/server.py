@@ -35,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from nbdserver import handshake
 from nbdserver.backends.base import Backend
 from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US, DEFAULT_SHUTDOWN_GRACE
 from nbdserver.dispatch import LARGE_READ, Dispatcher, Reply
@@ -47,16 +48,13 @@ from nbdserver.negotiation import (
     Negotiation,
     OptionHandled,
     Ready,
-    Refused,
-    StartTLS,
     TlsMode,
     transmission_flags,
 )
 from nbdserver.policy import PollWindow
 from nbdserver.protocol import CMD_DISC, CMD_READ, CMD_WRITE, Opt, Rep, TransmissionFlag
 from nbdserver.stats import ExportStats
-from nbdserver.tls import peer_address, upgrade
-from nbdserver.transmission import Command, Phase, Rejected, Session, Transmission
+from nbdserver.transmission import Command, Phase, Rejected, Transmission
 
 __all__ = ["Connection", "Export", "NBDServer", "make_export", "tune_allocator"]
 
@@ -297,7 +295,9 @@ class Connection(asyncio.BufferedProtocol):
         self.log = _ConnectionLog(logger, self)
         self.transport: asyncio.Transport | None = None
         self.rx = ReceiveBuffer(INITIAL_BUFFER)
-        self._negotiation: Negotiation | None = None  # made once the peer is known
+        #: The handshake's state machine, made once the peer is known (nbdserver.handshake)
+        #: and dropped when transmission starts or the session ends.
+        self.negotiation: Negotiation | None = None
         self.tx: Transmission | None = None
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
@@ -326,17 +326,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.server.closing:
             transport.close()
             return
-        refusal = self.server._refusal(self)
-        if refusal is not None:
-            self.refused = True
-            self.log.warning("refusing the connection: %s", refusal)
-        self._negotiation = Negotiation(
-            self.server.export_infos,
-            refusal=refusal,
-            tls=self.server.tls,
-            peer=peer_address(transport),
-        )
-        transport.write(self._negotiation.data_to_send())
+        handshake.begin(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -368,56 +358,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.rx.end += nbytes
-        if self._negotiation is not None:
-            self._negotiate()
+        if self.negotiation is not None:
+            handshake.negotiate(self)
         if self.tx is not None and not self.lost:
             if self.poll_window.waiting_since:
                 self.poll_window.arrived(time.perf_counter_ns())
             self._process()
             while busy_poll(self):
                 self._process()
-
-    # --- handshake ---------------------------------------------------------------
-    def _negotiate(self) -> None:
-        neg = self._negotiation
-        assert neg is not None and self.transport is not None
-        events = neg.receive_data(self.rx.take())
-        out = neg.data_to_send()
-        if out:
-            self.transport.write(out)
-        for event in events:
-            if isinstance(event, OptionHandled):
-                self.log.option(event)
-            elif isinstance(event, Refused):
-                self.log.warning("refused: %s", event.reason)
-            elif isinstance(event, StartTLS):
-                # The ClientHello is for the TLS layer: nothing may reach us until then.
-                self.transport.pause_reading()
-                self.server.handshake(self._start_tls())
-                return
-            elif isinstance(event, Closed):
-                self.log.closed(event, "handshake", 0)
-                self._negotiation = None
-                self.transport.close()
-                return
-            elif isinstance(event, Ready):
-                self.log.ready(event)
-                self.export = export = self.server.exports[event.export.name]
-                self.tx = self.flow.tx = Transmission(Session.from_ready(event))
-                self.dispatcher = Dispatcher(export.backend, self.tx, self.log)
-                self.rx.put(neg.trailing_data)
-                self._negotiation = None
-                return
-
-    async def _start_tls(self) -> None:
-        """Option haggling goes on over TLS once the handshake succeeds (tls.upgrade)."""
-        neg, raw, ctx = self._negotiation, self.transport, self.server.ssl_context
-        assert neg is not None and raw is not None and ctx is not None
-        tls = await upgrade(raw, self, ctx, self.server.max_inflight_bytes, self.log)
-        if tls is not None and not self.lost:
-            self.transport = self.flow.transport = tls
-            self.fd = -1  # sendfile and the busy-poll use the socket itself: never under TLS
-            neg.tls_established()
 
     # --- transmission ------------------------------------------------------------
     def _process(self) -> None:
