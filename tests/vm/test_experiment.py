@@ -608,22 +608,32 @@ def still_running(procs: list[psutil.Process], within_s: float) -> list[str]:
         time.sleep(0.2)
 
 
-@pytest.mark.vm
-def test_sigterm_stops_qemu_and_the_server_and_writes_run_json(
-    tmp_path: Path, guest_cache: Path
-) -> None:
+def signal_mid_stress(
+    tmp_path: Path, guest_cache: Path, sig: signal.Signals, wait_s: float
+) -> tuple[Path, int, list[psutil.Process]]:
+    """Start `swapnbd run`, send ``sig`` once the stress phase began; return the output
+    directory, the exit status and the runner's children as they were before the signal."""
     require_nbd_serve()
     out = tmp_path / "run"
     out.mkdir()
     proc = start_cli_run(out, guest_cache)
     try:
         children = wait_for_stress(proc, out)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == cli.EXIT_TERMINATED == 143
+        proc.send_signal(sig)
+        code = proc.wait(timeout=wait_s)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return out, code, children
+
+
+@pytest.mark.vm
+def test_sigterm_stops_qemu_and_the_server_and_writes_run_json(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    out, code, children = signal_mid_stress(tmp_path, guest_cache, signal.SIGTERM, 60)
+    assert code == cli.EXIT_TERMINATED == 143
     assert still_running(children, 5.0) == []
     run = json.loads((out / "run.json").read_text())
     assert (run["outcome"], run["interrupted"], run["interrupted_by"]) == (
@@ -642,18 +652,8 @@ def test_sigterm_stops_qemu_and_the_server_and_writes_run_json(
 def test_sigkill_of_the_runner_leaves_no_qemu_and_no_server(
     tmp_path: Path, guest_cache: Path
 ) -> None:
-    require_nbd_serve()
-    out = tmp_path / "run"
-    out.mkdir()
-    proc = start_cli_run(out, guest_cache)
-    try:
-        children = wait_for_stress(proc, out)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _, code, children = signal_mid_stress(tmp_path, guest_cache, signal.SIGKILL, 30)
+    assert code == -signal.SIGKILL
     assert still_running(children, 10.0) == []
 
 
