@@ -55,8 +55,9 @@ _DATA_COMMANDS: Final = frozenset({"read", "write"})
 _BOUNDS_NS: Final = tuple(bound * 1000 for bound in LATENCY_BOUNDS_US)
 
 #: READ/WRITE sizes are counted in power-of-two buckets: bucket i holds lengths from
-#: SIZE_FLOORS[i] up to twice that (bucket 0: zero-length requests; the last: 32 MiB and up).
-_SIZE_BUCKETS: Final = 27
+#: SIZE_FLOORS[i] up to twice that (bucket 0: zero-length requests). Request lengths are
+#: 32-bit, so ``length.bit_length()`` (at most 32) indexes the bucket with no bound check.
+_SIZE_BUCKETS: Final = 33
 SIZE_FLOORS: Final = [0] + [1 << (i - 1) for i in range(1, _SIZE_BUCKETS)]
 
 
@@ -103,7 +104,7 @@ class ExportStats:
             row[1] += 1
         else:
             row[2] += nbytes
-            row[4][min(nbytes.bit_length(), _SIZE_BUCKETS - 1)] += 1
+            row[4][nbytes.bit_length()] += 1
         row[3][bisect.bisect_left(_BOUNDS_NS, latency_ns)] += 1
 
     def _named(self) -> list[tuple[str, list[Any]]]:
