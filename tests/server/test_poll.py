@@ -96,8 +96,10 @@ def test_lone_qd1_client_is_answered_by_polling(tmp_path: Path) -> None:
     [
         # Polling switched off.
         (0, 1, 300, 0.0),
-        # Every wait (5 ms) is longer than the bound (50 µs): the window never opens.
-        (50, 1, 40, 0.005),
+        # Every wait (20 ms) is longer than the bound (50 µs): the window never opens. The
+        # gap is long so that a server descheduled between sending a reply and timing the
+        # wait (a loaded 2-core machine; it was 5 ms and failed there) still sees it.
+        (50, 1, 40, 0.02),
         # One process serving two connections: polling one would delay the other.
         (2000, 2, 200, 0.0),
     ],
