@@ -359,6 +359,8 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
     server_cpu = None
     if "user_s" in server_cost:
         server_cpu = f"{server_cost['user_s'] + server_cost['system_s']:.2f} s"
+        if server_cost.get("wakeups"):
+            server_cpu += f", {server_cost['wakeups']:,} wake-ups"
     return [
         f"outcome:                {run.get('outcome')}  ({run.get('outcome_reason')})",
         f"kernel:                 {kernel.get('release') or kernel.get('name')}"

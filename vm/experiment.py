@@ -402,12 +402,35 @@ def stop_signals_interrupt() -> Iterator[None]:
 # --- cost --------------------------------------------------------------------------------
 
 
-def tree_usage(pid: int) -> tuple[float, float, int] | None:
-    """(user s, system s, RSS bytes) of ``pid`` and all its descendants, or None if gone.
+def task_wakeups(pid: int) -> int:
+    """Voluntary context switches of every live thread of ``pid``: how often it went to
+    sleep (in epoll, a futex or a read) and had to be woken. Threads that already exited
+    are not counted (/proc keeps no total for them)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        break
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def tree_usage(pid: int) -> tuple[float, float, int, int] | None:
+    """(user s, system s, RSS bytes, wake-ups) of ``pid`` and all its descendants, or
+    None if gone.
 
     Each process counts its own CPU time plus that of the children it has reaped, so a
     forked worker that exited still counts once it is reaped.  RSS is summed, so pages
-    shared between processes count once per process (an upper bound).
+    shared between processes count once per process (an upper bound). Wake-ups are
+    :func:`task_wakeups` summed over the tree.
     """
     try:
         root = psutil.Process(pid)
@@ -415,7 +438,7 @@ def tree_usage(pid: int) -> tuple[float, float, int] | None:
     except psutil.Error:
         return None
     user = system = 0.0
-    rss = 0
+    rss = wakeups = 0
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             t = proc.cpu_times()
@@ -423,7 +446,8 @@ def tree_usage(pid: int) -> tuple[float, float, int] | None:
             system += t.system + t.children_system
         with contextlib.suppress(psutil.Error):
             rss += proc.memory_info().rss
-    return user, system, rss
+        wakeups += task_wakeups(proc.pid)
+    return user, system, rss, wakeups
 
 
 @dataclass(slots=True)
@@ -434,6 +458,8 @@ class ServerCost:
     user_s: float = 0.0
     system_s: float = 0.0
     peak_rss_bytes: int = 0
+    #: Voluntary context switches of the tree's threads (the largest sum seen).
+    wakeups: int = 0
     samples: int = 0
     last: float = -math.inf
 
@@ -449,12 +475,14 @@ class ServerCost:
         self.user_s = max(self.user_s, usage[0])
         self.system_s = max(self.system_s, usage[1])
         self.peak_rss_bytes = max(self.peak_rss_bytes, usage[2])
+        self.wakeups = max(self.wakeups, usage[3])
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "user_s": round(self.user_s, 3),
             "system_s": round(self.system_s, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
+            "wakeups": self.wakeups,
             "samples": self.samples,
         }
 

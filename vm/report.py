@@ -70,6 +70,7 @@ ROWS: tuple[Row, ...] = (
     Row("server_cpu_s", "server CPU (user+sys)", "s", "cost"),
     Row("server_cpu_per_gib", "server CPU per GiB swapped", "s/GiB", "cost"),
     Row("server_peak_rss_mib", "server peak RSS", "MiB", "cost"),
+    Row("server_wakeups_per_mib", "server wake-ups per MiB swapped", "", "cost"),
     Row("qemu_cpu_s", "QEMU CPU (user+sys)", "s", "cost"),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
@@ -231,6 +232,10 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
         out["server_cpu_s"] / (swapped * PAGE / GIB)
         if out["server_cpu_s"] is not None and swapped
         else None
+    )
+    wakeups = _num(server.get("wakeups"))
+    out["server_wakeups_per_mib"] = (
+        wakeups / (swapped * PAGE / MIB) if wakeups is not None and swapped else None
     )
     rss = _num(server.get("peak_rss_bytes"))
     out["server_peak_rss_mib"] = rss / MIB if rss is not None else None

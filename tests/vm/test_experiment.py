@@ -204,10 +204,37 @@ def test_tree_usage_counts_reaped_children(tmp_path: Path) -> None:
         assert usage is not None
         assert usage[0] + usage[1] >= 0.3
         assert usage[2] > 0
+        assert usage[3] >= 1  # the shell slept in wait() for its child at least once
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
     assert experiment.tree_usage(proc.pid) is None
+
+
+def test_task_wakeups_counts_every_thread() -> None:
+    import os
+    import threading
+    import time
+
+    def nap() -> None:
+        for _ in range(200):
+            time.sleep(0.0005)
+
+    done = threading.Event()
+    # The main thread barely sleeps; the other thread sleeps 200 times and stays alive
+    # while it is counted (a thread that exited would not be).
+    t = threading.Thread(target=lambda: (nap(), done.wait(30)))
+    before = experiment.task_wakeups(os.getpid())
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while experiment.task_wakeups(os.getpid()) - before < 200:
+            assert time.monotonic() < deadline, "the napping thread's sleeps were not counted"
+            time.sleep(0.05)
+    finally:
+        done.set()
+        t.join()
+    assert experiment.task_wakeups(2**22 + 12345) == 0  # no such process: nothing
 
 
 def test_host_steal_is_read_from_proc_stat() -> None:
@@ -430,10 +457,12 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     assert 0.05 < server_cpu < qemu_s * 4  # it served >100 MiB, on at most a few cores
     assert cost["server"]["samples"] >= 3
     assert 20 * MIB < cost["server"]["peak_rss_bytes"] < 2048 * MIB
+    # >100 MiB is at least 800 requests of 128 KiB, and the server sleeps between most.
+    assert cost["server"]["wakeups"] > 100
     qemu_cpu = cost["qemu"]["user_s"] + cost["qemu"]["system_s"]
     assert stress_s / 4 < qemu_cpu < qemu_s * 4  # TCG burns CPU for every guest cycle
     assert cost["host_steal_s"] is None or cost["host_steal_s"] >= 0
-    assert "server CPU (user+sys):" in summary
+    assert f"{cost['server']['wakeups']:,} wake-ups" in summary
 
 
 @pytest.mark.vm

@@ -98,19 +98,35 @@ def test_pfmemalloc_drop_is_last_minus_first_sample() -> None:
 def test_cost_rows_come_from_run_json_cost() -> None:
     data = fixture("completed")
     data.run["cost"] = {
-        "server": {"user_s": 3.5, "system_s": 6.5, "peak_rss_bytes": 64 * 1024 * 1024},
+        "server": {
+            "user_s": 3.5,
+            "system_s": 6.5,
+            "peak_rss_bytes": 64 * 1024 * 1024,
+            "wakeups": 1000,
+        },
         "qemu": {"user_s": 100.0, "system_s": 20.0},
         "host_steal_s": None,
     }
     m = report.run_metrics(data)
     assert (m["server_cpu_s"], m["server_peak_rss_mib"], m["qemu_cpu_s"]) == (10.0, 64.0, 120.0)
     rep = report.build_report([data])
-    assert [r["key"] for r in rep["rows"]][-4:] == [
+    assert [r["key"] for r in rep["rows"]][-5:] == [
         "server_cpu_s",
         "server_cpu_per_gib",
         "server_peak_rss_mib",
+        "server_wakeups_per_mib",
         "qemu_cpu_s",
     ]
+    del data.run["cost"]["server"]["wakeups"]  # a run.json from before wake-ups were kept
+    assert report.run_metrics(data)["server_wakeups_per_mib"] is None
+    assert "server_wakeups_per_mib" not in [r["key"] for r in report.build_report([data])["rows"]]
+
+
+def test_server_wakeups_per_mib_divides_by_the_pages_swapped_both_ways() -> None:
+    data = fixture("completed")
+    data.run["cost"] = {"server": {"user_s": 1.0, "system_s": 2.0, "wakeups": 51200}}
+    data.run["vmstat_delta"] = {**data.run["vmstat_delta"], "pswpin": 131072, "pswpout": 131072}
+    assert report.run_metrics(data)["server_wakeups_per_mib"] == 50.0  # 51,200 per GiB
 
 
 def test_server_cpu_per_gib_divides_by_the_pages_swapped_both_ways() -> None:
