@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -95,6 +96,39 @@ class ReceiveBuffer:
         self.buf = bytearray()
         self.view = memoryview(self.buf)
         self.start = self.end = 0
+
+
+#: A partial request missing fewer bytes than this is not worth a system call.
+WAKE_MARK_MIN: Final = 4096
+#: Linux grows the receive buffer to hold the mark; past this the loop wakes early anyway.
+WAKE_MARK_MAX: Final = 1024 * 1024
+
+
+class WakeMark:
+    """SO_RCVLOWAT on a TCP socket: while a request's payload streams in, the event loop
+    wakes once the rest of it is there, not for every few segments that arrive
+    (docs/performance.md, "Wake mark"). Linux still wakes the reader early when the
+    receive window or memory runs short, so the mark cannot stall a connection."""
+
+    __slots__ = ("mark", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock: socket.socket | None = sock
+        #: The mark in force (1 is the kernel's default: wake for any byte).
+        self.mark = 1
+
+    def update(self, missing: int) -> None:
+        """``missing`` bytes of a partly received request are still to come."""
+        want = min(missing, WAKE_MARK_MAX) if missing >= WAKE_MARK_MIN else 1
+        sock = self.sock
+        if want == self.mark or sock is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+        except OSError:  # the socket is going away: the event loop will see it
+            self.sock = None
+            return
+        self.mark = want
 
 
 def poll_read(fd: int, view: memoryview, deadline_ns: int) -> tuple[int, int]:

@@ -76,4 +76,5 @@ async def start_tls(conn: Connection) -> None:
     if tls is not None and not conn.lost:
         conn.transport = conn.flow.transport = tls
         conn.fd = -1  # sendfile and the busy-poll use the socket itself: never under TLS
+        conn.wake_mark = None  # the mark would count encrypted bytes
         neg.tls_established()

@@ -14,12 +14,13 @@ against the backend, inline or in the thread pool as the backend's capabilities 
 :class:`~nbdserver.flow.TransportFlow` bounds in-flight bytes and requests
 (``--max-inflight``) by pausing reads; :class:`~nbdserver.policy.PollWindow` sizes the
 busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds the receive
-buffer and two of the connection's steps, :func:`~nbdserver.fastpath.busy_poll` and
-:func:`~nbdserver.fastpath.sendfile_read`. Replies of one decoded batch leave in one
-vectored write; pool replies go out whenever they complete, matched to the request by
-its cookie: the "completion order" of doc/proto.md, "Replies need not be sent in the same
-order as requests". The measured reasons behind each fast path are in
-docs/performance.md.
+buffer, the :class:`~nbdserver.fastpath.WakeMark` that lets a TCP socket wake the loop only
+once a partly received request is complete, and two of the connection's steps,
+:func:`~nbdserver.fastpath.busy_poll` and :func:`~nbdserver.fastpath.sendfile_read`.
+Replies of one decoded batch leave in one vectored write; pool replies go out whenever
+they complete, matched to the request by its cookie: the "completion order" of
+doc/proto.md, "Replies need not be sent in the same order as requests". The measured
+reasons behind each fast path are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ from nbdserver import handshake
 from nbdserver.backends.base import Backend
 from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US, DEFAULT_SHUTDOWN_GRACE
 from nbdserver.dispatch import LARGE_READ, Dispatcher, Reply
-from nbdserver.fastpath import ReceiveBuffer, busy_poll, sendfile_read, tune_allocator
+from nbdserver.fastpath import (
+    WAKE_MARK_MIN,
+    ReceiveBuffer,
+    WakeMark,
+    busy_poll,
+    sendfile_read,
+    tune_allocator,
+)
 from nbdserver.flow import TransportFlow
 from nbdserver.negotiation import (
     Closed,
@@ -267,20 +275,22 @@ class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
         )
 
 
-def _socket_setup(transport: asyncio.Transport) -> tuple[str, int]:
-    """TCP_NODELAY on TCP; returns the peer's name and the socket's descriptor (or -1)."""
+def _socket_setup(transport: asyncio.Transport) -> tuple[str, int, WakeMark | None]:
+    """TCP_NODELAY on TCP; returns the peer's name, the socket's descriptor (or -1) and,
+    on TCP, its :class:`~nbdserver.fastpath.WakeMark` (Unix sockets ignore SO_RCVLOWAT
+    when polled)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return "?", -1
+        return "?", -1, None
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # "both the client and server SHOULD disable Nagle's algorithm" (doc/proto.md
         # "Protocol phases").
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         if peer is None:  # uvloop: the peer reset before the accept; the read will fail
-            return "?", sock.fileno()
-        return f"{peer[0]}:{peer[1]}", sock.fileno()
-    return "unix", sock.fileno()
+            return "?", sock.fileno(), None
+        return f"{peer[0]}:{peer[1]}", sock.fileno(), WakeMark(sock)
+    return "unix", sock.fileno(), None
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -311,13 +321,15 @@ class Connection(asyncio.BufferedProtocol):
         self.fd = -1
         #: Events in the last decoded batch (polling follows lone requests only).
         self.batch_size = 0
+        #: SO_RCVLOWAT while a request streams in (TCP only; None under TLS).
+        self.wake_mark: WakeMark | None = None
 
     # --- asyncio callbacks -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = self.flow.transport = transport
-        self.peer, self.fd = _socket_setup(transport)
+        self.peer, self.fd, self.wake_mark = _socket_setup(transport)
         # pause_writing fires exactly when queued replies pass the in-flight bound, so
         # a connection that stopped decoding at the bound is always resumed.
         limit = self.server.max_inflight_bytes
@@ -366,6 +378,12 @@ class Connection(asyncio.BufferedProtocol):
             self._process()
             while busy_poll(self):
                 self._process()
+            mark = self.wake_mark
+            if mark is not None:
+                rx = self.rx
+                missing = self.tx.needed - (rx.end - rx.start)
+                if missing >= WAKE_MARK_MIN or mark.mark != 1:
+                    mark.update(missing)
 
     # --- transmission ------------------------------------------------------------
     def _process(self) -> None:
