@@ -221,8 +221,9 @@ def render_markdown(
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), shared with other tenants; "
         f"Linux {m['kernel']}; Python {m['python']}. fio and every server share these CPUs.",
         f"Run: {m['started']} UTC, {m['duration_s']:.0f} s; {m['rounds']} interleaved round(s) "
-        f"of {m['runtime_s']:g} s (+{m['ramp_s']:g} s ramp) per cell; servers in order "
-        f"{', '.join(servers)}; one {m['file_size'] // MIB} MiB file on /dev/shm shared by all.",
+        f"of {m['runtime_s']:g} s (+{m['ramp_s']:g} s ramp) per cell; servers "
+        f"{', '.join(servers)}, the order rotated by one each round; "
+        f"one {m['file_size'] // MIB} MiB file on /dev/shm shared by all.",
         f"Load: fio {m['fio']} nbd engine on loopback; one connection per fio job. "
         f"Host load average (1/5/15 min) at start {_load(m.get('loadavg_start'))}, "
         f"at end {_load(m.get('loadavg_end'))}.",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import build_parser, main, plan_from_args
-from bench.runner import Plan, parse_servers
+from bench.runner import Plan, parse_servers, rotated
 from bench.servers import ON_REQUEST, ServerKind
 from bench.workloads import MIB, WORKLOADS
 
@@ -107,3 +107,13 @@ def test_shell_wrapper_uses_the_venv() -> None:
     )
     assert bad.returncode == 2
     assert "--rounds must be >= 1, got 0" in bad.stderr
+
+
+def test_rounds_rotate_the_server_order() -> None:
+    a, b, c = ServerKind.NBD_SERVE, ServerKind.NBDKIT, ServerKind.NBD_SERVER
+    orders = [rotated((a, b, c), r) for r in range(4)]
+    assert orders == [[a, b, c], [b, c, a], [c, a, b], [a, b, c]]
+    # Over as many rounds as servers, each runs first once and in every position once.
+    assert {o[0] for o in orders[:3]} == {a, b, c}
+    assert rotated((a, b), 1) == [b, a]
+    assert rotated((), 3) == []
