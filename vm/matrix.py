@@ -654,8 +654,27 @@ def read_index(store: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def prepare_store(matrix: Matrix, store: Path, *, resume: bool) -> None:
+def extends(index: Mapping[str, Any], plan: Sequence[PlannedRun], store: Path) -> bool:
+    """Whether ``plan`` keeps every run the store has begun, by id and configuration,
+    so that resuming with it only adds runs (a matrix file edited to more repeats)."""
+    planned = {run.id: run for run in plan}
+    for entry in index.get("runs", []):
+        if entry.get("status") == "pending":
+            continue
+        run = planned.get(entry.get("id"))
+        if run is None or run.config(store).to_json() != entry.get("config"):
+            return False
+    return True
+
+
+def prepare_store(
+    matrix: Matrix, store: Path, *, resume: bool, plan: Sequence[PlannedRun] = ()
+) -> None:
     """Create the store or check that it belongs to this matrix.
+
+    With ``resume``, a changed matrix file is accepted when its ``plan`` keeps every run
+    the store has begun, with the same id and configuration (more repeats, say): the
+    store's copy of the file is replaced by the new one.
 
     Raises:
         MatrixError: the store holds another matrix, or holds runs and ``resume`` is off.
@@ -664,10 +683,18 @@ def prepare_store(matrix: Matrix, store: Path, *, resume: bool) -> None:
     if index is not None:
         sha = (index.get("matrix") or {}).get("sha256")
         if sha != matrix.sha256:
-            raise MatrixError(
-                f"{store} holds runs of a different matrix file (sha256 {str(sha)[:12]}…, "
-                f"this one {matrix.sha256[:12]}…); choose another --out"
-            )
+            if not extends(index, plan, store):
+                raise MatrixError(
+                    f"{store} holds runs of a different matrix file (sha256 "
+                    f"{str(sha)[:12]}…, this one {matrix.sha256[:12]}…), and this one does "
+                    "not keep all of its runs with the same settings; choose another --out"
+                )
+            if not resume:
+                raise MatrixError(
+                    f"{store} holds runs of an earlier version of this matrix file, all of "
+                    "which it keeps; pass --resume to add the new runs or choose another --out"
+                )
+            _write_atomic(store / MATRIX_COPY, matrix.text)
         if not resume and any(
             (e.get("status") in ("finished", "interrupted", "started"))
             for e in index.get("runs", [])
@@ -776,7 +803,7 @@ def run_matrix(
     runner: RunFunc = run_one or experiment.run_experiment
     plan = plan_runs(matrix)
     chosen = select_runs(plan, shard=shard, only=only)
-    prepare_store(matrix, store, resume=resume)
+    prepare_store(matrix, store, resume=resume, plan=plan)
     result = MatrixResult()
     todo: list[PlannedRun] = []
     for run in chosen:

@@ -370,6 +370,26 @@ def test_a_store_of_another_matrix_is_refused(tmp_path: Path) -> None:
         matrix.run_matrix(other, store, resume=True, run_one=fake_runner({}))
 
 
+def test_resume_with_more_repeats_adds_runs(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    mx = matrix.parse_matrix(SMALL)
+    first = matrix.run_matrix(mx, store, run_one=fake_runner({}))
+    more = matrix.parse_matrix(SMALL.replace("repeats = 2", "repeats = 3"))
+    assert more.sha256 != mx.sha256
+    with pytest.raises(matrix.MatrixError, match="pass --resume"):
+        matrix.run_matrix(more, store, run_one=fake_runner({}))
+    second = matrix.run_matrix(more, store, resume=True, run_one=fake_runner({}))
+    assert sorted(second.skipped) == sorted(first.ran)  # nothing measured twice
+    assert len(second.ran) == 4 and all(rid.endswith("-rep3") for rid in second.ran)
+    index = json.loads((store / "index.json").read_text())
+    assert index["matrix"]["sha256"] == more.sha256
+    assert (store / "matrix.toml").read_text() == more.text
+    assert index["counts"]["finished"] == len(first.ran) + len(second.ran)
+    # Fewer repeats than the store holds drops finished runs: refused.
+    with pytest.raises(matrix.MatrixError, match="does not keep all of its runs"):
+        matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
+
+
 def test_dry_run_lists_runs_and_the_estimate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
