@@ -100,8 +100,10 @@ class ReceiveBuffer:
 
 #: A partial request missing fewer bytes than this is not worth a system call.
 WAKE_MARK_MIN: Final = 4096
-#: Linux grows the receive buffer to hold the mark; past this the loop wakes early anyway.
-WAKE_MARK_MAX: Final = 1024 * 1024
+#: The largest mark: a receive buffer's worth. A 1 MiB WRITE is then read in four parts
+#: as it streams in, not in one after it has all arrived (with a 1 MiB cap, seq write
+#: 1 MiB QD8 measured 0.95x of the server without a mark; docs/performance.md).
+WAKE_MARK_MAX: Final = 256 * 1024
 
 
 class WakeMark:

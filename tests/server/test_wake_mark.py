@@ -73,6 +73,7 @@ def test_mark_is_capped_while_a_large_write_streams_in(make_server: Start) -> No
         first = 256 * 1024
         c.send(Request(0, Cmd.WRITE, 7, MiB, len(data)).pack() + data[:first])
         # At least 2.75 MiB still to come, whatever the server has read: the cap.
+        assert len(data) - first > WAKE_MARK_MAX
         wait_for_mark(conn, lambda mark: mark == WAKE_MARK_MAX)
         c.send(data[first:])
         assert c.simple_reply() == (SimpleReply(0, 7), b"")
@@ -86,8 +87,8 @@ def test_mark_is_what_the_request_still_lacks(make_server: Start) -> None:
     with RawClient(srv.port) as c:
         c.go(structured=False)
         conn = only_connection(srv)
-        data = os.urandom(512 * 1024)
-        sent = 64 * 1024
+        data = os.urandom(200 * 1024)  # less than the cap
+        sent = 24 * 1024
         c.send(Request(0, Cmd.WRITE, 3, 0, len(data)).pack() + data[:sent])
         # The server wakes for the first bytes and asks for exactly the rest of the
         # request: never more than can still arrive (the connection cannot stall)...
