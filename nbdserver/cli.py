@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
         " warning is logged (default: no limit)",
     )
     parser.add_argument(
+        "--wake-mark",
+        action="store_true",
+        help="on TCP, let the kernel wake the server only once a partly received request"
+        " is complete (SO_RCVLOWAT); fewer wake-ups, but see docs/performance.md"
+        ' "Wake mark" before using it under swap (default: off)',
+    )
+    parser.add_argument(
         "--poll-us",
         type=int,
         metavar="N",
@@ -244,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        # Inherited by forked workers; not a config-file setting (see --help).
+        NBDServer.wake_mark_default = bool(vars(args).pop("wake_mark", False))
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -111,6 +111,9 @@ def make_export(
 class NBDServer:
     """Listeners plus the set of live connections over a fixed list of exports."""
 
+    #: ``--wake-mark``: set by the CLI before any fork, so every worker inherits it.
+    wake_mark_default = False
+
     def __init__(
         self,
         exports: Sequence[Export],
@@ -123,6 +126,7 @@ class NBDServer:
         max_connections: int | None = None,
         tls: TlsMode = TlsMode.OFF,
         ssl_context: ssl.SSLContext | None = None,
+        wake_mark: bool | None = None,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -130,6 +134,8 @@ class NBDServer:
             raise ValueError(f"TLS mode {tls.value} needs an ssl_context")
         self.tls = tls
         self.ssl_context = ssl_context
+        #: SO_RCVLOWAT while a request streams in (fastpath.WakeMark); off by default.
+        self.wake_mark = self.wake_mark_default if wake_mark is None else wake_mark
         self.exports = {e.info.name: e for e in exports}
         self.export_infos = {name: e.info for name, e in self.exports.items()}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
@@ -329,7 +335,8 @@ class Connection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = self.flow.transport = transport
-        self.peer, self.fd, self.wake_mark = _socket_setup(transport)
+        self.peer, self.fd, mark = _socket_setup(transport)
+        self.wake_mark = mark if self.server.wake_mark else None
         # pause_writing fires exactly when queued replies pass the in-flight bound, so
         # a connection that stopped decoding at the bound is always resumed.
         limit = self.server.max_inflight_bytes

@@ -64,7 +64,7 @@ def missing(conn: Connection) -> int:
 
 
 def test_mark_is_capped_while_a_large_write_streams_in(make_server: Start) -> None:
-    srv = make_server(("", memory(16 * MiB), False))
+    srv = make_server(("", memory(16 * MiB), False), wake_mark=True)
     with RawClient(srv.port) as c:
         c.go(structured=False)
         conn = only_connection(srv)
@@ -83,7 +83,7 @@ def test_mark_is_capped_while_a_large_write_streams_in(make_server: Start) -> No
 
 
 def test_mark_is_what_the_request_still_lacks(make_server: Start) -> None:
-    srv = make_server(("", memory(16 * MiB), False))
+    srv = make_server(("", memory(16 * MiB), False), wake_mark=True)
     with RawClient(srv.port) as c:
         c.go(structured=False)
         conn = only_connection(srv)
@@ -104,7 +104,7 @@ def test_mark_is_what_the_request_still_lacks(make_server: Start) -> None:
 
 def test_no_mark_for_a_few_missing_bytes(make_server: Start) -> None:
     """A payload short by less than WAKE_MARK_MIN is not worth a system call."""
-    srv = make_server(("", memory(), False))
+    srv = make_server(("", memory(), False), wake_mark=True)
     with RawClient(srv.port) as c:
         c.go(structured=False)
         conn = only_connection(srv)
@@ -125,7 +125,7 @@ def test_no_mark_for_a_few_missing_bytes(make_server: Start) -> None:
 def test_writes_in_small_pieces_arrive_whole(make_server: Start) -> None:
     """Many WRITEs sent in 1,000-byte pieces (a slow path, like QEMU's user network):
     every one is answered and every byte lands, with the mark moving all along."""
-    srv = make_server(("", memory(), False))
+    srv = make_server(("", memory(), False), wake_mark=True)
     with RawClient(srv.port) as c:
         c.go(structured=False)
         blobs = [os.urandom(n) for n in (4096, 32768, 131072, 8192, 65536)]
@@ -143,7 +143,7 @@ def test_writes_in_small_pieces_arrive_whole(make_server: Start) -> None:
 
 def test_unix_sockets_get_no_mark() -> None:
     async def connect() -> tuple[WakeMark | None, Connection]:
-        server = NBDServer([make_export("", "", memory())])
+        server = NBDServer([make_export("", "", memory())], wake_mark=True)
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX)
         transport, conn = await loop.connect_accepted_socket(lambda: Connection(server), ours)
@@ -158,3 +158,18 @@ def test_unix_sockets_get_no_mark() -> None:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             mark, _ = runner.run(connect())
         assert mark is None  # ...but no mark: Linux polls Unix sockets without it
+
+
+def test_off_by_default(make_server: Start) -> None:
+    """Without --wake-mark (or wake_mark=True) a TCP connection keeps the kernel's 1."""
+    srv = make_server(("", memory(), False))
+    with RawClient(srv.port) as c:
+        c.go(structured=False)
+        conn = only_connection(srv)
+        assert conn.wake_mark is None
+        data = os.urandom(512 * 1024)
+        c.send(Request(0, Cmd.WRITE, 1, 0, len(data)).pack() + data[: 64 * 1024])
+        time.sleep(0.1)
+        assert kernel_mark(conn) == 1
+        c.send(data[64 * 1024 :])
+        assert c.simple_reply() == (SimpleReply(0, 1), b"")
