@@ -281,10 +281,12 @@ class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
         )
 
 
-def _socket_setup(transport: asyncio.Transport) -> tuple[str, int, WakeMark | None]:
+def _socket_setup(
+    transport: asyncio.Transport, wake_mark: bool
+) -> tuple[str, int, WakeMark | None]:
     """TCP_NODELAY on TCP; returns the peer's name, the socket's descriptor (or -1) and,
-    on TCP, its :class:`~nbdserver.fastpath.WakeMark` (Unix sockets ignore SO_RCVLOWAT
-    when polled)."""
+    on TCP with ``wake_mark``, its :class:`~nbdserver.fastpath.WakeMark` (Unix sockets
+    ignore SO_RCVLOWAT when polled)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return "?", -1, None
@@ -295,7 +297,7 @@ def _socket_setup(transport: asyncio.Transport) -> tuple[str, int, WakeMark | No
         peer = transport.get_extra_info("peername")
         if peer is None:  # uvloop: the peer reset before the accept; the read will fail
             return "?", sock.fileno(), None
-        return f"{peer[0]}:{peer[1]}", sock.fileno(), WakeMark(sock)
+        return f"{peer[0]}:{peer[1]}", sock.fileno(), WakeMark(sock) if wake_mark else None
     return "unix", sock.fileno(), None
 
 
@@ -335,8 +337,7 @@ class Connection(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = self.flow.transport = transport
-        self.peer, self.fd, mark = _socket_setup(transport)
-        self.wake_mark = mark if self.server.wake_mark else None
+        self.peer, self.fd, self.wake_mark = _socket_setup(transport, self.server.wake_mark)
         # pause_writing fires exactly when queued replies pass the in-flight bound, so
         # a connection that stopped decoding at the bound is always resumed.
         limit = self.server.max_inflight_bytes
