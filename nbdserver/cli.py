@@ -86,6 +86,7 @@ config file (TOML; command-line flags override only what they set):
   max_inflight = "8M"
   max_connections = 64      # default: no limit
   poll_us = 50              # 0 = never busy-poll
+  wake_mark = true          # false = wake for every TCP segment (--no-wake-mark)
   [[exports]]
   name = "swap"
   backend = "memory"        # or "file" with path = "/some/file"
@@ -207,10 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--wake-mark",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="on TCP, let the kernel wake the server only once a partly received request"
-        " is complete (SO_RCVLOWAT); fewer wake-ups, but see docs/performance.md"
-        ' "Wake mark" before using it under swap (default: off)',
+        " is complete (SO_RCVLOWAT): one wake-up per request instead of one per segment"
+        ' (default: on; docs/performance.md, "Wake mark")',
     )
     parser.add_argument(
         "--poll-us",
@@ -251,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        # Inherited by forked workers; not a config-file setting (see --help).
-        NBDServer.wake_mark_default = bool(vars(args).pop("wake_mark", False))
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
@@ -376,6 +375,7 @@ def _worker(
                 stats_interval=config.stats_interval if config.stats is not None else None,
                 max_inflight_bytes=config.max_inflight,
                 poll_us=config.poll_us,
+                wake_mark=config.wake_mark,
                 shutdown_grace=config.shutdown_grace,
                 report=report,
                 tls=config.tls,
@@ -423,6 +423,7 @@ async def serve(
         exports,
         max_inflight_bytes=config.max_inflight,
         poll_us=config.poll_us,
+        wake_mark=config.wake_mark,
         shutdown_grace=config.shutdown_grace,
         max_connections=config.max_connections,
         tls=config.tls,

@@ -13,6 +13,7 @@ and :class:`ExportConfig` for the meaning of each)::
     max_inflight = "8M"     # per-connection bound on unanswered bytes (backpressure)
     max_connections = 64    # past it new clients are refused at the handshake (default: no limit)
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
+    wake_mark = true        # on TCP, wake only once a partly received request is whole
     tls = "require"         # off (default), on (clients may upgrade) or require
     tls_cert = "/etc/swapnbd/server-cert.pem"
     tls_key = "/etc/swapnbd/server-key.pem"
@@ -74,6 +75,7 @@ _SERVER_KEYS: Final = (
     "max_inflight",
     "max_connections",
     "poll_us",
+    "wake_mark",
     "exports",
     "exit_with_parent",
     "fault",
@@ -168,6 +170,10 @@ class ServerConfig:
     lone request on the only connection of a process, read the socket for up to this
     long before going back to the event loop (0 = never poll). See
     nbdserver.fastpath.busy_poll."""
+    wake_mark: bool = True
+    """On TCP, set SO_RCVLOWAT to the bytes still missing while a request is partly
+    received, so the kernel wakes the loop once per request instead of once per segment
+    (nbdserver.fastpath.WakeMark; docs/performance.md, "Wake mark")."""
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""
@@ -374,6 +380,10 @@ def load_file(path: str) -> dict[str, Any]:
         out["poll_us"] = data["poll_us"]
     if "max_connections" in data:
         out["max_connections"] = data["max_connections"]
+    if "wake_mark" in data:
+        if not isinstance(data["wake_mark"], bool):
+            raise _type_error(path, "wake_mark", data["wake_mark"], "true or false")
+        out["wake_mark"] = data["wake_mark"]
     if "swap_safe" in data:
         if not isinstance(data["swap_safe"], bool):
             raise _type_error(path, "swap_safe", data["swap_safe"], "true or false")
@@ -419,6 +429,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "workers",
         "max_connections",
         "poll_us",
+        "wake_mark",
         "exit_with_parent",
         "fault",
         "cow_dir",

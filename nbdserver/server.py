@@ -111,9 +111,6 @@ def make_export(
 class NBDServer:
     """Listeners plus the set of live connections over a fixed list of exports."""
 
-    #: ``--wake-mark``: set by the CLI before any fork, so every worker inherits it.
-    wake_mark_default = False
-
     def __init__(
         self,
         exports: Sequence[Export],
@@ -126,7 +123,7 @@ class NBDServer:
         max_connections: int | None = None,
         tls: TlsMode = TlsMode.OFF,
         ssl_context: ssl.SSLContext | None = None,
-        wake_mark: bool | None = None,
+        wake_mark: bool = True,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -134,8 +131,8 @@ class NBDServer:
             raise ValueError(f"TLS mode {tls.value} needs an ssl_context")
         self.tls = tls
         self.ssl_context = ssl_context
-        #: SO_RCVLOWAT while a request streams in (fastpath.WakeMark); off by default.
-        self.wake_mark = self.wake_mark_default if wake_mark is None else wake_mark
+        #: SO_RCVLOWAT on TCP while a request streams in (fastpath.WakeMark).
+        self.wake_mark = wake_mark
         self.exports = {e.info.name: e for e in exports}
         self.export_infos = {name: e.info for name, e in self.exports.items()}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")

@@ -78,6 +78,7 @@ def test_bad_command_lines_exit_2(argv: list[str], message: str) -> None:
         ("[[exports]]\nbackend = 'file'\n", "a file export needs path"),
         ("[[exports]]\nsize = '1G'\ncolour = 'red'\n", "unknown key(s) colour"),
         ("poll_us = 'fast'\n[[exports]]\nsize = '1G'\n", "poll_us 'fast' must be"),
+        ("wake_mark = 'yes'\n[[exports]]\nsize = '1G'\n", "wake_mark = 'yes' is not true or false"),
         ("[[exports]]\nsize = '1G'\n[[exports]]\nsize = '2G'\n", "defined more than once"),
         ("bogus = 1\n", "unknown key(s) bogus"),
         ("[[exports]\n", "is not valid TOML"),

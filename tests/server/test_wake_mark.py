@@ -9,11 +9,16 @@ changes a byte; a Unix socket (which Linux polls without looking at the mark) ge
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import socket
+import termios
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import psutil
+import pytest
 import uvloop
 
 from nbdserver.fastpath import WAKE_MARK_MAX, WAKE_MARK_MIN, WakeMark
@@ -21,7 +26,7 @@ from nbdserver.protocol import Cmd, Request, SimpleReply
 from nbdserver.server import Connection, NBDServer, make_export
 
 from .conftest import ThreadedServer, memory
-from .nbdtest import RawClient
+from .nbdtest import RawClient, running_server
 
 MiB = 1 << 20
 Start = Callable[..., ThreadedServer]
@@ -160,9 +165,10 @@ def test_unix_sockets_get_no_mark() -> None:
         assert mark is None  # ...but no mark: Linux polls Unix sockets without it
 
 
-def test_off_by_default(make_server: Start) -> None:
-    """Without --wake-mark (or wake_mark=True) a TCP connection keeps the kernel's 1."""
-    srv = make_server(("", memory(), False))
+def test_on_by_default_and_off_when_disabled(make_server: Start) -> None:
+    """NBDServer marks TCP connections unless told not to; wake_mark=False keeps the kernel's 1."""
+    assert NBDServer([make_export("", "", memory())]).wake_mark is True
+    srv = make_server(("", memory(), False), wake_mark=False)
     with RawClient(srv.port) as c:
         c.go(structured=False)
         conn = only_connection(srv)
@@ -173,3 +179,75 @@ def test_off_by_default(make_server: Start) -> None:
         assert kernel_mark(conn) == 1
         c.send(data[64 * 1024 :])
         assert c.simple_reply() == (SimpleReply(0, 1), b"")
+
+
+#: pidfd_getfd(2), Linux 5.6; the same number on every architecture's syscall table.
+SYS_PIDFD_GETFD = 438
+
+
+def mark_in_process(server_pid: int, client: socket.socket) -> tuple[int, int]:
+    """(pid, SO_RCVLOWAT) of the server's end of ``client``'s connection, in whichever
+    process of the server's tree serves it, read through a duplicate of its descriptor
+    once the server has acted on what was sent: a mark is set, or it read every byte."""
+    port = client.getsockname()[1]
+    deadline = time.monotonic() + 10
+    root = psutil.Process(server_pid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    while time.monotonic() < deadline:
+        for proc in (root, *root.children(recursive=True)):
+            for c in proc.net_connections(kind="tcp"):
+                if not (c.raddr and c.raddr.port == port and c.fd != -1):
+                    continue
+                pidfd = os.pidfd_open(proc.pid)
+                try:
+                    fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, c.fd, 0)
+                    if fd < 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
+                finally:
+                    os.close(pidfd)
+                try:
+                    unread = ctypes.c_int()
+                    if libc.ioctl(fd, termios.FIONREAD, ctypes.byref(unread)) != 0:
+                        raise OSError(ctypes.get_errno(), "ioctl(FIONREAD)")
+                    mark = socket.socket(fileno=os.dup(fd))
+                    with mark:
+                        value = mark.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+                finally:
+                    os.close(fd)
+                if value != 1 or unread.value == 0:
+                    return proc.pid, value
+        time.sleep(0.01)
+    raise AssertionError(f"nbd-serve {server_pid} never read the connection nor set a mark")
+
+
+@pytest.mark.parametrize(("flags", "expected"), [((), WAKE_MARK_MAX), (("--no-wake-mark",), 1)])
+def test_every_worker_process_follows_the_flag(
+    tmp_path: Path, flags: tuple[str, ...], expected: int
+) -> None:
+    """nbd-serve with two processes: a half-sent 512 KiB WRITE leaves the mark at its cap
+    on the server's socket by default, and at the kernel's 1 with --no-wake-mark, in the
+    parent and in the forked worker alike."""
+    args = ["--memory", "16M", "--workers", "2", "--poll-us", "0", *flags]
+    with running_server(tmp_path, *args) as server:
+        clients = [RawClient(server.port), RawClient(server.port)]
+        try:
+            for c in clients:
+                c.go(structured=False)
+            data = os.urandom(512 * 1024)
+            seen: dict[int, int] = {}
+            for i, c in enumerate(clients):
+                c.send(Request(0, Cmd.WRITE, i, 0, len(data)).pack() + data[: 64 * 1024])
+            for c in clients:
+                pid, mark = mark_in_process(server.proc.pid, c.sock)
+                seen[pid] = mark
+            assert len(seen) == 2, f"both connections in one process: {seen}"
+            assert set(seen.values()) == {expected}, seen
+            for i, c in enumerate(clients):
+                c.send(data[64 * 1024 :])
+                assert c.simple_reply() == (SimpleReply(0, i), b"")
+        finally:
+            for c in clients:
+                c.close()
+        assert server.alive()
+        server.assert_no_crash(strict=True)
