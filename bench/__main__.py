@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from bench.runner import Plan, Terminated, describe, parse_servers, run
+from bench.runner import Plan, Terminated, describe, parse_servers, pinning, run
 from bench.servers import BenchError, ServerError, ServerKind
 from bench.workloads import MIB, RSS_WORKLOAD, WORKLOADS, select_workloads
 
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         help="server the ratios are relative to (default: nbd-serve, else the first server)",
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="run fio on the first CPU and every server on the others, so the scheduler"
+        " cannot put them on one core in some runs and not others (needs 2 CPUs)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for NAME.md/.json")
     p.add_argument("--name", help="result file stem (default: full, quick or smoke)")
     p.add_argument("--list", action="store_true", help="list workloads and servers, then exit")
@@ -124,6 +131,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     else:
         baseline = ServerKind.NBD_SERVE if ServerKind.NBD_SERVE in servers else servers[0]
     name = args.name or preset
+    try:
+        pin = pinning(os.sched_getaffinity(0)) if args.pin else None
+    except BenchError as exc:
+        raise ValueError(str(exc)) from None
     return Plan(
         servers=servers,
         workloads=workloads,
@@ -138,6 +149,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         name=name,
         title=f"swapnbd bench: {name} run",
         old_checkout=args.old_nbd_serve,
+        pin=pin,
     )
 
 

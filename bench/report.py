@@ -202,6 +202,14 @@ def rss_markdown(runs: Sequence[RssRun], description: str) -> str:
     return "\n".join(lines)
 
 
+def _pin(pin: dict[str, list[int]] | None) -> str:
+    if not pin:
+        return ""
+    fio = ",".join(map(str, pin["fio"]))
+    servers = ",".join(map(str, pin["servers"]))
+    return f"; fio pinned to CPU {fio}, every server to CPU {servers} (--pin)"
+
+
 def render_markdown(
     *,
     title: str,
@@ -224,7 +232,8 @@ def render_markdown(
         f"of {m['runtime_s']:g} s (+{m['ramp_s']:g} s ramp) per cell; servers "
         f"{', '.join(servers)}, the order rotated by one each round; "
         f"one {m['file_size'] // MIB} MiB file on /dev/shm shared by all.",
-        f"Load: fio {m['fio']} nbd engine on loopback; one connection per fio job. "
+        f"Load: fio {m['fio']} nbd engine on loopback; one connection per fio job"
+        f"{_pin(m.get('pin'))}. "
         f"Host load average (1/5/15 min) at start {_load(m.get('loadavg_start'))}, "
         f"at end {_load(m.get('loadavg_end'))}.",
         f"Servers: {'; '.join(f'{k}: {v}' for k, v in m['server_versions'].items())}.",

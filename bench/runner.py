@@ -29,6 +29,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
+
 from bench import report
 from bench.monitor import RssSampler, tree_cpu_seconds
 from bench.servers import (
@@ -83,12 +85,60 @@ class Plan:
     shm_dir: Path = Path("/dev/shm")
     old_checkout: Path | None = None
     """The swapnbd checkout that server nbd-serve-old runs (``--old-nbd-serve``)."""
+    pin: Pinning | None = None
+    """``--pin``: fio and the servers on disjoint CPUs (:func:`pinning`)."""
 
     def estimate_s(self) -> float:
         per_cell = self.runtime_s + self.ramp_s + 0.55  # fio start-up and teardown
         cells = self.rounds * len(self.workloads) * len(self.servers)
         rss = len(self.servers) * (self.rss_runtime_s + 0.5) if self.rss_scenario else 0.0
         return cells * per_cell + rss + 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pinning:
+    """CPUs for fio and for every server's processes and threads."""
+
+    fio: frozenset[int]
+    servers: frozenset[int]
+
+    def describe(self) -> dict[str, list[int]]:
+        return {"fio": sorted(self.fio), "servers": sorted(self.servers)}
+
+
+def pinning(allowed: set[int]) -> Pinning:
+    """fio on the lowest CPU this process may use, the servers on the others.
+
+    Without it the scheduler decides, run by run, whether fio and the server share a
+    core: in the Unix-socket write cell that alone moved a server between about 100k and
+    200k IOPS from round to round (docs/performance.md, "Checking for regressions").
+
+    Raises:
+        BenchError: fewer than two CPUs to split.
+    """
+    if len(allowed) < 2:
+        raise BenchError(f"--pin needs at least two CPUs; this process may use {sorted(allowed)}")
+    first = min(allowed)
+    return Pinning(frozenset({first}), frozenset(allowed - {first}))
+
+
+def pin_tree(proc: psutil.Process, cpus: frozenset[int]) -> int:
+    """Pin every thread of ``proc`` and of its descendants to ``cpus``; returns how many.
+
+    Threads and processes they start later inherit the mask. A thread that exits
+    meanwhile is skipped.
+    """
+    pinned = 0
+    for p in (proc, *proc.children(recursive=True)):
+        try:
+            tids = [t.id for t in p.threads()]
+        except psutil.NoSuchProcess:
+            continue
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+                pinned += 1
+    return pinned
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +174,8 @@ def check_tools(plan: Plan) -> str:
     fio = require_tool("fio")
     check_fio_nbd(fio)
     require_tool("nbdinfo")
+    if plan.pin is not None:
+        require_tool("taskset")
     for kind in plan.servers:
         if kind is ServerKind.NBD_SERVE_OLD:
             if plan.old_checkout is None:
@@ -148,9 +200,9 @@ def make_shared_file(directory: Path, size: int) -> Path:
 
 def run_fio(
     fio: str, workload: Workload, uri: str, *, size: int, runtime_s: float, ramp_s: float,
-    workdir: Path,
+    workdir: Path, cpus: frozenset[int] | None = None,
 ) -> FioResult:  # fmt: skip
-    """Run one fio job and parse its report.
+    """Run one fio job (on ``cpus`` if given) and parse its report.
 
     Raises:
         BenchError: fio failed, hung, or reported no I/O.
@@ -161,6 +213,8 @@ def run_fio(
     argv = fio_argv(
         workload, uri=uri, size=size, runtime_s=runtime_s, ramp_s=ramp_s, output=str(out), fio=fio
     )
+    if cpus is not None:
+        argv = ["taskset", "--cpu-list", ",".join(map(str, sorted(cpus))), *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         chatter, _ = proc.communicate(timeout=runtime_s + ramp_s + FIO_GRACE_S)
@@ -199,14 +253,17 @@ def _measure(
     *,
     fio: str, workload: Workload, server: RunningServer, sampler: RssSampler,
     spec: ExportSpec, runtime_s: float, ramp_s: float, label: str | None = None,
+    pin: Pinning | None = None,
 ) -> tuple[FioResult, float, int]:  # fmt: skip
     proc = server.process()
+    if pin is not None:  # again each time: a forking server's child of the last run is gone
+        pin_tree(proc, pin.servers)
     cpu0 = tree_cpu_seconds(proc)
     sampler.watch(proc, label or server.kind)
     try:
         result = run_fio(
             fio, workload, server.uri, size=spec.size, runtime_s=runtime_s, ramp_s=ramp_s,
-            workdir=spec.workdir,
+            workdir=spec.workdir, cpus=pin.fio if pin is not None else None,
         )  # fmt: skip
     finally:
         peak = sampler.stop()
@@ -270,7 +327,7 @@ def run(plan: Plan) -> Outcome:
                         srv = running[(kind, w.transport)]
                         result, cpu, peak = _measure(
                             fio=fio, workload=w, server=srv, sampler=sampler, spec=spec,
-                            runtime_s=plan.runtime_s, ramp_s=plan.ramp_s,
+                            runtime_s=plan.runtime_s, ramp_s=plan.ramp_s, pin=plan.pin,
                         )  # fmt: skip
                         cells.append(report.Cell(rnd, w.name, kind.value, result, cpu, peak))
                         _progress(
@@ -289,6 +346,7 @@ def run(plan: Plan) -> Outcome:
                     result, _cpu, peak = _measure(
                         fio=fio, workload=RSS_WORKLOAD, server=srv, sampler=sampler, spec=spec,
                         runtime_s=plan.rss_runtime_s, ramp_s=0.0, label=f"{kind.value} (rss)",
+                        pin=plan.pin,
                     )  # fmt: skip
                     stop_server(srv)
                     rss_runs.append(report.RssRun(kind.value, result, peak))
@@ -332,6 +390,7 @@ def run(plan: Plan) -> Outcome:
         "baseline_rss_peak": sampler.overall.get(baseline),
         "rss_peak_by_server": dict(sampler.overall),
         "qemu_nbd_args": "--cache=writeback --aio=threads --shared=8",
+        "pin": plan.pin.describe() if plan.pin is not None else None,
     }
     markdown = report.render_markdown(
         title=plan.title,

@@ -77,6 +77,7 @@ DEBIAN_PACKAGES: dict[str, str] = {
     "nbdkit": "nbdkit",
     "qemu-nbd": "qemu-utils",
     "nbd-server": "nbd-server",
+    "taskset": "util-linux",
 }
 
 

@@ -8,6 +8,7 @@ server and workload, and that every server the run started is gone afterwards.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -90,3 +91,14 @@ def test_smoke_peers(tmp_path: Path) -> None:
     doc, md, stderr = run_smoke(servers, tmp_path)
     check_run(servers, doc, md, stderr)
     assert doc["meta"]["baseline"] == "nbdkit"
+
+
+def test_smoke_pinned(tmp_path: Path) -> None:
+    """--pin: the same run, with the split recorded in the JSON and said in the report."""
+    servers = ["nbd-serve", "nbdkit"]
+    doc, md, stderr = run_smoke(servers, tmp_path, "--pin")
+    check_run(servers, doc, md, stderr)
+    cpus = sorted(os.sched_getaffinity(0))
+    assert doc["meta"]["pin"] == {"fio": cpus[:1], "servers": cpus[1:]}
+    servers_cpus = ",".join(map(str, cpus[1:]))
+    assert f"fio pinned to CPU {cpus[0]}, every server to CPU {servers_cpus} (--pin)" in md
