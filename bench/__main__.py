@@ -79,13 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="server the ratios are relative to (default: nbd-serve, else the first server)",
     )
     p.add_argument(
-        "--warmup",
-        type=float,
-        metavar="S",
-        help="seconds of unmeasured fio before each cell of each round, so no server pays"
-        " for the switch from the previous workload (default 1; smoke 0.2; 0 = none)",
-    )
-    p.add_argument(
         "--pin",
         action="store_true",
         help="run fio on the first CPU and every server on the others, so the scheduler"
@@ -113,9 +106,6 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--runtime must be > 0 seconds, got {runtime}")
     if ramp < 0:
         raise ValueError(f"--ramp must be >= 0 seconds, got {ramp}")
-    warmup = args.warmup if args.warmup is not None else (0.2 if preset == "smoke" else 1.0)
-    if warmup < 0:
-        raise ValueError(f"--warmup must be >= 0 seconds, got {warmup}")
     if file_mib < 16:
         raise ValueError(f"--file-mib must be >= 16, got {file_mib}")
     servers = parse_servers(args.servers)
@@ -160,7 +150,6 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         title=f"swapnbd bench: {name} run",
         old_checkout=args.old_nbd_serve,
         pin=pin,
-        warmup_s=warmup,
     )
 
 

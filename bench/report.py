@@ -202,12 +202,6 @@ def rss_markdown(runs: Sequence[RssRun], description: str) -> str:
     return "\n".join(lines)
 
 
-def _warmup(seconds: float | None) -> str:
-    if not seconds:
-        return ""
-    return f", each cell opened by {seconds:g} s of unmeasured fio"
-
-
 def _pin(pin: dict[str, list[int]] | None) -> str:
     if not pin:
         return ""
@@ -236,8 +230,7 @@ def render_markdown(
         f"Linux {m['kernel']}; Python {m['python']}. fio and every server share these CPUs.",
         f"Run: {m['started']} UTC, {m['duration_s']:.0f} s; {m['rounds']} interleaved round(s) "
         f"of {m['runtime_s']:g} s (+{m['ramp_s']:g} s ramp) per cell; servers "
-        f"{', '.join(servers)}, the order rotated by one each round"
-        f"{_warmup(m.get('warmup_s'))}; "
+        f"{', '.join(servers)}, the order rotated by one each round; "
         f"one {m['file_size'] // MIB} MiB file on /dev/shm shared by all.",
         f"Load: fio {m['fio']} nbd engine on loopback; one connection per fio job"
         f"{_pin(m.get('pin'))}. "

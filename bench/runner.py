@@ -87,14 +87,10 @@ class Plan:
     """The swapnbd checkout that server nbd-serve-old runs (``--old-nbd-serve``)."""
     pin: Pinning | None = None
     """``--pin``: fio and the servers on disjoint CPUs (:func:`pinning`)."""
-    warmup_s: float = 0.0
-    """Seconds of unmeasured fio at the start of every cell of every round (``--warmup``)."""
 
     def estimate_s(self) -> float:
         per_cell = self.runtime_s + self.ramp_s + 0.55  # fio start-up and teardown
-        cells = float(self.rounds * len(self.workloads) * len(self.servers))
-        if self.warmup_s > 0:  # one per cell and round, counted in measured-run units
-            cells += self.rounds * len(self.workloads) * (self.warmup_s + 0.55) / per_cell
+        cells = self.rounds * len(self.workloads) * len(self.servers)
         rss = len(self.servers) * (self.rss_runtime_s + 0.5) if self.rss_scenario else 0.0
         return cells * per_cell + rss + 3.0
 
@@ -281,26 +277,6 @@ def _measure(
     return result, max(cpu, 0.0), peak
 
 
-def _warm_up(
-    fio: str, workload: Workload, server: RunningServer, *, spec: ExportSpec, plan: Plan, rnd: int
-) -> None:
-    """An unmeasured run of ``workload`` before the cell's first measured one.
-
-    Without it the first server of a cell pays for the switch from the previous workload.
-    In the Unix-socket write cell, which follows the Unix read cell, whichever server ran
-    first made 0.78x-0.86x of its IOPS in the other positions (two 10-round runs of
-    2026-11-29/30); with more rounds first for one server than another, that alone moved
-    their ratio by several percent.
-    """
-    if plan.pin is not None:
-        pin_tree(server.process(), plan.pin.servers)
-    run_fio(
-        fio, workload, server.uri, size=spec.size, runtime_s=plan.warmup_s, ramp_s=0.0,
-        workdir=spec.workdir, cpus=plan.pin.fio if plan.pin is not None else None,
-    )  # fmt: skip
-    _progress(f"[round {rnd}/{plan.rounds}] {workload.name:<26} warm-up on {server.kind}")
-
-
 def _machine() -> dict[str, Any]:
     model = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -347,13 +323,7 @@ def run(plan: Plan) -> Outcome:
             _progress(f"estimated duration: {plan.estimate_s():.0f} s")
             for rnd in range(1, plan.rounds + 1):
                 for w in plan.workloads:
-                    order = rotated(plan.servers, rnd - 1)
-                    if plan.warmup_s > 0:
-                        _warm_up(
-                            fio, w, running[(order[0], w.transport)], spec=spec, plan=plan,
-                            rnd=rnd,
-                        )  # fmt: skip
-                    for kind in order:
+                    for kind in rotated(plan.servers, rnd - 1):
                         srv = running[(kind, w.transport)]
                         result, cpu, peak = _measure(
                             fio=fio, workload=w, server=srv, sampler=sampler, spec=spec,
@@ -421,7 +391,6 @@ def run(plan: Plan) -> Outcome:
         "rss_peak_by_server": dict(sampler.overall),
         "qemu_nbd_args": "--cache=writeback --aio=threads --shared=8",
         "pin": plan.pin.describe() if plan.pin is not None else None,
-        "warmup_s": plan.warmup_s,
     }
     markdown = report.render_markdown(
         title=plan.title,

@@ -117,15 +117,3 @@ def test_rounds_rotate_the_server_order() -> None:
     assert {o[0] for o in orders[:3]} == {a, b, c}
     assert rotated((a, b), 1) == [b, a]
     assert rotated((), 3) == []
-
-
-def test_warmup_defaults_and_override() -> None:
-    assert plan().warmup_s == 1.0
-    assert plan("--smoke").warmup_s == 0.2
-    assert plan("--warmup", "0").warmup_s == 0.0
-    assert plan("--warmup", "0").estimate_s() < plan().estimate_s()
-
-
-def test_negative_warmup_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--warmup", "-1"]) == 2
-    assert "--warmup must be >= 0 seconds, got -1.0" in capsys.readouterr().err
