@@ -202,6 +202,15 @@ def rss_markdown(runs: Sequence[RssRun], description: str) -> str:
     return "\n".join(lines)
 
 
+def _leads(leads: dict[str, int] | None) -> str:
+    if not leads or len(leads) < 2:
+        return ""
+    if len(set(leads.values())) == 1:
+        return f" (each first in {next(iter(leads.values()))})"
+    listed = ", ".join(f"{k} {v}" for k, v in leads.items())
+    return f" (rounds led, uneven, so ratios lean against the most: {listed})"
+
+
 def _pin(pin: dict[str, list[int]] | None) -> str:
     if not pin:
         return ""
@@ -230,7 +239,8 @@ def render_markdown(
         f"Linux {m['kernel']}; Python {m['python']}. fio and every server share these CPUs.",
         f"Run: {m['started']} UTC, {m['duration_s']:.0f} s; {m['rounds']} interleaved round(s) "
         f"of {m['runtime_s']:g} s (+{m['ramp_s']:g} s ramp) per cell; servers "
-        f"{', '.join(servers)}, the order rotated by one each round; "
+        f"{', '.join(servers)}, the order rotated by one each round"
+        f"{_leads(m.get('leads'))}; "
         f"one {m['file_size'] // MIB} MiB file on /dev/shm shared by all.",
         f"Load: fio {m['fio']} nbd engine on loopback; one connection per fio job"
         f"{_pin(m.get('pin'))}. "

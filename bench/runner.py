@@ -249,6 +249,37 @@ def rotated(servers: Sequence[ServerKind], shift: int) -> list[ServerKind]:
     return [*servers[k:], *servers[:k]]
 
 
+def leads(servers: Sequence[ServerKind], rounds: int) -> dict[str, int]:
+    """How many of ``rounds`` rotated rounds each server runs first in."""
+    counts = {k.value: 0 for k in servers}
+    for r in range(rounds):
+        order = rotated(servers, r)
+        if order:
+            counts[order[0].value] += 1
+    return counts
+
+
+def balance_warning(plan: Plan) -> str | None:
+    """Why ``plan``'s ratios may lean, when its rounds do not put every server first equally
+    often; None when they do.
+
+    The first run of a cell can be the slow one whichever server makes it: in the Unix
+    write cell, 0.73x-0.86x of the same server's IOPS in the other positions, for every
+    server, in three runs of 2026-11-29/30 (docs/performance.md, "Checking for
+    regressions").
+    """
+    counts = leads(plan.servers, plan.rounds)
+    if len(set(counts.values())) <= 1:
+        return None
+    n = len(plan.servers)
+    listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return (
+        f"{plan.rounds} rounds over {n} servers: rounds led by each server: {listed}. The"
+        " first run of a cell can be slower whoever makes it, so ratios lean against a server"
+        f" that leads more often; use a multiple of {n} rounds for even ratios"
+    )
+
+
 def _measure(
     *,
     fio: str, workload: Workload, server: RunningServer, sampler: RssSampler,
@@ -321,6 +352,9 @@ def run(plan: Plan) -> Outcome:
                     running[(kind, t)] = srv
                     _progress(f"started {srv.label} pid {srv.pid} at {srv.uri}")
             _progress(f"estimated duration: {plan.estimate_s():.0f} s")
+            warning = balance_warning(plan)
+            if warning is not None:
+                _progress(f"warning: {warning}")
             for rnd in range(1, plan.rounds + 1):
                 for w in plan.workloads:
                     for kind in rotated(plan.servers, rnd - 1):
@@ -391,6 +425,7 @@ def run(plan: Plan) -> Outcome:
         "rss_peak_by_server": dict(sampler.overall),
         "qemu_nbd_args": "--cache=writeback --aio=threads --shared=8",
         "pin": plan.pin.describe() if plan.pin is not None else None,
+        "leads": leads(plan.servers, plan.rounds),
     }
     markdown = report.render_markdown(
         title=plan.title,

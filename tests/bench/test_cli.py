@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import build_parser, main, plan_from_args
-from bench.runner import Plan, parse_servers, rotated
+from bench.runner import Plan, balance_warning, leads, parse_servers, rotated
 from bench.servers import ON_REQUEST, ServerKind
 from bench.workloads import MIB, WORKLOADS
 
@@ -117,3 +117,24 @@ def test_rounds_rotate_the_server_order() -> None:
     assert {o[0] for o in orders[:3]} == {a, b, c}
     assert rotated((a, b), 1) == [b, a]
     assert rotated((), 3) == []
+
+
+def test_leads_count_the_rounds_each_server_runs_first() -> None:
+    a, b, c = ServerKind.NBD_SERVE, ServerKind.NBDKIT, ServerKind.NBD_SERVER
+    assert leads((a, b, c), 10) == {"nbd-serve": 4, "nbdkit": 3, "nbd-server": 3}
+    assert leads((a, b, c), 9) == {"nbd-serve": 3, "nbdkit": 3, "nbd-server": 3}
+    assert leads((a,), 5) == {"nbd-serve": 5}
+
+
+def test_uneven_rounds_are_warned_about() -> None:
+    p = plan("--servers", "nbd-serve,nbdkit,nbd-server", "--rounds", "10")
+    assert balance_warning(p) == (
+        "10 rounds over 3 servers: rounds led by each server: nbd-serve 4, nbdkit 3,"
+        " nbd-server 3. The first run of a cell can be slower whoever makes it, so ratios"
+        " lean against a server that leads more often; use a multiple of 3 rounds for even"
+        " ratios"
+    )
+    assert (
+        balance_warning(plan("--servers", "nbd-serve,nbdkit,nbd-server", "--rounds", "9")) is None
+    )
+    assert balance_warning(plan("--servers", "nbdkit", "--rounds", "4")) is None

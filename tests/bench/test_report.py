@@ -127,6 +127,21 @@ def test_render_markdown_and_json() -> None:
     )  # fmt: skip
     assert md.startswith("# t\n")
     assert "2 CPUs (Test CPU), shared" in md
+    assert "rotated by one each round;" in md  # META records no leads
+    for leads, text in [
+        ({"nbd-serve": 3, "nbdkit": 3}, "rotated by one each round (each first in 3);"),
+        (
+            {"nbd-serve": 4, "nbdkit": 3, "qemu-nbd": 3},
+            "rotated by one each round (rounds led, uneven, so ratios lean against the most:"
+            " nbd-serve 4, nbdkit 3, qemu-nbd 3);",
+        ),
+    ]:
+        md2 = report.render_markdown(
+            title="t", meta={**META, "leads": leads}, summaries=summaries, workloads=WL,
+            servers=["nbd-serve", "nbdkit", "qemu-nbd"], baseline="nbd-serve", rss_runs=rss,
+            rss_description="seq write 1 MiB QD128 x4 conn",
+        )  # fmt: skip
+        assert text in md2
     assert "| nbd-serve | 42.0 | 100 |" in md
     assert "nbd-serve peak RSS over the table's runs (one long-lived instance per " in md
     assert "transport): 30.0 MiB." in md
