@@ -939,6 +939,7 @@ def _record(
         timed_out=ending is Ending.TIMEOUT,
         qemu_exit=qemu_exit,
         console_text=console,
+        phase=st.phase,
     )
     run["outcome"] = verdict.outcome.value
     run["outcome_reason"] = verdict.reason

@@ -22,8 +22,10 @@ a heartbeat stream without growth for ``lockup_after`` seconds is a lockup too
 *Classification* is a pure function of what was observed (:func:`classify`):
 result object, error event, lockup, overall timeout, QEMU's exit status and the
 console text.  The order of the checks is the order of trust: a result the guest sent
-beats everything; then a lockup; then an error the guest reported; then signs in the
-console; and a QEMU that exited without a result is a ``guest-crash``.
+beats everything; then a lockup, if the guest had reached the stress phase (a stall
+before it, while booting say, is an ``error``: no memory pressure yet); then an error the
+guest reported; then signs in the console; and a QEMU that exited without a result is a
+``guest-crash``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 class Outcome(StrEnum):
@@ -198,6 +200,15 @@ class Verdict:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+#: Phases in which a stall is the experiment's lockup: the workload is under pressure.
+LOCKUP_PHASES: Final = frozenset({"stress"})
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
 def _oom_signs(result_event: dict[str, Any] | None, console: dict[str, list[str]]) -> bool:
     if console.get("oom"):
         return True
@@ -220,6 +231,7 @@ def classify(
     qemu_exit: int | None,
     console_text: str,
     stalled_s: float = 0.0,
+    phase: str = "stress",
 ) -> Verdict:
     """Decide the outcome of a run from what was observed (pure; see module docstring).
 
@@ -233,6 +245,10 @@ def classify(
         qemu_exit: QEMU's exit status (None if the host killed it).
         console_text: the guest console.
         stalled_s: seconds without page progress in the stress phase.
+        phase: the last phase the guest reported (``boot`` if none). A stall before the
+            stress phase is an ``error``, not a lockup: nothing was under memory pressure
+            yet (a guest kernel that hung while booting under TCG was once counted as a
+            lockup of the patched arm).
     """
     console = console_evidence(console_text)
     evidence: dict[str, Any] = {
@@ -259,6 +275,22 @@ def classify(
         return Verdict(
             Outcome.ERROR,
             f"swapstress ended with outcome {sw_outcome!r} (exit {result_event.get('exit_code')})",
+            evidence,
+        )
+    if lockup and phase not in LOCKUP_PHASES:
+        evidence["phase"] = phase
+        silent = f"no heartbeat and no sample for {max(silent_s, stalled_s):.0f}s"
+        if phase == "boot":
+            last = _last_line(console_text)
+            return Verdict(
+                Outcome.ERROR,
+                f"the guest hung while booting, before it reported anything ({silent});"
+                f" its console ends: {last!r}",
+                evidence,
+            )
+        return Verdict(
+            Outcome.ERROR,
+            f"the guest stalled in phase {phase!r}, before the stress phase ({silent})",
             evidence,
         )
     if lockup:

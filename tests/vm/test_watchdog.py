@@ -183,3 +183,67 @@ def test_lockup_by_stalled_progress_says_so() -> None:
     assert v.outcome is Outcome.LOCKUP
     assert v.reason == "heartbeats still arrive but no page progress for 40s"
     assert v.evidence["stalled_s"] == 40.2
+
+
+BOOT_CONSOLE = (
+    "[    0.709337] NET: Registered PF_INET protocol family\n"
+    "[    0.710186] IP idents hash table entries: 2048 (order: 2, 16384 bytes, linear)\n"
+)
+
+
+def test_a_guest_that_hangs_while_booting_is_an_error_not_a_lockup() -> None:
+    """Seen in a swap-path matrix (2026-11-30): a patched guest's kernel stopped 0.71 s into
+    boot under TCG, and the run was counted as a lockup of the patched arm."""
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=90.2,
+        timed_out=False,
+        qemu_exit=None,
+        console_text=BOOT_CONSOLE,
+        phase="boot",
+    )
+    assert v.outcome is Outcome.ERROR
+    assert v.reason == (
+        "the guest hung while booting, before it reported anything (no heartbeat and no"
+        " sample for 90s); its console ends: '[    0.710186] IP idents hash table entries:"
+        " 2048 (order: 2, 16384 bytes, linear)'"
+    )
+    assert v.evidence["phase"] == "boot"
+    assert v.evidence["silent_s"] == 90.2
+
+
+def test_a_stall_before_the_stress_phase_is_an_error_naming_the_phase() -> None:
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=61.0,
+        timed_out=False,
+        qemu_exit=None,
+        console_text=HUNG,
+        phase="swapon",
+    )
+    assert v.outcome is Outcome.ERROR
+    assert v.reason == (
+        "the guest stalled in phase 'swapon', before the stress phase (no heartbeat and no"
+        " sample for 61s)"
+    )
+    assert v.evidence["phase"] == "swapon"
+
+
+def test_a_stall_in_the_stress_phase_is_the_lockup() -> None:
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=75.3,
+        timed_out=False,
+        qemu_exit=None,
+        console_text=HUNG,
+        phase="stress",
+    )
+    assert v.outcome is Outcome.LOCKUP
+    assert v.reason == "no heartbeat and no sample for 75s; 1 hung-task reports on the console"
+    assert "phase" not in v.evidence
