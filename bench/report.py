@@ -208,7 +208,7 @@ def _leads(leads: dict[str, int] | None) -> str:
     if len(set(leads.values())) == 1:
         return f" (each first in {next(iter(leads.values()))})"
     listed = ", ".join(f"{k} {v}" for k, v in leads.items())
-    return f" (rounds led, uneven, so ratios lean against the most: {listed})"
+    return f" (rounds led: {listed}; uneven, so ratios lean against the server that led most)"
 
 
 def _pin(pin: dict[str, list[int]] | None) -> str:

@@ -132,8 +132,8 @@ def test_render_markdown_and_json() -> None:
         ({"nbd-serve": 3, "nbdkit": 3}, "rotated by one each round (each first in 3);"),
         (
             {"nbd-serve": 4, "nbdkit": 3, "qemu-nbd": 3},
-            "rotated by one each round (rounds led, uneven, so ratios lean against the most:"
-            " nbd-serve 4, nbdkit 3, qemu-nbd 3);",
+            "rotated by one each round (rounds led: nbd-serve 4, nbdkit 3, qemu-nbd 3; uneven,"
+            " so ratios lean against the server that led most);",
         ),
     ]:
         md2 = report.render_markdown(
