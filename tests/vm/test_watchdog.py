@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from vm.watchdog import JsonlTail, Outcome, Watchdog, classify, console_evidence
+from vm.watchdog import JsonlTail, Outcome, Verdict, Watchdog, classify, console_evidence
 
 HUNG = (
     "[  246.120000] INFO: task kswapd0:35 blocked for more than 122 seconds.\n"
@@ -191,19 +191,24 @@ BOOT_CONSOLE = (
 )
 
 
-def test_a_guest_that_hangs_while_booting_is_an_error_not_a_lockup() -> None:
-    """Seen in a swap-path matrix (2026-11-30): a patched guest's kernel stopped 0.71 s into
-    boot under TCG, and the run was counted as a lockup of the patched arm."""
-    v = classify(
+def stall(phase: str, silent_s: float, console_text: str) -> Verdict:
+    """The verdict on a guest that went silent in ``phase``."""
+    return classify(
         result_event=None,
         error_event=None,
         lockup=True,
-        silent_s=90.2,
+        silent_s=silent_s,
         timed_out=False,
         qemu_exit=None,
-        console_text=BOOT_CONSOLE,
-        phase="boot",
+        console_text=console_text,
+        phase=phase,
     )
+
+
+def test_a_guest_that_hangs_while_booting_is_an_error_not_a_lockup() -> None:
+    """Seen in a swap-path matrix (2026-11-30): a patched guest's kernel stopped 0.71 s into
+    boot under TCG, and the run was counted as a lockup of the patched arm."""
+    v = stall("boot", 90.2, BOOT_CONSOLE)
     assert v.outcome is Outcome.ERROR
     assert v.reason == (
         "the guest hung while booting, before it reported anything (no heartbeat and no"
@@ -215,16 +220,7 @@ def test_a_guest_that_hangs_while_booting_is_an_error_not_a_lockup() -> None:
 
 
 def test_a_stall_before_the_stress_phase_is_an_error_naming_the_phase() -> None:
-    v = classify(
-        result_event=None,
-        error_event=None,
-        lockup=True,
-        silent_s=61.0,
-        timed_out=False,
-        qemu_exit=None,
-        console_text=HUNG,
-        phase="swapon",
-    )
+    v = stall("swapon", 61.0, HUNG)
     assert v.outcome is Outcome.ERROR
     assert v.reason == (
         "the guest stalled in phase 'swapon', before the stress phase (no heartbeat and no"
@@ -234,16 +230,7 @@ def test_a_stall_before_the_stress_phase_is_an_error_naming_the_phase() -> None:
 
 
 def test_a_stall_in_the_stress_phase_is_the_lockup() -> None:
-    v = classify(
-        result_event=None,
-        error_event=None,
-        lockup=True,
-        silent_s=75.3,
-        timed_out=False,
-        qemu_exit=None,
-        console_text=HUNG,
-        phase="stress",
-    )
+    v = stall("stress", 75.3, HUNG)
     assert v.outcome is Outcome.LOCKUP
     assert v.reason == "no heartbeat and no sample for 75s; 1 hung-task reports on the console"
     assert "phase" not in v.evidence
