@@ -277,9 +277,9 @@ def classify(
             f"swapstress ended with outcome {sw_outcome!r} (exit {result_event.get('exit_code')})",
             evidence,
         )
-    if lockup and phase not in LOCKUP_PHASES:
+    silent = f"no heartbeat and no sample for {silent_s:.0f}s"
+    if lockup and phase not in LOCKUP_PHASES:  # stalled_s counts only in the stress phase
         evidence["phase"] = phase
-        silent = f"no heartbeat and no sample for {max(silent_s, stalled_s):.0f}s"
         if phase == "boot":
             last = _last_line(console_text)
             return Verdict(
@@ -297,7 +297,7 @@ def classify(
         hung = len(console.get("hung_task", []))
         extra = f"; {hung} hung-task reports on the console" if hung else ""
         if silent_s >= stalled_s:
-            what = f"no heartbeat and no sample for {silent_s:.0f}s"
+            what = silent
         else:
             what = f"heartbeats still arrive but no page progress for {stalled_s:.0f}s"
         return Verdict(Outcome.LOCKUP, what + extra, evidence)
