@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import os
 import socket
+import struct
 import termios
 import time
 from collections.abc import Callable
@@ -206,16 +208,10 @@ def mark_in_process(server_pid: int, client: socket.socket) -> tuple[int, int]:
                         raise OSError(err, f"pidfd_getfd: {os.strerror(err)}")
                 finally:
                     os.close(pidfd)
-                try:
-                    unread = ctypes.c_int()
-                    if libc.ioctl(fd, termios.FIONREAD, ctypes.byref(unread)) != 0:
-                        raise OSError(ctypes.get_errno(), "ioctl(FIONREAD)")
-                    mark = socket.socket(fileno=os.dup(fd))
-                    with mark:
-                        value = mark.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
-                finally:
-                    os.close(fd)
-                if value != 1 or unread.value == 0:
+                with socket.socket(fileno=fd) as dup:  # closes our duplicate only
+                    unread = struct.unpack("i", fcntl.ioctl(dup, termios.FIONREAD, b"\0" * 4))[0]
+                    value = dup.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+                if value != 1 or unread == 0:
                     return proc.pid, value
         time.sleep(0.01)
     raise AssertionError(f"nbd-serve {server_pid} never read the connection nor set a mark")
