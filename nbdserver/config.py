@@ -14,6 +14,7 @@ and :class:`ExportConfig` for the meaning of each)::
     max_connections = 64    # past it new clients are refused at the handshake (default: no limit)
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
     wake_mark = true        # on TCP, wake only once a partly received request is whole
+    sched_slice_us = 100    # ask for a short scheduler slice (Linux >= 6.12; default 0 = off)
     tls = "require"         # off (default), on (clients may upgrade) or require
     tls_cert = "/etc/swapnbd/server-cert.pem"
     tls_key = "/etc/swapnbd/server-key.pem"
@@ -62,6 +63,9 @@ DEFAULT_POLL_US: Final = 50
 DEFAULT_SHUTDOWN_GRACE: Final = 2.0
 #: Longest busy-poll window accepted: polling spins a core, so it stays short.
 MAX_POLL_US: Final = 10_000
+#: The range Linux clamps a requested scheduler slice to (0.1 ms to 100 ms).
+MIN_SLICE_US: Final = 100
+MAX_SLICE_US: Final = 100_000
 
 _SERVER_KEYS: Final = (
     "bind",
@@ -76,6 +80,7 @@ _SERVER_KEYS: Final = (
     "max_connections",
     "poll_us",
     "wake_mark",
+    "sched_slice_us",
     "exports",
     "exit_with_parent",
     "fault",
@@ -174,6 +179,11 @@ class ServerConfig:
     """On TCP, set SO_RCVLOWAT to the bytes still missing while a request is partly
     received, so the kernel wakes the loop once per request instead of once per segment
     (nbdserver.fastpath.WakeMark; docs/performance.md, "Wake mark")."""
+    sched_slice_us: int = 0
+    """Scheduler slice, in microseconds, asked for with sched_setattr (Linux >= 6.12): a
+    short one lets the server's wake-ups preempt CPU-bound tasks instead of queueing
+    behind them (nbdserver.sched; docs/performance.md, "Scheduler slice"). 0 = the
+    kernel's default."""
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""
@@ -380,6 +390,8 @@ def load_file(path: str) -> dict[str, Any]:
         out["poll_us"] = data["poll_us"]
     if "max_connections" in data:
         out["max_connections"] = data["max_connections"]
+    if "sched_slice_us" in data:
+        out["sched_slice_us"] = data["sched_slice_us"]
     if "wake_mark" in data:
         if not isinstance(data["wake_mark"], bool):
             raise _type_error(path, "wake_mark", data["wake_mark"], "true or false")
@@ -430,6 +442,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "max_connections",
         "poll_us",
         "wake_mark",
+        "sched_slice_us",
         "exit_with_parent",
         "fault",
         "cow_dir",
@@ -548,6 +561,16 @@ def check_server(config: ServerConfig) -> None:
     if isinstance(poll, bool) or not isinstance(poll, int) or not 0 <= poll <= MAX_POLL_US:
         raise ConfigError(
             f"poll_us {poll!r} must be a whole number of microseconds from 0 (off) to {MAX_POLL_US}"
+        )
+    slice_us = config.sched_slice_us
+    if (
+        isinstance(slice_us, bool)
+        or not isinstance(slice_us, int)
+        or not (slice_us == 0 or MIN_SLICE_US <= slice_us <= MAX_SLICE_US)
+    ):
+        raise ConfigError(
+            f"sched_slice_us {slice_us!r} must be 0 (the kernel's default) or a whole number"
+            f" of microseconds from {MIN_SLICE_US} to {MAX_SLICE_US}"
         )
     if config.max_inflight < 64 * 1024:
         raise ConfigError(

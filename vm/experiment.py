@@ -423,14 +423,32 @@ def task_wakeups(pid: int) -> int:
     return total
 
 
-def tree_usage(pid: int) -> tuple[float, float, int, int] | None:
-    """(user s, system s, RSS bytes, wake-ups) of ``pid`` and all its descendants, or
-    None if gone.
+def task_runqueue_wait(pid: int) -> int:
+    """Nanoseconds the live threads of ``pid`` spent runnable but waiting for a CPU
+    (/proc/PID/task/TID/schedstat, second field): how long its wake-ups queued behind
+    other tasks. Threads that already exited are not counted."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def tree_usage(pid: int) -> tuple[float, float, int, int, int] | None:
+    """(user s, system s, RSS bytes, wake-ups, run-queue wait ns) of ``pid`` and all its
+    descendants, or None if gone.
 
     Each process counts its own CPU time plus that of the children it has reaped, so a
     forked worker that exited still counts once it is reaped.  RSS is summed, so pages
     shared between processes count once per process (an upper bound). Wake-ups are
-    :func:`task_wakeups` summed over the tree.
+    :func:`task_wakeups` summed over the tree, and so is :func:`task_runqueue_wait`.
     """
     try:
         root = psutil.Process(pid)
@@ -438,7 +456,7 @@ def tree_usage(pid: int) -> tuple[float, float, int, int] | None:
     except psutil.Error:
         return None
     user = system = 0.0
-    rss = wakeups = 0
+    rss = wakeups = waited = 0
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             t = proc.cpu_times()
@@ -447,7 +465,8 @@ def tree_usage(pid: int) -> tuple[float, float, int, int] | None:
         with contextlib.suppress(psutil.Error):
             rss += proc.memory_info().rss
         wakeups += task_wakeups(proc.pid)
-    return user, system, rss, wakeups
+        waited += task_runqueue_wait(proc.pid)
+    return user, system, rss, wakeups, waited
 
 
 @dataclass(slots=True)
@@ -460,6 +479,8 @@ class ServerCost:
     peak_rss_bytes: int = 0
     #: Voluntary context switches of the tree's threads (the largest sum seen).
     wakeups: int = 0
+    #: Seconds the tree's threads were runnable but waiting for a CPU (largest sum seen).
+    runqueue_wait_s: float = 0.0
     samples: int = 0
     last: float = -math.inf
 
@@ -476,6 +497,7 @@ class ServerCost:
         self.system_s = max(self.system_s, usage[1])
         self.peak_rss_bytes = max(self.peak_rss_bytes, usage[2])
         self.wakeups = max(self.wakeups, usage[3])
+        self.runqueue_wait_s = max(self.runqueue_wait_s, usage[4] / 1e9)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -483,6 +505,7 @@ class ServerCost:
             "system_s": round(self.system_s, 3),
             "peak_rss_bytes": self.peak_rss_bytes,
             "wakeups": self.wakeups,
+            "runqueue_wait_s": round(self.runqueue_wait_s, 3),
             "samples": self.samples,
         }
 
@@ -716,9 +739,12 @@ def _accelerator(
 #: nbd-serve flags for the experiment only (docs/performance.md, "The swap path"): under
 #: TCG the guest's vCPU threads keep every host core busy, so a busy-polling server spins
 #: on CPU the guest needs (a profile of a real run put 7% of the server's CPU in the poll
-#: loop, for 240 hits in 1,540 windows). The worker count is set to the client's
-#: connections beside it: a worker with no connection only holds memory.
-SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0")
+#: loop, for 240 hits in 1,540 windows). For the same reason a woken server queues
+#: behind those threads: a 100 µs scheduler slice lets its wake-ups preempt them (the
+#: server's run-queue wait fell from 2.3-3.0 s to 0.75 s per run; docs/performance.md,
+#: "Scheduler slice"). The worker count is set to the client's connections beside it:
+#: a worker with no connection only holds memory.
+SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0", "--sched-slice-us", "100")
 
 
 @contextlib.contextmanager

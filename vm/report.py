@@ -71,6 +71,7 @@ ROWS: tuple[Row, ...] = (
     Row("server_cpu_per_gib", "server CPU per GiB swapped", "s/GiB", "cost"),
     Row("server_peak_rss_mib", "server peak RSS", "MiB", "cost"),
     Row("server_wakeups_per_mib", "server wake-ups per MiB swapped", "", "cost"),
+    Row("server_runqueue_wait_s", "server run-queue wait", "s", "cost"),
     Row("qemu_cpu_s", "QEMU CPU (user+sys)", "s", "cost"),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
@@ -237,6 +238,7 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     out["server_wakeups_per_mib"] = (
         wakeups / (swapped * PAGE / MIB) if wakeups is not None and swapped else None
     )
+    out["server_runqueue_wait_s"] = _num(server.get("runqueue_wait_s"))
     rss = _num(server.get("peak_rss_bytes"))
     out["server_peak_rss_mib"] = rss / MIB if rss is not None else None
     qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
