@@ -50,19 +50,20 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _getattr(libc: ctypes.CDLL, getattr_nr: int) -> tuple[int, ...] | None:
+def _getattr(libc: ctypes.CDLL, getattr_nr: int, tid: int = 0) -> tuple[int, ...] | None:
     buf = ctypes.create_string_buffer(_ATTR.size)
-    if libc.syscall(getattr_nr, 0, buf, _ATTR.size, 0) != 0:
+    if libc.syscall(getattr_nr, tid, buf, _ATTR.size, 0) != 0:
         return None
     return _ATTR.unpack(buf.raw)
 
 
-def current_slice_ns() -> int | None:
-    """The calling thread's slice as the kernel reports it (None if it cannot say)."""
+def current_slice_ns(tid: int = 0) -> int | None:
+    """Thread ``tid``'s slice (0: the calling thread's) as the kernel reports it, or
+    None if it cannot say."""
     calls = _calls()
     if calls is None:
         return None
-    attr = _getattr(_libc(), calls[1])
+    attr = _getattr(_libc(), calls[1], tid)
     return None if attr is None else attr[5]
 
 

@@ -52,6 +52,14 @@ BAD = [
     (["--memory", "1G", "--stats-interval", "0"], "stats interval 0.0"),
     (["--memory", "1G", "--poll-us", "-1"], "poll_us -1 must be a whole number"),
     (["--memory", "1G", "--poll-us", "20000"], "poll_us 20000 must be a whole number"),
+    (
+        ["--memory", "1G", "--sched-slice-us", "99"],
+        "sched_slice_us 99 must be 0 (the kernel's default) or a whole number of microseconds"
+        " from 100 to 100000",
+    ),
+    (["--memory", "1G", "--sched-slice-us", "100001"], "sched_slice_us 100001 must be 0"),
+    (["--memory", "1G", "--sched-slice-us", "-1"], "sched_slice_us -1 must be 0"),
+    (["--memory", "1G", "--sched-slice-us", "short"], "invalid int value: 'short'"),
     ([], "nothing to serve"),
     (["--name", "x"], "--name describe the export given by FILE or --memory"),
     (["/nonexistent/disk.img"], "/nonexistent/disk.img"),
@@ -79,6 +87,8 @@ def test_bad_command_lines_exit_2(argv: list[str], message: str) -> None:
         ("[[exports]]\nsize = '1G'\ncolour = 'red'\n", "unknown key(s) colour"),
         ("poll_us = 'fast'\n[[exports]]\nsize = '1G'\n", "poll_us 'fast' must be"),
         ("wake_mark = 'yes'\n[[exports]]\nsize = '1G'\n", "wake_mark = 'yes' is not true or false"),
+        ("sched_slice_us = true\n[[exports]]\nsize = '1G'\n", "sched_slice_us True must be 0"),
+        ("sched_slice_us = '100'\n[[exports]]\nsize = '1G'\n", "sched_slice_us '100' must be"),
         ("[[exports]]\nsize = '1G'\n[[exports]]\nsize = '2G'\n", "defined more than once"),
         ("bogus = 1\n", "unknown key(s) bogus"),
         ("[[exports]\n", "is not valid TOML"),

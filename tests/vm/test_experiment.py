@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -235,6 +236,24 @@ def test_task_wakeups_counts_every_thread() -> None:
         done.set()
         t.join()
     assert experiment.task_wakeups(2**22 + 12345) == 0  # no such process: nothing
+
+
+def test_task_runqueue_wait_sees_two_spinners_share_one_cpu() -> None:
+    """Two processes spinning on the same CPU each wait on the run queue about half the
+    time; 0.1 s of the 1 s is a floor a loaded machine only raises."""
+    cpu = min(os.sched_getaffinity(0))
+    spin = "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass\n"
+    procs = [
+        subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", spin]) for _ in range(2)
+    ]
+    try:
+        time.sleep(0.8)
+        waited = [experiment.task_runqueue_wait(p.pid) for p in procs]
+    finally:
+        for p in procs:
+            p.wait(timeout=30)
+    assert all(w >= 100_000_000 for w in waited), waited
+    assert experiment.task_runqueue_wait(2**22 + 12345) == 0  # no such process: nothing
 
 
 def test_host_steal_is_read_from_proc_stat() -> None:

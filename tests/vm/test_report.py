@@ -103,20 +103,25 @@ def test_cost_rows_come_from_run_json_cost() -> None:
             "system_s": 6.5,
             "peak_rss_bytes": 64 * 1024 * 1024,
             "wakeups": 1000,
+            "runqueue_wait_s": 0.75,
         },
         "qemu": {"user_s": 100.0, "system_s": 20.0},
         "host_steal_s": None,
     }
     m = report.run_metrics(data)
     assert (m["server_cpu_s"], m["server_peak_rss_mib"], m["qemu_cpu_s"]) == (10.0, 64.0, 120.0)
+    assert m["server_runqueue_wait_s"] == 0.75
     rep = report.build_report([data])
-    assert [r["key"] for r in rep["rows"]][-5:] == [
+    assert [r["key"] for r in rep["rows"]][-6:] == [
         "server_cpu_s",
         "server_cpu_per_gib",
         "server_peak_rss_mib",
         "server_wakeups_per_mib",
+        "server_runqueue_wait_s",
         "qemu_cpu_s",
     ]
+    del data.run["cost"]["server"]["runqueue_wait_s"]  # a run.json from before it was kept
+    assert "server_runqueue_wait_s" not in [r["key"] for r in report.build_report([data])["rows"]]
     del data.run["cost"]["server"]["wakeups"]  # a run.json from before wake-ups were kept
     assert report.run_metrics(data)["server_wakeups_per_mib"] is None
     assert "server_wakeups_per_mib" not in [r["key"] for r in report.build_report([data])["rows"]]

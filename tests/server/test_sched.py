@@ -1,0 +1,122 @@
+"""The scheduler slice (``--sched-slice-us``, nbdserver.sched): set once before the
+server forks or starts threads, it is in force on every thread of every process, as the
+kernel reports it (sched_getattr on each thread id, not the server's own word).
+
+Whether the short slice pays is measured by the swap-path matrix, not here
+(docs/performance.md, "Scheduler slice").
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from nbdserver.protocol import Cmd, SimpleReply
+from nbdserver.sched import current_slice_ns, set_slice
+
+from .nbdtest import RawClient, ServerProcess, running_server
+
+IN_EFFECT = "scheduler slice {us} µs: wake-ups preempt CPU-bound tasks"
+
+
+def thread_slices(server: ServerProcess) -> dict[tuple[int, int], int | None]:
+    """(pid, tid) -> slice in ns, for every thread of the server and its workers."""
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children()]
+    return {(p.pid, t.id): current_slice_ns(t.id) for p in procs for t in p.threads()}
+
+
+def wait_for_workers(server: ServerProcess, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(psutil.Process(server.proc.pid).children()) < count:
+        assert time.monotonic() < deadline, "the worker processes never started"
+        time.sleep(0.02)
+
+
+def serve_a_write(server: ServerProcess) -> None:
+    """One WRITE on each of two connections: both processes have served (and started
+    whatever threads serving starts)."""
+    clients = [RawClient(server.port), RawClient(server.port)]
+    try:
+        for i, c in enumerate(clients):
+            c.go(structured=False)
+            c.request(Cmd.WRITE, i * 4096, 4096, cookie=i, payload=b"s" * 4096)
+            assert c.simple_reply() == (SimpleReply(0, i), b"")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_every_thread_of_every_process_runs_with_the_slice(tmp_path: Path) -> None:
+    with running_server(
+        tmp_path, "--memory", "16M", "--workers", "2", "--sched-slice-us", "150"
+    ) as server:
+        wait_for_workers(server, 1)
+        serve_a_write(server)
+        slices = thread_slices(server)
+        assert len({pid for pid, _ in slices}) == 2, slices
+        assert set(slices.values()) == {150_000}, slices
+        assert server.alive()
+        server.assert_no_crash(strict=True)
+    assert IN_EFFECT.format(us=150) in server.log()
+
+
+def test_by_default_the_kernel_chooses(tmp_path: Path) -> None:
+    """Without the option the server's threads keep the slice this test process has
+    (the kernel's default), and the log says nothing of a slice."""
+    ours = current_slice_ns(0)
+    assert ours is not None and ours != 150_000
+    with running_server(tmp_path, "--memory", "16M", "--workers", "2") as server:
+        wait_for_workers(server, 1)
+        serve_a_write(server)
+        assert set(thread_slices(server).values()) == {ours}
+    assert "scheduler slice" not in server.log()
+
+
+def test_the_config_file_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("sched_slice_us = 250\nworkers = 1\n[[exports]]\nsize = '4M'\n")
+    with running_server(tmp_path, "--config", str(config), "--port", "0") as server:
+        assert set(thread_slices(server).values()) == {250_000}
+
+
+def test_a_real_time_server_is_told_why_the_slice_does_not_apply() -> None:
+    """Under SCHED_FIFO (a policy a slice means nothing to) set_slice leaves the thread
+    alone and says why; checked in a child process so this one keeps its policy."""
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never raise past here
+        code = 1
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            before = current_slice_ns(0)
+            outcome = set_slice(200)
+            expected = "the server runs under scheduling policy 1, not a fair one"
+            if not outcome.ok and outcome.detail == expected and current_slice_ns(0) == before:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_slice_is_inherited_by_programs_the_server_starts() -> None:
+    """A forked and exec'd child keeps the slice, so ``--workers`` processes forked after
+    start-up (a respawn) run with it too."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if set_slice(300).ok:
+                probe = "from nbdserver.sched import current_slice_ns as s; print(s(0))"
+                done = subprocess.run(
+                    [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+                )
+                code = 0 if done.stdout.strip() == "300000" else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
