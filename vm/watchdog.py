@@ -204,7 +204,8 @@ class Verdict:
 LOCKUP_PHASES: Final = frozenset({"stress"})
 
 
-def _last_line(text: str) -> str:
+def console_last_line(text: str) -> str:
+    """The last non-blank line of a console log (at most 300 characters)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
 
@@ -281,7 +282,7 @@ def classify(
     if lockup and phase not in LOCKUP_PHASES:  # stalled_s counts only in the stress phase
         evidence["phase"] = phase
         if phase == "boot":
-            last = _last_line(console_text)
+            last = console_last_line(console_text)
             return Verdict(
                 Outcome.ERROR,
                 f"the guest hung while booting, before it reported anything ({silent});"

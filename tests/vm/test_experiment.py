@@ -539,6 +539,58 @@ def test_a_server_that_stops_answering_mid_run_is_a_lockup_with_its_evidence(
     assert on_disk["outcome"] == "lockup"
 
 
+def freeze_qemu_on(attempts: set[int]) -> experiment.Hook:
+    """A hook that SIGSTOPs QEMU right after the given starts: seen from the host, exactly
+    a guest kernel hung while booting (no console line, no event, ever)."""
+
+    def hook(rec: dict[str, Any], ctx: experiment.RunContext) -> None:
+        if rec.get("type") == "qemu-started" and rec["attempt"] in attempts:
+            os.kill(ctx.qemu_pid, signal.SIGSTOP)
+
+    return hook
+
+
+@pytest.mark.vm
+def test_a_guest_hung_while_booting_is_booted_once_more_and_the_run_goes_on(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    lockup_after = 30.0
+    cfg = e2e_config(out, guest_cache, total_bytes=64 * MIB, lockup_after_s=lockup_after)
+    run = experiment.run_experiment(cfg, print, hook=freeze_qemu_on({1}))
+    assert run["outcome"] == "completed", (run["outcome_reason"], run.get("guest_error"))
+    assert run["ending"] == "qemu-exited"
+    (retry,) = run["boot_retries"]
+    assert retry["attempt"] == 1
+    assert lockup_after <= retry["silent_s"] < lockup_after + 30
+    assert (retry["console"], retry["console_last_line"]) == ("console-boot1.log", "")
+    assert (out / "console-boot1.log").read_text() == ""  # frozen before its first line
+    assert "Linux version" in (out / "console.log").read_text()  # the second boot's
+    assert run["swapstress"]["corrupt_pages"] == 0
+    assert run["swapstress"]["pages_verified"] > 0
+    assert run["vmstat_delta"]["pswpout"] > 0
+
+
+@pytest.mark.vm
+def test_a_guest_that_hangs_on_both_boots_is_an_error_naming_the_boot(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    cfg = e2e_config(out, guest_cache, lockup_after_s=20.0)
+    run = experiment.run_experiment(cfg, print, hook=freeze_qemu_on({1, 2}))
+    assert run["outcome"] == "error"
+    assert run["outcome_reason"].startswith(
+        "the guest hung while booting, before it reported anything (no heartbeat and no"
+    ), run["outcome_reason"]
+    assert run["outcome_reason"].endswith("its console ends: ''")
+    assert run["evidence"]["phase"] == "boot"
+    assert [r["attempt"] for r in run["boot_retries"]] == [1]  # one retry, no more
+    assert run["swapstress"] is None
+    assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
+
+
 FAULT_LINE = re.compile(
     r"fault: corrupted READ #\d+: .* export offset (\d+) .*page header ([0-9a-f]{64})"
 )
