@@ -712,14 +712,20 @@ def _keep_failed_boot(
 ) -> None:
     """Move the hung boot's console aside and record it in ``boot_retries``."""
     console = cfg.out / OUTPUT_FILES["console"]
-    kept = cfg.out / f"console-boot{attempt}.log"
-    text = console.read_text(errors="replace") if console.exists() else ""
-    if console.exists():
-        console.replace(kept)
+    kept: Path | None = None
+    text = ""
+    with contextlib.suppress(FileNotFoundError):  # else QEMU never got to open it
+        text = console.read_text(errors="replace")
+        kept = console.replace(cfg.out / f"console-boot{attempt}.log")
     silent = round(wd.state.silent_for(time.monotonic()), 1)
     last = watchdog.console_last_line(text)
     run.setdefault("boot_retries", []).append(
-        {"attempt": attempt, "silent_s": silent, "console_last_line": last, "console": kept.name}
+        {
+            "attempt": attempt,
+            "silent_s": silent,
+            "console_last_line": last,
+            "console": kept.name if kept is not None else None,
+        }
     )
     say(
         f"the guest hung while booting (attempt {attempt}, silent {silent:.0f}s, console ends:"
