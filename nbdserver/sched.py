@@ -11,7 +11,7 @@ shorter slice with ``sched_setattr(sched_runtime=...)``: its virtual deadline co
 sooner, so a wake-up can preempt the running task instead of queueing behind it. The
 task's share of the CPU does not change (that is its nice value), and no privilege is
 needed. Measured in the swap experiment (docs/performance.md, "Scheduler slice"), the
-server's run-queue wait fell from about 2.3-3.0 s to 0.75 s per run.
+server's run-queue wait fell from about 2.3-3.0 s to about 0.9 s per run.
 
 The setting is per thread and inherited by threads and processes created later, so the
 server sets it once, before it forks workers or starts threads. It is read back with
