@@ -24,12 +24,11 @@ This module is an adapter (ctypes, system calls); the protocol core never import
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import struct
 from typing import Final
 
-from nbdserver.swapsafe import Outcome
+from nbdserver.swapsafe import Outcome, errno_failure, load_libc
 
 __all__ = ["current_slice_ns", "set_slice"]
 
@@ -46,10 +45,6 @@ def _calls() -> tuple[int, int] | None:
     return _SYSCALLS.get(platform.machine())
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _getattr(libc: ctypes.CDLL, getattr_nr: int, tid: int = 0) -> tuple[int, ...] | None:
     buf = ctypes.create_string_buffer(_ATTR.size)
     if libc.syscall(getattr_nr, tid, buf, _ATTR.size, 0) != 0:
@@ -63,7 +58,7 @@ def current_slice_ns(tid: int = 0) -> int | None:
     calls = _calls()
     if calls is None:
         return None
-    attr = _getattr(_libc(), calls[1], tid)
+    attr = _getattr(load_libc(), calls[1], tid)
     return None if attr is None else attr[5]
 
 
@@ -73,11 +68,10 @@ def set_slice(slice_us: int) -> Outcome:
     if calls is None:
         return Outcome(False, f"sched_setattr is not wired for {platform.machine()!r}")
     setattr_nr, getattr_nr = calls
-    libc = _libc()
+    libc = load_libc()
     attr = _getattr(libc, getattr_nr)
     if attr is None:
-        err = ctypes.get_errno()
-        return Outcome(False, f"sched_getattr failed: {os.strerror(err)} (errno {err})")
+        return Outcome(False, errno_failure("sched_getattr"))
     policy, nice = attr[1], attr[3]
     if policy not in _FAIR_POLICIES:
         return Outcome(False, f"the server runs under scheduling policy {policy}, not a fair one")
@@ -85,9 +79,9 @@ def set_slice(slice_us: int) -> Outcome:
     # Keep the policy and nice value; only the slice (sched_runtime) changes.
     buf = ctypes.create_string_buffer(_ATTR.pack(_ATTR.size, policy, 0, nice, 0, want, 0, 0))
     if libc.syscall(setattr_nr, 0, buf, 0) != 0:
-        err = ctypes.get_errno()
-        return Outcome(False, f"sched_setattr failed: {os.strerror(err)} (errno {err})")
-    got = current_slice_ns()
+        return Outcome(False, errno_failure("sched_setattr"))
+    after = _getattr(libc, getattr_nr)
+    got = None if after is None else after[5]
     if got != want:
         return Outcome(
             False,

@@ -48,6 +48,8 @@ __all__ = [
     "Outcome",
     "SwapSafeReport",
     "enter_swap_safe_mode",
+    "errno_failure",
+    "load_libc",
     "lock_memory",
     "set_io_flusher",
 ]
@@ -97,22 +99,24 @@ class SwapSafeReport:
             )
 
 
-def _libc() -> ctypes.CDLL:
+def load_libc() -> ctypes.CDLL:
+    """The C library, with errno kept for :func:`errno_failure` (also nbdserver.sched)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _failure(call: str) -> str:
+def errno_failure(call: str) -> str:
+    """``call failed: <strerror> (errno N)`` for the errno the last ctypes call left."""
     err = ctypes.get_errno()
     return f"{call} failed: {os.strerror(err)} (errno {err})"
 
 
 def lock_memory() -> Outcome:
     """``mlockall(MCL_CURRENT | MCL_FUTURE)`` for this process."""
-    libc = _libc()
+    libc = load_libc()
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
         return Outcome(
             False,
-            _failure("mlockall(MCL_CURRENT|MCL_FUTURE)")
+            errno_failure("mlockall(MCL_CURRENT|MCL_FUTURE)")
             + "; needs CAP_IPC_LOCK or a larger RLIMIT_MEMLOCK (ulimit -l)",
         )
     return Outcome(True, "mlockall(MCL_CURRENT|MCL_FUTURE): every page stays in RAM")
@@ -120,10 +124,10 @@ def lock_memory() -> Outcome:
 
 def set_io_flusher() -> Outcome:
     """``prctl(PR_SET_IO_FLUSHER, 1)`` for this thread, checked with PR_GET_IO_FLUSHER."""
-    libc = _libc()
+    libc = load_libc()
     zero = ctypes.c_ulong(0)
     if libc.prctl(PR_SET_IO_FLUSHER, ctypes.c_ulong(1), zero, zero, zero) != 0:
-        why = _failure("prctl(PR_SET_IO_FLUSHER, 1)")
+        why = errno_failure("prctl(PR_SET_IO_FLUSHER, 1)")
         return Outcome(False, why + "; needs Linux >= 5.6 and CAP_SYS_RESOURCE")
     got = libc.prctl(PR_GET_IO_FLUSHER, zero, zero, zero, zero)
     if got != 1:
