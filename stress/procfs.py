@@ -13,7 +13,9 @@ import os
 from typing import Any
 
 __all__ = [
+    "DISKSTATS_FIELDS",
     "ProcFormatError",
+    "parse_diskstats",
     "parse_meminfo",
     "parse_netstat",
     "parse_psi",
@@ -23,6 +25,25 @@ __all__ = [
 ]
 
 PROC = "/proc"
+
+DISKSTATS_FIELDS: tuple[str, ...] = (
+    "reads",
+    "reads_merged",
+    "read_sectors",
+    "read_ms",
+    "writes",
+    "writes_merged",
+    "write_sectors",
+    "write_ms",
+    "in_flight",
+    "io_ms",
+    "queue_ms",
+)
+"""The first eleven counters of a /proc/diskstats line, in the kernel's order
+(Documentation/admin-guide/iostats.rst).  Sectors are 512 bytes; ``*_ms`` are the
+milliseconds requests spent from issue to completion, summed; ``in_flight`` is a level;
+``queue_ms`` is time weighted by the requests in flight.  Later kernels append discard and
+flush counters, which are not kept."""
 
 
 class ProcFormatError(ValueError):
@@ -160,4 +181,23 @@ def parse_netstat(text: str) -> dict[str, dict[str, int]]:
             }
         except ValueError as exc:
             raise ProcFormatError(f"/proc/net/netstat: non-integer value in {names[0]!r}") from exc
+    return out
+
+
+def parse_diskstats(text: str) -> dict[str, dict[str, int]]:
+    """``/proc/diskstats``: device name -> :data:`DISKSTATS_FIELDS`."""
+    out: dict[str, dict[str, int]] = {}
+    width = len(DISKSTATS_FIELDS)
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 3 + width:
+            raise ProcFormatError(
+                f"/proc/diskstats: expected at least {3 + width} columns, got {line!r}"
+            )
+        try:
+            out[parts[2]] = dict(zip(DISKSTATS_FIELDS, map(int, parts[3 : 3 + width]), strict=True))
+        except ValueError as exc:
+            raise ProcFormatError(f"/proc/diskstats: non-integer column in {line!r}") from exc
     return out

@@ -9,13 +9,14 @@ Usage (in the guest: ``PYTHONPATH=/opt/swapnbd python3 -m stress.vmstat ...``)::
 Theory of operation
 -------------------
 Every ``--interval`` seconds (on a fixed monotonic schedule, so a slow sample does not shift
-the following ones) it reads /proc/vmstat, /proc/meminfo, /proc/pressure/memory, /proc/swaps
-and /proc/net/netstat, and writes one JSON line with :class:`stress.lineout.LineWriter`:
-straight to the descriptor, no buffering, retried on EAGAIN, an error if it cannot be
-written.  The target can be a regular file, a pipe/FIFO or a character device (the
-virtio-serial port), so each line is on the host before the next sample is taken, even if
-the guest hangs a moment later.  ``--mlock`` locks the collector in RAM (``mlockall`` via
-ctypes) so that it keeps sampling while the guest thrashes.
+the following ones) it reads /proc/vmstat, /proc/meminfo, /proc/pressure/memory, /proc/swaps,
+/proc/net/netstat and /proc/diskstats, and writes one JSON line with
+:class:`stress.lineout.LineWriter`: straight to the descriptor, no buffering, retried on
+EAGAIN, an error if it cannot be written.  The target can be a regular file, a pipe/FIFO
+or a character device (the virtio-serial port), so each line is on the host before the
+next sample is taken, even if the guest hangs a moment later.  ``--mlock`` locks the
+collector in RAM (``mlockall`` via ctypes) so that it keeps sampling while the guest
+thrashes.
 
 It stops after ``--count`` samples, after ``--duration`` seconds, or at SIGTERM/SIGINT; in
 every case it writes one last sample (``"final": true``) and exits 0.  Exit codes: 0 ok,
@@ -42,6 +43,10 @@ Sample keys (one JSON object per line):
 - ``netstat``: ``{"PFMemallocDrop": n}`` from the TcpExt line of /proc/net/netstat (TCP
   segments dropped because they used pfmemalloc reserves on a non-memalloc socket);
   ``null`` if the counter is missing.
+- ``diskstats``: /proc/diskstats for every block device that has done I/O, as
+  ``{"nbd0": {"reads", "read_ms", ...}}`` (:data:`stress.procfs.DISKSTATS_FIELDS`): what
+  iostat reads, so the swap device's latency is the one the guest saw.  Idle devices (the
+  other fifteen nbd slots) are left out; ``null`` without /proc/diskstats.
 
 :func:`summarize` turns samples into the run's figures (the host imports it for
 ``run.json``); its keys are documented there.
@@ -161,6 +166,7 @@ def take_sample(seq: int, proc_root: str = procfs.PROC, *, final: bool = False) 
     psi_text = procfs.read_text("pressure/memory", proc_root)
     swaps_text = procfs.read_text("swaps", proc_root)
     netstat_text = procfs.read_text("net/netstat", proc_root)
+    diskstats_text = procfs.read_text("diskstats", proc_root)
     netstat: dict[str, int] | None = None
     if netstat_text is not None:
         drop = procfs.parse_netstat(netstat_text).get("TcpExt", {}).get("PFMemallocDrop")
@@ -179,7 +185,29 @@ def take_sample(seq: int, proc_root: str = procfs.PROC, *, final: bool = False) 
         "psi": None if psi_text is None else procfs.parse_psi(psi_text),
         "swaps": [] if swaps_text is None else procfs.parse_swaps(swaps_text),
         "netstat": netstat,
+        "diskstats": None if diskstats_text is None else _busy_devices(diskstats_text),
     }
+
+
+def _busy_devices(text: str) -> dict[str, dict[str, int]]:
+    return {
+        name: fields
+        for name, fields in procfs.parse_diskstats(text).items()
+        if fields["reads"] or fields["writes"]
+    }
+
+
+def _diskstats_delta(first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any] | None:
+    d0, d1 = first.get("diskstats"), last.get("diskstats")
+    if d0 is None or d1 is None:
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for name, now in d1.items():
+        before = d0.get(name, {})  # left out of the first sample: it had done no I/O yet
+        out[name] = {
+            key: value - before.get(key, 0) for key, value in now.items() if key != "in_flight"
+        }
+    return out
 
 
 def _psi_totals(sample: dict[str, Any]) -> dict[str, int] | None:
@@ -215,6 +243,9 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     - ``pgscan_direct_throttle``: its delta, or ``None`` when absent.
     - ``psi_delta``: ``{"some_total_us", "full_total_us"}`` deltas, or ``None``.
     - ``netstat_delta``: ``{"PFMemallocDrop": delta}``, or ``None``.
+    - ``diskstats_delta``: ``{device: {field: last - first}}`` for every device in the last
+      sample's ``diskstats`` (``in_flight``, a level, is left out), or ``None`` when either
+      sample has no diskstats (``"diskstats"`` is then in ``absent``).
     - ``meminfo_last``: the last sample's meminfo (bytes).
     - ``swap_used_bytes_max``: the larger of the first and last total swap use.
 
@@ -248,6 +279,10 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     else:
         absent.add("netstat.PFMemallocDrop")
 
+    diskstats_delta = _diskstats_delta(first, last)
+    if diskstats_delta is None:
+        absent.add("diskstats")
+
     def swap_used(sample: dict[str, Any]) -> int:
         return sum(int(area["used_bytes"]) for area in sample.get("swaps") or [])
 
@@ -262,6 +297,7 @@ def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "pgscan_direct_throttle": delta.get("pgscan_direct_throttle"),
         "psi_delta": psi_delta,
         "netstat_delta": netstat_delta,
+        "diskstats_delta": diskstats_delta,
         "meminfo_last": last.get("meminfo"),
         "swap_used_bytes_max": max(swap_used(first), swap_used(last)),
     }

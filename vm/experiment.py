@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 
-from vm import arms, lifeline, qemu, servers, watchdog
+from vm import arms, guest_init, lifeline, qemu, servers, watchdog
 
 if TYPE_CHECKING:
     from vm.image import GuestImage
@@ -309,6 +309,21 @@ def vmstat_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
                 last["pgscan_direct_throttle"] - first["pgscan_direct_throttle"]
             )
     return summary
+
+
+def swap_device(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The NBD device's /proc/diskstats over the run, as the guest counted it.
+
+    ``{"name": "nbd0", "interval_s", "reads", "read_ms", "writes", "write_ms", ...}``
+    (:data:`stress.procfs.DISKSTATS_FIELDS` but ``in_flight``); the report turns them into
+    await and queue depth.  Swap sits on /dev/nbd0 in both swap modes (``vm.guest_init``).
+    None when the guest's samples had no diskstats or the device did no I/O.
+    """
+    name = os.path.basename(guest_init.NBD_DEVICE)
+    delta = (summary.get("diskstats_delta") or {}).get(name)
+    if delta is None:
+        return None
+    return {"name": name, "interval_s": summary.get("interval_s"), **delta}
 
 
 def _fallback_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1040,6 +1055,7 @@ def _record(
     run["vmstat_delta"] = summary.get("vmstat_delta", {})
     run["vmstat_rates"] = summary.get("rates", {})
     run["vmstat_absent"] = summary.get("absent", [])
+    run["swap_device"] = swap_device(summary)
     run["counts"] = {
         "samples": len(samples),
         "heartbeats": st.heartbeats,

@@ -73,6 +73,10 @@ ROWS: tuple[Row, ...] = (
     Row("server_wakeups_per_mib", "server wake-ups per MiB swapped", "", "cost"),
     Row("server_runqueue_wait_s", "server run-queue wait", "s", "cost"),
     Row("qemu_cpu_s", "QEMU CPU (user+sys)", "s", "cost"),
+    Row("swap_read_await_ms", "swap device read await (guest)", "ms", "cost"),
+    Row("swap_write_await_ms", "swap device write await (guest)", "ms", "cost"),
+    Row("swap_write_kib", "swap device write size, mean", "KiB", "cost"),
+    Row("swap_queue_depth", "swap device requests in flight, mean", "", "cost"),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 
@@ -200,6 +204,25 @@ def pfmemalloc_drop(samples: Sequence[Mapping[str, Any]]) -> float | None:
     return None if a is None or b is None else b - a
 
 
+def _ratio(numerator: Any, denominator: Any, scale: float = 1.0) -> float | None:
+    a, b = _num(numerator), _num(denominator)
+    return None if a is None or b is None or b <= 0 else a * scale / b
+
+
+def swap_device_metrics(device: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """iostat's figures for the swap device from run.json ``swap_device``: mean ms from
+    issue to completion per read and per write, mean KiB per write, and the mean number of
+    requests in flight (time-weighted), all as the guest's block layer counted them."""
+    d = device or {}
+    interval = _num(d.get("interval_s"))
+    return {
+        "swap_read_await_ms": _ratio(d.get("read_ms"), d.get("reads")),
+        "swap_write_await_ms": _ratio(d.get("write_ms"), d.get("writes")),
+        "swap_write_kib": _ratio(d.get("write_sectors"), d.get("writes"), 512 / 1024),
+        "swap_queue_depth": _ratio(d.get("queue_ms"), interval, 1 / 1000),
+    }
+
+
 def _efficiency(steal: float | None, scan: float | None) -> float | None:
     if steal is None or scan is None or scan <= 0:
         return None
@@ -243,6 +266,7 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     out["server_peak_rss_mib"] = rss / MIB if rss is not None else None
     qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
     out["qemu_cpu_s"] = qu + qs if qu is not None and qs is not None else None
+    out.update(swap_device_metrics(run.get("swap_device")))
     return out
 
 

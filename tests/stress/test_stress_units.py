@@ -206,6 +206,32 @@ def test_parse_netstat_fixture() -> None:
         procfs.parse_netstat("TcpExt: A B\nIpExt: 1 2\n")
 
 
+def test_parse_diskstats_live_host() -> None:
+    """Every device of this machine's /proc/diskstats, each with the eleven counters."""
+    text = procfs.read_text("diskstats")
+    assert text is not None, "the host has no /proc/diskstats"
+    parsed = procfs.parse_diskstats(text)
+    assert list(parsed) == [line.split()[2] for line in text.splitlines() if line.strip()]
+    for name, fields in parsed.items():
+        assert tuple(fields) == procfs.DISKSTATS_FIELDS, name
+        assert all(value >= 0 for value in fields.values()), name
+
+
+def test_parse_diskstats_every_kernel_layout() -> None:
+    """Linux 4.18 added four discard columns and 5.5 two flush columns: the first eleven
+    are the same in all three layouts."""
+    counters = "48836 135055 1471128 152676 27535 200990 1828200 823287 3 42060 975963"
+    expected = dict(zip(procfs.DISKSTATS_FIELDS, map(int, counters.split()), strict=True))
+    for extra in ("", " 0 0 0 0", " 0 0 0 0 0 0"):
+        assert procfs.parse_diskstats(f"  43       0 nbd0 {counters}{extra}\n") == {
+            "nbd0": expected
+        }
+    with pytest.raises(procfs.ProcFormatError, match=r"at least 14 columns.*nbd1"):
+        procfs.parse_diskstats(" 43 32 nbd1 1 2 3\n")
+    with pytest.raises(procfs.ProcFormatError, match=r"non-integer column.*vda"):
+        procfs.parse_diskstats(" 254 0 vda 1 2 3 4 5 6 7 x 9 10 11\n")
+
+
 def test_read_text_missing_is_none(tmp_path: Path) -> None:
     assert procfs.read_text("pressure/memory", str(tmp_path)) is None
 

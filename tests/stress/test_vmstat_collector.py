@@ -21,14 +21,27 @@ from conftest import (
     tool_env,
 )
 
-from stress import vmstat
+from stress import procfs, vmstat
 from stress.vmstat import KEY_FIELDS, is_counter, summarize, take_sample
 
-SAMPLE_KEYS = {"type", "seq", "t_mono", "t_wall", "vmstat", "meminfo", "psi", "swaps", "netstat"}
+SAMPLE_KEYS = {
+    "type",
+    "seq",
+    "t_mono",
+    "t_wall",
+    "vmstat",
+    "meminfo",
+    "psi",
+    "swaps",
+    "netstat",
+    "diskstats",
+}
 # Fields of the Debian cloud kernels' /proc/vmstat that only 6.12 has (from the captures).
 ONLY_612 = {"swpin_zero", "swpout_zero", "pgscan_khugepaged", "pgsteal_khugepaged"}
 # Neither cloud kernel has zswap: its counters are absent, not zero.
 NO_ZSWAP = {"zswpin", "zswpout"}
+# The captures predate the diskstats source (fixtures/README.md): absent, never zeros.
+NOT_CAPTURED = {"diskstats"}
 
 
 def fixture_pair(kernel: str) -> list[dict[str, Any]]:
@@ -108,6 +121,47 @@ def test_sample_without_pressure_file(tmp_path: Path) -> None:
     assert summarize([first, sample])["psi_delta"] is None
 
 
+def test_sample_keeps_the_devices_that_did_io(tmp_path: Path) -> None:
+    """The host's real /proc/diskstats in a captured tree: busy devices only."""
+    root = tmp_path / "proc"
+    shutil.copytree(kernel_root("linux-6.1", "t1"), root)
+    assert take_sample(0, str(root))["diskstats"] is None  # the captures have none
+    text = Path("/proc/diskstats").read_text()
+    (root / "diskstats").write_text(text)
+    every = procfs.parse_diskstats(text)
+    busy = {n for n, f in every.items() if f["reads"] + f["writes"] > 0}
+    assert busy, "no block device of this machine has done I/O"
+    sample = take_sample(0, str(root))
+    assert set(sample["diskstats"]) == busy
+    assert sample["diskstats"] == {name: every[name] for name in busy}
+    json.dumps(sample)
+
+
+def test_summarize_diskstats_delta() -> None:
+    first, last = fixture_pair("linux-6.12")
+    nbd0 = dict.fromkeys(procfs.DISKSTATS_FIELDS, 0)
+    first["diskstats"] = {"nbd0": dict(nbd0, reads=10, read_ms=40, writes=2, in_flight=5)}
+    last["diskstats"] = {
+        "nbd0": dict(nbd0, reads=110, read_ms=340, writes=52, write_ms=900, in_flight=1),
+        "vda": dict(nbd0, reads=7, read_sectors=56),  # idle (left out) at the first sample
+    }
+    delta = summarize([first, last])["diskstats_delta"]
+    assert delta["nbd0"] == dict(
+        dict.fromkeys([f for f in procfs.DISKSTATS_FIELDS if f != "in_flight"], 0),
+        reads=100,
+        read_ms=300,
+        writes=50,
+        write_ms=900,
+    )
+    assert delta["vda"]["reads"] == 7
+    assert delta["vda"]["read_sectors"] == 56
+    assert "diskstats" not in summarize([first, last])["absent"]
+    first["diskstats"] = None  # a guest without /proc/diskstats: absent, never zeros
+    summary = summarize([first, last])
+    assert summary["diskstats_delta"] is None
+    assert "diskstats" in summary["absent"]
+
+
 # t1 - t0 in the captured guests (values read off the files; nr_free_pages is a gauge).
 CAPTURED_DELTAS = {
     "linux-6.1": {
@@ -156,7 +210,7 @@ def test_summarize_recorded_guest(kernel: str) -> None:
 
 def test_summarize_61_absent_fields() -> None:
     summary = summarize(fixture_pair("linux-6.1"))
-    assert summary["absent"] == sorted(ONLY_612 | NO_ZSWAP)
+    assert summary["absent"] == sorted(ONLY_612 | NO_ZSWAP | NOT_CAPTURED)
     assert summary["vmstat_delta"]["allocstall_device"] == 0
     assert summary["psi_delta"] == {"some_total_us": 9514307, "full_total_us": 6911182}
     assert summary["netstat_delta"] == {"PFMemallocDrop": 0}
@@ -164,7 +218,7 @@ def test_summarize_61_absent_fields() -> None:
 
 def test_summarize_612_absent_fields() -> None:
     summary = summarize(fixture_pair("linux-6.12"))
-    assert summary["absent"] == sorted(NO_ZSWAP)
+    assert summary["absent"] == sorted(NO_ZSWAP | NOT_CAPTURED)
     assert summary["vmstat_delta"]["swpout_zero"] == 49172
     assert summary["psi_delta"] == {"some_total_us": 7622369, "full_total_us": 5506913}
     assert summary["netstat_delta"] == {"PFMemallocDrop": 0}

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from nbdserver.backends.fault import FLIP_AT
-from vm import cli, experiment, servers, watchdog
+from vm import cli, experiment, report, servers, watchdog
 from vm.watchdog import JsonlTail
 
 MIB = 1024 * 1024
@@ -454,6 +454,22 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     assert on_disk["cost"]["server"]["runqueue_wait_s"] > 0
     assert stats["totals"]["requests_write"] > 0
     assert stats["totals"]["bytes_write"] > 0
+    # The guest's own count of the swap device (/proc/diskstats of nbd0): every page
+    # swapped in or out is 8 sectors read or written (vmstat counts a page when it is
+    # submitted, diskstats when it completes: within 1%), and every request it counted
+    # reached the server.
+    dev = on_disk["swap_device"]
+    assert dev["name"] == "nbd0"
+    for sectors, pages in (
+        (dev["write_sectors"], delta["pswpout"]),
+        (dev["read_sectors"], delta["pswpin"]),
+    ):
+        assert abs(sectors - 8 * pages) <= 8 * pages // 100, (sectors, pages)
+    assert 0 < dev["writes"] <= stats["totals"]["requests_write"]
+    assert 0 < dev["reads"] <= stats["totals"]["requests_read"]
+    figures = report.swap_device_metrics(dev)
+    assert figures["swap_write_await_ms"] > 0
+    assert figures["swap_queue_depth"] > 0
     assert (out / "console.log").stat().st_size > 0
     # The arm, as recorded and as read back inside the guest (stock kernel: patched).
     kernel = on_disk["kernel"]

@@ -127,6 +127,40 @@ def test_cost_rows_come_from_run_json_cost() -> None:
     assert "server_wakeups_per_mib" not in [r["key"] for r in report.build_report([data])["rows"]]
 
 
+def test_swap_device_rows_are_iostat_figures() -> None:
+    """await = ms from issue to completion / requests; queue depth = weighted ms / interval.
+    The figures are those of a real swap-path run's nbd0 (2026-11-30)."""
+    data = fixture("completed")
+    data.run["swap_device"] = {
+        "name": "nbd0",
+        "interval_s": 45.19141285,
+        "reads": 48836,
+        "read_sectors": 1471128,
+        "read_ms": 152676,
+        "writes": 27535,
+        "write_sectors": 1828200,
+        "write_ms": 823287,
+        "io_ms": 42060,
+        "queue_ms": 975963,
+    }
+    m = report.run_metrics(data)
+    assert m["swap_read_await_ms"] == pytest.approx(3.1263, abs=1e-4)
+    assert m["swap_write_await_ms"] == pytest.approx(29.8996, abs=1e-4)
+    assert m["swap_write_kib"] == pytest.approx(33.1977, abs=1e-4)
+    assert m["swap_queue_depth"] == pytest.approx(21.5962, abs=1e-4)
+    keys = [r["key"] for r in report.build_report([data])["rows"]]
+    assert keys[-4:] == [
+        "swap_read_await_ms",
+        "swap_write_await_ms",
+        "swap_write_kib",
+        "swap_queue_depth",
+    ]
+    data.run["swap_device"]["writes"] = 0  # no write in the window: no await, not 0
+    assert report.run_metrics(data)["swap_write_await_ms"] is None
+    del data.run["swap_device"]  # a run.json from before the collector read diskstats
+    assert not set(keys[-4:]) & {r["key"] for r in report.build_report([data])["rows"]}
+
+
 def test_server_wakeups_per_mib_divides_by_the_pages_swapped_both_ways() -> None:
     data = fixture("completed")
     data.run["cost"] = {"server": {"user_s": 1.0, "system_s": 2.0, "wakeups": 51200}}
