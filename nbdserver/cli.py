@@ -30,14 +30,20 @@ from nbdserver.backends import open_backend
 from nbdserver.backends.base import Backend
 from nbdserver.backends.cow import open_cow
 from nbdserver.backends.fault import FaultBackend, parse_fault
-from nbdserver.config import ExportConfig, ServerConfig, build_config, log_level_number
+from nbdserver.config import (
+    SCHED_POLICIES,
+    ExportConfig,
+    ServerConfig,
+    build_config,
+    log_level_number,
+)
 from nbdserver.errors import ConfigError
 from nbdserver.exposure import startup_warnings
 from nbdserver.reload import Reloader
-from nbdserver.sched import set_slice
+from nbdserver.sched import set_policy, set_slice
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
 from nbdserver.stats import StatsWriter, stats_line
-from nbdserver.swapsafe import SwapSafeReport, enter_swap_safe_mode
+from nbdserver.swapsafe import Outcome, SwapSafeReport, enter_swap_safe_mode
 from nbdserver.tls import server_context
 from nbdserver.workers import (
     EXIT_WORKER_DIED,
@@ -88,7 +94,8 @@ config file (TOML; command-line flags override only what they set):
   max_connections = 64      # default: no limit
   poll_us = 50              # 0 = never busy-poll
   wake_mark = true          # false = wake for every TCP segment (--no-wake-mark)
-  sched_slice_us = 100      # short scheduler slice (Linux >= 6.12; default 0 = off)
+  sched_policy = "idle"     # run when a CPU would idle (default "normal"; or "batch")
+  # sched_slice_us = 100    # short scheduler slice (Linux >= 6.12; not with "idle")
   [[exports]]
   name = "swap"
   backend = "memory"        # or "file" with path = "/some/file"
@@ -231,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
         ' no privilege needed (default 0: the kernel\'s; docs/performance.md, "Scheduler slice")',
     )
     parser.add_argument(
+        "--sched-policy",
+        choices=SCHED_POLICIES,
+        help="how the kernel schedules the server's threads: normal (as started), batch"
+        " (no preemption on wake-up) or idle (run when a CPU would otherwise idle; the swap"
+        ' experiment\'s choice, docs/performance.md, "Scheduling policy"); no privilege'
+        " needed (default normal)",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         metavar="SECONDS",
@@ -255,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info, warning, error or critical (default info)",
     )
     return parser
+
+
+def _log_outcome(outcome: Outcome, failed: str) -> None:
+    """A start-up setting's outcome: INFO when in effect, else WARNING led by ``failed``."""
+    if outcome.ok:
+        logger.info("%s", outcome.detail)
+    else:
+        logger.warning("%s%s", failed, outcome.detail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,15 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
     tune_allocator()
+    # Before any fork or thread, both inherit them; the policy first (it resets the slice).
+    if config.sched_policy != "normal":
+        _log_outcome(set_policy(config.sched_policy), "scheduling policy NOT in effect: ")
     if config.sched_slice_us:
-        # Before any fork or thread: both inherit it.
-        slice_outcome = set_slice(config.sched_slice_us)
-        logger.log(
-            logging.INFO if slice_outcome.ok else logging.WARNING,
-            "%s%s",
-            "" if slice_outcome.ok else "scheduler slice NOT in effect: ",
-            slice_outcome.detail,
-        )
+        _log_outcome(set_slice(config.sched_slice_us), "scheduler slice NOT in effect: ")
 
     def open_export(ec: ExportConfig) -> Export:
         backend = open_export_backend(ec, config.cow_dir)

@@ -14,7 +14,8 @@ and :class:`ExportConfig` for the meaning of each)::
     max_connections = 64    # past it new clients are refused at the handshake (default: no limit)
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
     wake_mark = true        # on TCP, wake only once a partly received request is whole
-    sched_slice_us = 100    # ask for a short scheduler slice (Linux >= 6.12; default 0 = off)
+    sched_policy = "idle"   # normal (default), batch or idle: how the kernel schedules it
+    # sched_slice_us = 100  # a short scheduler slice (Linux >= 6.12; not with idle; 0 = off)
     tls = "require"         # off (default), on (clients may upgrade) or require
     tls_cert = "/etc/swapnbd/server-cert.pem"
     tls_key = "/etc/swapnbd/server-key.pem"
@@ -66,6 +67,8 @@ MAX_POLL_US: Final = 10_000
 #: The range Linux clamps a requested scheduler slice to (0.1 ms to 100 ms).
 MIN_SLICE_US: Final = 100
 MAX_SLICE_US: Final = 100_000
+#: --sched-policy's names (nbdserver.sched.POLICIES maps them to the kernel's).
+SCHED_POLICIES: Final = ("normal", "batch", "idle")
 
 _SERVER_KEYS: Final = (
     "bind",
@@ -81,6 +84,7 @@ _SERVER_KEYS: Final = (
     "poll_us",
     "wake_mark",
     "sched_slice_us",
+    "sched_policy",
     "exports",
     "exit_with_parent",
     "fault",
@@ -184,6 +188,11 @@ class ServerConfig:
     short one lets the server's wake-ups preempt CPU-bound tasks instead of queueing
     behind them (nbdserver.sched; docs/performance.md, "Scheduler slice"). 0 = the
     kernel's default."""
+    sched_policy: str = "normal"
+    """Scheduling policy for every thread: ``normal`` (SCHED_OTHER, leave it as started),
+    ``batch`` (SCHED_BATCH: no preemption on wake-up) or ``idle`` (SCHED_IDLE: run when a
+    CPU would otherwise idle; nbdserver.sched; docs/performance.md, "Scheduling
+    policy")."""
     exit_with_parent: bool = False
     """Shut down cleanly when the process that started the server exits (as nbdkit's
     --exit-with-parent), so a killed harness leaves no server behind."""
@@ -392,6 +401,8 @@ def load_file(path: str) -> dict[str, Any]:
         out["max_connections"] = data["max_connections"]
     if "sched_slice_us" in data:
         out["sched_slice_us"] = data["sched_slice_us"]
+    if "sched_policy" in data:
+        out["sched_policy"] = data["sched_policy"]
     if "wake_mark" in data:
         if not isinstance(data["wake_mark"], bool):
             raise _type_error(path, "wake_mark", data["wake_mark"], "true or false")
@@ -443,6 +454,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "poll_us",
         "wake_mark",
         "sched_slice_us",
+        "sched_policy",
         "exit_with_parent",
         "fault",
         "cow_dir",
@@ -571,6 +583,15 @@ def check_server(config: ServerConfig) -> None:
         raise ConfigError(
             f"sched_slice_us {slice_us!r} must be 0 (the kernel's default) or a whole number"
             f" of microseconds from {MIN_SLICE_US} to {MAX_SLICE_US}"
+        )
+    if config.sched_policy not in SCHED_POLICIES:
+        raise ConfigError(
+            f"sched_policy {config.sched_policy!r} must be one of {', '.join(SCHED_POLICIES)}"
+        )
+    if config.sched_policy == "idle" and slice_us:
+        raise ConfigError(
+            f"sched_slice_us {slice_us} does not apply under sched_policy 'idle' (SCHED_IDLE"
+            " threads keep the kernel's slice): give one or the other"
         )
     if config.max_inflight < 64 * 1024:
         raise ConfigError(

@@ -60,6 +60,14 @@ BAD = [
     (["--memory", "1G", "--sched-slice-us", "100001"], "sched_slice_us 100001 must be 0"),
     (["--memory", "1G", "--sched-slice-us", "-1"], "sched_slice_us -1 must be 0"),
     (["--memory", "1G", "--sched-slice-us", "short"], "invalid int value: 'short'"),
+    (
+        ["--memory", "1G", "--sched-policy", "fast"],
+        "argument --sched-policy: invalid choice: 'fast' (choose from 'normal', 'batch', 'idle')",
+    ),
+    (
+        ["--memory", "1G", "--sched-policy", "idle", "--sched-slice-us", "100"],
+        "sched_slice_us 100 does not apply under sched_policy 'idle'",
+    ),
     ([], "nothing to serve"),
     (["--name", "x"], "--name describe the export given by FILE or --memory"),
     (["/nonexistent/disk.img"], "/nonexistent/disk.img"),
@@ -89,6 +97,11 @@ def test_bad_command_lines_exit_2(argv: list[str], message: str) -> None:
         ("wake_mark = 'yes'\n[[exports]]\nsize = '1G'\n", "wake_mark = 'yes' is not true or false"),
         ("sched_slice_us = true\n[[exports]]\nsize = '1G'\n", "sched_slice_us True must be 0"),
         ("sched_slice_us = '100'\n[[exports]]\nsize = '1G'\n", "sched_slice_us '100' must be"),
+        (
+            "sched_policy = 'IDLE'\n[[exports]]\nsize = '1G'\n",
+            "sched_policy 'IDLE' must be one of normal, batch, idle",
+        ),
+        ("sched_policy = 5\n[[exports]]\nsize = '1G'\n", "sched_policy 5 must be one of"),
         ("[[exports]]\nsize = '1G'\n[[exports]]\nsize = '2G'\n", "defined more than once"),
         ("bogus = 1\n", "unknown key(s) bogus"),
         ("[[exports]\n", "is not valid TOML"),
