@@ -801,16 +801,18 @@ def _accelerator(
     return choice
 
 
-#: nbd-serve flags for the experiment only (docs/performance.md, "The swap path"): under
-#: TCG the guest's vCPU threads keep every host core busy, so a busy-polling server spins
-#: on CPU the guest needs (a profile of a real run put 7% of the server's CPU in the poll
-#: loop, for 240 hits in 1,540 windows). For the same reason a woken server queues
-#: behind those threads: a 100 µs scheduler slice lets its wake-ups preempt them. The
-#: server's run-queue wait fell from 2.3-3.0 s to about 0.9 s per run; the guest's
-#: Elapsed did not measurably change, but the server's answers no longer wait on the
-#: host's scheduler (docs/performance.md, "Scheduler slice"). The worker count is set to
-#: the client's connections beside it: a worker with no connection only holds memory.
-SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0", "--sched-slice-us", "100")
+#: nbd-serve flags for the experiment only (docs/performance.md, "The swap path" and
+#: "Scheduling policy"): under TCG the guest's vCPU threads keep every host core busy, so
+#: a busy-polling server spins on CPU the guest needs (a profile of a real run put 7% of
+#: the server's CPU in the poll loop, for 240 hits in 1,540 windows). For the same
+#: reason the server runs under SCHED_IDLE: it then answers in the moments a vCPU would
+#: idle, which is when the guest waits for its swap I/O, instead of preempting a vCPU.
+#: Interleaved on the swap-path shape, stress Elapsed fell from a median 46.0 s to 38.2 s
+#: (8 runs each); on the quick preset two runs each were level (202 and 225 s against
+#: 220 and 204 s). A 100 µs slice (the earlier setting, "Scheduler slice") cut the server's
+#: run-queue wait but not Elapsed. The worker count is set to the client's connections
+#: beside it: a worker with no connection only holds memory.
+SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0", "--sched-policy", "idle")
 
 
 @contextlib.contextmanager

@@ -445,12 +445,15 @@ def test_guest_swaps_through_nbd_serve_and_completes(
     assert "[never]" in on_disk["guest"]["settings"]["transparent_hugepage.enabled"]
     stats = on_disk["server"]["stats"]
     assert stats is not None
-    # The swap path's server flags (issue 13): no busy-poll, a short scheduler slice
-    # (in effect, says the server's log), one process per connection.
+    # The swap path's server flags (issue 13): no busy-poll, SCHED_IDLE (in effect, says
+    # the server's log), one process per connection.
     argv = " ".join(on_disk["server"]["argv"])
-    assert " --poll-us 0 --sched-slice-us 100 --workers 1 " in argv
+    assert " --poll-us 0 --sched-policy idle --workers 1 " in argv
     server_log = Path(on_disk["server"]["log"]).read_text()
-    assert "scheduler slice 100 µs: wake-ups preempt CPU-bound tasks" in server_log
+    assert (
+        "scheduling policy idle: runs when a CPU would otherwise idle, or on a minimal share"
+        in server_log
+    )
     assert on_disk["cost"]["server"]["runqueue_wait_s"] > 0
     assert stats["totals"]["requests_write"] > 0
     assert stats["totals"]["bytes_write"] > 0
