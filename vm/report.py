@@ -205,6 +205,8 @@ def pfmemalloc_drop(samples: Sequence[Mapping[str, Any]]) -> float | None:
 
 
 def _ratio(numerator: Any, denominator: Any, scale: float = 1.0) -> float | None:
+    """``scale * numerator / denominator``; None when either is missing or the
+    denominator is not positive."""
     a, b = _num(numerator), _num(denominator)
     return None if a is None or b is None or b <= 0 else a * scale / b
 
@@ -214,19 +216,12 @@ def swap_device_metrics(device: Mapping[str, Any] | None) -> dict[str, float | N
     issue to completion per read and per write, mean KiB per write, and the mean number of
     requests in flight (time-weighted), all as the guest's block layer counted them."""
     d = device or {}
-    interval = _num(d.get("interval_s"))
     return {
         "swap_read_await_ms": _ratio(d.get("read_ms"), d.get("reads")),
         "swap_write_await_ms": _ratio(d.get("write_ms"), d.get("writes")),
         "swap_write_kib": _ratio(d.get("write_sectors"), d.get("writes"), 512 / 1024),
-        "swap_queue_depth": _ratio(d.get("queue_ms"), interval, 1 / 1000),
+        "swap_queue_depth": _ratio(d.get("queue_ms"), d.get("interval_s"), 1 / 1000),
     }
-
-
-def _efficiency(steal: float | None, scan: float | None) -> float | None:
-    if steal is None or scan is None or scan <= 0:
-        return None
-    return 100.0 * steal / scan
 
 
 def run_metrics(data: RunData) -> dict[str, float | None]:
@@ -243,8 +238,8 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     stalls = [_num(v) for k, v in delta.items() if k.startswith("allocstall")]
     known = [v for v in stalls if v is not None]
     out["allocstall"] = sum(known) if known else None
-    out["direct_efficiency"] = _efficiency(out["pgsteal_direct"], out["pgscan_direct"])
-    out["kswapd_efficiency"] = _efficiency(out["pgsteal_kswapd"], out["pgscan_kswapd"])
+    out["direct_efficiency"] = _ratio(out["pgsteal_direct"], out["pgscan_direct"], 100.0)
+    out["kswapd_efficiency"] = _ratio(out["pgsteal_kswapd"], out["pgscan_kswapd"], 100.0)
     out["pfmemalloc_drop"] = pfmemalloc_drop(data.samples)
     cost = run.get("cost") or {}
     server = cost.get("server") or {}
