@@ -67,7 +67,7 @@ MAX_POLL_US: Final = 10_000
 #: The range Linux clamps a requested scheduler slice to (0.1 ms to 100 ms).
 MIN_SLICE_US: Final = 100
 MAX_SLICE_US: Final = 100_000
-#: --sched-policy's names (nbdserver.sched.POLICIES maps them to the kernel's).
+#: --sched-policy's names (nbdserver.sched._POLICIES maps them to the kernel's).
 SCHED_POLICIES: Final = ("normal", "batch", "idle")
 
 _SERVER_KEYS: Final = (

@@ -43,7 +43,7 @@ from typing import Final
 
 from nbdserver.swapsafe import Outcome, errno_failure, load_libc
 
-__all__ = ["POLICIES", "current_slice_ns", "set_policy", "set_slice"]
+__all__ = ["current_slice_ns", "set_policy", "set_slice"]
 
 #: (sched_setattr, sched_getattr) system call numbers.
 _SYSCALLS: Final = {"x86_64": (314, 315), "aarch64": (274, 275)}
@@ -107,13 +107,12 @@ def set_slice(slice_us: int) -> Outcome:
     return Outcome(True, f"scheduler slice {slice_us} µs: wake-ups preempt CPU-bound tasks")
 
 
-#: The policies --sched-policy names (sched(7)); all three are fair-class policies.
-POLICIES: Final = {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
-
-_POLICY_EFFECT: Final = {
-    "normal": "wake-ups may preempt running tasks",
-    "batch": "wake-ups do not preempt running tasks",
-    "idle": "runs when a CPU would otherwise idle, or on a minimal share",
+#: --sched-policy's names (config.SCHED_POLICIES, which must stay free of this adapter)
+#: -> the kernel's policy (sched(7)) and what it does, for the log.
+_POLICIES: Final = {
+    "normal": (os.SCHED_OTHER, "wake-ups may preempt running tasks"),
+    "batch": (os.SCHED_BATCH, "wake-ups do not preempt running tasks"),
+    "idle": (os.SCHED_IDLE, "runs when a CPU would otherwise idle, or on a minimal share"),
 }
 
 
@@ -123,12 +122,12 @@ def set_policy(name: str) -> Outcome:
     The slice is reset by the kernel when the policy changes, so call this before
     :func:`set_slice`.
     """
-    want = POLICIES[name]
+    want, effect = _POLICIES[name]
     try:
         os.sched_setscheduler(0, want, os.sched_param(0))
         got = os.sched_getscheduler(0)
     except OSError as exc:
-        return Outcome(False, f"sched_setscheduler failed: {exc.strerror} (errno {exc.errno})")
+        return Outcome(False, errno_failure("sched_setscheduler", exc.errno))
     if got != want:
         return Outcome(False, f"the kernel reports policy {got} after asking for {want}")
-    return Outcome(True, f"scheduling policy {name}: {_POLICY_EFFECT[name]}")
+    return Outcome(True, f"scheduling policy {name}: {effect}")

@@ -104,9 +104,11 @@ def load_libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def errno_failure(call: str) -> str:
-    """``call failed: <strerror> (errno N)`` for the errno the last ctypes call left."""
-    err = ctypes.get_errno()
+def errno_failure(call: str, err: int | None = None) -> str:
+    """``call failed: <strerror> (errno N)`` for ``err``, by default the errno the last
+    ctypes call left."""
+    if err is None:
+        err = ctypes.get_errno()
     return f"{call} failed: {os.strerror(err)} (errno {err})"
 
 

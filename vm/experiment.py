@@ -807,7 +807,7 @@ def _accelerator(
 #: the server's CPU in the poll loop, for 240 hits in 1,540 windows). For the same
 #: reason the server runs under SCHED_IDLE: it then answers in the moments a vCPU would
 #: idle, which is when the guest waits for its swap I/O, instead of preempting a vCPU.
-#: Interleaved on the swap-path shape, stress Elapsed fell from a median 46.0 s to 38.2 s
+#: Interleaved on the swap-path shape, stress Elapsed fell from a median 46.1 s to 38.2 s
 #: (8 runs each); on the quick preset two runs each were level (202 and 225 s against
 #: 220 and 204 s). A 100 µs slice (the earlier setting, "Scheduler slice") cut the server's
 #: run-queue wait but not Elapsed. The worker count is set to the client's connections
