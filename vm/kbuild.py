@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vm import arms
+from vm import arms, buildlog
 from vm.kmod import source_tarball
 from vm.progress import CommandError, Step, run_with_progress
 
@@ -179,16 +179,18 @@ def _unpack_source(tarball: Path, tree: Path, step: Step) -> Path:
 
 
 def _patch(src: Path, patch: Path, log: Path, *, reverse: bool = False) -> None:
-    argv = ["patch", "-p1", "--forward", "--no-backup-if-mismatch", "-i", str(patch)]
+    # A point release's line offsets are fine; fuzz is not (kmod.apply_patch says why).
+    argv = ["patch", "-p1", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch)]
     if reverse:
-        argv = ["patch", "-p1", "-R", "--no-backup-if-mismatch", "-i", str(patch)]
+        argv = ["patch", "-p1", "-R", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch)]
     with log.open("ab") as sink:
         sink.write(f"$ {' '.join(argv)}\n".encode())
         sink.flush()
         done = subprocess.run(argv, cwd=src, stdout=sink, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         how = "reverse" if reverse else "apply"
-        raise KbuildError(f"cannot {how} {patch.name} in {src}: see {log}")
+        why = buildlog.diagnose(log.read_text(errors="replace")) or f"exit {done.returncode}"
+        raise KbuildError(f"cannot {how} {patch.name} in {src.parent.name}: {why}; log: {log}")
 
 
 def _switch_patches(src: Path, tree: Path, series: str, wanted: tuple[str, ...], log: Path) -> None:
@@ -306,7 +308,10 @@ def build_variant(
                 heartbeat="make bzImage",
             )
         except CommandError as exc:
-            raise KbuildError(f"kernel build of {variant.name} failed: see {exc.log}") from exc
+            raise KbuildError(
+                f"kernel build of {variant.name} from linux-source-{variant.series} {version} "
+                f"failed: {_why(exc.log)}; log: {exc.log}"
+            ) from exc
         except FileNotFoundError as exc:
             raise KbuildError(
                 f"kernel build needs {exc.filename}: apt-get install build-essential flex "
@@ -377,8 +382,20 @@ def compile_objects(
                 heartbeat=f"make {' '.join(objects)}",
             )
         except CommandError as exc:
-            raise KbuildError(f"compiling {', '.join(objects)} failed: see {exc.log}") from exc
+            raise KbuildError(
+                f"compiling {', '.join(objects)} of linux-source-{variant.series} {version} "
+                f"failed: {_why(exc.log)}; log: {exc.log}"
+            ) from exc
     return out
+
+
+def _why(log: Path) -> str:
+    """The cause a build log names (:func:`vm.buildlog.diagnose`), or a pointer to it."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "no log was written"
+    return buildlog.diagnose(text) or "see the log"
 
 
 def load_built(final: Path) -> BuiltKernel:

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm import arms, kernel
+from vm import arms, buildlog, kernel
 from vm.progress import Step, run_with_progress
 
 __all__ = [
@@ -180,17 +180,45 @@ def extract_member(tarball: Path, member: str, dest: Path) -> Path:
     raise KmodError(f"{tarball} has no {member}")
 
 
-def apply_patch(patch: Path, target: Path, log: Path) -> None:
-    """``patch`` one file; a failure names the patch and the log."""
+def apply_patch(patch: Path, target: Path, log: Path, *, source: str) -> None:
+    """``patch`` one file of ``source`` (e.g. ``linux-source-6.12 6.12.118-1``).
+
+    A point release moves lines, so an offset is accepted; fuzz is not (``--fuzz=0``): a
+    hunk whose context changed may land in the wrong place, so it fails and names itself.
+    """
+    argv = ["patch", "--forward", "--fuzz=0", "--no-backup-if-mismatch", str(target), str(patch)]
     with log.open("ab") as sink:
-        done = subprocess.run(
-            ["patch", "--forward", "--no-backup-if-mismatch", str(target), str(patch)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
+        sink.write(f"$ {' '.join(argv)}\n".encode())
+        sink.flush()
+        done = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise KmodError(f"{patch.name} does not apply to {target.name}: see {log}")
+        why = buildlog.diagnose(log.read_text(errors="replace")) or f"exit {done.returncode}"
+        raise KmodError(
+            f"{patch.name} does not apply to {target.name} of {source}: {why}; log: {log}"
+        )
+
+
+def needed_tools(config_text: str) -> dict[str, str]:
+    """{program: why} that building modules against a kernel with this .config runs.
+
+    >>> needed_tools("CONFIG_DEBUG_INFO_BTF_MODULES=y\\n")["pahole"]
+    'BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)'
+    """
+    tools = {"make": "kbuild", "gcc-12": "the compiler Debian's kernels are built with"}
+    if re.search(r"^CONFIG_DEBUG_INFO_BTF_MODULES=y$", config_text, re.MULTILINE):
+        tools["pahole"] = "BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)"
+    return tools
+
+
+def check_tools(config_text: str, what: str) -> None:
+    """Fail before building if a program the build runs is missing (names its package)."""
+    missing = [
+        f"{buildlog.install_hint(tool)}, needed for {why}"
+        for tool, why in needed_tools(config_text).items()
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        raise KmodError(f"cannot build {what}: " + "; ".join(missing))
 
 
 def build_arm_modules(
@@ -208,18 +236,20 @@ def build_arm_modules(
     Raises:
         KmodError: a package is missing, a patch does not apply, or make failed.
     """
+    what = f"the arm modules for {release} (Debian {version})"
     if shutil.which("make") is None or shutil.which("gcc-12") is None:
-        raise KmodError(
-            "building the arm modules needs make and gcc-12 (apt-get install make gcc-12)"
-        )
+        check_tools("", what)
     headers = unpack_headers(release, version, work / "headers", step)
+    config = headers / ".config"
+    check_tools(config.read_text() if config.is_file() else "", what)
     src = work / "src"
     src.mkdir()
     step.update(f"extracting drivers/block/nbd.c of linux-source-{series} {version}", force=True)
     tarball = source_tarball(series, version, downloads, step)
     nbd_c = extract_member(tarball, "drivers/block/nbd.c", src)
     log = work / "build.log"
-    apply_patch(arms.patch_files(series, (arms.MODULE_PATCH,))[0], nbd_c, log)
+    patch = arms.patch_files(series, (arms.MODULE_PATCH,))[0]
+    apply_patch(patch, nbd_c, log, source=f"linux-source-{series} {version}")
     shutil.copy2(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE, src / arms.LIVEPATCH_SOURCE)
     (src / "Kbuild").write_text(f"obj-m += nbd.o {arms.LIVEPATCH_MODULE}.o\n")
     try:
@@ -230,9 +260,10 @@ def build_arm_modules(
             heartbeat="make modules",
         )
     except OSError as exc:
-        raise KmodError(f"make modules failed to start: {exc}") from exc
-    except Exception as exc:  # CommandError: the message has the log
-        raise KmodError(f"building the arm modules failed; log: {log}") from exc
+        raise KmodError(f"make modules failed to start for {what}: {exc}") from exc
+    except Exception as exc:  # CommandError: the cause is in the log
+        why = buildlog.diagnose(log.read_text(errors="replace")) or "see the log"
+        raise KmodError(f"building {what} failed at make modules: {why}; log: {log}") from exc
     modules = ArmModules(
         nbd=src / "nbd.ko",
         livepatch=src / f"{arms.LIVEPATCH_MODULE}.ko",
