@@ -17,7 +17,7 @@ __all__ = ["TOOL_PACKAGES", "diagnose", "install_hint"]
 
 #: Programs a kernel or module build runs, and the bookworm package that ships each.
 TOOL_PACKAGES: Final[Mapping[str, str]] = {
-    "pahole": "dwarves",
+    "pahole": "pahole",
     "gcc-12": "gcc-12",
     "gcc": "gcc",
     "make": "make",
@@ -55,7 +55,7 @@ _MAKE_ERROR = re.compile(r"^make(?:\[\d+\])?: \*\*\* \[(.+?)\] Error \d+")
 
 
 def install_hint(tool: str) -> str:
-    """``pahole is not installed (apt-get install dwarves)``; unknown tools name no package."""
+    """``pahole is not installed (apt-get install pahole)``; unknown tools name no package."""
     base = tool.rsplit("/", 1)[-1]
     package = TOOL_PACKAGES.get(base)
     if package is None:
@@ -72,7 +72,7 @@ def diagnose(text: str) -> str | None:
     over make's own ``*** [target] Error`` line. ``None`` when the log names no cause.
 
     >>> diagnose("  BTF [M] nbd.ko\\n/bin/sh: 1: pahole: not found\\nmake[2]: *** [x] Error 127")
-    'pahole is not installed (apt-get install dwarves)'
+    'pahole is not installed (apt-get install pahole)'
     """
     lines = [line.rstrip() for line in text.splitlines()]
     # Logs are appended to across attempts; the builders write "$ argv" before each command.

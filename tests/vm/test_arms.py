@@ -282,7 +282,7 @@ def test_changed_context_is_refused_not_fuzzed(
 def test_a_missing_build_tool_is_named_with_its_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """pahole missing (no dwarves): the build stops before make, naming the package."""
+    """pahole missing (no pahole package): the build stops before make, naming the package."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("make", "gcc-12"):
@@ -295,7 +295,7 @@ def test_a_missing_build_tool_is_named_with_its_package(
     with pytest.raises(kmod.KmodError) as caught:
         kmod.check_tools(config, what)
     assert str(caught.value) == (
-        f"cannot build {what}: pahole is not installed (apt-get install dwarves), "
+        f"cannot build {what}: pahole is not installed (apt-get install pahole), "
         "needed for BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)"
     )
     kmod.check_tools("# CONFIG_DEBUG_INFO_BTF_MODULES is not set\n", what)

@@ -6,7 +6,7 @@ import pytest
 
 from vm import buildlog
 
-# As a new machine without dwarves printed it (paths shortened).
+# As a new machine without pahole printed it (paths shortened).
 PAHOLE = """\
 $ make -C /w/headers/usr/src/linux-headers-6.12.118+deb12-cloud-amd64 M=/src modules
   CC [M]  /src/nbd.o
@@ -29,7 +29,7 @@ Hunk #4 FAILED at 1455.
 @pytest.mark.parametrize(
     ("log", "why"),
     [
-        (PAHOLE, "pahole is not installed (apt-get install dwarves)"),
+        (PAHOLE, "pahole is not installed (apt-get install pahole)"),
         ("/bin/sh: 1: bc: not found\n", "bc is not installed (apt-get install bc)"),
         (
             "make[1]: flex: No such file or directory\n",
