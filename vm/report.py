@@ -265,6 +265,17 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     return out
 
 
+def kernel_text(kernel: Mapping[str, Any]) -> str:
+    """``6.1.0-57-cloud-amd64 (6.1.192-3)``: the release and the Debian version it came from.
+
+    A release name such as 6.1.0-57 spans point releases, so the version is what tells two
+    Debian kernels apart (a built kernel's version is its linux-source version).
+    """
+    release = str(kernel.get("release") or "?")
+    version = kernel.get("version")
+    return f"{release} ({version})" if version else release
+
+
 def is_interrupted(run: Mapping[str, Any]) -> bool:
     return bool(run.get("interrupted")) or run.get("outcome") is None
 
@@ -326,7 +337,7 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
         for r in rs:
             key = str(r.run.get("outcome"))
             counts[key] = counts.get(key, 0) + 1
-        releases = sorted({str((r.run.get("kernel") or {}).get("release") or "?") for r in rs})
+        releases = sorted({kernel_text(r.run.get("kernel") or {}) for r in rs})
         arm_list.append(
             {
                 "label": label,

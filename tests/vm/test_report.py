@@ -329,3 +329,13 @@ def test_cli_report_writes_the_output_file(
     )
     assert cli.main(["report", str(tmp_path / "none")]) == 2
     assert "swapnbd report: error: " in capsys.readouterr().err
+
+
+def test_the_kernel_row_names_the_debian_version() -> None:
+    """6.1.0-57 spans point releases: the report must say which one each arm ran."""
+    stock = {"release": "6.1.0-57-cloud-amd64", "version": "6.1.192-3"}
+    assert report.kernel_text(stock) == "6.1.0-57-cloud-amd64 (6.1.192-3)"
+    assert report.kernel_text({"release": "6.1.0-57-cloud-amd64"}) == "6.1.0-57-cloud-amd64"
+    assert report.kernel_text({}) == "?"
+    rep = report.build_report(report.load_runs([DATA]))
+    assert "| kernel | 6.1.0-57-cloud-amd64 | 6.1.0-57-cloud-amd64 |" in report.render(rep, "md")
