@@ -230,7 +230,23 @@ def _add_run(sub: Any) -> None:
         "--lockup-after",
         type=_seconds,
         default=None,
-        help="seconds without heartbeat or sample (or without page progress) that make a lockup",
+        help="seconds without page progress (or, before the stress phase, without any "
+        "line from the guest) that confirm a lockup, unless the kernel's evidence did earlier",
+    )
+    p.add_argument(
+        "--stall-after",
+        type=_seconds,
+        default=None,
+        help="seconds without page progress that make a stall: the host presses SysRq "
+        "w/m then w/l/t and keeps watching; the same deadlock signature twice confirms the "
+        "lockup at once (default: a third of --lockup-after, at most 30)",
+    )
+    p.add_argument(
+        "--server-sched-policy",
+        choices=list(experiment.SCHED_POLICIES),
+        default="idle",
+        help="nbd-serve's --sched-policy in the experiment (default: idle, see "
+        "docs/performance.md); normal shows a verdict does not depend on it",
     )
     p.add_argument(
         "--timeout",
@@ -308,6 +324,7 @@ def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
         ("workers", "workers"),
         ("loops", "loops"),
         ("lockup_after", "lockup_after_s"),
+        ("stall_after", "stall_after_s"),
         ("timeout", "timeout_s"),
     ):
         value = getattr(args, flag)
@@ -334,6 +351,7 @@ def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
         resident_client=args.resident_client,
         min_free_kbytes=args.min_free_kbytes,
         cache_dir=args.cache,
+        server_sched_policy=args.server_sched_policy,
         **base,
     )
     cfg.validate()
@@ -361,7 +379,8 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
         server_cpu = f"{server_cost['user_s'] + server_cost['system_s']:.2f} s"
         if server_cost.get("wakeups"):
             server_cpu += f", {server_cost['wakeups']:,} wake-ups"
-    return [
+    ev = run.get("evidence") or {}
+    lines = [
         f"outcome:                {run.get('outcome')}  ({run.get('outcome_reason')})",
         f"kernel:                 {kernel.get('release') or kernel.get('name')}"
         f"  arm {kernel.get('arm', 'patched')}  accel {accel}",
@@ -374,6 +393,15 @@ def summary_lines(run: dict[str, Any]) -> list[str]:
         f"server CPU (user+sys):  {_fmt(server_cpu)}",
         f"results:                {run.get('config', {}).get('out')}",
     ]
+    if ev.get("signature"):
+        lines.insert(1, f"signature:              {ev['signature']}  ({ev.get('why')})")
+        sender = next((t for t in ev.get("blocked_tasks") or [] if t.get("frames")), None)
+        if sender is not None:
+            frames = " <- ".join(sender["frames"][:8])
+            lines.insert(2, f"first stack:            {sender['comm']}: {frames}")
+    if run.get("stall_count"):
+        lines.insert(1, f"stalls (recovered):     {run['stall_count']}, {run['stall_s_total']} s")
+    return lines
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -48,8 +48,10 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import traceback
@@ -61,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 
-from vm import arms, guest_init, lifeline, qemu, servers, watchdog
+from vm import arms, forensics, guest_init, lifeline, qemu, servers, watchdog
 
 if TYPE_CHECKING:
     from vm.image import GuestImage
@@ -81,6 +83,7 @@ COST_INTERVAL_S = 2.0
 
 ARMS = arms.ARMS
 ALLOCATORS = ("slub", "slab")
+SCHED_POLICIES = ("normal", "batch", "idle")
 
 #: Every file a run leaves in OUT besides run.json (created empty when a run fails early).
 OUTPUT_FILES: dict[str, str] = {
@@ -131,7 +134,15 @@ class RunConfig:
     """auto (boot-probe KVM, else TCG), tcg or kvm."""
     lockup_after_s: float = 180.0
     """No heartbeat and no sample (or, in the stress phase, no page progress) for this long
-    => lockup."""
+    => lockup, unless the kernel's evidence confirmed it earlier (see ``stall_after_s``)."""
+    stall_after_s: float | None = None
+    """No page progress for this long in the stress phase is a *stall*: the host presses
+    SysRq w/m, then w/l/t, and keeps watching; progress resuming makes it a recorded stall,
+    the same deadlock signature in both looks confirms the lockup at once. None: a third
+    of ``lockup_after_s``, at most 30 s."""
+    server_sched_policy: str = "idle"
+    """nbd-serve's ``--sched-policy`` in the experiment (docs/performance.md, "Scheduling
+    policy"); ``normal`` shows that a verdict does not depend on it."""
     timeout_s: float | None = None
     """Overall limit for the guest, QEMU is killed after it; None: sized from the workload
     (a safety net only: hangs are caught by ``lockup_after_s``)."""
@@ -182,6 +193,16 @@ class RunConfig:
             raise ValueError(f"--server must be one of {', '.join(servers.SERVER_KINDS)}")
         if self.lockup_after_s <= 0 or (self.timeout_s is not None and self.timeout_s <= 0):
             raise ValueError("--lockup-after and --timeout must be positive")
+        if self.stall_after_s is not None and not 0 < self.stall_after_s < self.lockup_after_s:
+            raise ValueError(
+                f"--stall-after must be positive and below --lockup-after "
+                f"({self.lockup_after_s:g}s), got {self.stall_after_s:g}s"
+            )
+        if self.server_sched_policy not in SCHED_POLICIES:
+            raise ValueError(
+                f"--server-sched-policy must be one of {', '.join(SCHED_POLICIES)}, "
+                f"not {self.server_sched_policy!r}"
+            )
         if self.nbd_timeout < 0 or self.nbd_connections < 1:
             raise ValueError("--nbd-timeout must be >= 0 and --nbd-connections >= 1")
         if self.min_free_kbytes is not None and self.min_free_kbytes < 128:
@@ -198,6 +219,18 @@ class RunConfig:
             raise ValueError(f"--swap-size must be at least 160K, got {self.swap_bytes} bytes")
         if self.server_fault is not None and self.server != "nbd-serve":
             raise ValueError(f"a server fault needs nbd-serve, not {self.server}")
+
+    @property
+    def effective_stall_after_s(self) -> float:
+        """``stall_after_s``, or a third of the lockup window, at most 30 s."""
+        if self.stall_after_s is not None:
+            return self.stall_after_s
+        return min(30.0, self.lockup_after_s / 3)
+
+    @property
+    def hung_task_timeout_s(self) -> int:
+        """The guest's hung-task timeout: it reports D-state tasks well before the cutoff."""
+        return max(5, int(self.effective_stall_after_s))
 
     @property
     def pinned_min_free_kbytes(self) -> int:
@@ -254,6 +287,10 @@ class RunConfig:
         d["pinned_min_free_kbytes"] = self.pinned_min_free_kbytes
         d["export_bytes"] = self.export_bytes
         d["effective_timeout_s"] = self.effective_timeout_s
+        d["effective_stall_after_s"] = self.effective_stall_after_s
+        d["hung_task_timeout_s"] = self.hung_task_timeout_s
+        if self.server != "nbd-serve":
+            d["server_sched_policy"] = None  # only nbd-serve takes the flag
         return d
 
 
@@ -360,6 +397,8 @@ class RunContext:
     server: servers.RunningServer
     state: watchdog.WatchState
     qemu_pid: int
+    qmp_path: Path | None = None
+    """QEMU's QMP socket (SysRq keys for a stalled guest)."""
     marks: dict[str, float] = field(default_factory=dict)
     """Free-form host-monotonic marks a hook can set (recorded in timings)."""
 
@@ -378,6 +417,8 @@ class Ending(StrEnum):
     """No heartbeat and no sample for ``lockup_after_s``: a lockup."""
     STALLED = "stalled"
     """Heartbeats arrive but ``pages_done`` has not grown for ``lockup_after_s``: a lockup."""
+    CONFIRMED = "confirmed"
+    """A stall whose two looks gave the same deadlock signature: a lockup, on evidence."""
     TIMEOUT = "timeout"
     """The overall limit was reached."""
     NO_POWEROFF = "no-poweroff"
@@ -690,24 +731,62 @@ def _run_guest(
     cache_dir = cfg.cache_dir or vm_image.default_cache_dir()
     img = _image(cfg, cache_dir, run, say)
     choice = _accelerator(cfg, img, cache_dir, run, say)
-    with _serving(cfg, run, cost, say) as server:
-        for attempt in range(1, BOOT_ATTEMPTS + 1):
-            proc, wd, t_qemu = _boot(cfg, img, choice, server, run=run, cost=cost, say=say)
-            ctx = RunContext(cfg=cfg, server=server, state=wd.state, qemu_pid=proc.pid)
-            if hook is not None:
-                hook({"type": "qemu-started", "attempt": attempt}, ctx)
-            try:
-                ending = _watch(cfg, proc, wd, ctx, say=say, hook=hook, cost=cost)
-            finally:
-                killed = _stop_qemu(proc, cost)
-                cost.steal_end = host_steal_ticks()
-                run["qemu"].update(exit_status=proc.returncode, killed_by_host=killed)
-            if attempt < BOOT_ATTEMPTS and _hung_booting(ending, wd.state):
-                _keep_failed_boot(cfg, run, wd, attempt, say)
-                continue
-            break
-        exit_status = None if killed else proc.returncode
-        _record(cfg, run, wd, ending, qemu_exit=exit_status, ctx=ctx, t_qemu=t_qemu)
+    # A unix socket path must fit in 108 bytes: a short directory of its own, not OUT.
+    qmp_dir = Path(tempfile.mkdtemp(prefix="swapnbd-qmp-"))
+    try:
+        with _serving(cfg, run, cost, say) as server:
+            for attempt in range(1, BOOT_ATTEMPTS + 1):
+                qmp_path = qmp_dir / f"qmp{attempt}.sock"
+                proc, wd, t_qemu = _boot(
+                    cfg, img, choice, server, run=run, cost=cost, say=say, qmp_path=qmp_path
+                )
+                ctx = RunContext(
+                    cfg=cfg, server=server, state=wd.state, qemu_pid=proc.pid, qmp_path=qmp_path
+                )
+                stalls = watchdog.StallWatch(cfg.effective_stall_after_s, cfg.lockup_after_s)
+                looks = forensics.Forensics(
+                    cfg.out / OUTPUT_FILES["console"],
+                    qmp_path,
+                    forensics.server_probe(server.pid, server.port),
+                    t_qemu,
+                    port=server.port,
+                )
+                if hook is not None:
+                    hook({"type": "qemu-started", "attempt": attempt}, ctx)
+                try:
+                    ending = _watch(
+                        cfg,
+                        proc,
+                        wd,
+                        ctx,
+                        say=say,
+                        hook=hook,
+                        cost=cost,
+                        stalls=stalls,
+                        looks=looks,
+                    )
+                finally:
+                    killed = _stop_qemu(proc, cost)
+                    cost.steal_end = host_steal_ticks()
+                    run["qemu"].update(exit_status=proc.returncode, killed_by_host=killed)
+                if attempt < BOOT_ATTEMPTS and _hung_booting(ending, wd.state):
+                    _keep_failed_boot(cfg, run, wd, attempt, say)
+                    continue
+                break
+            exit_status = None if killed else proc.returncode
+            _record(
+                cfg,
+                run,
+                wd,
+                ending,
+                qemu_exit=exit_status,
+                ctx=ctx,
+                t_qemu=t_qemu,
+                stalls=stalls,
+                looks=looks,
+            )
+    finally:
+        shutil.rmtree(qmp_dir, ignore_errors=True)
 
 
 #: A guest kernel that hangs before it reports anything is booted once more (it happened
@@ -719,7 +798,7 @@ BOOT_ATTEMPTS: Final = 2
 def _hung_booting(ending: Ending, state: watchdog.WatchState) -> bool:
     """The watchdog stopped a guest that never reported a phase: nothing of the
     experiment ran yet (no swap device, no worker), so a second boot is the same run."""
-    return ending in (Ending.SILENT, Ending.STALLED) and state.phase == "boot"
+    return ending in (Ending.SILENT, Ending.STALLED, Ending.CONFIRMED) and state.phase == "boot"
 
 
 def _keep_failed_boot(
@@ -812,7 +891,7 @@ def _accelerator(
 #: 220 and 204 s). A 100 µs slice (the earlier setting, "Scheduler slice") cut the server's
 #: run-queue wait but not Elapsed. The worker count is set to the client's connections
 #: beside it: a worker with no connection only holds memory.
-SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0", "--sched-policy", "idle")
+SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0")
 
 
 @contextlib.contextmanager
@@ -824,7 +903,8 @@ def _serving(
     stats_path = cfg.out / OUTPUT_FILES["server_stats"]
     extra: tuple[str, ...] = ("--fault", cfg.server_fault) if cfg.server_fault else ()
     if cfg.server == "nbd-serve":
-        extra = (*extra, *SWAP_PATH_ARGS, "--workers", str(cfg.nbd_connections))
+        policy = ("--sched-policy", cfg.server_sched_policy)
+        extra = (*extra, *SWAP_PATH_ARGS, *policy, "--workers", str(cfg.nbd_connections))
     server = servers.launch_server(
         cfg.server,
         cfg.export_bytes,
@@ -865,11 +945,13 @@ def _boot(
     run: dict[str, Any],
     cost: Cost,
     say: Emit,
+    qmp_path: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], watchdog.Watchdog, float]:
     """Step 4: the kernel command line and QEMU (which dies with us: PDEATHSIG)."""
     out = cfg.out
     gcfg = guest_config(cfg, server)
-    cmdline = qemu.kernel_cmdline({"cfg": encode_guest_config(gcfg)}, tuple(img.cmdline_extra))
+    words = (*img.cmdline_extra, *evidence_cmdline(cfg))
+    cmdline = qemu.kernel_cmdline({"cfg": encode_guest_config(gcfg)}, words)
     qcfg = qemu.QemuConfig(
         kernel=img.kernel,
         initrd=img.initrd,
@@ -882,6 +964,7 @@ def _boot(
         console_path=out / OUTPUT_FILES["console"],
         events_path=out / OUTPUT_FILES["events"],
         samples_path=out / OUTPUT_FILES["vmstat"],
+        qmp_path=qmp_path,
     )
     argv = qemu.build_argv(qcfg)
     run["qemu"] = {"argv": argv, "guest_config": gcfg}
@@ -902,6 +985,21 @@ def _boot(
     say(f"QEMU started (pid {proc.pid}, {cfg.memory_mib} MiB, {cfg.cpus} vCPUs, {choice.accel})")
     wd = watchdog.Watchdog(out / OUTPUT_FILES["events"], out / OUTPUT_FILES["vmstat"], t_qemu)
     return proc, wd, t_qemu
+
+
+def evidence_cmdline(cfg: RunConfig) -> tuple[str, ...]:
+    """Kernel words that make a stalled guest say why (kernel-notes.md §9).
+
+    Debian's cloud kernels mask SysRq's dump keys (0x01b6): ``sysrq_always_enabled`` lets
+    the host's alt-sysrq-w/m/l/t through. The hung-task detector reports D-state tasks
+    after ``hung_task_timeout_s`` (below the stall threshold's cutoff), every time
+    (``hung_task_warnings=-1``; the default goes quiet after 10).
+    """
+    return (
+        "sysrq_always_enabled",
+        f"sysctl.kernel.hung_task_timeout_secs={cfg.hung_task_timeout_s}",
+        "sysctl.kernel.hung_task_warnings=-1",
+    )
 
 
 def _reap_qemu(proc: subprocess.Popen[bytes], cost: Cost, *, block: bool) -> bool:
@@ -941,6 +1039,8 @@ def _watch(
     say: Emit,
     hook: Hook | None,
     cost: Cost,
+    stalls: watchdog.StallWatch,
+    looks: forensics.Forensics,
 ) -> Ending:
     """Step 5: follow the guest until it ends; say why."""
     t_qemu = wd.state.started
@@ -967,15 +1067,16 @@ def _watch(
         if now - last_status >= STATUS_INTERVAL_S:
             last_status = now
             say(status_line(wd.state, now, cfg.passes))
-        if result_at is None and wd.state.silent_for(now) >= cfg.lockup_after_s:
-            say(f"watchdog: no heartbeat and no sample for {cfg.lockup_after_s:.0f}s: lockup")
+        ending = _stall_step(cfg, wd.state, now, stalls=stalls, looks=looks, say=say)
+        if ending is not None and result_at is None:
+            return ending
+        if (
+            result_at is None
+            and wd.state.phase not in watchdog.LOCKUP_PHASES
+            and wd.state.silent_for(now) >= cfg.lockup_after_s
+        ):
+            say(f"watchdog: no heartbeat and no sample for {cfg.lockup_after_s:.0f}s")
             return Ending.SILENT
-        if result_at is None and wd.state.stalled_for(now) >= cfg.lockup_after_s:
-            say(
-                f"watchdog: heartbeats arrive but pages_done has not grown for "
-                f"{cfg.lockup_after_s:.0f}s: lockup"
-            )
-            return Ending.STALLED
         if now - t_qemu >= cfg.effective_timeout_s:
             say(f"overall timeout of {cfg.effective_timeout_s:.0f}s reached")
             return Ending.TIMEOUT
@@ -983,6 +1084,46 @@ def _watch(
             say("guest sent its result but did not power off; stopping QEMU")
             return Ending.NO_POWEROFF
         time.sleep(POLL_INTERVAL_S)
+
+
+def _stall_step(
+    cfg: RunConfig,
+    st: watchdog.WatchState,
+    now: float,
+    *,
+    stalls: watchdog.StallWatch,
+    looks: forensics.Forensics,
+    say: Emit,
+) -> Ending | None:
+    """Carry out what the StallWatch asks at ``now``; an Ending when the lockup is confirmed."""
+    for action in stalls.step(now, st):
+        if isinstance(action, watchdog.Look):
+            rec = looks.look(action, now)
+            server = f"; server {rec['server']['unresponsive']}" if rec.get("server") else ""
+            failed = f" (not sent: {rec['error']})" if rec.get("error") else ""
+            say(
+                f"watchdog: no page progress for {now - (st.last_progress or now):.0f}s: "
+                f"look {action.number}, SysRq {'/'.join(action.keys)}{failed}{server}"
+            )
+        elif isinstance(action, watchdog.Evaluate):
+            judged = looks.judge()
+            if stalls.current is not None and judged:
+                stalls.current["signature"] = judged[-1][0]
+            say("watchdog: the kernel says: " + "; ".join(f"{s} ({w})" for s, w in judged))
+            if looks.confirms():
+                say(f"watchdog: {judged[-1][0]} in both looks with no progress: lockup")
+                return Ending.CONFIRMED
+        elif isinstance(action, watchdog.StallEnded):
+            say(
+                f"watchdog: progress resumed after a {action.stall['length_s']:.0f}s stall: "
+                "a stall, not a lockup"
+            )
+        elif isinstance(action, watchdog.Confirmed):
+            say(f"watchdog: no page progress for {action.idle_s:.0f}s: lockup")
+            if st.silent_for(now) >= cfg.lockup_after_s:
+                return Ending.SILENT
+            return Ending.STALLED
+    return None
 
 
 def _check_arm(run: dict[str, Any], arm: str) -> None:
@@ -1011,6 +1152,8 @@ def _record(
     qemu_exit: int | None,
     ctx: RunContext,
     t_qemu: float,
+    stalls: watchdog.StallWatch | None = None,
+    looks: forensics.Forensics | None = None,
 ) -> None:
     """Step 6: the verdict and everything run.json keeps of the guest."""
     out = cfg.out
@@ -1024,17 +1167,42 @@ def _record(
     console_path = out / OUTPUT_FILES["console"]
     console = console_path.read_text(errors="replace") if console_path.exists() else ""
     st = wd.state
+    lockup = ending in (Ending.SILENT, Ending.STALLED, Ending.CONFIRMED)
+    kernel_evidence: dict[str, Any] | None = None
+    pressure: watchdog.Pressure | None = None
+    if lockup and st.phase in watchdog.LOCKUP_PHASES:
+        pressure = watchdog.Pressure(pswpout=st.pswpout())
+        if looks is not None:
+            kernel_evidence = looks.kernel_evidence()
+            pressure = looks.pressure(st)
+        stall = stalls.at_stall(st) if stalls is not None else None
+        if stall is not None:
+            last = st.last_sample or {}
+            vm = last.get("vmstat") or {}
+            stall.update(pswpout=vm.get("pswpout"), pswpin=vm.get("pswpin"))
+            kernel_evidence = {**(kernel_evidence or {}), "stall": stall}
     verdict = watchdog.classify(
         result_event=st.result,
         error_event=st.error,
-        lockup=ending in (Ending.SILENT, Ending.STALLED),
+        lockup=lockup,
         silent_s=st.silent_for(end),
         stalled_s=st.stalled_for(end),
         timed_out=ending is Ending.TIMEOUT,
         qemu_exit=qemu_exit,
         console_text=console,
         phase=st.phase,
+        corrupt_seen=st.max_corrupt,
+        heartbeats=st.heartbeats,
+        heartbeat_silent_s=(
+            end - st.last_heartbeat_at if st.last_heartbeat_at is not None else None
+        ),
+        pressure=pressure,
+        kernel=kernel_evidence,
     )
+    if stalls is not None:
+        run["stalls"] = list(stalls.stalls)
+        run["stall_count"] = len(stalls.stalls)
+        run["stall_s_total"] = round(sum(x["length_s"] for x in stalls.stalls), 1)
     run["outcome"] = verdict.outcome.value
     run["outcome_reason"] = verdict.reason
     run["evidence"] = verdict.evidence

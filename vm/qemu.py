@@ -93,6 +93,8 @@ class QemuConfig:
     """Appended verbatim (debugging only)."""
     cpu: str | None = None
     """-cpu model; None: ``host`` under KVM, QEMU's default under TCG."""
+    qmp_path: Path | None = None
+    """A QMP unix socket (vm/qmp.py sends SysRq keys to a stuck guest through it)."""
 
 
 def kernel_cmdline(params: dict[str, str], extra: tuple[str, ...] = ()) -> str:
@@ -129,6 +131,9 @@ def build_argv(cfg: QemuConfig) -> list[str]:
     cpu = cfg.cpu or ("host" if cfg.accel == "kvm" else None)
     if cpu is not None:
         accel_args += ["-cpu", cpu]
+    qmp_args: list[str] = []
+    if cfg.qmp_path is not None:
+        qmp_args = ["-qmp", f"unix:{_chardev_path(cfg.qmp_path)},server=on,wait=off"]
     return [
         cfg.qemu_binary,
         "-nodefaults",
@@ -169,6 +174,7 @@ def build_argv(cfg: QemuConfig) -> list[str]:
         f"file,id=vs,path={_chardev_path(cfg.samples_path)}",
         "-device",
         f"virtserialport,chardev=vs,name={SAMPLES_PORT}",
+        *qmp_args,
         *cfg.extra_args,
     ]
 

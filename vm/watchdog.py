@@ -129,6 +129,10 @@ class WatchState:
     error: dict[str, Any] | None = None
     done: bool = False
     max_pages_done: int = -1
+    max_corrupt: int = 0
+    """The most corrupt pages a heartbeat reported (a hang after corruption keeps it)."""
+    last_heartbeat_at: float | None = None
+    """Host time the last heartbeat arrived."""
     last_progress: float | None = None
     """Host time the stress phase started or ``pages_done`` last grew (None before)."""
 
@@ -142,6 +146,53 @@ class WatchState:
             return 0.0
         return now - self.last_progress
 
+    def observe(self, rec: dict[str, Any], now: float, *, stream: str) -> None:
+        """Take one record of the guest's ``events`` or ``samples`` stream, seen at ``now``."""
+        self.last_activity = now
+        if stream == "samples":
+            if rec.get("type", "sample") == "sample":
+                self.samples += 1
+                if self.first_sample is None:
+                    self.first_sample = rec
+                self.last_sample = rec
+            return
+        self.events += 1
+        kind = rec.get("type")
+        if kind == "heartbeat":
+            self.heartbeats += 1
+            self.last_heartbeat_at = now
+            if self.first_heartbeat is None:
+                self.first_heartbeat = rec
+            self.last_heartbeat = rec
+            done = rec.get("pages_done")
+            if isinstance(done, int) and done > self.max_pages_done:
+                self.max_pages_done = done
+                self.last_progress = now
+            corrupt = rec.get("corrupt_pages")
+            if isinstance(corrupt, int) and corrupt > self.max_corrupt:
+                self.max_corrupt = corrupt
+        elif kind == "phase":
+            self.phase = str(rec.get("phase", self.phase))
+            self.phases.setdefault(self.phase, now - self.started)
+            if self.phase == "stress":
+                self.last_progress = now
+            if self.phase == "done":
+                self.done = True
+        elif kind == "info":
+            self.info = rec
+        elif kind == "result":
+            self.result = rec
+        elif kind == "error":
+            self.error = rec
+
+    def pswpout(self) -> int | None:
+        """Pages swapped out between the first and the last sample (None: no samples)."""
+        first = (self.first_sample or {}).get("vmstat") or {}
+        last = (self.last_sample or {}).get("vmstat") or {}
+        if "pswpout" not in first or "pswpout" not in last:
+            return None
+        return int(last["pswpout"]) - int(first["pswpout"])
+
 
 class Watchdog:
     """Tails events.jsonl and vmstat.jsonl and keeps a :class:`WatchState`."""
@@ -153,42 +204,157 @@ class Watchdog:
 
     def poll(self, now: float) -> Iterator[dict[str, Any]]:
         """Consume new lines; yield each new record (events first, then samples)."""
-        st = self.state
         for rec in self.events.read_new():
-            st.last_activity = now
-            st.events += 1
-            kind = rec.get("type")
-            if kind == "heartbeat":
-                st.heartbeats += 1
-                if st.first_heartbeat is None:
-                    st.first_heartbeat = rec
-                st.last_heartbeat = rec
-                done = rec.get("pages_done")
-                if isinstance(done, int) and done > st.max_pages_done:
-                    st.max_pages_done = done
-                    st.last_progress = now
-            elif kind == "phase":
-                st.phase = str(rec.get("phase", st.phase))
-                st.phases.setdefault(st.phase, now - st.started)
-                if st.phase == "stress":
-                    st.last_progress = now
-                if st.phase == "done":
-                    st.done = True
-            elif kind == "info":
-                st.info = rec
-            elif kind == "result":
-                st.result = rec
-            elif kind == "error":
-                st.error = rec
+            self.state.observe(rec, now, stream="events")
             yield rec
         for rec in self.samples.read_new():
-            st.last_activity = now
-            if rec.get("type", "sample") == "sample":
-                st.samples += 1
-                if st.first_sample is None:
-                    st.first_sample = rec
-                st.last_sample = rec
+            self.state.observe(rec, now, stream="samples")
             yield rec
+
+
+# ------------------------------------------------------------------------- stall or lockup
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """Press these SysRq keys now (look ``number`` at this stall)."""
+
+    keys: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluate:
+    """Every look of this stall has had time to print: read the console and judge it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StallEnded:
+    """Progress resumed: the stall was a stall, not a lockup."""
+
+    stall: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    """No progress for the whole lockup window: the lockup is confirmed by time."""
+
+    idle_s: float
+
+
+Action = Look | Evaluate | StallEnded | Confirmed
+
+
+class StallWatch:
+    """When to look at a stalled guest, and whether a stall ended or became a lockup (pure).
+
+    In the stress phase, no page progress for ``stall_after`` seconds is a *stall*: the
+    host looks (``LOOKS``: SysRq w, m and l, then ``look_gap`` seconds later w, l and t:
+    l catches a sender that is running, not blocked, in reclaim), and
+    ``read_delay`` seconds after the last look asks the caller to :class:`Evaluate` what
+    the kernel printed. Progress resuming at any point ends the stall (:class:`StallEnded`,
+    recorded in :attr:`stalls`); no progress for ``lockup_after`` seconds confirms the
+    lockup (:class:`Confirmed`). The caller may confirm earlier on evidence
+    (:meth:`vm.evidence` signatures seen twice). At most ``max_looked`` stalls are looked
+    at, so a run with many short stalls is not flooded with dumps.
+    """
+
+    LOOKS: Final = ("wml", "wlt")
+
+    def __init__(
+        self,
+        stall_after: float,
+        lockup_after: float,
+        *,
+        look_gap: float = 10.0,
+        read_delay: float = 5.0,
+        max_looked: int = 3,
+    ) -> None:
+        if not 0 < stall_after < lockup_after:
+            raise ValueError(
+                f"a stall ({stall_after}s) must be seen before the lockup ({lockup_after}s)"
+            )
+        self.stall_after = stall_after
+        self.lockup_after = lockup_after
+        self.look_gap = look_gap
+        self.read_delay = read_delay
+        self.max_looked = max_looked
+        self.stalls: list[dict[str, Any]] = []
+        """Stalls that ended (progress resumed), in order."""
+        self.current: dict[str, Any] | None = None
+        """The stall under way: ``since`` (host time of the last progress), ``seen``,
+        ``pages_done``, ``looks`` pressed so far, ``evaluated``."""
+        self.looked = 0
+
+    def _stress_s(self, st: WatchState, host: float) -> float:
+        """Seconds into the stress phase of host time ``host``."""
+        return round(host - st.started - st.phases.get("stress", 0.0), 1)
+
+    def step(self, now: float, st: WatchState) -> list[Action]:
+        """What to do at ``now`` given what the guest has said (call after every poll)."""
+        if st.phase != "stress" or st.last_progress is None or st.result is not None:
+            return []
+        cur = self.current
+        if cur is not None and st.last_progress > cur["since"]:
+            ended = {
+                "at_s": self._stress_s(st, cur["since"]),
+                "length_s": round(st.last_progress - cur["since"], 1),
+                "pages_done": cur["pages_done"],
+                "looked": cur["looks"] > 0,
+            }
+            if cur.get("signature"):
+                ended["signature"] = cur["signature"]
+            self.stalls.append(ended)
+            self.current = None
+            return [StallEnded(ended)]
+        idle = now - st.last_progress
+        if cur is None:
+            if idle < self.stall_after:
+                return []
+            cur = self.current = {
+                "since": st.last_progress,
+                "seen": now,
+                "pages_done": st.max_pages_done,
+                "looks": 0,
+                "evaluated": False,
+                "look": self.looked < self.max_looked,
+            }
+            if cur["look"]:
+                self.looked += 1
+        actions: list[Action] = []
+        due = cur["seen"] + cur["looks"] * self.look_gap
+        if cur["look"] and cur["looks"] < len(self.LOOKS) and now >= due:
+            actions.append(Look(self.LOOKS[cur["looks"]], cur["looks"] + 1))
+            cur["looks"] += 1
+            cur["last_look"] = now
+        elif (
+            cur["look"]
+            and cur["looks"] == len(self.LOOKS)
+            and not cur["evaluated"]
+            and now >= cur["last_look"] + self.read_delay
+        ):
+            cur["evaluated"] = True
+            actions.append(Evaluate())
+        if idle >= self.lockup_after:
+            actions.append(Confirmed(round(idle, 1)))
+        return actions
+
+    def at_stall(self, st: WatchState) -> dict[str, Any] | None:
+        """Time-to-stall and progress at the stall under way (None when there is none).
+
+        ``at_s`` is when progress stopped, in seconds of the stress phase (0 when no
+        heartbeat ever showed progress); ``last_word_s`` when the guest last said anything.
+        """
+        cur = self.current
+        if cur is None:
+            return None
+        return {
+            "at_s": self._stress_s(st, cur["since"]),
+            "seen_after_s": round(cur["seen"] - cur["since"], 1),
+            "pages_done": cur["pages_done"],
+            "heartbeats": st.heartbeats,
+            "last_word_s": self._stress_s(st, st.last_activity),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +388,68 @@ def _oom_signs(result_event: dict[str, Any] | None, console: dict[str, list[str]
     return "oom" in json.dumps(sw.get("workers", "")).lower()
 
 
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """Was the guest under memory pressure when it stalled? (The experiment's lockup needs it.)"""
+
+    pswpout: int | None
+    """Pages swapped out between the first and the last sample (None: no samples)."""
+    swap_used_kb: int | None = None
+    """Swap in use as SysRq-m printed it (None: no SysRq-m report)."""
+    below_high: tuple[str, ...] | None = None
+    """Zones below their high watermark, from SysRq-m (None: no SysRq-m report)."""
+
+    @property
+    def swapping(self) -> bool:
+        return (self.pswpout or 0) > 0 or (self.swap_used_kb or 0) > 0
+
+    @property
+    def met(self) -> bool:
+        """Swap-out had begun, and free memory was below the high watermark where seen."""
+        return self.swapping and (self.below_high is None or len(self.below_high) > 0)
+
+    def text(self) -> str:
+        out = f"pswpout {self.pswpout if self.pswpout is not None else 'unknown (no samples)'}"
+        if self.swap_used_kb is not None:
+            out += f", swap used {self.swap_used_kb} kB"
+        if self.below_high is None:
+            out += ", zone watermarks not seen (no SysRq-m report)"
+        elif self.below_high:
+            out += ", " + "; ".join(self.below_high)
+        else:
+            out += ", every zone's free memory above its high watermark"
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pswpout": self.pswpout,
+            "swap_used_kb": self.swap_used_kb,
+            "below_high": list(self.below_high) if self.below_high is not None else None,
+            "met": self.met,
+        }
+
+
+def stall_text(
+    *, silent_s: float, stalled_s: float, heartbeats: int, heartbeat_silent_s: float | None
+) -> str:
+    """What the host saw of a stalled guest, in words that tell silence from no progress.
+
+    A guest that never sent a heartbeat, one whose heartbeats stopped with its progress,
+    and one whose heartbeats go on without progress are three different stories; so are
+    samples that stopped and samples that still arrive.
+    """
+    idle = max(stalled_s, silent_s)
+    if heartbeats == 0 or heartbeat_silent_s is None:
+        what = f"no heartbeat ever arrived, no page progress for {idle:.0f}s"
+    elif heartbeat_silent_s + 5.0 < idle:
+        what = f"heartbeats still arrive but no page progress for {idle:.0f}s"
+    else:
+        what = f"no page progress and no heartbeat for {idle:.0f}s"
+    if silent_s + 5.0 >= idle:
+        return what + ", and no sample either"
+    return what + f" (samples still arrive, the last {silent_s:.0f}s ago)"
+
+
 def classify(
     *,
     result_event: dict[str, Any] | None,
@@ -233,14 +461,19 @@ def classify(
     console_text: str,
     stalled_s: float = 0.0,
     phase: str = "stress",
+    corrupt_seen: int = 0,
+    heartbeats: int = 0,
+    heartbeat_silent_s: float | None = None,
+    pressure: Pressure | None = None,
+    kernel: dict[str, Any] | None = None,
 ) -> Verdict:
     """Decide the outcome of a run from what was observed (pure; see module docstring).
 
     Args:
         result_event: the guest's ``result`` event, if one arrived.
         error_event: the guest's ``error`` event, if one arrived.
-        lockup: the watchdog saw no heartbeat and no sample (or no page progress) for the
-            lockup window.
+        lockup: the watch loop confirmed a lockup (or, before the stress phase, saw the
+            guest silent for the lockup window).
         silent_s: seconds since the last heartbeat/sample/event when the run ended.
         timed_out: the overall timeout ended the run.
         qemu_exit: QEMU's exit status (None if the host killed it).
@@ -250,6 +483,14 @@ def classify(
             stress phase is an ``error``, not a lockup: nothing was under memory pressure
             yet (a guest kernel that hung while booting under TCG was once counted as a
             lockup of the patched arm).
+        corrupt_seen: the most corrupt pages any heartbeat reported: corruption followed
+            by a hang is ``corruption``, never a lockup.
+        heartbeats: heartbeats received in all.
+        heartbeat_silent_s: seconds since the last heartbeat (None: none arrived).
+        pressure: the memory pressure at the stall; a stress-phase stall without it is an
+            ``error`` (None: not judged, as for runs without samples).
+        kernel: the kernel's own evidence (vm/evidence.py): ``signature``, ``why``,
+            ``blocked_tasks`` ... merged into the verdict's evidence.
     """
     console = console_evidence(console_text)
     evidence: dict[str, Any] = {
@@ -259,6 +500,8 @@ def classify(
     }
     if qemu_exit is not None:
         evidence["qemu_exit"] = qemu_exit
+    if corrupt_seen:
+        evidence["corrupt_seen"] = corrupt_seen
     if result_event is not None:
         sw = result_event.get("swapstress") or {}
         corrupt = int(sw.get("corrupt_pages") or 0)
@@ -278,6 +521,14 @@ def classify(
             f"swapstress ended with outcome {sw_outcome!r} (exit {result_event.get('exit_code')})",
             evidence,
         )
+    if corrupt_seen > 0:
+        how = "hung" if lockup else "ended"
+        return Verdict(
+            Outcome.CORRUPTION,
+            f"swapstress reported {corrupt_seen} corrupt pages in a heartbeat, then the guest "
+            f"{how} without a result",
+            evidence,
+        )
     silent = f"no heartbeat and no sample for {silent_s:.0f}s"
     if lockup and phase not in LOCKUP_PHASES:  # stalled_s counts only in the stress phase
         evidence["phase"] = phase
@@ -295,12 +546,27 @@ def classify(
             evidence,
         )
     if lockup:
+        if kernel:
+            evidence.update(kernel)
+        what = stall_text(
+            silent_s=silent_s,
+            stalled_s=stalled_s,
+            heartbeats=heartbeats,
+            heartbeat_silent_s=heartbeat_silent_s,
+        )
+        if pressure is not None:
+            evidence["pressure"] = pressure.as_dict()
+            if not pressure.met:
+                return Verdict(
+                    Outcome.ERROR,
+                    f"the guest stalled before memory pressure ({pressure.text()}): {what}; "
+                    "not the experiment's lockup",
+                    evidence,
+                )
         hung = len(console.get("hung_task", []))
         extra = f"; {hung} hung-task reports on the console" if hung else ""
-        if silent_s >= stalled_s:
-            what = silent
-        else:
-            what = f"heartbeats still arrive but no page progress for {stalled_s:.0f}s"
+        if kernel and kernel.get("signature"):
+            extra += f"; {kernel['signature']}: {kernel.get('why', '')}"
         return Verdict(Outcome.LOCKUP, what + extra, evidence)
     if error_event is not None:
         if _oom_signs(None, console):

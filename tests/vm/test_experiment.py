@@ -538,16 +538,24 @@ def test_a_server_that_stops_answering_mid_run_is_a_lockup_with_its_evidence(
     run = experiment.run_experiment(cfg, print, hook=kill_when_swapping)
     assert "killed_at_samples" in seen, "the guest never swapped, so the server was not frozen"
     assert run["outcome"] == "lockup", (run["outcome_reason"], run.get("guest_error"))
-    assert run["ending"] in ("silent", "stalled")
+    # The host saw the server stopped at both looks: the verdict names it, at once.
     evidence = run["evidence"]
+    assert run["ending"] == "confirmed"
+    assert evidence["signature"] == "server-unresponsive", evidence.get("why")
+    assert evidence["signatures"] == ["server-unresponsive", "server-unresponsive"]
+    assert re.fullmatch(
+        r"the NBD server is stopped \(pid \d+, state T\): it reads nothing", evidence["why"]
+    ), evidence["why"]
+    assert run["outcome_reason"].endswith("; server-unresponsive: " + evidence["why"])
     stalled = max(evidence["silent_s"], evidence["stalled_s"])
-    assert stalled >= lockup_after
+    assert cfg.effective_stall_after_s <= stalled < lockup_after
     assert f"for {stalled:.0f}s" in run["outcome_reason"]
     assert run["swapstress"] is None  # no result ever came back
     # Ended by the watchdog, well before the overall timeout.
     killed_at = run["timings"]["mark_server_killed_s"]
     assert killed_at > 0
     assert run["timings"]["qemu_s"] < killed_at + lockup_after + 60 < timeout / 2
+    assert evidence["pressure"]["met"] is True
     assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
     assert run["server"]["frozen"] is True
     assert run["server"]["exit_status"] == 0  # resumed by stop(), then a clean shutdown
@@ -614,6 +622,41 @@ def test_a_guest_that_hangs_on_both_boots_is_an_error_naming_the_boot(
     assert run["evidence"]["phase"] == "boot"
     assert [r["attempt"] for r in run["boot_retries"]] == [1]  # one retry, no more
     assert run["swapstress"] is None
+    assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
+
+
+@pytest.mark.vm
+def test_a_guest_that_stops_before_memory_pressure_is_an_error_not_a_lockup(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    """The cross-check's false lockups (2026-11-29): stalled in the stress phase with
+    pswpout 0. QEMU is frozen as soon as the stress phase begins, before any swap-out."""
+    require_nbd_serve()
+    out = tmp_path / "run"
+
+    def freeze_at_stress(rec: dict[str, Any], ctx: experiment.RunContext) -> None:
+        if rec.get("type") == "phase" and rec.get("phase") == "stress":
+            os.kill(ctx.qemu_pid, signal.SIGSTOP)
+
+    cfg = e2e_config(out, guest_cache, total_bytes=192 * MIB, lockup_after_s=30.0)
+    run = experiment.run_experiment(cfg, print, hook=freeze_at_stress)
+    assert run["outcome"] == "error", run["outcome_reason"]
+    evidence = run["evidence"]
+    assert evidence["pressure"] == {
+        "pswpout": 0,
+        "swap_used_kb": None,
+        "below_high": None,
+        "met": False,
+    }
+    assert run["outcome_reason"].startswith(
+        "the guest stalled before memory pressure (pswpout 0, zone watermarks not seen "
+        "(no SysRq-m report)): no "
+    ), run["outcome_reason"]
+    assert run["outcome_reason"].endswith("; not the experiment's lockup")
+    # A frozen QEMU answers no key: each look says so, and nothing was parsed.
+    assert [look["keys"] for look in evidence["looks"]] == ["wml", "wlt"]
+    assert all(look["error"] for look in evidence["looks"]), evidence["looks"]
+    assert evidence["signature"] == "unknown"
     assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
 
 

@@ -68,9 +68,30 @@ def test_vanilla_arm_locks_up_under_pressure(tmp_path: Path) -> None:
     out = tmp_path / "vanilla"
     run = experiment.run_experiment(pressure_config(out, "6.1", "vanilla"), print)
     assert run["outcome"] == "lockup", run.get("outcome_reason")
-    # The stall evidence: heartbeats or samples stopped moving for the watchdog's window.
+    # The kernel named the deadlock itself: the nbd sender waits for memory inside its
+    # send while reclaim waits on swap writeback, the same in both looks (so the verdict
+    # came before the lockup window ran out).
     evidence = run["evidence"]
-    assert max(evidence["silent_s"], evidence["stalled_s"]) >= LOCKUP_AFTER_S
+    assert run["ending"] == "confirmed", run["outcome_reason"]
+    assert evidence["signature"] == "memalloc-deadlock", evidence.get("why")
+    assert evidence["signatures"] == ["memalloc-deadlock", "memalloc-deadlock"]
+    assert evidence["why"].startswith("the nbd sender "), evidence["why"]
+    assert run["outcome_reason"].endswith("; memalloc-deadlock: " + evidence["why"])
+    sender = evidence["blocked_tasks"][0]
+    frames = [f.split(".")[0] for f in sender["frames"]]
+    assert "nbd_send_cmd" in frames and "__alloc_pages" in frames, sender
+    assert frames.index("__alloc_pages") < frames.index("nbd_send_cmd")
+    assert any("__swap_writepage" in t["frames"] for t in evidence["blocked_tasks"])
+    assert [look["keys"] for look in evidence["looks"]] == ["wml", "wlt"]
+    assert all("error" not in look for look in evidence["looks"]), evidence["looks"]
+    # Under pressure: swap-out had begun and a zone was below its high watermark.
+    assert evidence["pressure"]["met"] is True and evidence["pressure"]["below_high"]
+    assert evidence["memory"]["writeback_pages"] is not None
+    assert evidence["stall"]["pswpout"] > 0
+    stalled = max(evidence["silent_s"], evidence["stalled_s"])
+    stall_after = run["config"]["effective_stall_after_s"]
+    assert stall_after <= stalled < LOCKUP_AFTER_S
+    assert run["config"]["server_sched_policy"] == "idle"
     assert run["timings"]["qemu_s"] < TIMEOUT_S / 2, (
         "must be caught by the watchdog, not the timeout"
     )
