@@ -242,6 +242,12 @@ def _add_run(sub: Any) -> None:
         "lockup at once (default: a third of --lockup-after, at most 30)",
     )
     p.add_argument(
+        "--no-early-confirm",
+        action="store_true",
+        help="hold every stall for the whole --lockup-after window even when the kernel "
+        "names a deadlock (e.g. --lockup-after 900 --no-early-confirm: a 15-minute hold)",
+    )
+    p.add_argument(
         "--server-sched-policy",
         choices=list(experiment.SCHED_POLICIES),
         default="idle",
@@ -352,6 +358,7 @@ def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
         min_free_kbytes=args.min_free_kbytes,
         cache_dir=args.cache,
         server_sched_policy=args.server_sched_policy,
+        early_confirm=not args.no_early_confirm,
         **base,
     )
     cfg.validate()

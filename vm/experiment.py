@@ -140,6 +140,9 @@ class RunConfig:
     SysRq w/m, then w/l/t, and keeps watching; progress resuming makes it a recorded stall,
     the same deadlock signature in both looks confirms the lockup at once. None: a third
     of ``lockup_after_s``, at most 30 s."""
+    early_confirm: bool = True
+    """Confirm a lockup as soon as both looks give the same deadlock signature; False holds
+    every stall for the whole ``lockup_after_s`` (a held run: does it ever recover?)."""
     server_sched_policy: str = "idle"
     """nbd-serve's ``--sched-policy`` in the experiment (docs/performance.md, "Scheduling
     policy"); ``normal`` shows that a verdict does not depend on it."""
@@ -1110,7 +1113,7 @@ def _stall_step(
             if stalls.current is not None and judged:
                 stalls.current["signature"] = judged[-1][0]
             say("watchdog: the kernel says: " + "; ".join(f"{s} ({w})" for s, w in judged))
-            if looks.confirms():
+            if cfg.early_confirm and looks.confirms():
                 say(f"watchdog: {judged[-1][0]} in both looks with no progress: lockup")
                 return Ending.CONFIRMED
         elif isinstance(action, watchdog.StallEnded):
@@ -1199,6 +1202,7 @@ def _record(
         pressure=pressure,
         kernel=kernel_evidence,
     )
+    run["footprint"] = st.footprint()
     if stalls is not None:
         run["stalls"] = list(stalls.stalls)
         run["stall_count"] = len(stalls.stalls)

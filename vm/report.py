@@ -51,6 +51,10 @@ class Row:
     """``time`` (completed runs only, ratio shown), ``count``, ``percent`` or ``cost``."""
 
 
+#: Rows that runs recorded before the stall watch (2026-12-06) do not have: left out when
+#: no run has them, like the cost rows.
+NEWER_KEYS = frozenset({"stall_count", "stall_s", "harness_locked_mib"})
+
 #: The rows of the table, in order.
 ROWS: tuple[Row, ...] = (
     Row("sys_s", "Sys Time", "s", "time"),
@@ -67,6 +71,9 @@ ROWS: tuple[Row, ...] = (
     Row("pgsteal_kswapd", "pgsteal_kswapd", "pages", "count"),
     Row("kswapd_efficiency", "kswapd reclaim efficiency (steal/scan)", "%", "percent"),
     Row("pfmemalloc_drop", "PFMemallocDrop", "", "count"),
+    Row("stall_count", "stalls that recovered", "", "count"),
+    Row("stall_s", "time in recovered stalls", "s", "count"),
+    Row("harness_locked_mib", "harness mlocked memory at stress start", "MiB", "count"),
     Row("server_cpu_s", "server CPU (user+sys)", "s", "cost"),
     Row("server_cpu_per_gib", "server CPU per GiB swapped", "s/GiB", "cost"),
     Row("server_peak_rss_mib", "server peak RSS", "MiB", "cost"),
@@ -262,6 +269,10 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
     out["qemu_cpu_s"] = qu + qs if qu is not None and qs is not None else None
     out.update(swap_device_metrics(run.get("swap_device")))
+    out["stall_count"] = _num(run.get("stall_count"))
+    out["stall_s"] = _num(run.get("stall_s_total"))
+    locked = _num((run.get("footprint") or {}).get("mlocked_bytes"))
+    out["harness_locked_mib"] = locked / MIB if locked is not None else None
     return out
 
 
@@ -338,6 +349,12 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
             key = str(r.run.get("outcome"))
             counts[key] = counts.get(key, 0) + 1
         releases = sorted({kernel_text(r.run.get("kernel") or {}) for r in rs})
+        signatures: dict[str, int] = {}
+        for r in rs:
+            sig = (r.run.get("evidence") or {}).get("signature")
+            if r.run.get("outcome") == "lockup":
+                key = str(sig) if sig else "no evidence"
+                signatures[key] = signatures.get(key, 0) + 1
         arm_list.append(
             {
                 "label": label,
@@ -345,6 +362,10 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
                 "n": len(rs),
                 "outcomes": counts,
                 "outcome_text": outcome_text(counts, len(rs)),
+                "signatures": signatures,
+                "signature_text": outcome_text(signatures, sum(signatures.values()))
+                if signatures
+                else "—",
                 "kernel_release": releases,
                 "parts": {
                     k: v
@@ -366,7 +387,8 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
                 values[label][key] = (
                     own / base if own is not None and isinstance(base, float) and base else None
                 )
-        if all(v["n"] == 0 for v in values.values()) and row.kind == "cost":
+        optional = row.kind == "cost" or row.key in NEWER_KEYS
+        if all(v["n"] == 0 for v in values.values()) and optional:
             continue  # runs from before run.json had a cost section
         rows.append(
             {"key": row.key, "name": row.name, "unit": row.unit, "kind": row.kind, "values": values}
@@ -450,6 +472,7 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
         "|" + "|".join(["---"] + ["---:"] * len(arms)) + "|",
         "| runs | " + " | ".join(str(a["n"]) for a in arms) + " |",
         "| outcome | " + " | ".join(a["outcome_text"] for a in arms) + " |",
+        "| lockup signature | " + " | ".join(a["signature_text"] for a in arms) + " |",
         "| kernel | " + " | ".join(", ".join(a["kernel_release"]) for a in arms) + " |",
     ]
     for row in rep["rows"]:
@@ -479,6 +502,8 @@ def render_csv(rep: Mapping[str, Any]) -> str:
     )
     for arm in rep["arms"]:
         w.writerow([arm["label"], "outcome", "", "", "", "", arm["n"], "", arm["outcome_text"]])
+        for sig, count in sorted(arm["signatures"].items()):
+            w.writerow([arm["label"], f"signature_{sig}", "runs", count, "", "", arm["n"], "", ""])
         for outcome, count in sorted(arm["outcomes"].items()):
             w.writerow(
                 [arm["label"], f"outcome_{outcome}", "runs", count, "", "", arm["n"], "", ""]

@@ -133,6 +133,8 @@ class WatchState:
     """The most corrupt pages a heartbeat reported (a hang after corruption keeps it)."""
     last_heartbeat_at: float | None = None
     """Host time the last heartbeat arrived."""
+    stress_sample: dict[str, Any] | None = None
+    """The first sample of the stress phase (the harness's own footprint is read from it)."""
     last_progress: float | None = None
     """Host time the stress phase started or ``pages_done`` last grew (None before)."""
 
@@ -151,6 +153,8 @@ class WatchState:
         self.last_activity = now
         if stream == "samples":
             if rec.get("type", "sample") == "sample":
+                if self.phase == "stress" and self.stress_sample is None:
+                    self.stress_sample = rec
                 self.samples += 1
                 if self.first_sample is None:
                     self.first_sample = rec
@@ -184,6 +188,22 @@ class WatchState:
             self.result = rec
         elif kind == "error":
             self.error = rec
+
+    def footprint(self) -> dict[str, Any] | None:
+        """Memory the harness holds when stress starts: what the 2012 workload never shared.
+
+        ``mlocked`` and ``unevictable`` (bytes, from the guest's /proc/meminfo) are mostly the
+        guest tools' mlocked Python (swapstress's parent and the collector).
+        """
+        meminfo = (self.stress_sample or {}).get("meminfo") or {}
+        if not meminfo:
+            return None
+        return {
+            "mlocked_bytes": meminfo.get("Mlocked"),
+            "unevictable_bytes": meminfo.get("Unevictable"),
+            "mem_total_bytes": meminfo.get("MemTotal"),
+            "mem_free_bytes": meminfo.get("MemFree"),
+        }
 
     def pswpout(self) -> int | None:
         """Pages swapped out between the first and the last sample (None: no samples)."""
@@ -405,8 +425,16 @@ class Pressure:
 
     @property
     def met(self) -> bool:
-        """Swap-out had begun, and free memory was below the high watermark where seen."""
-        return self.swapping and (self.below_high is None or len(self.below_high) > 0)
+        """Swap-out had begun, so free memory had fallen below the watermarks.
+
+        Reclaim writes anonymous pages to swap only once free memory has fallen below the
+        low watermark (kswapd's wake-up) or an allocation failed its watermark check (direct
+        reclaim), so a swap-out is the proof that pressure began. The zones SysRq-m shows
+        later are kept as evidence, not as a condition: by the time the host looks, reclaim
+        may have brought free memory back above the high watermark (seen with a frozen
+        server: pages swapped out, the workers waiting for swap-ins that never come).
+        """
+        return self.swapping
 
     def text(self) -> str:
         out = f"pswpout {self.pswpout if self.pswpout is not None else 'unknown (no samples)'}"
@@ -417,7 +445,7 @@ class Pressure:
         elif self.below_high:
             out += ", " + "; ".join(self.below_high)
         else:
-            out += ", every zone's free memory above its high watermark"
+            out += ", every zone's free memory back above its high watermark at the look"
         return out
 
     def as_dict(self) -> dict[str, Any]:

@@ -339,3 +339,35 @@ def test_the_kernel_row_names_the_debian_version() -> None:
     assert report.kernel_text({}) == "?"
     rep = report.build_report(report.load_runs([DATA]))
     assert "| kernel | 6.1.0-57-cloud-amd64 | 6.1.0-57-cloud-amd64 |" in report.render(rep, "md")
+
+
+def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Path) -> None:
+    """The kernel's evidence reaches the report: signature counts, stalls, locked memory."""
+    import json
+    import shutil
+
+    store = tmp_path / "store"
+    for name, signature in (("lockup", "memalloc-deadlock"), ("lockup2", "server-unresponsive")):
+        shutil.copytree(DATA / "lockup", store / name)
+        path = store / name / "run.json"
+        run = json.loads(path.read_text())
+        run["evidence"]["signature"] = signature
+        path.write_text(json.dumps(run))
+    shutil.copytree(DATA / "completed", store / "completed")
+    path = store / "completed" / "run.json"
+    run = json.loads(path.read_text())
+    run.update(stall_count=2, stall_s_total=41.5, footprint={"mlocked_bytes": 20 * report.MIB})
+    path.write_text(json.dumps(run))
+    rep = report.build_report(report.load_runs([store]))
+    lines = report.render(rep, "md").splitlines()
+    assert "| lockup signature | — | memalloc-deadlock 1/2, server-unresponsive 1/2 |" in lines
+    assert "| stalls that recovered | 2 | — |" in lines
+    assert "| time in recovered stalls (s) | 41.5 | — |" in lines
+    assert "| harness mlocked memory at stress start (MiB) | 20 | — |" in lines
+    csv_text = report.render(rep, "csv")
+    assert f"{VANILLA},signature_memalloc-deadlock,runs,1," in csv_text
+    # Runs from before the stall watch have none of these rows' data: no empty rows.
+    old = report.render(report.build_report(report.load_runs([DATA])), "md")
+    assert (
+        "stalls that recovered" not in old and "| lockup signature | — | no evidence 1/1 |" in old
+    )

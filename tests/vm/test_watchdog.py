@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from vm import watchdog
 from vm.watchdog import JsonlTail, Outcome, Verdict, Watchdog, classify, console_evidence
 
 HUNG = (
@@ -244,3 +245,147 @@ def test_a_stall_in_the_stress_phase_is_the_lockup() -> None:
         "1 hung-task reports on the console"
     )
     assert "phase" not in v.evidence
+
+
+# ----------------------------------------------------------- verdict honesty (issue 22)
+
+
+def test_corruption_a_heartbeat_reported_survives_a_hang() -> None:
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=50.0,
+        stalled_s=50.0,
+        timed_out=False,
+        qemu_exit=None,
+        console_text="",
+        corrupt_seen=3,
+        heartbeats=12,
+        heartbeat_silent_s=50.0,
+    )
+    assert v.outcome is Outcome.CORRUPTION
+    assert v.reason == (
+        "swapstress reported 3 corrupt pages in a heartbeat, then the guest hung without a result"
+    )
+    assert v.evidence["corrupt_seen"] == 3
+
+
+def test_a_stall_without_memory_pressure_is_an_error() -> None:
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=88.0,
+        stalled_s=90.0,
+        timed_out=False,
+        qemu_exit=None,
+        console_text="",
+        pressure=watchdog.Pressure(pswpout=0),
+        kernel={"signature": "unknown", "why": "the kernel printed no task stacks"},
+    )
+    assert v.outcome is Outcome.ERROR
+    assert v.reason == (
+        "the guest stalled before memory pressure (pswpout 0, zone watermarks not seen (no "
+        "SysRq-m report)): no heartbeat ever arrived, no page progress for 90s, and no sample "
+        "either; not the experiment's lockup"
+    )
+    assert v.evidence["pressure"]["met"] is False and v.evidence["signature"] == "unknown"
+
+
+def test_a_lockup_under_pressure_names_its_signature() -> None:
+    why = "the nbd sender kworker/0:2H waits for memory in __alloc_pages_slowpath while ..."
+    v = classify(
+        result_event=None,
+        error_event=None,
+        lockup=True,
+        silent_s=1.0,
+        stalled_s=41.0,
+        timed_out=False,
+        qemu_exit=None,
+        console_text=HUNG,
+        heartbeats=40,
+        heartbeat_silent_s=1.0,
+        pressure=watchdog.Pressure(pswpout=621, swap_used_kb=2816, below_high=("DMA32 x",)),
+        kernel={"signature": "memalloc-deadlock", "why": why},
+    )
+    assert v.outcome is Outcome.LOCKUP
+    assert v.reason == (
+        "heartbeats still arrive but no page progress for 41s (samples still arrive, the last "
+        "1s ago); 1 hung-task reports on the console; memalloc-deadlock: " + why
+    )
+
+
+@pytest.mark.parametrize(
+    ("heartbeats", "heartbeat_silent_s", "silent_s", "text"),
+    [
+        (
+            0,
+            None,
+            60.0,
+            "no heartbeat ever arrived, no page progress for 60s, and no sample either",
+        ),
+        (9, 58.0, 60.0, "no page progress and no heartbeat for 60s, and no sample either"),
+        (
+            9,
+            58.0,
+            1.0,
+            "no page progress and no heartbeat for 60s (samples still arrive, the last 1s ago)",
+        ),
+        (
+            9,
+            0.5,
+            0.5,
+            "heartbeats still arrive but no page progress for 60s (samples still arrive, the "
+            "last 0s ago)",
+        ),
+    ],
+)
+def test_the_reason_tells_silence_from_no_progress(
+    heartbeats: int, heartbeat_silent_s: float | None, silent_s: float, text: str
+) -> None:
+    assert (
+        watchdog.stall_text(
+            silent_s=silent_s,
+            stalled_s=60.0,
+            heartbeats=heartbeats,
+            heartbeat_silent_s=heartbeat_silent_s,
+        )
+        == text
+    )
+
+
+def test_the_arm_check_turns_a_wrong_arm_into_an_error() -> None:
+    """Without a guest: the guest's read-back of its switches decides, never the request."""
+    from vm import experiment
+
+    def run(memalloc: str) -> dict[str, Any]:
+        return {
+            "outcome": "lockup",
+            "kernel": {
+                "in_guest": {
+                    "switches": {"nbd.memalloc": memalloc, "livepatch.swapnbd_nothrottle": "1"}
+                }
+            },
+        }
+
+    wrong = run("Y")
+    experiment._check_arm(wrong, "vanilla")
+    assert wrong["outcome"] == "error" and wrong["outcome_unchecked"] == "lockup"
+    assert wrong["outcome_reason"].startswith("the vanilla arm was not in effect in the guest: ")
+    assert wrong["kernel"]["arm_check"]["ok"] is False
+    right = run("N")
+    experiment._check_arm(right, "vanilla")
+    assert right["outcome"] == "lockup" and "outcome_unchecked" not in right
+    assert right["kernel"]["arm_check"]["ok"] is True
+
+
+def test_the_watch_state_keeps_the_most_corrupt_pages_a_heartbeat_reported() -> None:
+    st = watchdog.WatchState(started=0.0, last_activity=0.0)
+    for t, corrupt in ((1.0, 0), (2.0, 2), (3.0, 1)):
+        st.observe(
+            {"type": "heartbeat", "pages_done": int(t), "corrupt_pages": corrupt},
+            t,
+            stream="events",
+        )
+    assert st.max_corrupt == 2 and st.last_heartbeat_at == 3.0
