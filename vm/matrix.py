@@ -85,7 +85,10 @@ CELL_KEYS: dict[str, str] = {
     "loops": "verification passes",
     "swap": "device or file",
     "accel": "auto, tcg or kvm",
-    "lockup_after": "seconds without progress that make a lockup",
+    "lockup_after": "seconds without progress that confirm a lockup (unless evidence did)",
+    "stall_after": "seconds without progress that make a stall (SysRq looks)",
+    "early_confirm": "true: the same deadlock signature in both looks confirms at once",
+    "server_sched_policy": "nbd-serve's --sched-policy: normal, batch or idle",
     "timeout": "overall limit per run in seconds",
     "nbd_timeout": "nbd-client -t",
     "nbd_connections": "nbd-client -C",
@@ -108,6 +111,7 @@ EXTRA_LABEL_KEYS = (
     "backing",
     "flavour",
     "nbd_connections",
+    "server_sched_policy",
 )
 
 
@@ -212,6 +216,14 @@ def _convert(key: str, value: Any, source: str) -> dict[str, Any]:
         return {key: whole(128)}
     if key == "lockup_after":
         return {"lockup_after_s": seconds()}
+    if key == "stall_after":
+        return {"stall_after_s": seconds()}
+    if key == "early_confirm":
+        if not isinstance(value, bool):
+            raise MatrixError(f"{where} must be true or false, got {value!r}")
+        return {"early_confirm": value}
+    if key == "server_sched_policy":
+        return {"server_sched_policy": text()}
     if key == "timeout":
         return {"timeout_s": seconds()}
     if key == "allocator":
@@ -390,6 +402,8 @@ def _fmt_extra(key: str, value: Any) -> str:
         return f"l{value}"
     if key == "nbd_connections":
         return f"C{value}"
+    if key == "server_sched_policy":
+        return f"sched-{value or 'unrecorded'}"
     return str(value)
 
 

@@ -574,3 +574,19 @@ def test_sigterm_stops_the_run_and_the_matrix_and_resume_redoes_it(tmp_path: Pat
     )
     assert "estimated time: " in dry.stdout
     assert "for 2 run(s)" in dry.stdout  # the interrupted run is still to do
+
+
+def test_stall_and_server_policy_keys_reach_the_run_and_the_label() -> None:
+    m = matrix.parse_matrix(
+        "[matrix]\nrepeats = 1\n[defaults]\nstall_after = 20\nearly_confirm = false\n"
+        '[axes]\nserver_sched_policy = ["idle", "normal"]\n'
+    )
+    cfgs = [c.settings for c in m.cells]
+    assert [(c["stall_after_s"], c["early_confirm"]) for c in cfgs] == [(20.0, False)] * 2
+    labels = [r.label for r in matrix.plan_runs(m)]
+    assert labels == [
+        "6.1-patched-slub-nbd-serve-sched-idle",
+        "6.1-patched-slub-nbd-serve-sched-normal",
+    ]
+    with pytest.raises(matrix.MatrixError, match="early_confirm must be true or false"):
+        matrix.parse_matrix("[matrix]\nrepeats = 1\n[defaults]\nearly_confirm = 1\n")
