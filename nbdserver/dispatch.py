@@ -18,7 +18,7 @@ from concurrent.futures import Executor, Future
 from typing import Final
 
 from nbdserver.backends.base import Backend
-from nbdserver.errors import PartialReply, errno_of
+from nbdserver.errors import NBDError, PartialReply, errno_of
 from nbdserver.fastpath import sendfile_reply
 from nbdserver.protocol import (
     CMD_BLOCK_STATUS,
@@ -33,7 +33,11 @@ from nbdserver.protocol import (
     FLAG_NO_HOLE,
     Cmd,
 )
+from nbdserver.stats import ExportStats
 from nbdserver.transmission import Command, Transmission
+
+#: What a backend may raise as an answer, not as a bug (see Dispatcher.failure).
+EXPECTED_FAILURES: Final = (NBDError, OSError, MemoryError)
 
 #: Reads at least this long leave by sendfile or run in the pool, and simple-reply ones
 #: skip the zero-filled combined buffer (docs/performance.md, "Large reads").
@@ -194,12 +198,34 @@ class Dispatcher:
             queue(piece)
         return True
 
-    def failure(self, c: Command, exc: BaseException) -> bytes:
-        """A failing backend call becomes an error reply, never a crash."""
+    def failure(self, c: Command, exc: BaseException, stats: ExportStats) -> bytes:
+        """A failing request becomes an error reply, never a crash.
+
+        The backend's expected failures (an :class:`~nbdserver.errors.NBDError`, an
+        ``OSError`` such as EIO or ENOSPC from the storage, ``MemoryError``) are the
+        client's business: a WARNING and the mapped errno. Anything else is a bug in the
+        server: the client still gets EIO, but it is logged at ERROR with its traceback
+        and counted in ``internal_errors``, because for a swap backend an EIO on a
+        swap-in kills a process in the guest and must never pass quietly.
+        """
         errno = errno_of(exc)
-        self.log.warning(
-            "%s at %d+%d failed: %s (%s)", cmd_name(c.type), c.offset, c.length, exc, errno.name
-        )
+        what = cmd_name(c.type)
+        if isinstance(exc, EXPECTED_FAILURES):
+            self.log.warning(
+                "%s at %d+%d failed: %s (%s)", what, c.offset, c.length, exc, errno.name
+            )
+        else:
+            stats.internal_errors += 1
+            self.log.error(
+                "internal error in %s at %d+%d: %s: %s; the client got %s",
+                what,
+                c.offset,
+                c.length,
+                type(exc).__name__,
+                exc,
+                errno.name,
+                exc_info=exc,
+            )
         return self._tx.error_reply(c.cookie, errno, str(exc))
 
 

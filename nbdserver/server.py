@@ -484,7 +484,7 @@ class Connection(asyncio.BufferedProtocol):
             reply = dispatcher.execute(c, c.payload)
             error = False
         except Exception as exc:
-            reply = dispatcher.failure(c, exc)
+            reply = dispatcher.failure(c, exc, export.stats)
             error = True
         nbytes = c.length if t <= CMD_WRITE else 0
         export.stats.record(t, nbytes, time.perf_counter_ns() - t0, error)
@@ -515,7 +515,9 @@ class Connection(asyncio.BufferedProtocol):
         assert self.export is not None and self.dispatcher is not None
         self.flow.release(held)
         exc = future.exception()
-        reply = future.result() if exc is None else self.dispatcher.failure(c, exc)
+        reply = (
+            future.result() if exc is None else self.dispatcher.failure(c, exc, self.export.stats)
+        )
         nbytes = c.length if c.type in (CMD_READ, CMD_WRITE) else 0
         self.export.stats.record(c.type, nbytes, time.perf_counter_ns() - t0, exc is not None)
         self._write(reply)

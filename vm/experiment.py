@@ -389,6 +389,12 @@ def server_stats_summary(path: Path) -> dict[str, Any] | None:
             totals[f"requests_{kind}"] = totals.get(f"requests_{kind}", 0) + int(n)
         for kind, n in (exp.get("bytes") or {}).items():
             totals[f"bytes_{kind}"] = totals.get(f"bytes_{kind}", 0) + int(n)
+        for kind, n in (exp.get("errors") or {}).items():
+            totals[f"errors_{kind}"] = totals.get(f"errors_{kind}", 0) + int(n)
+        # A bug in the server answered a swap request with EIO: never a quiet figure.
+        totals["internal_errors"] = totals.get("internal_errors", 0) + int(
+            exp.get("internal_errors", 0)
+        )
     return {"lines": len(lines), "totals": totals, "connections": last.get("connections")}
 
 
