@@ -94,7 +94,8 @@ def server_probe(pid: int, port: int, *, gap_s: float = 1.0) -> Probe:
 
 @dataclass(slots=True)
 class _StallLooks:
-    offset: int
+    offsets: list[int] = field(default_factory=list)
+    """The console's size just before each look pressed its keys."""
     looks: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -127,8 +128,9 @@ class Forensics:
     def look(self, action: watchdog.Look, now: float) -> dict[str, Any]:
         """Note the server, press the keys; returns the look's record."""
         if action.number == 1:
-            self.stalls.append(_StallLooks(offset=self._console_size()))
+            self.stalls.append(_StallLooks())
             self.judged = []
+        self.stalls[-1].offsets.append(self._console_size())
         record: dict[str, Any] = {
             "number": action.number,
             "keys": action.keys,
@@ -148,23 +150,23 @@ class Forensics:
         self.stalls[-1].looks.append(record)
         return record
 
-    def _text(self, stall: _StallLooks) -> str:
+    def _text(self, start: int, end: int | None) -> str:
         try:
             with self.console.open("rb") as f:
-                f.seek(stall.offset)
-                return f.read().decode(errors="replace")
+                f.seek(start)
+                data = f.read() if end is None else f.read(max(0, end - start))
         except FileNotFoundError:
             return ""
+        return data.decode(errors="replace")
 
     def snapshots(self) -> list[evidence.Snapshot]:
-        """One snapshot per look of the latest stall (empty ones where nothing was printed)."""
+        """One snapshot per look of the latest stall: what the console got from that look
+        until the next one (nothing, when the guest did not answer the keys)."""
         if not self.stalls:
             return []
         stall = self.stalls[-1]
-        snaps = evidence.snapshots(self._text(stall))
-        while len(snaps) < len(stall.looks):
-            snaps.append(evidence.Snapshot())
-        return snaps[: max(len(stall.looks), 1)]
+        ends: list[int | None] = [*stall.offsets[1:], None]
+        return [evidence.parse(self._text(a, b)) for a, b in zip(stall.offsets, ends, strict=True)]
 
     def judge(self) -> list[tuple[str, str]]:
         """(signature, why) per look of the latest stall."""
@@ -178,7 +180,7 @@ class Forensics:
         return self.judged
 
     def confirms(self) -> bool:
-        """The same decisive signature in the last two looks of this stall."""
+        """The same decisive signature in the two latest looks of this stall."""
         if len(self.judged) < 2:
             return False
         (a, _), (b, _) = self.judged[-2:]

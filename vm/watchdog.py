@@ -269,14 +269,16 @@ class StallWatch:
     """When to look at a stalled guest, and whether a stall ended or became a lockup (pure).
 
     In the stress phase, no page progress for ``stall_after`` seconds is a *stall*: the
-    host looks (``LOOKS``: SysRq w, m and l, then ``look_gap`` seconds later w, l and t:
-    l catches a sender that is running, not blocked, in reclaim), and
-    ``read_delay`` seconds after the last look asks the caller to :class:`Evaluate` what
-    the kernel printed. Progress resuming at any point ends the stall (:class:`StallEnded`,
-    recorded in :attr:`stalls`); no progress for ``lockup_after`` seconds confirms the
-    lockup (:class:`Confirmed`). The caller may confirm earlier on evidence
-    (:meth:`vm.evidence` signatures seen twice). At most ``max_looked`` stalls are looked
-    at, so a run with many short stalls is not flooded with dumps.
+    host looks (``LOOKS``: SysRq w, m and l, then every ``look_gap`` seconds w, l and t, up
+    to ``max_looks`` looks; l catches a sender that is running, not blocked, in reclaim),
+    and ``read_delay`` seconds after each look from the second on asks the caller to
+    :class:`Evaluate` what the kernel printed (a sender can be missed by one look, so the
+    two latest looks are compared, not the first two). Progress resuming at any point ends
+    the stall (:class:`StallEnded`, recorded in :attr:`stalls`); no progress for
+    ``lockup_after`` seconds confirms the lockup (:class:`Confirmed`). The caller may
+    confirm earlier on evidence (the same :mod:`vm.evidence` signature in the two latest
+    looks). At most ``max_looked`` stalls are looked at, so a run with many short stalls
+    is not flooded with dumps.
     """
 
     LOOKS: Final = ("wml", "wlt")
@@ -289,6 +291,7 @@ class StallWatch:
         look_gap: float = 10.0,
         read_delay: float = 5.0,
         max_looked: int = 3,
+        max_looks: int = 4,
     ) -> None:
         if not 0 < stall_after < lockup_after:
             raise ValueError(
@@ -299,6 +302,7 @@ class StallWatch:
         self.look_gap = look_gap
         self.read_delay = read_delay
         self.max_looked = max_looked
+        self.max_looks = max_looks
         self.stalls: list[dict[str, Any]] = []
         """Stalls that ended (progress resumed), in order."""
         self.current: dict[str, Any] | None = None
@@ -343,13 +347,15 @@ class StallWatch:
                 self.looked += 1
         actions: list[Action] = []
         due = cur["seen"] + cur["looks"] * self.look_gap
-        if cur["look"] and cur["looks"] < len(self.LOOKS) and now >= due:
-            actions.append(Look(self.LOOKS[cur["looks"]], cur["looks"] + 1))
+        if cur["look"] and cur["looks"] < self.max_looks and now >= due:
+            keys = self.LOOKS[min(cur["looks"], len(self.LOOKS) - 1)]
+            actions.append(Look(keys, cur["looks"] + 1))
             cur["looks"] += 1
             cur["last_look"] = now
+            cur["evaluated"] = False
         elif (
             cur["look"]
-            and cur["looks"] == len(self.LOOKS)
+            and cur["looks"] >= 2
             and not cur["evaluated"]
             and now >= cur["last_look"] + self.read_delay
         ):
