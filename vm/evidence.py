@@ -95,10 +95,13 @@ class BlockedTask:
     state: str
     """``D``, ``R``, ``S`` ... as printed; ``D`` for a hung-task report; ``cpu`` for SysRq-l."""
     frames: tuple[str, ...]
-    """Function names, innermost first; unreliable (``?``) frames are left out."""
+    """Function names, innermost first; unreliable (``?``) frames are left out, unless the
+    kernel marked every frame so (6.12 prints a sleeping task's whole stack with ``?``)."""
     source: str
     """``w``, ``t``, ``l`` or ``hung_task``."""
     workqueue: str | None = None
+    reliable: bool = True
+    """False when ``frames`` are the kernel's unreliable (``?``) frames, all it printed."""
 
     def has(self, names: Iterable[str]) -> bool:
         """Whether a frame is one of ``names`` (compiler suffixes such as ``.constprop.0``
@@ -182,15 +185,17 @@ def parse(text: str) -> Snapshot:
 
     def close() -> None:
         nonlocal current, in_trace
-        if current is not None and current["frames"]:
+        if current is not None and (current["frames"] or current["unreliable"]):
+            reliable = bool(current["frames"])
             snap.tasks.append(
                 BlockedTask(
                     comm=current["comm"],
                     pid=current["pid"],
                     state=current["state"],
-                    frames=tuple(current["frames"]),
+                    frames=tuple(current["frames"] if reliable else current["unreliable"]),
                     source=current["source"],
                     workqueue=current.get("workqueue"),
+                    reliable=reliable,
                 )
             )
         current = None
@@ -225,6 +230,7 @@ def parse(text: str) -> Snapshot:
                     "state": task.group("state"),
                     "source": source,
                     "frames": [],
+                    "unreliable": [],
                 }
             elif hung:
                 current = {
@@ -233,9 +239,17 @@ def parse(text: str) -> Snapshot:
                     "state": "D",
                     "source": "hung_task",
                     "frames": [],
+                    "unreliable": [],
                 }
             else:
-                current = {"comm": "?", "pid": -1, "state": "cpu", "source": "l", "frames": []}
+                current = {
+                    "comm": "?",
+                    "pid": -1,
+                    "state": "cpu",
+                    "source": "l",
+                    "frames": [],
+                    "unreliable": [],
+                }
             continue
         if current is not None:
             cpu = _CPU_LINE.match(line)
@@ -265,8 +279,8 @@ def parse(text: str) -> Snapshot:
                     continue
                 frame = _FRAME.match(line)
                 if frame:
-                    if not frame.group("unreliable"):
-                        current["frames"].append(frame.group("fn"))
+                    key = "unreliable" if frame.group("unreliable") else "frames"
+                    current[key].append(frame.group("fn"))
                     continue
                 if line.strip().startswith(("RIP:", "Code:", "RSP:", "RAX:", "RDX:", "RBP:")):
                     continue
@@ -399,6 +413,8 @@ def task_record(task: BlockedTask) -> dict[str, Any]:
     }
     if task.workqueue:
         out["workqueue"] = task.workqueue
+    if not task.reliable:
+        out["reliable"] = False
     return out
 
 

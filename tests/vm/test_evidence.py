@@ -69,9 +69,12 @@ def test_the_nbd_sender_waits_for_memory_in_both_looks(looks: list[evidence.Snap
     assert frames.index("__alloc_pages_slowpath.constprop.0") < frames.index("tcp_sendmsg")
     assert frames.index("tcp_sendmsg") < frames.index("nbd_send_cmd")
     # In the second look the sender is running, reclaiming inside its own allocation:
-    # SysRq-l shows it on CPU 0 (SysRq-t printed it with unreliable frames only).
+    # SysRq-l shows it on CPU 0, and SysRq-t with unreliable ("?") frames only.
     second = evidence.senders_waiting_for_memory(looks[1].tasks)
-    assert [(t.comm, t.pid, t.source) for t in second] == [("kworker/0:2H", 152, "l")]
+    assert [(t.comm, t.pid, t.source, t.reliable) for t in second] == [
+        ("kworker/0:2H", 152, "l", True),
+        ("kworker/0:2H", 152, "t", False),
+    ]
     assert "shrink_folio_list" in second[0].frames
 
 
@@ -189,3 +192,27 @@ def test_a_running_sender_is_found_by_sysrq_l_without_the_interrupts_frames() ->
     assert "sysrq_filter" not in sender.frames  # inside <IRQ>: the keyboard's, not the task's
     tasks = evidence.blocked_tasks(looks)
     assert tasks[0]["comm"] == "kworker/1:0H" and "nbd_send_cmd" in tasks[0]["frames"]
+
+
+# 6.12.118, the vanilla arm from a fresh clone (2026-12-06): the task lines carry tgid, and
+# the kernel printed every frame of a sleeping task as unreliable ("? ").
+VANILLA_612 = gzip.decompress((DATA / "6.12.118-vanilla.console.gz").read_bytes()).decode()
+
+
+def test_612_stacks_printed_all_unreliable_are_kept_and_marked() -> None:
+    looks = evidence.snapshots(VANILLA_612)
+    assert len(looks) == 2
+    sender = next(t for t in looks[0].tasks if t.comm == "kworker/0:1H")
+    assert (sender.pid, sender.state, sender.source, sender.reliable) == (134, "D", "w", False)
+    assert sender.frames[:3] == ("__schedule", "psi_group_change", "schedule")
+    assert "__alloc_pages_noprof" in sender.frames and "nbd_send_cmd" in sender.frames
+    assert [evidence.signature(s)[0] for s in looks] == ["memalloc-deadlock"] * 2
+    # A later look printed the same stack reliably: blocked_tasks keeps that one.
+    (record,) = [t for t in evidence.blocked_tasks(looks) if t["comm"] == "kworker/0:1H"]
+    assert (record["source"], "reliable" in record) == ("t", False)
+    assert record["frames"][:4] == [
+        "__schedule",
+        "schedule",
+        "schedule_timeout",
+        "__alloc_pages_slowpath.constprop.0",
+    ]
