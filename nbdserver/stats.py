@@ -17,17 +17,6 @@ from typing import Any, Final
 
 from nbdserver.protocol import Cmd
 
-#: Command names as they appear in the stats lines.
-COMMANDS: Final = (
-    "read",
-    "write",
-    "flush",
-    "trim",
-    "write_zeroes",
-    "cache",
-    "block_status",
-    "disc",
-)
 _NAME_OF: Final[dict[int, str]] = {
     int(Cmd.READ): "read",
     int(Cmd.WRITE): "write",

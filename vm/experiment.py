@@ -63,7 +63,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 
+from stress.vmstat import summarize
 from vm import arms, forensics, guest_init, lifeline, qemu, servers, watchdog
+from vm.progress import format_duration
 
 if TYPE_CHECKING:
     from vm.image import GuestImage
@@ -331,15 +333,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def vmstat_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """``stress.vmstat.summarize`` plus the guarantee that pgscan_direct_throttle is there."""
     samples = [s for s in samples if s.get("type", "sample") == "sample"]
-    summary: dict[str, Any]
-    try:
-        from stress.vmstat import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
-            summarize,
-        )
-    except ImportError:
-        summary = _fallback_summary(samples)
-    else:
-        summary = dict(summarize(samples)) if samples else _fallback_summary(samples)
+    summary: dict[str, Any] = (
+        dict(summarize(samples)) if samples else {"vmstat_delta": {}, "rates": {}, "absent": []}
+    )
     delta = summary.setdefault("vmstat_delta", {})
     if samples and "pgscan_direct_throttle" not in delta:
         first = samples[0].get("vmstat", {})
@@ -364,16 +360,6 @@ def swap_device(summary: dict[str, Any]) -> dict[str, Any] | None:
     if delta is None:
         return None
     return {"name": name, "interval_s": summary.get("interval_s"), **delta}
-
-
-def _fallback_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    if not samples:
-        return {"vmstat_delta": {}, "rates": {}, "absent": []}
-    first = samples[0].get("vmstat", {})
-    last = samples[-1].get("vmstat", {})
-    delta = {k: last[k] - first[k] for k in last if k in first and isinstance(last[k], int)}
-    absent = sorted(set(first) ^ set(last))
-    return {"vmstat_delta": delta, "rates": {}, "absent": absent}
 
 
 def server_stats_summary(path: Path) -> dict[str, Any] | None:
@@ -619,19 +605,13 @@ class Cost:
         }
 
 
-def _format_s(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    minutes, secs = divmod(round(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 def status_line(state: watchdog.WatchState, now: float, passes: int | None = None) -> str:
     """One progress line: phase, elapsed, pages done from the heartbeats, ETA.
 
     ``passes`` is the number of passes over the mapping (the write plus ``loops``
     verify passes); the ETA uses the average rate since the first heartbeat.
     """
-    parts = [f"[{_format_s(now - state.started):>6}] phase {state.phase}"]
+    parts = [f"[{format_duration(now - state.started):>6}] phase {state.phase}"]
     hb, hb0 = state.last_heartbeat, state.first_heartbeat
     if hb is not None and hb0 is not None and state.phase == "stress":
         done = int(hb.get("pages_done") or 0)
@@ -645,7 +625,7 @@ def status_line(state: watchdog.WatchState, now: float, passes: int | None = Non
         if rate > 0:
             parts.append(f"{rate:.0f} pages/s")
             if total > done:
-                parts.append(f"ETA {_format_s((total - done) / rate)}")
+                parts.append(f"ETA {format_duration((total - done) / rate)}")
     sample = state.last_sample
     if sample is not None:
         vm = sample.get("vmstat", {})
@@ -1062,7 +1042,7 @@ def _watch(
             kind = rec.get("type")
             if kind == "phase" and wd.state.phase != last_phase:
                 last_phase = wd.state.phase
-                say(f"[{_format_s(now - t_qemu):>6}] guest phase: {last_phase}")
+                say(f"[{format_duration(now - t_qemu):>6}] guest phase: {last_phase}")
             elif kind == "error":
                 say(f"guest error in phase {rec.get('phase')}: {rec.get('message')}")
             elif kind == "result":

@@ -58,7 +58,6 @@ class ArmModules:
     nbd: Path
     livepatch: Path
     release: str
-    source_version: str
 
 
 def _run(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
@@ -268,7 +267,6 @@ def build_arm_modules(
         nbd=src / "nbd.ko",
         livepatch=src / f"{arms.LIVEPATCH_MODULE}.ko",
         release=release,
-        source_version=version,
     )
     for path in (modules.nbd, modules.livepatch):
         if not path.is_file():

@@ -62,6 +62,7 @@ from typing import Any
 
 from stress.sizes import SizeError, parse_size
 from vm import experiment, servers
+from vm.progress import format_duration
 
 MIB = 1024 * 1024
 INDEX_SCHEMA = 1
@@ -561,17 +562,6 @@ class Estimator:
         if not n:
             return "size model (nothing measured yet)"
         return f"{n} measured run(s)"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 def describe_run(run: PlannedRun) -> str:

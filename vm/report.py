@@ -85,7 +85,6 @@ ROWS: tuple[Row, ...] = (
     Row("swap_write_kib", "swap device write size, mean", "KiB", "cost"),
     Row("swap_queue_depth", "swap device requests in flight, mean", "", "cost"),
 )
-ROW_BY_KEY = {r.key: r for r in ROWS}
 
 #: Rows whose medians get rows of their own (with the ratio of medians): a server comparison
 #: is judged on the median, which one stalled run cannot drag (issue 13).

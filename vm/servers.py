@@ -115,7 +115,6 @@ class RunningServer:
     backing_path: Path | None = None
     """A sparse file the launcher created for this server; removed by ``stop()``."""
     host: str = HOST
-    started_mono: float = field(default_factory=time.monotonic)
     popen: subprocess.Popen[bytes] | None = None
     """Our direct child, when the server did not daemonize."""
     exit_status: int | None = None

@@ -272,11 +272,6 @@ def test_model_is_capped_by_the_timeout() -> None:
     assert matrix.model_seconds(cfg) == 645.0
 
 
-@pytest.mark.parametrize(("seconds", "text"), [(5, "5s"), (65, "1m05s"), (3600 + 120, "1h02m")])
-def test_format_duration(seconds: float, text: str) -> None:
-    assert matrix.format_duration(seconds) == text
-
-
 # --- the store and the runner (the run itself replaced: these test the bookkeeping) -----
 
 
