@@ -93,7 +93,7 @@ def test_cells_merge_defaults_and_become_run_configs(tmp_path: Path) -> None:
 def test_seed_matrix_is_the_issue_s_comparison() -> None:
     mx = matrix.load_matrix(REPO / "vm" / "matrices" / "seed.toml")
     runs = matrix.plan_runs(mx)
-    assert len(runs) == 15
+    assert len(runs) == 25  # 5 cells x 5 repeats
     assert {r.label for r in runs} == {
         "6.1-patched-slub-nbd-serve",
         "6.1-vanilla-slub-nbd-serve",
