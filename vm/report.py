@@ -73,7 +73,7 @@ ROWS: tuple[Row, ...] = (
     Row("pfmemalloc_drop", "PFMemallocDrop", "", "count"),
     Row("stall_count", "stalls that recovered", "", "count"),
     Row("stall_s", "time in recovered stalls", "s", "count"),
-    Row("harness_locked_mib", "harness mlocked memory at stress start", "MiB", "count"),
+    Row("harness_locked_mib", "harness mlocked memory, peak in stress", "MiB", "count"),
     Row("server_cpu_s", "server CPU (user+sys)", "s", "cost"),
     Row("server_cpu_per_gib", "server CPU per GiB swapped", "s/GiB", "cost"),
     Row("server_peak_rss_mib", "server peak RSS", "MiB", "cost"),

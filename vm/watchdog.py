@@ -135,6 +135,9 @@ class WatchState:
     """Host time the last heartbeat arrived."""
     stress_sample: dict[str, Any] | None = None
     """The first sample of the stress phase (the harness's own footprint is read from it)."""
+    stress_locked_peak: int | None = None
+    """The most Mlocked bytes a stress-phase sample saw (the tools lock themselves a moment
+    after the phase starts, so the first sample can miss swapstress's share)."""
     last_progress: float | None = None
     """Host time the stress phase started or ``pages_done`` last grew (None before)."""
 
@@ -153,8 +156,12 @@ class WatchState:
         self.last_activity = now
         if stream == "samples":
             if rec.get("type", "sample") == "sample":
-                if self.phase == "stress" and self.stress_sample is None:
-                    self.stress_sample = rec
+                if self.phase == "stress":
+                    if self.stress_sample is None:
+                        self.stress_sample = rec
+                    locked = (rec.get("meminfo") or {}).get("Mlocked")
+                    if isinstance(locked, int) and locked > (self.stress_locked_peak or -1):
+                        self.stress_locked_peak = locked
                 self.samples += 1
                 if self.first_sample is None:
                     self.first_sample = rec
@@ -190,17 +197,19 @@ class WatchState:
             self.error = rec
 
     def footprint(self) -> dict[str, Any] | None:
-        """Memory the harness holds when stress starts: what the 2012 workload never shared.
+        """Memory the harness holds in the stress phase: what the 2012 workload never shared.
 
-        ``mlocked`` and ``unevictable`` (bytes, from the guest's /proc/meminfo) are mostly the
-        guest tools' mlocked Python (swapstress's parent and the collector).
+        ``mlocked_bytes`` is the peak over the stress phase's samples (the guest tools'
+        mlocked Python: swapstress's parent and the collector; the workers lock nothing), and
+        the ``_at_start`` figures are the first stress sample's (bytes, /proc/meminfo).
         """
         meminfo = (self.stress_sample or {}).get("meminfo") or {}
         if not meminfo:
             return None
         return {
-            "mlocked_bytes": meminfo.get("Mlocked"),
-            "unevictable_bytes": meminfo.get("Unevictable"),
+            "mlocked_bytes": self.stress_locked_peak,
+            "mlocked_bytes_at_start": meminfo.get("Mlocked"),
+            "unevictable_bytes_at_start": meminfo.get("Unevictable"),
             "mem_total_bytes": meminfo.get("MemTotal"),
             "mem_free_bytes": meminfo.get("MemFree"),
         }

@@ -363,7 +363,7 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
     assert "| lockup signature | — | memalloc-deadlock 1/2, server-unresponsive 1/2 |" in lines
     assert "| stalls that recovered | 2 | — |" in lines
     assert "| time in recovered stalls (s) | 41.5 | — |" in lines
-    assert "| harness mlocked memory at stress start (MiB) | 20 | — |" in lines
+    assert "| harness mlocked memory, peak in stress (MiB) | 20 | — |" in lines
     csv_text = report.render(rep, "csv")
     assert f"{VANILLA},signature_memalloc-deadlock,runs,1," in csv_text
     # Runs from before the stall watch have none of these rows' data: no empty rows.

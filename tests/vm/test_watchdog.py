@@ -389,3 +389,26 @@ def test_the_watch_state_keeps_the_most_corrupt_pages_a_heartbeat_reported() -> 
             stream="events",
         )
     assert st.max_corrupt == 2 and st.last_heartbeat_at == 3.0
+
+
+def test_the_footprint_is_the_tools_locked_memory_in_the_stress_phase() -> None:
+    st = watchdog.WatchState(started=0.0, last_activity=0.0)
+    mib = 1 << 20
+
+    def sample(t: float, locked: int) -> None:
+        meminfo = {"Mlocked": locked * mib, "Unevictable": locked * mib, "MemTotal": 92 * mib}
+        st.observe({"type": "sample", "meminfo": meminfo}, t, stream="samples")
+
+    sample(1.0, 9)  # the collector alone, before the stress phase: not counted
+    assert st.footprint() is None
+    st.observe({"type": "phase", "phase": "stress"}, 2.0, stream="events")
+    sample(3.0, 13)  # swapstress has not locked itself yet
+    sample(4.0, 22)
+    sample(5.0, 21)
+    assert st.footprint() == {
+        "mlocked_bytes": 22 * mib,
+        "mlocked_bytes_at_start": 13 * mib,
+        "unevictable_bytes_at_start": 13 * mib,
+        "mem_total_bytes": 92 * mib,
+        "mem_free_bytes": None,
+    }
