@@ -1,0 +1,77 @@
+"""What the host sees of the NBD server at a look: a real process on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vm import forensics
+
+SLEEPER = """
+import socket, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+if sys.argv[1] == "read":
+    while conn.recv(65536):
+        pass
+time.sleep(600)
+"""
+
+
+@pytest.fixture(params=["read", "ignore"])
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen[str], int, str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER, request.param], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    try:
+        yield proc, port, request.param
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def test_the_probe_tells_a_reading_server_from_a_deaf_stopped_or_dead_one(
+    server: tuple[subprocess.Popen[str], int, str],
+) -> None:
+    proc, port, mode = server
+    probe = forensics.server_probe(proc.pid, port, gap_s=0.3)
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"x" * 5000)
+        time.sleep(0.3)
+        if mode == "read":
+            assert forensics.socket_queues(port) == (0, 0)
+            assert probe() is None
+        else:
+            assert forensics.socket_queues(port) == (0, 5000)
+            assert probe() == {
+                "unresponsive": "is not reading its socket (5000 bytes unread for 0.3s)",
+                "definitive": False,
+            }
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while (found := probe()) is None or not found["definitive"]:
+            assert time.monotonic() < deadline, found
+            time.sleep(0.05)
+        assert found == {
+            "unresponsive": f"is stopped (pid {proc.pid}, state T): it reads nothing",
+            "definitive": True,
+        }
+        proc.kill()
+        proc.wait()
+        assert probe() == {
+            "unresponsive": f"has exited (pid {proc.pid} is gone)",
+            "definitive": True,
+        }
