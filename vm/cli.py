@@ -530,7 +530,21 @@ def _add_report(sub: Any) -> None:
         epilog=REPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="stores or run directories")
+    p.add_argument(
+        "dirs",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="stores, run directories, or a published runs.tar.xz",
+    )
+    p.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="write a published result in OUT: runs.tar.xz (every run's run.json, samples, "
+        "events and console), then from it report.md/.csv/.json and plots/",
+    )
     p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="default md")
     p.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNGs here")
@@ -613,6 +627,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         runs = report.load_runs(args.dirs)
+        if args.publish is not None:
+            written = report.publish(runs, args.publish, baseline=args.baseline)
+            print(f"published {len(runs)} run(s): {len(written)} files in {args.publish}")
+            return EXIT_OK
         rep = report.build_report(runs, baseline=args.baseline)
         text = report.render(rep, args.format)
         if args.plots is not None:

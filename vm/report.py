@@ -26,9 +26,10 @@ import io
 import json
 import math
 import statistics
+import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vm import matrix
@@ -124,11 +125,15 @@ class RunData:
 
 
 def _read_samples(path: Path) -> list[dict[str, Any]]:
-    samples: list[dict[str, Any]] = []
     try:
         text = path.read_text(errors="replace")
     except OSError:
-        return samples
+        return []
+    return _parse_samples(text)
+
+
+def _parse_samples(text: str) -> list[dict[str, Any]]:
+    samples: list[dict[str, Any]] = []
     for line in text.splitlines():
         try:
             obj = json.loads(line)
@@ -137,6 +142,51 @@ def _read_samples(path: Path) -> list[dict[str, Any]]:
         if isinstance(obj, dict) and obj.get("type", "sample") == "sample" and "vmstat" in obj:
             samples.append(obj)
     return samples
+
+
+#: What ``swapnbd report`` reads as an archive of run directories (a published result's
+#: ``runs.tar.xz``: run.json, vmstat.jsonl, events.jsonl and console.log of every run).
+ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES)
+
+
+def _load_archive(archive: Path) -> list[RunData]:
+    """Every run in a tar archive, read in place (no extraction), in member path order.
+
+    A run's ``path`` is ``ARCHIVE/DIR``, so a report made from the archive names its runs
+    the same way on every machine.
+    """
+    runs: list[RunData] = []
+    try:
+        with tarfile.open(archive) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+
+            def text(name: str) -> str | None:
+                member = members.get(name)
+                handle = tar.extractfile(member) if member is not None else None
+                return handle.read().decode(errors="replace") if handle is not None else None
+
+            for name in sorted(members):
+                parts = PurePosixPath(name).parts
+                if parts[-1] != "run.json" or any(p.startswith(".") for p in parts[:-1]):
+                    continue
+                raw = text(name) or ""
+                try:
+                    obj = json.loads(raw)
+                except ValueError as exc:
+                    raise ReportError(f"{archive}:{name} is not JSON ({exc})") from exc
+                if not isinstance(obj, dict):
+                    raise ReportError(f"{archive}:{name} is not a run.json object")
+                parent = PurePosixPath(name).parent
+                vmstat_name = (obj.get("files") or {}).get("vmstat", "vmstat.jsonl")
+                samples = _parse_samples(text(str(parent / vmstat_name)) or "")
+                runs.append(RunData(archive / parent, obj, samples))
+    except (OSError, tarfile.TarError) as exc:
+        raise ReportError(f"{archive} is not a readable tar archive ({exc})") from exc
+    return runs
 
 
 def _find(root: Path) -> list[Path]:
@@ -162,9 +212,15 @@ def load_runs(dirs: Sequence[Path]) -> list[RunData]:
     for root in dirs:
         if not root.exists():
             raise ReportError(f"{root} does not exist; give a matrix store or a run directory")
+        if is_archive(root):
+            runs.extend(_load_archive(root))
+            continue
         if root.is_file():
             if root.name != "run.json":
-                raise ReportError(f"{root} is a file; give a directory or a run.json")
+                raise ReportError(
+                    f"{root} is a file; give a directory, a run.json or a runs archive "
+                    f"({', '.join(ARCHIVE_SUFFIXES)})"
+                )
             paths = [root]
         else:
             paths = _find(root)
@@ -189,6 +245,87 @@ def load_runs(dirs: Sequence[Path]) -> list[RunData]:
             "swapnbd matrix first"
         )
     return runs
+
+
+#: The files of a run that a published archive keeps (the rest, such as the server's own
+#: log directory, stay in the store).
+ARCHIVED_FILES = (
+    "run.json",
+    "vmstat.jsonl",
+    "events.jsonl",
+    "console.log",
+    "server-stats.jsonl",
+)
+
+
+def write_archive(runs: Sequence[RunData], archive: Path) -> int:
+    """One ``tar.xz`` of the runs' files, each run as ``NAME/FILE``; returns the run count.
+
+    Reproducible: members sorted, owner root, mtime 0, so the same runs give the same
+    bytes. Runs read from an archive already are copied over as they are.
+
+    Raises:
+        ReportError: two runs with the same directory name.
+    """
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ReportError(f"two runs are both named {dup[0]}; publish one store at a time")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp, "w:xz", preset=9) as tar:
+        for run in sorted(runs, key=lambda r: r.name):
+            for name in ARCHIVED_FILES:
+                data = _run_file(run, name)
+                if data is None:
+                    continue
+                info = tarfile.TarInfo(f"{run.name}/{name}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uname = info.gname = "root"
+                tar.addfile(info, io.BytesIO(data))
+    tmp.replace(archive)
+    return len(runs)
+
+
+def _run_file(run: RunData, name: str) -> bytes | None:
+    """A file of a run, from its directory or from the archive it was read from."""
+    path = run.path / name
+    if path.is_file():
+        return path.read_bytes()
+    for parent in path.parents:
+        if is_archive(parent):
+            member = str(path.relative_to(parent))
+            with tarfile.open(parent) as tar:
+                try:
+                    handle = tar.extractfile(member)
+                except KeyError:
+                    return None
+                return handle.read() if handle is not None else None
+    return None
+
+
+def publish(runs: Sequence[RunData], out: Path, *, baseline: str | None = None) -> list[Path]:
+    """A published result in ``out``: ``runs.tar.xz``, then from it alone ``report.md``,
+    ``report.csv``, ``report.json`` and ``plots/``. Returns the files written.
+
+    The report is made from the archive just written, not from the store, so what a reader
+    regenerates from the committed archive is what was published.
+    """
+    archive = out / "runs.tar.xz"
+    write_archive(runs, archive)
+    relative = Path(archive.name)
+    published = load_runs([archive])
+    rep = build_report(
+        [RunData(relative / r.path.relative_to(archive), r.run, r.samples) for r in published],
+        baseline=baseline,
+    )
+    written = [archive]
+    for fmt in ("md", "csv", "json"):
+        path = out / f"report.{fmt}"
+        path.write_text(render(rep, fmt))
+        written.append(path)
+    written.extend(write_plots(published, out / "plots"))
+    return written
 
 
 # ---------------------------------------------------------------------------- metrics

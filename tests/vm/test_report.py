@@ -371,3 +371,44 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
     assert (
         "stalls that recovered" not in old and "| lockup signature | — | no evidence 1/1 |" in old
     )
+
+
+def test_a_published_result_regenerates_from_its_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish writes runs.tar.xz, then the report from it; a reader gets the same bytes."""
+    out = tmp_path / "result"
+    written = report.publish(report.load_runs([DATA]), out, baseline=VANILLA)
+    assert [p.name for p in written[:4]] == [
+        "runs.tar.xz",
+        "report.md",
+        "report.csv",
+        "report.json",
+    ]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
+        f"{report._safe_name(label)}.png" for label in (PATCHED, VANILLA)
+    )
+    import tarfile
+
+    with tarfile.open(out / "runs.tar.xz") as tar:
+        names = tar.getnames()
+        assert all(m.mtime == 0 and m.uname == "root" for m in tar.getmembers())
+    assert "completed/run.json" in names and "lockup/vmstat.jsonl" in names
+    first = (out / "runs.tar.xz").read_bytes()
+    # The same runs give the same archive, byte for byte (so a re-publish shows no diff).
+    report.write_archive(report.load_runs([DATA]), tmp_path / "again.tar.xz")
+    assert (tmp_path / "again.tar.xz").read_bytes() == first
+    monkeypatch.chdir(out)
+    runs = report.load_runs([Path("runs.tar.xz")])
+    assert [r.name for r in runs] == ["completed", "lockup"]
+    assert len(runs[0].samples) > 10  # the samples came out of the archive too
+    rep = report.build_report(runs, baseline=VANILLA)
+    for fmt in ("md", "csv", "json"):
+        assert report.render(rep, fmt) == (out / f"report.{fmt}").read_text(), fmt
+
+
+def test_a_bad_archive_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "runs.tar.xz"
+    bad.write_bytes(b"not an archive")
+    with pytest.raises(report.ReportError, match="is not a readable tar archive"):
+        report.load_runs([bad])
