@@ -113,6 +113,7 @@ EXTRA_LABEL_KEYS = (
     "flavour",
     "nbd_connections",
     "server_sched_policy",
+    "early_confirm",
 )
 
 
@@ -405,6 +406,8 @@ def _fmt_extra(key: str, value: Any) -> str:
         return f"C{value}"
     if key == "server_sched_policy":
         return f"sched-{value or 'unrecorded'}"
+    if key == "early_confirm":
+        return "held" if value is False else "early"
     return str(value)
 
 

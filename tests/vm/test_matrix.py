@@ -583,5 +583,10 @@ def test_stall_and_server_policy_keys_reach_the_run_and_the_label() -> None:
         "6.1-patched-slub-nbd-serve-sched-idle",
         "6.1-patched-slub-nbd-serve-sched-normal",
     ]
+    held = matrix.parse_matrix("[matrix]\nrepeats = 1\n[axes]\nearly_confirm = [true, false]\n")
+    assert [r.label for r in matrix.plan_runs(held)] == [
+        "6.1-patched-slub-nbd-serve-early",
+        "6.1-patched-slub-nbd-serve-held",
+    ]
     with pytest.raises(matrix.MatrixError, match="early_confirm must be true or false"):
         matrix.parse_matrix("[matrix]\nrepeats = 1\n[defaults]\nearly_confirm = 1\n")
