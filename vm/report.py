@@ -54,7 +54,9 @@ class Row:
 
 #: Rows that runs recorded before the stall watch (2026-12-06) do not have: left out when
 #: no run has them, like the cost rows.
-NEWER_KEYS = frozenset({"stall_count", "stall_s", "harness_locked_mib"})
+NEWER_KEYS = frozenset(
+    {"stall_at_s", "stall_pages", "stall_count", "stall_s", "harness_locked_mib"}
+)
 
 #: The rows of the table, in order.
 ROWS: tuple[Row, ...] = (
@@ -72,6 +74,9 @@ ROWS: tuple[Row, ...] = (
     Row("pgsteal_kswapd", "pgsteal_kswapd", "pages", "count"),
     Row("kswapd_efficiency", "kswapd reclaim efficiency (steal/scan)", "%", "percent"),
     Row("pfmemalloc_drop", "PFMemallocDrop", "", "count"),
+    Row("stall_at_s", "lockup: time to stall, into stress", "s", "count"),
+    Row("stall_pages", "lockup: pages done at the stall", "pages", "count"),
+    Row("qemu_s", "guest wall time (QEMU ran)", "s", "count"),
     Row("stall_count", "stalls that recovered", "", "count"),
     Row("stall_s", "time in recovered stalls", "s", "count"),
     Row("harness_locked_mib", "harness mlocked memory, peak in stress", "MiB", "count"),
@@ -405,6 +410,14 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
     out["qemu_cpu_s"] = qu + qs if qu is not None and qs is not None else None
     out.update(swap_device_metrics(run.get("swap_device")))
+    stall = (run.get("evidence") or {}).get("stall") or {}
+    if run.get("outcome") == "lockup":
+        out["stall_at_s"] = _num(stall.get("at_s"))
+        pages = _num(stall.get("pages_done"))
+        out["stall_pages"] = max(0.0, pages) if pages is not None else None
+    else:
+        out["stall_at_s"] = out["stall_pages"] = None
+    out["qemu_s"] = _num((run.get("timings") or {}).get("qemu_s"))
     out["stall_count"] = _num(run.get("stall_count"))
     out["stall_s"] = _num(run.get("stall_s_total"))
     locked = _num((run.get("footprint") or {}).get("mlocked_bytes"))

@@ -352,6 +352,7 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
         path = store / name / "run.json"
         run = json.loads(path.read_text())
         run["evidence"]["signature"] = signature
+        run["evidence"]["stall"] = {"at_s": 4.0 if name == "lockup" else 8.0, "pages_done": -1}
         path.write_text(json.dumps(run))
     shutil.copytree(DATA / "completed", store / "completed")
     path = store / "completed" / "run.json"
@@ -362,6 +363,8 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
     lines = report.render(rep, "md").splitlines()
     assert "| lockup signature | — | memalloc-deadlock 1/2, server-unresponsive 1/2 |" in lines
     assert "| stalls that recovered | 2 | — |" in lines
+    assert "| lockup: time to stall, into stress (s) | — | 6 ± 2.8 |" in lines
+    assert "| lockup: pages done at the stall (pages) | — | 0 ± 0 |" in lines
     assert "| time in recovered stalls (s) | 41.5 | — |" in lines
     assert "| harness mlocked memory, peak in stress (MiB) | 20 | — |" in lines
     csv_text = report.render(rep, "csv")
@@ -412,3 +415,18 @@ def test_a_bad_archive_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not an archive")
     with pytest.raises(report.ReportError, match="is not a readable tar archive"):
         report.load_runs([bad])
+
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
+
+
+@pytest.mark.parametrize("name", ["seed-2026-12-06-vanilla"])
+def test_the_committed_result_regenerates_from_its_archive(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a reader can check: the committed report is what its committed runs give."""
+    out = PUBLISHED / name
+    monkeypatch.chdir(out)
+    rep = report.build_report(report.load_runs([Path("runs.tar.xz")]))
+    for fmt in ("md", "csv", "json"):
+        assert report.render(rep, fmt) == (out / f"report.{fmt}").read_text(), fmt
