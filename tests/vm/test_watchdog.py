@@ -250,20 +250,24 @@ def test_a_stall_in_the_stress_phase_is_the_lockup() -> None:
 # ----------------------------------------------------------- verdict honesty (issue 22)
 
 
+def confirmed_stall(**kw: Any) -> Verdict:
+    """The verdict on a lockup the watch loop confirmed; ``kw`` overrides what it saw."""
+    args: dict[str, Any] = {
+        "result_event": None,
+        "error_event": None,
+        "lockup": True,
+        "silent_s": 50.0,
+        "stalled_s": 50.0,
+        "timed_out": False,
+        "qemu_exit": None,
+        "console_text": "",
+    }
+    args.update(kw)
+    return classify(**args)
+
+
 def test_corruption_a_heartbeat_reported_survives_a_hang() -> None:
-    v = classify(
-        result_event=None,
-        error_event=None,
-        lockup=True,
-        silent_s=50.0,
-        stalled_s=50.0,
-        timed_out=False,
-        qemu_exit=None,
-        console_text="",
-        corrupt_seen=3,
-        heartbeats=12,
-        heartbeat_silent_s=50.0,
-    )
+    v = confirmed_stall(corrupt_seen=3, heartbeats=12, heartbeat_silent_s=50.0)
     assert v.outcome is Outcome.CORRUPTION
     assert v.reason == (
         "swapstress reported 3 corrupt pages in a heartbeat, then the guest hung without a result"
@@ -272,15 +276,9 @@ def test_corruption_a_heartbeat_reported_survives_a_hang() -> None:
 
 
 def test_a_stall_without_memory_pressure_is_an_error() -> None:
-    v = classify(
-        result_event=None,
-        error_event=None,
-        lockup=True,
+    v = confirmed_stall(
         silent_s=88.0,
         stalled_s=90.0,
-        timed_out=False,
-        qemu_exit=None,
-        console_text="",
         pressure=watchdog.Pressure(pswpout=0),
         kernel={"signature": "unknown", "why": "the kernel printed no task stacks"},
     )
@@ -295,14 +293,9 @@ def test_a_stall_without_memory_pressure_is_an_error() -> None:
 
 def test_a_lockup_under_pressure_names_its_signature() -> None:
     why = "the nbd sender kworker/0:2H waits for memory in __alloc_pages_slowpath while ..."
-    v = classify(
-        result_event=None,
-        error_event=None,
-        lockup=True,
+    v = confirmed_stall(
         silent_s=1.0,
         stalled_s=41.0,
-        timed_out=False,
-        qemu_exit=None,
         console_text=HUNG,
         heartbeats=40,
         heartbeat_silent_s=1.0,
