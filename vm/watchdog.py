@@ -472,6 +472,11 @@ class Pressure:
         }
 
 
+#: Samples this recent "still arrive"; older ones stopped (a held run's came 7 s past the
+#: stall and then none for 893 s).
+SAMPLES_STILL_S: Final = 10.0
+
+
 def stall_text(
     *, silent_s: float, stalled_s: float, heartbeats: int, heartbeat_silent_s: float | None
 ) -> str:
@@ -490,7 +495,9 @@ def stall_text(
         what = f"no page progress and no heartbeat for {idle:.0f}s"
     if silent_s + 5.0 >= idle:
         return what + ", and no sample either"
-    return what + f" (samples still arrive, the last {silent_s:.0f}s ago)"
+    if silent_s <= SAMPLES_STILL_S:
+        return what + f" (samples still arrive, the last {silent_s:.0f}s ago)"
+    return what + f" (samples went on for {idle - silent_s:.0f}s, then stopped too)"
 
 
 def classify(

@@ -332,6 +332,13 @@ def test_a_lockup_under_pressure_names_its_signature() -> None:
             "heartbeats still arrive but no page progress for 60s (samples still arrive, the "
             "last 0s ago)",
         ),
+        (
+            0,
+            None,
+            53.0,
+            "no heartbeat ever arrived, no page progress for 60s (samples went on for 7s, "
+            "then stopped too)",
+        ),
     ],
 )
 def test_the_reason_tells_silence_from_no_progress(
