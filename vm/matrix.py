@@ -405,7 +405,7 @@ def _fmt_extra(key: str, value: Any) -> str:
     if key == "nbd_connections":
         return f"C{value}"
     if key == "server_sched_policy":
-        return f"sched-{value or 'unrecorded'}"
+        return f"sched-{value or 'default'}"  # None: not nbd-serve, or not recorded
     if key == "early_confirm":
         return "held" if value is False else "early"
     return str(value)
