@@ -420,7 +420,7 @@ def test_a_bad_archive_is_a_clear_error(tmp_path: Path) -> None:
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
-@pytest.mark.parametrize("name", ["seed-2026-12-06-vanilla"])
+@pytest.mark.parametrize("name", ["seed-2026-12-06-vanilla", "evidence-2026-12-06"])
 def test_the_committed_result_regenerates_from_its_archive(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
