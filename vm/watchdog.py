@@ -356,7 +356,8 @@ class StallWatch:
                 self.looked += 1
         actions: list[Action] = []
         due = cur["seen"] + cur["looks"] * self.look_gap
-        if cur["look"] and cur["looks"] < self.max_looks and now >= due:
+        confirming = idle >= self.lockup_after  # no new look once time has decided
+        if cur["look"] and cur["looks"] < self.max_looks and now >= due and not confirming:
             keys = self.LOOKS[min(cur["looks"], len(self.LOOKS) - 1)]
             actions.append(Look(keys, cur["looks"] + 1))
             cur["looks"] += 1
@@ -370,7 +371,7 @@ class StallWatch:
         ):
             cur["evaluated"] = True
             actions.append(Evaluate())
-        if idle >= self.lockup_after:
+        if confirming:
             actions.append(Confirmed(round(idle, 1)))
         return actions
 

@@ -117,6 +117,19 @@ def test_only_the_first_stalls_are_looked_at() -> None:
     assert [s["looked"] for s in watch.stalls] == [True, False]
 
 
+def test_no_look_starts_in_the_step_that_confirms_by_time() -> None:
+    """Seen in a fresh clone's suite: with the window at 30 s and looks every 10 s from
+    10 s, a third look was pressed at 30 s, just as time confirmed the lockup."""
+    watch = StallWatch(10.0, 30.0)
+    seen = drive(stream(progress_until=0.0), watch.step, until=60.0)  # last growth at 1 s
+    assert seen == [
+        (11.0, Look("wml", 1)),
+        (21.0, Look("wlt", 2)),
+        (26.0, Evaluate()),
+        (31.0, Confirmed(30.0)),  # not a third look
+    ]
+
+
 def test_a_stall_must_come_before_the_lockup() -> None:
     with pytest.raises(ValueError, match=r"a stall \(60.0s\) must be seen before the lockup"):
         StallWatch(60.0, 60.0)
