@@ -425,20 +425,22 @@ def label_parts(config: Mapping[str, Any]) -> dict[str, str]:
     }
     for key in EXTRA_LABEL_KEYS:
         parts[key] = _slug(_fmt_extra(key, config.get(key)))
+    if parts["server"] != "nbd-serve":
+        parts["server_sched_policy"] = ""  # only nbd-serve takes the flag: not a difference
     return parts
 
 
 def varying_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The extra label keys whose value differs between ``configs``."""
     all_parts = [label_parts(c) for c in configs]
-    return [k for k in EXTRA_LABEL_KEYS if len({p[k] for p in all_parts}) > 1]
+    return [k for k in EXTRA_LABEL_KEYS if len({p[k] for p in all_parts if p[k]}) > 1]
 
 
 def label(config: Mapping[str, Any], varying: Sequence[str] = ()) -> str:
     """``KERNEL-ARM-ALLOCATOR-SERVER`` plus the ``varying`` extras, e.g.
     ``6.1-vanilla-slab-nbd-serve`` or ``6.1-patched-slub-nbd-serve-256M``."""
     parts = label_parts(config)
-    return "-".join([parts[k] for k in LABEL_KEYS] + [parts[k] for k in varying])
+    return "-".join([parts[k] for k in LABEL_KEYS] + [parts[k] for k in varying if parts[k]])
 
 
 def plan_runs(matrix: Matrix) -> list[PlannedRun]:

@@ -590,3 +590,19 @@ def test_stall_and_server_policy_keys_reach_the_run_and_the_label() -> None:
     ]
     with pytest.raises(matrix.MatrixError, match="early_confirm must be true or false"):
         matrix.parse_matrix("[matrix]\nrepeats = 1\n[defaults]\nearly_confirm = 1\n")
+
+
+def test_the_server_policy_splits_only_nbd_serve_runs() -> None:
+    """run.json records the policy for nbd-serve only: nbd-serve beside nbdkit at the same
+    policy are two servers, not two policies (the e2e matrix's labels must not change)."""
+    idle = {"kernel": "6.1", "arm": "patched", "server": "nbd-serve", "server_sched_policy": "idle"}
+    kit = {"kernel": "6.1", "arm": "patched", "server": "nbdkit", "server_sched_policy": None}
+    assert matrix.varying_keys([idle, kit]) == []
+    normal = {**idle, "server_sched_policy": "normal"}
+    varying = matrix.varying_keys([idle, kit, normal])
+    assert varying == ["server_sched_policy"]
+    assert [matrix.label(c, varying) for c in (idle, kit, normal)] == [
+        "6.1-patched-slub-nbd-serve-sched-idle",
+        "6.1-patched-slub-nbdkit",
+        "6.1-patched-slub-nbd-serve-sched-normal",
+    ]
