@@ -74,7 +74,11 @@ def test_vanilla_arm_locks_up_under_pressure(tmp_path: Path) -> None:
     evidence = run["evidence"]
     assert run["ending"] == "confirmed", run["outcome_reason"]
     assert evidence["signature"] == "memalloc-deadlock", evidence.get("why")
-    assert evidence["signatures"] == ["memalloc-deadlock", "memalloc-deadlock"]
+    # The two latest looks agree; an earlier one may miss a sender that was running, not
+    # blocked, at that moment (seen on 6.1 and 6.12: the first look said "unknown").
+    sigs = evidence["signatures"]
+    assert sigs[-2:] == ["memalloc-deadlock", "memalloc-deadlock"], sigs
+    assert set(sigs[:-2]) <= {"unknown", "memalloc-deadlock"}, sigs
     assert evidence["why"].startswith("the nbd sender "), evidence["why"]
     assert run["outcome_reason"].endswith("; memalloc-deadlock: " + evidence["why"])
     sender = evidence["blocked_tasks"][0]
@@ -82,7 +86,8 @@ def test_vanilla_arm_locks_up_under_pressure(tmp_path: Path) -> None:
     assert "nbd_send_cmd" in frames and "__alloc_pages" in frames, sender
     assert frames.index("__alloc_pages") < frames.index("nbd_send_cmd")
     assert any("__swap_writepage" in t["frames"] for t in evidence["blocked_tasks"])
-    assert [look["keys"] for look in evidence["looks"]] == ["wml", "wlt"]
+    keys = [look["keys"] for look in evidence["looks"]]
+    assert 2 <= len(keys) <= 4 and keys == ["wml"] + ["wlt"] * (len(keys) - 1), keys
     assert all("error" not in look for look in evidence["looks"]), evidence["looks"]
     # Under pressure: swap-out had begun and a zone was below its high watermark.
     assert evidence["pressure"]["met"] is True and evidence["pressure"]["below_high"]
