@@ -148,6 +148,7 @@ class MemoryState:
     def as_dict(self) -> dict[str, Any]:
         return {
             "zones": [asdict(z) for z in self.zones],
+            "below_high": self.below("high"),
             "writeback_pages": self.writeback_pages,
             "unevictable_pages": self.unevictable_pages,
             "swap_used_kb": self.swap_used_kb,

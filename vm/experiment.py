@@ -392,8 +392,6 @@ class RunContext:
     server: servers.RunningServer
     state: watchdog.WatchState
     qemu_pid: int
-    qmp_path: Path | None = None
-    """QEMU's QMP socket (SysRq keys for a stalled guest)."""
     marks: dict[str, float] = field(default_factory=dict)
     """Free-form host-monotonic marks a hook can set (recorded in timings)."""
 
@@ -729,9 +727,7 @@ def _run_guest(
                 proc, wd, t_qemu = _boot(
                     cfg, img, choice, server, run=run, cost=cost, say=say, qmp_path=qmp_path
                 )
-                ctx = RunContext(
-                    cfg=cfg, server=server, state=wd.state, qemu_pid=proc.pid, qmp_path=qmp_path
-                )
+                ctx = RunContext(cfg=cfg, server=server, state=wd.state, qemu_pid=proc.pid)
                 stalls = watchdog.StallWatch(cfg.effective_stall_after_s, cfg.lockup_after_s)
                 looks = forensics.Forensics(
                     cfg.out / OUTPUT_FILES["console"],
@@ -787,7 +783,7 @@ BOOT_ATTEMPTS: Final = 2
 def _hung_booting(ending: Ending, state: watchdog.WatchState) -> bool:
     """The watchdog stopped a guest that never reported a phase: nothing of the
     experiment ran yet (no swap device, no worker), so a second boot is the same run."""
-    return ending in (Ending.SILENT, Ending.STALLED, Ending.CONFIRMED) and state.phase == "boot"
+    return ending in (Ending.SILENT, Ending.STALLED) and state.phase == "boot"
 
 
 def _keep_failed_boot(
@@ -1163,7 +1159,7 @@ def _record(
         pressure = watchdog.Pressure(pswpout=st.pswpout())
         if looks is not None:
             kernel_evidence = looks.kernel_evidence()
-            pressure = looks.pressure(st)
+            pressure = forensics.pressure(st, (kernel_evidence or {}).get("memory"))
         stall = stalls.at_stall(st) if stalls is not None else None
         if stall is not None:
             last = st.last_sample or {}

@@ -12,7 +12,7 @@ stall as soon as progress resumes, so every look of one stall was taken without 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -168,14 +168,15 @@ class Forensics:
         ends: list[int | None] = [*stall.offsets[1:], None]
         return [evidence.parse(self._text(a, b)) for a, b in zip(stall.offsets, ends, strict=True)]
 
-    def judge(self) -> list[tuple[str, str]]:
-        """(signature, why) per look of the latest stall."""
+    def judge(self, snaps: list[evidence.Snapshot] | None = None) -> list[tuple[str, str]]:
+        """(signature, why) per look of the latest stall (``snaps``: already parsed)."""
         if not self.stalls:
             return []
         looks = self.stalls[-1].looks
+        parsed = self.snapshots() if snaps is None else snaps
         self.judged = [
             evidence.signature(snap, look.get("server"))
-            for snap, look in zip(self.snapshots(), looks, strict=False)
+            for snap, look in zip(parsed, looks, strict=False)
         ]
         return self.judged
 
@@ -192,13 +193,13 @@ class Forensics:
             return None
         stall = self.stalls[-1]
         snaps = self.snapshots()
-        judged = self.judged or self.judge()
+        judged = self.judged or self.judge(snaps)
         # The last look decides; a decisive signature in any look outranks an undecided one.
         signature, why = judged[-1] if judged else ("unknown", "no look was judged")
         for sig, text in judged:
             if sig in DECISIVE and signature not in DECISIVE:
                 signature, why = sig, text
-        memory = next((s.memory for s in reversed(snaps) if s.memory is not None), None)
+        memory = _latest_memory(snaps)
         return {
             "signature": signature,
             "why": why,
@@ -209,14 +210,22 @@ class Forensics:
             "sysrq_dumps": [d for s in snaps for d in s.dumps],
         }
 
-    def pressure(self, st: watchdog.WatchState) -> watchdog.Pressure:
-        """Swap-out from the samples, and the watermarks from the latest SysRq-m, if any."""
-        snaps = self.snapshots()
-        memory = next((s.memory for s in reversed(snaps) if s.memory is not None), None)
-        if memory is None or not memory.zones:
-            return watchdog.Pressure(pswpout=st.pswpout())
-        return watchdog.Pressure(
-            pswpout=st.pswpout(),
-            swap_used_kb=memory.swap_used_kb,
-            below_high=tuple(memory.below("high")),
-        )
+
+def _latest_memory(snaps: list[evidence.Snapshot]) -> evidence.MemoryState | None:
+    """The last SysRq-m report of a stall's looks."""
+    return next((s.memory for s in reversed(snaps) if s.memory is not None), None)
+
+
+def pressure(st: watchdog.WatchState, memory: Mapping[str, Any] | None) -> watchdog.Pressure:
+    """Swap-out from the samples, and the watermarks from the stall's SysRq-m, if any.
+
+    ``memory`` is the ``memory`` entry of :meth:`Forensics.kernel_evidence`
+    (:meth:`vm.evidence.MemoryState.as_dict`), so the console is parsed once.
+    """
+    if not memory or not memory.get("zones"):
+        return watchdog.Pressure(pswpout=st.pswpout())
+    return watchdog.Pressure(
+        pswpout=st.pswpout(),
+        swap_used_kb=memory.get("swap_used_kb"),
+        below_high=tuple(memory.get("below_high") or ()),
+    )

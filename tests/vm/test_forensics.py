@@ -78,3 +78,24 @@ def test_the_probe_tells_a_reading_server_from_a_deaf_stopped_or_dead_one(
             "unresponsive": f"has exited (pid {proc.pid} is gone)",
             "definitive": True,
         }
+
+
+def test_pressure_reads_the_parsed_memory_once_parsed() -> None:
+    """The verdict's pressure comes from kernel_evidence's memory entry, not a re-parse."""
+    import gzip
+    from pathlib import Path
+
+    from vm import evidence, watchdog
+
+    data = Path(__file__).parent / "data" / "sysrq" / "6.1.192-vanilla.console.gz"
+    memory = evidence.snapshots(gzip.decompress(data.read_bytes()).decode())[0].memory
+    assert memory is not None
+    st = watchdog.WatchState(started=0.0, last_activity=0.0)
+    for t, out in ((1.0, 0), (2.0, 621)):
+        st.observe({"type": "sample", "vmstat": {"pswpout": out}}, t, stream="samples")
+    assert forensics.pressure(st, memory.as_dict()) == watchdog.Pressure(
+        pswpout=621,
+        swap_used_kb=17920,
+        below_high=("DMA free 2276 kB < high 2392 kB", "DMA32 free 3228 kB < high 3860 kB"),
+    )
+    assert forensics.pressure(st, None) == watchdog.Pressure(pswpout=621)
