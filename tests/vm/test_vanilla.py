@@ -92,7 +92,11 @@ def test_vanilla_arm_locks_up_under_pressure(tmp_path: Path) -> None:
     # Under pressure: swap-out had begun and a zone was below its high watermark.
     assert evidence["pressure"]["met"] is True and evidence["pressure"]["below_high"]
     assert evidence["memory"]["writeback_pages"] is not None
-    assert evidence["stall"]["pswpout"] > 0
+    # The kernel's own count: SysRq-m's swap in use. The host's last sample may predate the
+    # first swap-out when the guest locks up within a second of it (CI: 3 samples, all at
+    # pswpout 0, while SysRq-m showed swap in use and the workers in __swap_writepage).
+    assert evidence["pressure"]["swap_used_kb"] > 0, evidence["pressure"]
+    assert evidence["stall"]["pswpout"] >= 0
     stalled = max(evidence["silent_s"], evidence["stalled_s"])
     stall_after = run["config"]["effective_stall_after_s"]
     assert stall_after <= stalled < LOCKUP_AFTER_S
