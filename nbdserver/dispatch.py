@@ -1,10 +1,10 @@
-"""Commands against one export's backend: which may run inline, and how each runs.
+"""Commands against one export's backend: how each runs, inline, in the pool or by sendfile.
 
-Backend calls that cannot block for long run on the event loop: every call of a backend
-whose capabilities say ``never_blocks`` (the RAM disk), and for the others whatever hits
-the page cache (plain WRITEs, READs below :data:`LARGE_READ`, BLOCK_STATUS). Calls that
-may block (FLUSH = fdatasync, FUA writes, TRIM/WRITE_ZEROES = fallocate, CACHE) and large
-reads go to the thread pool (docs/performance.md, "Inline or pool"). Every reply is
+Where a command runs is decided by :meth:`nbdserver.connection.NBDConnection.route`: on
+the event loop whatever cannot block for long, in the thread pool what may (FLUSH =
+fdatasync, FUA writes, TRIM/WRITE_ZEROES = fallocate, CACHE), and large reads by
+sendfile where the backend allows (docs/performance.md, "Inline or pool"). The
+:class:`Dispatcher` runs it there and turns failures into error replies. Every reply is
 framed by the :class:`~nbdserver.transmission.Transmission`; nothing here packs a byte.
 """
 
@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Final
 
 from nbdserver.backends.base import Backend
+from nbdserver.connection import LARGE_READ, data_bytes
 from nbdserver.errors import NBDError, PartialReply, errno_of
 from nbdserver.fastpath import sendfile_reply
 from nbdserver.protocol import (
@@ -34,14 +36,10 @@ from nbdserver.protocol import (
     Cmd,
 )
 from nbdserver.stats import ExportStats
-from nbdserver.transmission import Command, Transmission
+from nbdserver.transmission import Command, Rejected, Transmission
 
 #: What a backend may raise as an answer, not as a bug (see Dispatcher.failure).
 EXPECTED_FAILURES: Final = (NBDError, OSError, MemoryError)
-
-#: Reads at least this long leave by sendfile or run in the pool, and simple-reply ones
-#: skip the zero-filled combined buffer (docs/performance.md, "Large reads").
-LARGE_READ: Final = 256 * 1024
 
 #: What a command produces for the wire: one buffer, or several for a vectored write.
 Reply = bytes | bytearray | list[bytes | bytearray | memoryview]
@@ -58,37 +56,50 @@ class Dispatcher:
         "_tx",
         "backend",
         "log",
-        "never_blocks",
-        "pool_write_flags",
+        "stats",
     )
 
     def __init__(
-        self, backend: Backend, tx: Transmission, log: logging.LoggerAdapter[logging.Logger]
+        self,
+        backend: Backend,
+        tx: Transmission,
+        log: logging.LoggerAdapter[logging.Logger],
+        stats: ExportStats,
     ) -> None:
         self.backend = backend
+        self.stats = stats
         self._tx = tx
         # Bound once: these run for every request.
         self._ack = tx.ack
         self._read_prefix = tx.read_prefix
         self._read_reply = tx.read_reply
         self.log = log
-        caps = backend.capabilities
-        self.never_blocks = caps.never_blocks
-        #: Flags that send a WRITE to the pool: FUA (a durable write may wait), unless
-        #: nothing can block.
-        self.pool_write_flags = 0 if caps.never_blocks else FLAG_FUA
-        self._extents = caps.extents
+        self._extents = backend.capabilities.extents
 
-    def inline(self, c: Command) -> bool:
-        """Whether ``c`` may run on the event loop (see the module docstring)."""
-        t = c.type
-        if t == CMD_READ:
-            return c.length < LARGE_READ
-        if self.never_blocks:
-            return True
-        if t == CMD_WRITE:
-            return not c.flags & self.pool_write_flags
-        return t == CMD_BLOCK_STATUS
+    def run(self, c: Command, t0: int) -> Reply:
+        """Run ``c`` here and now (the inline route), counted in the stats since ``t0``;
+        a failure becomes its error reply (:meth:`failure`)."""
+        try:
+            reply = self.execute(c, c.payload)
+            error = False
+        except Exception as exc:
+            reply = self.failure(c, exc)
+            error = True
+        self.stats.record(c.type, data_bytes(c), time.perf_counter_ns() - t0, error)
+        return reply
+
+    def completed(self, c: Command, future: Future[Reply], t0: int) -> Reply:
+        """The reply of a pool job (:meth:`submit`) that ended, counted in the stats."""
+        exc = future.exception()
+        reply = future.result() if exc is None else self.failure(c, exc)
+        self.stats.record(c.type, data_bytes(c), time.perf_counter_ns() - t0, exc is not None)
+        return reply
+
+    def rejected(self, event: Rejected, t0: int) -> bytes:
+        """The error reply to a request that failed validation, counted in the stats."""
+        self.log.debug("request %#x rejected: %s", event.cookie, event.error)
+        self.stats.record(event.type, 0, time.perf_counter_ns() - t0, True)
+        return self._tx.error_reply(event.cookie, event.error.errno, str(event.error))
 
     def execute(self, c: Command, payload: bytes | memoryview | None) -> Reply:
         """Run one validated command; return its reply. Backend errors propagate (see
@@ -198,7 +209,39 @@ class Dispatcher:
             queue(piece)
         return True
 
-    def failure(self, c: Command, exc: BaseException, stats: ExportStats) -> bytes:
+    def sendfile_read(
+        self,
+        c: Command,
+        fd: int,
+        write: Callable[[bytes | bytearray | memoryview], None],
+        abort: Callable[[], None],
+        t0: int,
+    ) -> bool:
+        """Answer a large read with sendfile on socket ``fd`` (docs/performance.md,
+        "sendfile"), counted in the stats; False: nothing was sent, use the pool. The
+        bytes bypass the transport, whose ``write`` queues what the socket did not take:
+        it must be idle. A failure once data may be on the wire ends in an error reply
+        (structured replies) or in ``abort`` (the stream cannot be resumed)."""
+        stats = self.stats
+        try:
+            if not self.sendfile(c, fd, write):
+                return False
+        except PartialReply as exc:
+            stats.record(CMD_READ, 0, time.perf_counter_ns() - t0, True)
+            if not self.finish_failed_sendfile(c, exc, write):
+                self.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
+                abort()  # a simple reply's header promised the data
+            return True
+        except OSError as exc:
+            # Part of the reply may be on the wire: the stream cannot be resumed.
+            self.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
+            stats.record(CMD_READ, 0, time.perf_counter_ns() - t0, True)
+            abort()
+            return True
+        stats.record(CMD_READ, c.length, time.perf_counter_ns() - t0, False)
+        return True
+
+    def failure(self, c: Command, exc: BaseException) -> bytes:
         """A failing request becomes an error reply, never a crash.
 
         The backend's expected failures (an :class:`~nbdserver.errors.NBDError`, an
@@ -215,7 +258,7 @@ class Dispatcher:
                 "%s at %d+%d failed: %s (%s)", what, c.offset, c.length, exc, errno.name
             )
         else:
-            stats.internal_errors += 1
+            self.stats.internal_errors += 1
             self.log.error(
                 "internal error in %s at %d+%d: %s: %s; the client got %s",
                 what,

@@ -3,9 +3,8 @@ read loop, sendfile, and the malloc tuning for large reply buffers.
 
 Each is a small piece with a measured reason, recorded once in docs/performance.md
 (the section named in each docstring). The framing of every byte they send comes from
-:class:`nbdserver.transmission.Transmission`. :func:`busy_poll` and :func:`sendfile_read`
-are :class:`~nbdserver.server.Connection`'s own steps, kept here as plain functions of
-the connection: moving them costs the hot path no call and no allocation.
+:class:`nbdserver.transmission.Transmission`; when to use them is the adapter's
+(:class:`nbdserver.server.Connection`) decision, made from its own state.
 """
 
 from __future__ import annotations
@@ -20,13 +19,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from nbdserver.errors import NBDError, PartialReply, errno_of
-from nbdserver.protocol import CMD_READ
-from nbdserver.transmission import Command, Phase
 
 if TYPE_CHECKING:
-    from nbdserver.server import Connection
-
-_OPEN: Final = Phase.OPEN
+    from nbdserver.policy import PollWindow
+    from nbdserver.stats import ExportStats
 
 #: Below this much free tail space the receive buffer is compacted before the next read.
 MIN_FREE: Final = 64 * 1024
@@ -195,78 +191,28 @@ def sendfile_reply(
     return True
 
 
-def busy_poll(conn: Connection) -> bool:
-    """After a lone request was answered, read the socket for up to the poll window
-    (docs/performance.md, "Busy-poll"); True when bytes came (the caller processes
-    them). Only when this process serves one connection and nothing is queued,
-    paused or in the pool."""
-    window, transport, tx, flow = conn.poll_window, conn.transport, conn.tx, conn.flow
-    if (
-        window.max_ns <= 0
-        or conn.batch_size != 1
-        or conn.fd < 0
-        or conn.lost
-        or tx is None
-        or tx.phase is not _OPEN
-        or flow.read_paused
-        or flow.requests
-        or transport is None
-        or transport.get_write_buffer_size()
-        or len(conn.server.connections) != 1
-    ):
-        window.forget()
-        return False
+def busy_poll(window: PollWindow, fd: int, rx: ReceiveBuffer, stats: ExportStats) -> bool:
+    """After a lone request was answered, read socket ``fd`` into ``rx`` for up to the
+    poll window (docs/performance.md, "Busy-poll"); True when bytes came (the caller
+    processes them). The caller decides whether polling is allowed at all. Raises
+    OSError when the socket failed (the caller closes it)."""
     started = time.perf_counter_ns()
     if window.window:
-        assert conn.export is not None
         try:
-            n, now = poll_read(conn.fd, conn.rx.space(0), started + window.window)
-        except OSError as exc:  # the loop would have seen it too: the socket is done
-            conn.log.debug("connection lost while polling: %s", exc)
-            n, now = 0, 0
-            transport.abort()
-        if n == 0:  # end of stream (or error): left to the event loop
+            n, now = poll_read(fd, rx.space(0), started + window.window)
+        except OSError:
+            window.forget()
+            raise
+        if n == 0:  # end of stream: left to the event loop
             window.forget()
             return False
         if n > 0:
-            conn.rx.end += n
-            conn.export.stats.polled(True, time.perf_counter_ns() - started)
+            rx.end += n
+            stats.polled(True, time.perf_counter_ns() - started)
             return True
-        conn.export.stats.polled(False, now - started)
+        stats.polled(False, now - started)
     window.waiting(started)
     return False
-
-
-def sendfile_read(conn: Connection, c: Command, t0: int) -> bool:
-    """Send a large read with sendfile (docs/performance.md, "sendfile"); False: it
-    takes the buffered path. The bytes bypass the transport: it must be idle."""
-    transport, export, dispatcher = conn.transport, conn.export, conn.dispatcher
-    assert transport is not None and export is not None and dispatcher is not None
-    if conn.fd < 0:
-        return False
-    if conn.batch:  # replies decoded before this read go first
-        conn.flush()
-        conn.batch = []
-    if transport.get_write_buffer_size():
-        return False
-    try:
-        if not dispatcher.sendfile(c, conn.fd, transport.write):
-            return False
-    except PartialReply as exc:
-        export.stats.record(CMD_READ, 0, time.perf_counter_ns() - t0, True)
-        if dispatcher.finish_failed_sendfile(c, exc, transport.write):
-            return True  # an error reply, and the connection goes on
-        conn.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
-        transport.abort()  # a simple reply's header promised the data
-        return True
-    except OSError as exc:
-        # Part of the reply may be on the wire: the stream cannot be resumed.
-        conn.log.warning("read at %d+%d failed while sending: %s", c.offset, c.length, exc)
-        export.stats.record(CMD_READ, 0, time.perf_counter_ns() - t0, True)
-        transport.abort()
-        return True
-    export.stats.record(CMD_READ, c.length, time.perf_counter_ns() - t0, False)
-    return True
 
 
 def tune_allocator() -> bool:

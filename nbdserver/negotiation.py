@@ -158,7 +158,8 @@ def transmission_flags(caps: Capabilities, read_only: bool) -> TransmissionFlag:
 
 @dataclass(frozen=True, slots=True)
 class ExportInfo:
-    """What the handshake needs to know about one export."""
+    """What the core needs to know about one export: the handshake's facts, and whether
+    its backend can block (which decides where commands run)."""
 
     name: str
     description: str
@@ -171,6 +172,9 @@ class ExportInfo:
     max_block: int = 32 * 1024 * 1024
     #: Client addresses that may use the export; None = every client.
     allow: tuple[IPNetwork, ...] | None = None
+    #: The backend's calls never block (a RAM disk): every command but a large read runs
+    #: on the event loop (:meth:`nbdserver.connection.NBDConnection.route`).
+    never_blocks: bool = False
 
 
 # --- events ------------------------------------------------------------------------

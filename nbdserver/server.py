@@ -3,22 +3,22 @@
 Theory of operation
 -------------------
 One :class:`Connection` (an ``asyncio.BufferedProtocol``) per client, glue in the manner
-of aioquic's ``asyncio/protocol.py``. The event loop reads straight into a
-:class:`~nbdserver.fastpath.ReceiveBuffer`; :meth:`Connection.buffer_updated` hands the new
-bytes to the sans-IO :class:`~nbdserver.negotiation.Negotiation`, then to the
-:class:`~nbdserver.transmission.Transmission`, and acts on their events. The core frames
-every reply; the adapter only moves bytes.
+of aioquic's ``asyncio/protocol.py``. Every decision about the client belongs to its
+sans-IO :class:`~nbdserver.connection.NBDConnection`: the handshake and the handoff to
+transmission, the phase, flow accounting and where each command runs. The adapter moves
+bytes: the event loop reads straight into a :class:`~nbdserver.fastpath.ReceiveBuffer`,
+:meth:`Connection.buffer_updated` hands the new bytes to the core, and the adapter acts
+on its answers. The core frames every reply.
 
 The pieces, each small and named: :class:`~nbdserver.dispatch.Dispatcher` runs commands
-against the backend, inline or in the thread pool as the backend's capabilities allow;
-:class:`~nbdserver.flow.TransportFlow` bounds in-flight bytes and requests
-(``--max-inflight``) by pausing reads; :class:`~nbdserver.policy.PollWindow` sizes the
-busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds the receive
-buffer, the :class:`~nbdserver.fastpath.WakeMark` that lets a TCP socket wake the loop only
-once a partly received request is complete, and two of the connection's steps,
-:func:`~nbdserver.fastpath.busy_poll` and :func:`~nbdserver.fastpath.sendfile_read`.
-Replies of one decoded batch leave in one vectored write; pool replies go out whenever
-they complete, matched to the request by its cookie: the "completion order" of
+against the backend, inline, in the thread pool or by sendfile, as the route says;
+:class:`~nbdserver.policy.FlowControl` bounds in-flight bytes and requests
+(``--max-inflight``) and the adapter pauses reads to match; :class:`~nbdserver.policy.PollWindow`
+sizes the busy-poll after a lone request (``--poll-us``); :mod:`nbdserver.fastpath` holds
+the receive buffer, the :class:`~nbdserver.fastpath.WakeMark` that lets a TCP socket wake
+the loop only once a partly received request is complete, the busy-poll read and
+sendfile. Replies of one decoded batch leave in one vectored write; pool replies go out
+whenever they complete, matched to the request by its cookie: the "completion order" of
 doc/proto.md, "Replies need not be sent in the same order as requests". The measured
 reasons behind each fast path are in docs/performance.md.
 """
@@ -36,33 +36,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-from nbdserver import handshake
 from nbdserver.backends.base import Backend
 from nbdserver.config import DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_POLL_US, DEFAULT_SHUTDOWN_GRACE
-from nbdserver.dispatch import LARGE_READ, Dispatcher, Reply
-from nbdserver.fastpath import (
-    WAKE_MARK_MIN,
-    ReceiveBuffer,
-    WakeMark,
-    busy_poll,
-    sendfile_read,
-    tune_allocator,
-)
-from nbdserver.flow import TransportFlow
+from nbdserver.connection import READING, NBDConnection, Route
+from nbdserver.dispatch import Dispatcher, Reply
+from nbdserver.fastpath import WAKE_MARK_MIN, ReceiveBuffer, WakeMark, busy_poll, tune_allocator
 from nbdserver.negotiation import (
     Closed,
     ExportInfo,
     IPNetwork,
-    Negotiation,
     OptionHandled,
     Ready,
+    Refused,
+    StartTLS,
     TlsMode,
     transmission_flags,
 )
-from nbdserver.policy import PollWindow
-from nbdserver.protocol import CMD_DISC, CMD_READ, CMD_WRITE, Opt, Rep, TransmissionFlag
+from nbdserver.negotiation import Event as NegotiationEvent
+from nbdserver.policy import FlowControl, PollWindow
+from nbdserver.protocol import Opt, Rep, TransmissionFlag
 from nbdserver.stats import ExportStats
-from nbdserver.transmission import Command, Phase, Rejected, Transmission
+from nbdserver.tls import peer_address, upgrade
+from nbdserver.transmission import Command, Phase, Rejected
 
 __all__ = ["Connection", "Export", "NBDServer", "make_export", "tune_allocator"]
 
@@ -73,7 +68,9 @@ logger = logging.getLogger(__name__)
 INITIAL_BUFFER: Final = 256 * 1024
 
 _OPEN: Final = Phase.OPEN
-_READING: Final = frozenset({Phase.OPEN, Phase.STOPPING})
+_INLINE: Final = Route.INLINE
+_POOL: Final = Route.POOL
+_SENDFILE: Final = Route.SENDFILE
 
 _next_id = itertools.count(1)
 
@@ -104,6 +101,7 @@ def make_export(
         preferred_block=caps.preferred_block,
         max_block=caps.max_block,
         allow=allow,
+        never_blocks=caps.never_blocks,
     )
     return Export(info, backend, ExportStats())
 
@@ -249,6 +247,17 @@ class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.conn.peer} #{self.conn.id}] {msg}", kwargs
 
+    def handshake(self, event: NegotiationEvent) -> None:
+        """Log what the handshake decided."""
+        if isinstance(event, OptionHandled):
+            self.option(event)
+        elif isinstance(event, Refused):
+            self.warning("refused: %s", event.reason)
+        elif isinstance(event, Closed):
+            self.closed(event, "handshake", 0)
+        elif isinstance(event, Ready):
+            self.ready(event)
+
     def option(self, event: OptionHandled) -> None:
         try:
             name = f"NBD_OPT_{Opt(event.option).name}"
@@ -298,8 +307,60 @@ def _socket_setup(
     return "unix", sock.fileno(), None
 
 
+class _Outbox:
+    """Replies on their way to the transport. Those of one decoded batch are collected
+    and leave in one vectored write (docs/performance.md, "Batching"); the others (pool
+    completions) leave at once."""
+
+    __slots__ = ("batch", "flow", "transport")
+
+    def __init__(self, flow: FlowControl) -> None:
+        self.flow = flow
+        #: The transport while connected (None before and after).
+        self.transport: asyncio.Transport | None = None
+        #: Replies collected during one decoded batch (None outside it).
+        self.batch: list[bytes | bytearray | memoryview] | None = None
+
+    def write(self, data: Reply) -> None:
+        batch = self.batch
+        if batch is not None:
+            if isinstance(data, list):
+                batch.extend(data)
+            else:
+                batch.append(data)
+            return
+        if self.transport is None:
+            return
+        if isinstance(data, (bytes, bytearray)):
+            self.transport.write(data)
+        else:
+            self.transport.writelines(data)
+
+    def flush(self) -> None:
+        """Send the replies collected while dispatching one decoded batch."""
+        batch = self.batch
+        self.batch = None
+        transport = self.transport
+        if not batch or transport is None:
+            return
+        if len(batch) == 1:
+            transport.write(batch[0])
+        else:
+            transport.writelines(batch)
+        self.flow.queued(transport.get_write_buffer_size())
+
+    def flush_batch(self) -> None:
+        """Send what the batch holds so far and go on collecting (a sendfile reply must
+        not overtake the replies decoded before it)."""
+        if self.batch:
+            self.flush()
+            self.batch = []
+
+
 class Connection(asyncio.BufferedProtocol):
-    """One client: handshake, then requests."""
+    """One client's I/O: bytes between the transport and its
+    :class:`~nbdserver.connection.NBDConnection`, commands to the
+    :class:`~nbdserver.dispatch.Dispatcher`, replies back out."""
 
     def __init__(self, server: NBDServer, *, refuse: bool = False) -> None:
         self.server = server
@@ -310,18 +371,20 @@ class Connection(asyncio.BufferedProtocol):
         self.log = _ConnectionLog(logger, self)
         self.transport: asyncio.Transport | None = None
         self.rx = ReceiveBuffer(INITIAL_BUFFER)
-        #: The handshake's state machine, made once the peer is known (nbdserver.handshake)
-        #: and dropped when transmission starts or the session ends.
-        self.negotiation: Negotiation | None = None
-        self.tx: Transmission | None = None
+        #: Every decision about this client: handshake, phase, flow, routes.
+        self.state = NBDConnection(
+            server.export_infos,
+            tls=server.tls,
+            max_requests=server.max_inflight_requests,
+            max_bytes=server.max_inflight_bytes,
+        )
+        self.flow = self.state.flow
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
-        self.flow = TransportFlow(server.max_inflight_requests, server.max_inflight_bytes)
         self.poll_window = PollWindow(server.poll_ns)
         self.lost = False  # connection_lost was called
         self._processing = False
-        #: Replies collected during one decoded batch (None outside _process).
-        self.batch: list[bytes | bytearray | memoryview] | None = None
+        self.out = _Outbox(self.flow)
         #: The socket, for the poll loop and sendfile (-1: no socket, no fast paths).
         self.fd = -1
         #: Events in the last decoded batch (polling follows lone requests only).
@@ -333,7 +396,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
-        self.transport = self.flow.transport = transport
+        self.transport = self.out.transport = transport
         self.peer, self.fd, self.wake_mark = _socket_setup(transport, self.server.wake_mark)
         # pause_writing fires exactly when queued replies pass the in-flight bound, so
         # a connection that stopped decoding at the bound is always resumed.
@@ -343,13 +406,16 @@ class Connection(asyncio.BufferedProtocol):
         if self.server.closing:
             transport.close()
             return
-        handshake.begin(self, transport)
+        refusal = self.server._refusal(self)
+        if refusal is not None:
+            self.refused = True
+            self.log.warning("refusing the connection: %s", refusal)
+        transport.write(self.state.greet(peer_address(transport), refusal))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.flow.transport = None
-        if self.tx is not None:
-            self.tx.lost()
+        self.out.transport = None
+        self.state.lost()
         # The connection and its log adapter form a reference cycle, which only a full
         # collection frees: drop the receive buffer now (bench/ saw RSS grow run by run).
         self.rx.release()
@@ -363,32 +429,71 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.flow.write_paused = True
-        self.flow.update_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.flow.write_paused = False
         self._process()
-        self.flow.update_reading()
+        self._update_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.rx.space(self.tx.needed if self.tx is not None else 0)
+        tx = self.state.tx
+        return self.rx.space(tx.needed if tx is not None else 0)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.rx.end += nbytes
-        if self.negotiation is not None:
-            handshake.negotiate(self)
-        if self.tx is not None and not self.lost:
+        if self.state.negotiation is not None:
+            self._negotiate()
+        tx = self.state.tx
+        if tx is not None and not self.lost:
             if self.poll_window.waiting_since:
                 self.poll_window.arrived(time.perf_counter_ns())
             self._process()
-            while busy_poll(self):
+            while self._poll():
                 self._process()
             mark = self.wake_mark
             if mark is not None:
                 rx = self.rx
-                missing = self.tx.needed - (rx.end - rx.start)
+                missing = tx.needed - (rx.end - rx.start)
                 if missing >= WAKE_MARK_MIN or mark.mark != 1:
                     mark.update(missing)
+
+    # --- handshake ----------------------------------------------------------------
+    def _negotiate(self) -> None:
+        """Feed the received bytes to the handshake and act on what it decided."""
+        transport = self.transport
+        assert transport is not None
+        out, events = self.state.receive_handshake(self.rx.take())
+        if out:
+            transport.write(out)
+        for event in events:
+            self.log.handshake(event)
+            if isinstance(event, StartTLS):
+                # The ClientHello is for the TLS layer: nothing may reach us until then.
+                transport.pause_reading()
+                self.server.handshake(self._start_tls())
+                return
+            if isinstance(event, Closed):
+                transport.close()
+                return
+            if isinstance(event, Ready):
+                tx = self.state.tx
+                assert tx is not None
+                self.export = export = self.server.exports[event.export.name]
+                self.dispatcher = Dispatcher(export.backend, tx, self.log, export.stats)
+                self.rx.put(self.state.trailing)
+                return
+
+    async def _start_tls(self) -> None:
+        """Option haggling goes on over TLS once the handshake succeeds (tls.upgrade)."""
+        raw, ctx = self.transport, self.server.ssl_context
+        assert raw is not None and ctx is not None
+        tls = await upgrade(raw, self, ctx, self.server.max_inflight_bytes, self.log)
+        if tls is not None and not self.lost:
+            self.transport = self.out.transport = tls
+            self.fd = -1  # sendfile and the busy-poll use the socket itself: never under TLS
+            self.wake_mark = None  # the mark would count encrypted bytes
+            self.state.tls_established()
 
     # --- transmission ------------------------------------------------------------
     def _process(self) -> None:
@@ -397,13 +502,12 @@ class Connection(asyncio.BufferedProtocol):
         Past the bound the rest stays undecoded and reading pauses; resume_writing and
         pool completions call this again (see :class:`~nbdserver.policy.FlowControl`).
         """
-        tx = self.tx
+        tx = self.state.tx
         transport = self.transport
         if tx is None or transport is None or self._processing:
             return
         self._processing = True
-        flow = self.flow
-        rx = self.rx
+        flow, rx, out = self.flow, self.rx, self.out
         try:
             while rx.start < rx.end and not self.lost:
                 budget = flow.budget(transport.get_write_buffer_size())
@@ -411,49 +515,34 @@ class Connection(asyncio.BufferedProtocol):
                     break
                 events, used = tx.receive(rx.view[rx.start : rx.end], budget)
                 self.batch_size = len(events)
-                # One send for all the replies of a batch (docs/performance.md, "Batching").
-                self.batch = []
+                out.batch = []
                 try:
                     for event in events:
                         self._dispatch(event)
-                    self.flush()
+                    out.flush()
                 finally:
-                    self.batch = None
+                    out.batch = None
                     rx.consume(used)  # payload views are all consumed (or copied) by now
-                if not events or tx.phase not in _READING:
+                if not events or tx.phase not in READING:
                     break
         finally:
             self._processing = False
         if tx.phase is not _OPEN:
             self._finish_if_drained()
-        flow.update_reading()
+        self._update_reading()
 
-    def _write(self, data: Reply) -> None:
-        batch = self.batch
-        if batch is not None:  # inside _process: sent by flush in one vectored write
-            if isinstance(data, list):
-                batch.extend(data)
-            else:
-                batch.append(data)
+    def _update_reading(self) -> None:
+        """Pause or resume reading as the flow rule says now."""
+        transport = self.transport
+        if transport is None or self.lost:
             return
-        if self.lost or self.transport is None:
-            return
-        if isinstance(data, (bytes, bytearray)):
-            self.transport.write(data)
-        else:
-            self.transport.writelines(data)
-
-    def flush(self) -> None:
-        """Send the replies collected while dispatching one decoded batch."""
-        batch = self.batch
-        self.batch = None
-        if not batch or self.lost or self.transport is None:
-            return
-        if len(batch) == 1:
-            self.transport.write(batch[0])
-        else:
-            self.transport.writelines(batch)
-        self.flow.queued(self.transport.get_write_buffer_size())
+        pause = self.state.should_pause(transport.get_write_buffer_size())
+        if pause and not self.flow.read_paused:
+            transport.pause_reading()
+            self.flow.read_paused = True
+        elif not pause and self.flow.read_paused:
+            self.flow.read_paused = False
+            transport.resume_reading()
 
     def _dispatch(self, c: Command | Rejected | Closed) -> None:
         export = self.export
@@ -463,92 +552,96 @@ class Connection(asyncio.BufferedProtocol):
         if c.__class__ is not Command:
             self._answer_event(c, t0)
             return
-        t = c.type
-        # Dispatcher.inline's rule for READ and WRITE, spelled out on the hottest path.
-        if t == CMD_READ:
-            if c.length >= LARGE_READ:
-                if not sendfile_read(self, c, t0):
-                    self._submit(c, t0)
-                return
-        elif t == CMD_WRITE:
-            if c.flags & dispatcher.pool_write_flags:
+        route = self.state.route(c)
+        if route is _INLINE:
+            self.out.write(dispatcher.run(c, t0))
+        elif route is _SENDFILE:
+            if not self._sendfile_read(c, t0):
                 self._submit(c, t0)
-                return
-        elif t == CMD_DISC:
-            export.stats.record(t, 0, 0, False)
-            return
-        elif not dispatcher.inline(c):
+        elif route is _POOL:
             self._submit(c, t0)
-            return
-        try:
-            reply = dispatcher.execute(c, c.payload)
-            error = False
-        except Exception as exc:
-            reply = dispatcher.failure(c, exc, export.stats)
-            error = True
-        nbytes = c.length if t <= CMD_WRITE else 0
-        export.stats.record(t, nbytes, time.perf_counter_ns() - t0, error)
-        batch = self.batch
-        if batch is None:
-            self._write(reply)
-        elif isinstance(reply, list):
-            batch.extend(reply)
-        else:
-            batch.append(reply)
+        else:  # NBD_CMD_DISC: the transmission has closed
+            export.stats.record(c.type, 0, 0, False)
 
     def _answer_event(self, event: Command | Rejected | Closed, t0: int) -> None:
         """A request that failed validation gets its error; the end of the session is logged."""
         if isinstance(event, Rejected):
-            assert self.export is not None and self.tx is not None
-            self.log.debug("request %#x rejected: %s", event.cookie, event.error)
-            self.export.stats.record(event.type, 0, time.perf_counter_ns() - t0, True)
-            self._write(self.tx.error_reply(event.cookie, event.error.errno, str(event.error)))
+            assert self.dispatcher is not None
+            self.out.write(self.dispatcher.rejected(event, t0))
         elif isinstance(event, Closed):
             self.log.closed(event, "transmission", self.flow.requests)
+
+    def _sendfile_read(self, c: Command, t0: int) -> bool:
+        """A large read by sendfile; False: it takes the pool. The bytes bypass the
+        transport, so it must be idle and the replies decoded before this one go first."""
+        transport, dispatcher = self.transport, self.dispatcher
+        assert transport is not None and dispatcher is not None
+        if self.fd < 0:
+            return False
+        self.out.flush_batch()
+        if transport.get_write_buffer_size():
+            return False
+        return dispatcher.sendfile_read(c, self.fd, transport.write, transport.abort, t0)
+
+    def _poll(self) -> bool:
+        """Busy-poll after a lone request (:func:`~nbdserver.fastpath.busy_poll`): only
+        when this process serves one connection and nothing is queued, paused or in the
+        pool. True when bytes came."""
+        window, transport = self.poll_window, self.transport
+        if (
+            window.max_ns <= 0
+            or self.batch_size != 1
+            or self.fd < 0
+            or self.lost
+            or not self.state.may_poll()
+            or transport is None
+            or transport.get_write_buffer_size()
+            or len(self.server.connections) != 1
+        ):
+            window.forget()
+            return False
+        assert self.export is not None
+        try:
+            return busy_poll(window, self.fd, self.rx, self.export.stats)
+        except OSError as exc:  # the loop would have seen it too: the socket is done
+            self.log.debug("connection lost while polling: %s", exc)
+            transport.abort()
+            return False
 
     def _submit(self, c: Command, t0: int) -> None:
         assert self.dispatcher is not None
         self.flow.hold(self.dispatcher.submit(c, t0, self.server.executor, self._completed))
-        self.flow.update_reading()
+        self._update_reading()
 
     def _completed(self, c: Command, future: Future[Reply], t0: int, held: int) -> None:
-        assert self.export is not None and self.dispatcher is not None
+        assert self.dispatcher is not None
         self.flow.release(held)
-        exc = future.exception()
-        reply = (
-            future.result() if exc is None else self.dispatcher.failure(c, exc, self.export.stats)
-        )
-        nbytes = c.length if c.type in (CMD_READ, CMD_WRITE) else 0
-        self.export.stats.record(c.type, nbytes, time.perf_counter_ns() - t0, exc is not None)
-        self._write(reply)
+        self.out.write(self.dispatcher.completed(c, future, t0))
         self._process()
-        self.flow.update_reading()
+        self._update_reading()
         self._finish_if_drained()
 
     # --- shutdown ----------------------------------------------------------------
     def _finish_if_drained(self) -> None:
-        tx = self.tx
-        if tx is not None and tx.phase is Phase.DRAINING and self.flow.requests == 0:
-            tx.drained()
-            if self.transport is not None:
-                self.transport.close()
+        if self.state.drain_done() and self.transport is not None:
+            self.transport.close()
 
     def shutdown(self) -> None:
         """Server shutdown: new requests get ESHUTDOWN, those in flight finish; the
         client's NBD_CMD_DISC (or :meth:`hang_up`) ends the connection."""
         if self.transport is None:
             return
-        if self.tx is None:
+        if self.state.tx is None:
             self.transport.close()
             return
-        self.tx.shutdown()
+        self.state.shutdown()
         self._process()  # requests already received are answered with ESHUTDOWN
-        self.flow.update_reading()
+        self._update_reading()
 
     def hang_up(self) -> None:
         """The shutdown grace is over: close once the requests in flight are answered."""
-        if self.tx is None or self.transport is None:
+        if self.state.tx is None or self.transport is None:
             return
-        self.tx.deadline()
-        self.flow.update_reading()
+        self.state.deadline()
+        self._update_reading()
         self._finish_if_drained()

@@ -35,7 +35,7 @@ def only_connection(srv: ThreadedServer) -> Connection:
     assert srv.server is not None
     deadline = time.monotonic() + STARTUP_GUARD_S
     while True:
-        conns = [c for c in srv.server.connections if c.tx is not None]
+        conns = [c for c in srv.server.connections if c.state.tx is not None]
         if conns:
             assert len(conns) == 1
             return conns[0]

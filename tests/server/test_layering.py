@@ -17,6 +17,7 @@ CORE = (
     "nbdserver.protocol",
     "nbdserver.negotiation",
     "nbdserver.transmission",
+    "nbdserver.connection",
     "nbdserver.policy",
 )
 #: What the core must never load: I/O, the event loop, FFI, and any storage backend.

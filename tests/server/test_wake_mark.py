@@ -38,7 +38,7 @@ def only_connection(srv: ThreadedServer) -> Connection:
     assert srv.server is not None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        conns = [c for c in srv.server.connections if c.tx is not None]
+        conns = [c for c in srv.server.connections if c.state.tx is not None]
         if len(conns) == 1:
             return conns[0]
         time.sleep(0.01)
@@ -66,8 +66,8 @@ def wait_for_mark(conn: Connection, accept: Callable[[int], bool]) -> int:
 
 def missing(conn: Connection) -> int:
     """Bytes the connection still needs to complete the request it is receiving."""
-    assert conn.tx is not None
-    return conn.tx.needed - (conn.rx.end - conn.rx.start)
+    assert conn.state.tx is not None
+    return conn.state.tx.needed - (conn.rx.end - conn.rx.start)
 
 
 def test_mark_is_capped_while_a_large_write_streams_in(make_server: Start) -> None:
