@@ -40,7 +40,7 @@ from nbdserver.config import (
 from nbdserver.errors import ConfigError
 from nbdserver.exposure import startup_warnings
 from nbdserver.reload import Reloader
-from nbdserver.sched import set_policy, set_slice
+from nbdserver.sched import set_policy
 from nbdserver.server import Export, NBDServer, make_export, tune_allocator
 from nbdserver.stats import StatsWriter, stats_line
 from nbdserver.swapsafe import Outcome, SwapSafeReport, enter_swap_safe_mode
@@ -95,7 +95,6 @@ config file (TOML; command-line flags override only what they set):
   poll_us = 50              # 0 = never busy-poll
   wake_mark = true          # false = wake for every TCP segment (--no-wake-mark)
   sched_policy = "idle"     # run when a CPU would idle (default "normal"; or "batch")
-  # sched_slice_us = 100    # short scheduler slice (Linux >= 6.12; not with "idle")
   [[exports]]
   name = "swap"
   backend = "memory"        # or "file" with path = "/some/file"
@@ -230,14 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
         " how soon its next request comes (default 50; 0 = off)",
     )
     parser.add_argument(
-        "--sched-slice-us",
-        type=int,
-        metavar="N",
-        help="ask the kernel for an N µs scheduler slice (100-100000, Linux >= 6.12), so"
-        " the server's wake-ups preempt CPU-bound tasks instead of queueing behind them;"
-        ' no privilege needed (default 0: the kernel\'s; docs/performance.md, "Scheduler slice")',
-    )
-    parser.add_argument(
         "--sched-policy",
         choices=SCHED_POLICIES,
         help="how the kernel schedules the server's threads: normal (as started), batch"
@@ -310,11 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbd-serve: error: {exc}", file=sys.stderr)
         return 2
     tune_allocator()
-    # Before any fork or thread, both inherit them; the policy first (it resets the slice).
+    # Before any fork or thread: worker processes and threads inherit the policy.
     if config.sched_policy != "normal":
         _log_outcome(set_policy(config.sched_policy), "scheduling policy NOT in effect: ")
-    if config.sched_slice_us:
-        _log_outcome(set_slice(config.sched_slice_us), "scheduler slice NOT in effect: ")
 
     def open_export(ec: ExportConfig) -> Export:
         backend = open_export_backend(ec, config.cow_dir)

@@ -15,7 +15,6 @@ and :class:`ExportConfig` for the meaning of each)::
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
     wake_mark = true        # on TCP, wake only once a partly received request is whole
     sched_policy = "idle"   # normal (default), batch or idle: how the kernel schedules it
-    # sched_slice_us = 100  # a short scheduler slice (Linux >= 6.12; not with idle; 0 = off)
     tls = "require"         # off (default), on (clients may upgrade) or require
     tls_cert = "/etc/swapnbd/server-cert.pem"
     tls_key = "/etc/swapnbd/server-key.pem"
@@ -44,6 +43,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -64,9 +64,6 @@ DEFAULT_POLL_US: Final = 50
 DEFAULT_SHUTDOWN_GRACE: Final = 2.0
 #: Longest busy-poll window accepted: polling spins a core, so it stays short.
 MAX_POLL_US: Final = 10_000
-#: The range Linux clamps a requested scheduler slice to (0.1 ms to 100 ms).
-MIN_SLICE_US: Final = 100
-MAX_SLICE_US: Final = 100_000
 #: --sched-policy's names (nbdserver.sched._POLICIES maps them to the kernel's).
 SCHED_POLICIES: Final = ("normal", "batch", "idle")
 
@@ -83,7 +80,6 @@ _SERVER_KEYS: Final = (
     "max_connections",
     "poll_us",
     "wake_mark",
-    "sched_slice_us",
     "sched_policy",
     "exports",
     "exit_with_parent",
@@ -183,11 +179,6 @@ class ServerConfig:
     """On TCP, set SO_RCVLOWAT to the bytes still missing while a request is partly
     received, so the kernel wakes the loop once per request instead of once per segment
     (nbdserver.fastpath.WakeMark; docs/performance.md, "Wake mark")."""
-    sched_slice_us: int = 0
-    """Scheduler slice, in microseconds, asked for with sched_setattr (Linux >= 6.12): a
-    short one lets the server's wake-ups preempt CPU-bound tasks instead of queueing
-    behind them (nbdserver.sched; docs/performance.md, "Scheduler slice"). 0 = the
-    kernel's default."""
     sched_policy: str = "normal"
     """Scheduling policy for every thread: ``normal`` (SCHED_OTHER, leave it as started),
     ``batch`` (SCHED_BATCH: no preemption on wake-up) or ``idle`` (SCHED_IDLE: run when a
@@ -352,6 +343,62 @@ def check_export(export: ExportConfig, where: str) -> None:
             )
 
 
+#: Reads one config-file value: (file, key, value) -> the field's value, or ConfigError.
+_Reader = Callable[[str, str, Any], Any]
+
+
+def _as_given(where: str, key: str, value: Any) -> Any:
+    """For a value check_server checks, as it checks the command line's."""
+    return value
+
+
+def _of_type(kind: type, expected: str) -> _Reader:
+    def read(where: str, key: str, value: Any) -> Any:
+        if not isinstance(value, kind):
+            raise _type_error(where, key, value, expected)
+        return value
+
+    return read
+
+
+def _tls(where: str, key: str, value: Any) -> TlsMode:
+    return parse_tls_mode(value, where)
+
+
+def _size(where: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _type_error(where, key, value, 'a size such as "8M"')
+    return parse_size(str(value))
+
+
+_STRING: Final = _of_type(str, "a string")
+_FLAG: Final = _of_type(bool, "true or false")
+#: How load_file reads each server key but ``exports``, in the order it checks them (the
+#: first bad value is the one reported).
+_FILE_READERS: Final[dict[str, _Reader]] = {
+    "bind": _STRING,
+    "unix": _STRING,
+    "stats": _STRING,
+    "ready_file": _STRING,
+    "log_level": _STRING,
+    "cow_dir": _STRING,
+    "tls_cert": _STRING,
+    "tls_key": _STRING,
+    "tls_ca": _STRING,
+    "tls": _tls,
+    "port": _as_given,
+    "stats_interval": _as_given,
+    "shutdown_grace": _as_given,
+    "workers": _as_given,
+    "poll_us": _as_given,
+    "max_connections": _as_given,
+    "sched_policy": _as_given,
+    "wake_mark": _FLAG,
+    "swap_safe": _FLAG,
+    "max_inflight": _size,
+}
+
+
 def load_file(path: str) -> dict[str, Any]:
     """Read and check a TOML configuration file; return its keys as config fields."""
     try:
@@ -369,53 +416,7 @@ def load_file(path: str) -> dict[str, Any]:
             f"config file {path!r}: unknown key(s) {', '.join(unknown)};"
             f" allowed: {', '.join(_SERVER_KEYS)}"
         )
-    out: dict[str, Any] = {}
-    for key in (
-        "bind",
-        "unix",
-        "stats",
-        "ready_file",
-        "log_level",
-        "cow_dir",
-        "tls_cert",
-        "tls_key",
-        "tls_ca",
-    ):
-        if key in data:
-            if not isinstance(data[key], str):
-                raise _type_error(path, key, data[key], "a string")
-            out[key] = data[key]
-    if "tls" in data:
-        out["tls"] = parse_tls_mode(data["tls"], path)
-    if "port" in data:
-        out["port"] = data["port"]
-    if "stats_interval" in data:
-        out["stats_interval"] = data["stats_interval"]
-    if "shutdown_grace" in data:
-        out["shutdown_grace"] = data["shutdown_grace"]
-    if "workers" in data:
-        out["workers"] = data["workers"]
-    if "poll_us" in data:
-        out["poll_us"] = data["poll_us"]
-    if "max_connections" in data:
-        out["max_connections"] = data["max_connections"]
-    if "sched_slice_us" in data:
-        out["sched_slice_us"] = data["sched_slice_us"]
-    if "sched_policy" in data:
-        out["sched_policy"] = data["sched_policy"]
-    if "wake_mark" in data:
-        if not isinstance(data["wake_mark"], bool):
-            raise _type_error(path, "wake_mark", data["wake_mark"], "true or false")
-        out["wake_mark"] = data["wake_mark"]
-    if "swap_safe" in data:
-        if not isinstance(data["swap_safe"], bool):
-            raise _type_error(path, "swap_safe", data["swap_safe"], "true or false")
-        out["swap_safe"] = data["swap_safe"]
-    if "max_inflight" in data:
-        raw = data["max_inflight"]
-        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-            raise _type_error(path, "max_inflight", raw, 'a size such as "8M"')
-        out["max_inflight"] = parse_size(str(raw))
+    out = {key: read(path, key, data[key]) for key, read in _FILE_READERS.items() if key in data}
     raw_exports = data.get("exports", [])
     if not isinstance(raw_exports, list):
         raise ConfigError(f"config file {path!r}: exports must be an array of tables ([[exports]])")
@@ -453,7 +454,6 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "max_connections",
         "poll_us",
         "wake_mark",
-        "sched_slice_us",
         "sched_policy",
         "exit_with_parent",
         "fault",
@@ -574,24 +574,9 @@ def check_server(config: ServerConfig) -> None:
         raise ConfigError(
             f"poll_us {poll!r} must be a whole number of microseconds from 0 (off) to {MAX_POLL_US}"
         )
-    slice_us = config.sched_slice_us
-    if (
-        isinstance(slice_us, bool)
-        or not isinstance(slice_us, int)
-        or not (slice_us == 0 or MIN_SLICE_US <= slice_us <= MAX_SLICE_US)
-    ):
-        raise ConfigError(
-            f"sched_slice_us {slice_us!r} must be 0 (the kernel's default) or a whole number"
-            f" of microseconds from {MIN_SLICE_US} to {MAX_SLICE_US}"
-        )
     if config.sched_policy not in SCHED_POLICIES:
         raise ConfigError(
             f"sched_policy {config.sched_policy!r} must be one of {', '.join(SCHED_POLICIES)}"
-        )
-    if config.sched_policy == "idle" and slice_us:
-        raise ConfigError(
-            f"sched_slice_us {slice_us} does not apply under sched_policy 'idle' (SCHED_IDLE"
-            " threads keep the kernel's slice): give one or the other"
         )
     if config.max_inflight < 64 * 1024:
         raise ConfigError(

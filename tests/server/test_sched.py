@@ -1,18 +1,15 @@
-"""The scheduling policy and slice (``--sched-policy``, ``--sched-slice-us``,
-nbdserver.sched): set once before the server forks or starts threads, they are in force
-on every thread of every process, as the kernel reports them (sched_getscheduler and
-sched_getattr on each thread id, not the server's own word).
+"""The scheduling policy (``--sched-policy``, nbdserver.sched): set once before the
+server forks or starts threads, it is in force on every thread of every process, as the
+kernel reports it (sched_getscheduler on each thread id, not the server's own word).
 
-Whether they pay is measured by the swap-path matrix, not here (docs/performance.md,
-"Scheduling policy" and "Scheduler slice").
+Whether it pays is measured by the swap-path matrix, not here (docs/performance.md,
+"Scheduling policy").
 """
 
 from __future__ import annotations
 
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,21 +17,14 @@ import psutil
 import pytest
 
 from nbdserver.protocol import Cmd, SimpleReply
-from nbdserver.sched import current_slice_ns, set_policy, set_slice
+from nbdserver.sched import set_policy
 
 from .nbdtest import RawClient, ServerProcess, running_server
 
-IN_EFFECT = "scheduler slice {us} µs: wake-ups preempt CPU-bound tasks"
 POLICY_IN_EFFECT = {
     "idle": "scheduling policy idle: runs when a CPU would otherwise idle, or on a minimal share",
     "batch": "scheduling policy batch: wake-ups do not preempt running tasks",
 }
-
-
-def thread_slices(server: ServerProcess) -> dict[tuple[int, int], int | None]:
-    """(pid, tid) -> slice in ns, for every thread of the server and its workers."""
-    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children()]
-    return {(p.pid, t.id): current_slice_ns(t.id) for p in procs for t in p.threads()}
 
 
 def thread_policies(server: ServerProcess) -> dict[tuple[int, int], int]:
@@ -64,77 +54,6 @@ def serve_a_write(server: ServerProcess) -> None:
             c.close()
 
 
-def test_every_thread_of_every_process_runs_with_the_slice(tmp_path: Path) -> None:
-    with running_server(
-        tmp_path, "--memory", "16M", "--workers", "2", "--sched-slice-us", "150"
-    ) as server:
-        wait_for_workers(server, 1)
-        serve_a_write(server)
-        slices = thread_slices(server)
-        assert len({pid for pid, _ in slices}) == 2, slices
-        assert set(slices.values()) == {150_000}, slices
-        assert server.alive()
-        server.assert_no_crash(strict=True)
-    assert IN_EFFECT.format(us=150) in server.log()
-
-
-def test_by_default_the_kernel_chooses(tmp_path: Path) -> None:
-    """Without the option the server's threads keep the slice this test process has
-    (the kernel's default), and the log says nothing of a slice."""
-    ours = current_slice_ns(0)
-    assert ours is not None and ours != 150_000
-    with running_server(tmp_path, "--memory", "16M", "--workers", "2") as server:
-        wait_for_workers(server, 1)
-        serve_a_write(server)
-        assert set(thread_slices(server).values()) == {ours}
-    assert "scheduler slice" not in server.log()
-
-
-def test_the_config_file_key(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text("sched_slice_us = 250\nworkers = 1\n[[exports]]\nsize = '4M'\n")
-    with running_server(tmp_path, "--config", str(config), "--port", "0") as server:
-        assert set(thread_slices(server).values()) == {250_000}
-
-
-def test_a_real_time_server_is_told_why_the_slice_does_not_apply() -> None:
-    """Under SCHED_FIFO (a policy a slice means nothing to) set_slice leaves the thread
-    alone and says why; checked in a child process so this one keeps its policy."""
-    pid = os.fork()
-    if pid == 0:  # the child: report through the exit code, never raise past here
-        code = 1
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            before = current_slice_ns(0)
-            outcome = set_slice(200)
-            expected = "the server runs under scheduling policy 1, which takes no slice"
-            if not outcome.ok and outcome.detail == expected and current_slice_ns(0) == before:
-                code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
-def test_the_slice_is_inherited_by_programs_the_server_starts() -> None:
-    """A forked and exec'd child keeps the slice, so ``--workers`` processes forked after
-    start-up (a respawn) run with it too."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if set_slice(300).ok:
-                probe = "from nbdserver.sched import current_slice_ns as s; print(s(0))"
-                done = subprocess.run(
-                    [sys.executable, "-c", probe], capture_output=True, text=True, check=False
-                )
-                code = 0 if done.stdout.strip() == "300000" else 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
 @pytest.mark.parametrize(("name", "policy"), [("idle", os.SCHED_IDLE), ("batch", os.SCHED_BATCH)])
 def test_every_thread_of_every_process_runs_under_the_policy(
     tmp_path: Path, name: str, policy: int
@@ -151,17 +70,6 @@ def test_every_thread_of_every_process_runs_under_the_policy(
         assert server.alive()
         server.assert_no_crash(strict=True)
     assert POLICY_IN_EFFECT[name] in server.log()
-
-
-def test_batch_policy_keeps_the_slice(tmp_path: Path) -> None:
-    """The policy is set before the slice (a policy change resets it): both hold."""
-    with running_server(
-        tmp_path, "--memory", "16M", "--workers", "1", "--sched-policy", "batch",
-        "--sched-slice-us", "150",
-    ) as server:  # fmt: skip
-        serve_a_write(server)
-        assert set(thread_policies(server).values()) == {os.SCHED_BATCH}
-        assert set(thread_slices(server).values()) == {150_000}
 
 
 def test_by_default_the_policy_is_left_alone(tmp_path: Path) -> None:
