@@ -1,0 +1,52 @@
+"""docs/results: every published result is a report, its plots and the archive that gives them.
+
+What a reader can check without a guest (issue 23): each folder holds ``runs.tar.xz``,
+``report.md``, ``report.csv``, ``report.json`` and ``plots/``, nothing else, and
+``swapnbd report runs.tar.xz --baseline B`` (B: the baseline the report names) prints the
+committed report byte for byte. A result whose runs predate the per-second samples has
+plots drawn at the time from the store; their names are still the report's arms.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vm import report
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
+LAYOUT = {"runs.tar.xz", "report.md", "report.csv", "report.json", "plots"}
+RESULTS = sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_there_are_published_results() -> None:
+    assert len(RESULTS) >= 2, RESULTS
+
+
+@pytest.mark.parametrize("name", RESULTS)
+def test_a_result_folder_holds_the_published_layout_only(name: str) -> None:
+    out = PUBLISHED / name
+    present = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert present - {"plots"} == LAYOUT - {"plots"}, f"{name}: {sorted(present ^ LAYOUT)}"
+    plots = out / "plots"
+    if plots.exists():
+        assert all(p.suffix in (".png", ".svg") for p in plots.iterdir()), name
+
+
+@pytest.mark.parametrize("name", RESULTS)
+def test_the_committed_report_regenerates_from_its_archive(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report from the committed runs, with the committed report's baseline."""
+    out = PUBLISHED / name
+    baseline = json.loads((out / "report.json").read_text())["baseline"]
+    monkeypatch.chdir(out)  # the report names its runs runs.tar.xz/RUN, as publish wrote it
+    rep = report.build_report(report.load_runs([Path("runs.tar.xz")]), baseline=baseline)
+    for fmt in ("md", "csv", "json"):
+        assert report.render(rep, fmt) == (out / f"report.{fmt}").read_text(), f"{name} {fmt}"
+    arms = {report._safe_name(arm["label"]) for arm in rep["arms"]}
+    plots = out / "plots"
+    drawn = {p.stem for p in plots.iterdir()} if plots.exists() else set()
+    assert drawn <= arms, f"{name}: plots of no arm: {sorted(drawn - arms)}"
