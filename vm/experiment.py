@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -63,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 
+from stress.runrecord import FILES, Outcome, RunRecord
 from stress.vmstat import summarize
 from vm import arms, forensics, guest_init, lifeline, qemu, servers, watchdog
 from vm.progress import format_duration
@@ -88,12 +88,7 @@ ALLOCATORS = ("slub", "slab")
 SCHED_POLICIES = ("normal", "batch", "idle")
 
 #: Every file a run leaves in OUT besides run.json (created empty when a run fails early).
-OUTPUT_FILES: dict[str, str] = {
-    "vmstat": "vmstat.jsonl",
-    "events": "events.jsonl",
-    "console": "console.log",
-    "server_stats": "server-stats.jsonl",
-}
+OUTPUT_FILES = FILES
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,32 +634,15 @@ def _since(t0: float) -> float:
     return round(time.monotonic() - t0, 2)
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
-
-
-def new_run(cfg: RunConfig) -> dict[str, Any]:
-    """The run.json skeleton, filled in as the run goes."""
-    return {
-        "schema": 1,
-        "config": cfg.to_json(),
-        "host": {"python": platform.python_version(), "kernel": platform.release()},
-        "kernel": {
-            "name": cfg.kernel,
-            "flavour": cfg.flavour,
-            "arm": cfg.arm,
-            "allocator": cfg.allocator,
-        },
-        "outcome": None,
-        "outcome_reason": None,
-        "swapstress": None,
-        "vmstat_delta": {},
-        "timings": {},
-        "cost": Cost().as_dict(),
-        "files": dict(OUTPUT_FILES),
+def new_run(cfg: RunConfig) -> RunRecord:
+    """The run's record, filled in as the run goes."""
+    kernel = {
+        "name": cfg.kernel,
+        "flavour": cfg.flavour,
+        "arm": cfg.arm,
+        "allocator": cfg.allocator,
     }
+    return RunRecord(config=cfg.to_json(), kernel=kernel, cost=Cost().as_dict())
 
 
 def run_experiment(
@@ -689,29 +667,23 @@ def run_experiment(
             _run_guest(cfg, run, cost, say, hook)
         except (Interrupted, KeyboardInterrupt) as exc:
             name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
-            run["outcome"] = watchdog.Outcome.ERROR.value
-            run["outcome_reason"] = f"interrupted by {name}; QEMU and the server were stopped"
-            run["interrupted"] = True
-            run["interrupted_by"] = name
+            run.judge(Outcome.ERROR, f"interrupted by {name}; QEMU and the server were stopped")
+            run.interrupted = True
+            run.interrupted_by = name
             say(f"interrupted by {name}: QEMU and the server were stopped, writing run.json")
         except Exception as exc:  # recorded, never lost: the harness records every outcome
             log.debug("run failed", exc_info=True)
-            run["outcome"] = watchdog.Outcome.ERROR.value
-            run["outcome_reason"] = f"{type(exc).__name__}: {exc}"
-            run["traceback"] = traceback.format_exc(limit=8)
-            say(f"error: {run['outcome_reason']}")
+            run.judge(Outcome.ERROR, f"{type(exc).__name__}: {exc}")
+            run.traceback = traceback.format_exc(limit=8)
+            say(f"error: {run.outcome_reason}")
         finally:
-            run["cost"] = cost.as_dict()
-            run["timings"]["total_s"] = _since(t_start)
-            for name in OUTPUT_FILES.values():
-                (cfg.out / name).touch(exist_ok=True)
-            _write_json(cfg.out / "run.json", run)
-    return run
+            run.cost = cost.as_dict()
+            run.timings["total_s"] = _since(t_start)
+            run.write(cfg.out)
+    return run.to_json()
 
 
-def _run_guest(
-    cfg: RunConfig, run: dict[str, Any], cost: Cost, say: Emit, hook: Hook | None
-) -> None:
+def _run_guest(cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit, hook: Hook | None) -> None:
     """Steps 1-6 of the module docstring."""
     from vm import image as vm_image  # noqa: PLC0415 - heavy, and built by another part
 
@@ -753,7 +725,8 @@ def _run_guest(
                 finally:
                     killed = _stop_qemu(proc, cost)
                     cost.steal_end = host_steal_ticks()
-                    run["qemu"].update(exit_status=proc.returncode, killed_by_host=killed)
+                    assert run.qemu is not None  # _boot recorded it with the process
+                    run.qemu.update(exit_status=proc.returncode, killed_by_host=killed)
                 if attempt < BOOT_ATTEMPTS and _hung_booting(ending, wd.state):
                     _keep_failed_boot(cfg, run, wd, attempt, say)
                     continue
@@ -787,7 +760,7 @@ def _hung_booting(ending: Ending, state: watchdog.WatchState) -> bool:
 
 
 def _keep_failed_boot(
-    cfg: RunConfig, run: dict[str, Any], wd: watchdog.Watchdog, attempt: int, say: Emit
+    cfg: RunConfig, run: RunRecord, wd: watchdog.Watchdog, attempt: int, say: Emit
 ) -> None:
     """Move the hung boot's console aside and record it in ``boot_retries``."""
     console = cfg.out / OUTPUT_FILES["console"]
@@ -798,7 +771,9 @@ def _keep_failed_boot(
         kept = console.replace(cfg.out / f"console-boot{attempt}.log")
     silent = round(wd.state.silent_for(time.monotonic()), 1)
     last = watchdog.console_last_line(text)
-    run.setdefault("boot_retries", []).append(
+    if run.boot_retries is None:
+        run.boot_retries = []
+    run.boot_retries.append(
         {
             "attempt": attempt,
             "silent_s": silent,
@@ -812,7 +787,7 @@ def _keep_failed_boot(
     )
 
 
-def _image(cfg: RunConfig, cache_dir: Path, run: dict[str, Any], say: Emit) -> GuestImage:
+def _image(cfg: RunConfig, cache_dir: Path, run: RunRecord, say: Emit) -> GuestImage:
     """Step 1: the guest image for the kernel, arm and allocator."""
     from vm import image as vm_image  # noqa: PLC0415
 
@@ -830,8 +805,8 @@ def _image(cfg: RunConfig, cache_dir: Path, run: dict[str, Any], say: Emit) -> G
         arm=cfg.arm,
         allocator=cfg.allocator,
     )
-    run["timings"]["image_s"] = _since(t0)
-    kernel = run["kernel"]
+    run.timings["image_s"] = _since(t0)
+    kernel = run.kernel
     kernel.update(img.identity)
     kernel.update(
         arm=cfg.arm,
@@ -848,13 +823,13 @@ def _image(cfg: RunConfig, cache_dir: Path, run: dict[str, Any], say: Emit) -> G
 
 
 def _accelerator(
-    cfg: RunConfig, img: GuestImage, cache_dir: Path, run: dict[str, Any], say: Emit
+    cfg: RunConfig, img: GuestImage, cache_dir: Path, run: RunRecord, say: Emit
 ) -> qemu.AccelChoice:
     """Step 2: TCG or KVM (``auto`` boot-probes KVM once per kernel and caches it)."""
     t0 = time.monotonic()
     choice = qemu.resolve_accel(cfg.accel, img.kernel, cache_dir, progress=say)
-    run["timings"]["accel_s"] = _since(t0)
-    run["accel"] = {
+    run.timings["accel_s"] = _since(t0)
+    run.accel = {
         "requested": cfg.accel,
         "used": choice.accel,
         "reason": choice.reason,
@@ -881,7 +856,7 @@ SWAP_PATH_ARGS: tuple[str, ...] = ("--poll-us", "0")
 
 @contextlib.contextmanager
 def _serving(
-    cfg: RunConfig, run: dict[str, Any], cost: Cost, say: Emit
+    cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit
 ) -> Iterator[servers.RunningServer]:
     """Step 3: the NBD server, stopped (final stats line, cost) however the block ends."""
     t0 = time.monotonic()
@@ -898,7 +873,7 @@ def _serving(
         backing=cfg.backing,
         extra_args=extra,
     )
-    run["timings"]["server_start_s"] = _since(t0)
+    run.timings["server_start_s"] = _since(t0)
     cost.server = ServerCost(server.pid)
     cost.server.sample(time.monotonic(), force=True)
     try:
@@ -916,9 +891,9 @@ def _serving(
         if not server.killed:
             cost.server.sample(time.monotonic(), force=True)
         server.stop()
-        run["server"] = server.describe()
+        run.server = server.describe()
         if server.kind == "nbd-serve" and server.stats_path is not None:
-            run["server"]["stats"] = server_stats_summary(server.stats_path)
+            run.server["stats"] = server_stats_summary(server.stats_path)
 
 
 def _boot(
@@ -927,7 +902,7 @@ def _boot(
     choice: qemu.AccelChoice,
     server: servers.RunningServer,
     *,
-    run: dict[str, Any],
+    run: RunRecord,
     cost: Cost,
     say: Emit,
     qmp_path: Path | None = None,
@@ -952,7 +927,7 @@ def _boot(
         qmp_path=qmp_path,
     )
     argv = qemu.build_argv(qcfg)
-    run["qemu"] = {"argv": argv, "guest_config": gcfg}
+    run.qemu = {"argv": argv, "guest_config": gcfg}
     for name in ("console", "events", "vmstat"):
         (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
     cost.steal_start = host_steal_ticks()
@@ -966,7 +941,7 @@ def _boot(
             start_new_session=True,
             preexec_fn=lifeline.parent_death_signal(signal.SIGKILL),  # noqa: PLW1509 - prctl
         )
-    run["qemu"]["pid"] = proc.pid
+    run.qemu["pid"] = proc.pid
     say(f"QEMU started (pid {proc.pid}, {cfg.memory_mib} MiB, {cfg.cpus} vCPUs, {choice.accel})")
     wd = watchdog.Watchdog(out / OUTPUT_FILES["events"], out / OUTPUT_FILES["vmstat"], t_qemu)
     return proc, wd, t_qemu
@@ -1111,26 +1086,25 @@ def _stall_step(
     return None
 
 
-def _check_arm(run: dict[str, Any], arm: str) -> None:
+def _check_arm(run: RunRecord, arm: str) -> None:
     """Hold the run to the arm it asked for, as the guest itself reported it.
 
     A measurement of the wrong arm is worse than none: when the guest says its
     switches did not take, the outcome becomes ``error`` (the measured one is
     kept as ``outcome_unchecked``).
     """
-    proof = run["kernel"].get("in_guest")
-    reverted = run["kernel"].get("fixed_arm") == "vanilla"
+    proof = run.kernel.get("in_guest")
+    reverted = run.kernel.get("fixed_arm") == "vanilla"
     ok, why = arms.arm_in_effect(arm, proof, reverted=reverted)
-    run["kernel"]["arm_check"] = {"ok": ok, "reason": why}
-    if not ok and proof is not None and run.get("outcome") != watchdog.Outcome.ERROR.value:
-        run["outcome_unchecked"] = run["outcome"]
-        run["outcome"] = watchdog.Outcome.ERROR.value
-        run["outcome_reason"] = f"the {arm} arm was not in effect in the guest: {why}"
+    run.kernel["arm_check"] = {"ok": ok, "reason": why}
+    if not ok and proof is not None and run.outcome is not Outcome.ERROR:
+        run.outcome_unchecked = run.outcome
+        run.judge(Outcome.ERROR, f"the {arm} arm was not in effect in the guest: {why}")
 
 
 def _record(
     cfg: RunConfig,
-    run: dict[str, Any],
+    run: RunRecord,
     wd: watchdog.Watchdog,
     ending: Ending,
     *,
@@ -1142,13 +1116,13 @@ def _record(
 ) -> None:
     """Step 6: the verdict and everything run.json keeps of the guest."""
     out = cfg.out
-    timings = run["timings"]
+    timings = run.timings
     end = time.monotonic()
     list(wd.poll(end))  # whatever arrived in the last moments
     timings["qemu_s"] = round(end - t_qemu, 2)
     timings["phases_s"] = {k: round(v, 2) for k, v in wd.state.phases.items()}
     timings.update({f"mark_{k}_s": round(v - t_qemu, 2) for k, v in ctx.marks.items()})
-    run["ending"] = ending.value
+    run.ending = ending.value
     console_path = out / OUTPUT_FILES["console"]
     console = console_path.read_text(errors="replace") if console_path.exists() else ""
     st = wd.state
@@ -1184,39 +1158,36 @@ def _record(
         pressure=pressure,
         kernel=kernel_evidence,
     )
-    run["footprint"] = st.footprint()
+    run.footprint = st.footprint()
     if stalls is not None:
-        run["stalls"] = list(stalls.stalls)
-        run["stall_count"] = len(stalls.stalls)
-        run["stall_s_total"] = round(sum(x["length_s"] for x in stalls.stalls), 1)
-    run["outcome"] = verdict.outcome.value
-    run["outcome_reason"] = verdict.reason
-    run["evidence"] = verdict.evidence
+        run.stalls = list(stalls.stalls)
+        run.stall_count = len(stalls.stalls)
+        run.stall_s_total = round(sum(x["length_s"] for x in stalls.stalls), 1)
+    run.judge(verdict.outcome, verdict.reason)
+    run.evidence = verdict.evidence
     if st.result is not None:
-        run["swapstress"] = st.result.get("swapstress")
-        run["swapstress_exit_code"] = st.result.get("exit_code")
+        run.swapstress = st.result.get("swapstress")
+        run.swapstress_exit_code = st.result.get("exit_code")
         timings["stress_s"] = st.result.get("seconds")
     if st.error is not None:
-        run["guest_error"] = {"phase": st.error.get("phase"), "message": st.error.get("message")}
+        run.guest_error = {"phase": st.error.get("phase"), "message": st.error.get("message")}
     if st.info is not None:
-        run["kernel"]["guest_release"] = st.info.get("kernel_release")
-        run["kernel"]["cmdline"] = st.info.get("cmdline")
-        run["kernel"]["in_guest"] = st.info.get("arm")
+        run.kernel["guest_release"] = st.info.get("kernel_release")
+        run.kernel["cmdline"] = st.info.get("cmdline")
+        run.kernel["in_guest"] = st.info.get("arm")
         _check_arm(run, cfg.arm)
-        run["guest"] = {
-            k: st.info.get(k) for k in ("settings", "mem_total_bytes", "cpus", "python")
-        }
+        run.guest = {k: st.info.get(k) for k in ("settings", "mem_total_bytes", "cpus", "python")}
     samples = read_jsonl(out / OUTPUT_FILES["vmstat"])
     summary = vmstat_summary(samples)
-    run["vmstat_delta"] = summary.get("vmstat_delta", {})
-    run["vmstat_rates"] = summary.get("rates", {})
-    run["vmstat_absent"] = summary.get("absent", [])
-    run["swap_device"] = swap_device(summary)
-    run["counts"] = {
+    run.vmstat_delta = summary.get("vmstat_delta", {})
+    run.vmstat_rates = summary.get("rates", {})
+    run.vmstat_absent = summary.get("absent", [])
+    run.swap_device = swap_device(summary)
+    run.counts = {
         "samples": len(samples),
         "heartbeats": st.heartbeats,
         "events": st.events,
         "bad_lines": wd.events.bad_lines + wd.samples.bad_lines,
     }
-    run["last_heartbeat"] = st.last_heartbeat
-    run["last_sample_vmstat"] = (st.last_sample or {}).get("vmstat")
+    run.last_heartbeat = st.last_heartbeat
+    run.last_sample_vmstat = (st.last_sample or {}).get("vmstat")

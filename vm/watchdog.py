@@ -34,20 +34,10 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
-
-class Outcome(StrEnum):
-    """How a run ended (the ``outcome`` field of run.json)."""
-
-    COMPLETED = "completed"
-    LOCKUP = "lockup"
-    GUEST_CRASH = "guest-crash"
-    CORRUPTION = "corruption"
-    OOM = "oom"
-    ERROR = "error"
+from stress.runrecord import Outcome, swapstress_verdict
 
 
 class JsonlTail:
@@ -553,25 +543,13 @@ def classify(
         evidence["qemu_exit"] = qemu_exit
     if corrupt_seen:
         evidence["corrupt_seen"] = corrupt_seen
-    if result_event is not None:
-        sw = result_event.get("swapstress") or {}
-        corrupt = int(sw.get("corrupt_pages") or 0)
-        sw_outcome = sw.get("outcome")
-        if corrupt > 0 or sw_outcome == "corruption":
-            return Verdict(
-                Outcome.CORRUPTION, f"swapstress found {corrupt} corrupt pages", evidence
-            )
-        if sw_outcome == "completed":
-            return Verdict(
-                Outcome.COMPLETED, "swapstress completed and verified every page", evidence
-            )
-        if sw_outcome == "worker-died" and _oom_signs(result_event, console):
-            return Verdict(Outcome.OOM, "a swapstress worker was OOM-killed", evidence)
-        return Verdict(
-            Outcome.ERROR,
-            f"swapstress ended with outcome {sw_outcome!r} (exit {result_event.get('exit_code')})",
-            evidence,
+    if result_event is not None:  # it finished: judged as a lab run is (stress.runrecord)
+        outcome, reason = swapstress_verdict(
+            result_event.get("swapstress") or {},
+            result_event.get("exit_code"),
+            oom_killed=_oom_signs(result_event, console),
         )
+        return Verdict(outcome, reason, evidence)
     if corrupt_seen > 0:
         how = "hung" if lockup else "ended"
         return Verdict(

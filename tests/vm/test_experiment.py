@@ -176,11 +176,12 @@ def test_arm_allocator_and_a_built_kernel_reach_the_config(tmp_path: Path) -> No
 
 def test_run_json_skeleton_records_arm_cost_and_files(tmp_path: Path) -> None:
     cfg = experiment.RunConfig(out=tmp_path, arm="vanilla", allocator="slub")
-    run = experiment.new_run(cfg)
+    run = experiment.new_run(cfg).to_json()
     assert run["kernel"] == {"name": "6.1", "flavour": "cloud", "arm": "vanilla",
                              "allocator": "slub"}  # fmt: skip
     assert run["cost"] == {"server": None, "qemu": None, "host_steal_s": None}
     assert run["files"] == experiment.OUTPUT_FILES
+    assert run["schema"] == 1 and run["outcome"] is None
 
 
 def test_tree_usage_counts_reaped_children(tmp_path: Path) -> None:

@@ -357,27 +357,26 @@ def test_the_reason_tells_silence_from_no_progress(
 
 def test_the_arm_check_turns_a_wrong_arm_into_an_error() -> None:
     """Without a guest: the guest's read-back of its switches decides, never the request."""
+    from stress.runrecord import Outcome, RunRecord
     from vm import experiment
 
-    def run(memalloc: str) -> dict[str, Any]:
-        return {
-            "outcome": "lockup",
-            "kernel": {
-                "in_guest": {
-                    "switches": {"nbd.memalloc": memalloc, "livepatch.swapnbd_nothrottle": "1"}
-                }
-            },
-        }
+    def run(memalloc: str) -> RunRecord:
+        switches = {"nbd.memalloc": memalloc, "livepatch.swapnbd_nothrottle": "1"}
+        record = RunRecord(config={}, kernel={"in_guest": {"switches": switches}})
+        record.judge(Outcome.LOCKUP, "no progress")
+        return record
 
     wrong = run("Y")
     experiment._check_arm(wrong, "vanilla")
-    assert wrong["outcome"] == "error" and wrong["outcome_unchecked"] == "lockup"
-    assert wrong["outcome_reason"].startswith("the vanilla arm was not in effect in the guest: ")
-    assert wrong["kernel"]["arm_check"]["ok"] is False
+    assert wrong.outcome == "error" and wrong.outcome_unchecked == "lockup"
+    assert wrong.outcome_reason is not None
+    assert wrong.outcome_reason.startswith("the vanilla arm was not in effect in the guest: ")
+    assert wrong.kernel["arm_check"]["ok"] is False
     right = run("N")
     experiment._check_arm(right, "vanilla")
-    assert right["outcome"] == "lockup" and "outcome_unchecked" not in right
-    assert right["kernel"]["arm_check"]["ok"] is True
+    assert right.outcome == "lockup" and right.outcome_unchecked is None
+    assert right.outcome_reason == "no progress"
+    assert right.kernel["arm_check"]["ok"] is True
 
 
 def test_the_watch_state_keeps_the_most_corrupt_pages_a_heartbeat_reported() -> None:

@@ -6,14 +6,15 @@ Why: ``swapnbd report`` reads results directories (``run.json`` + ``vmstat.jsonl
 program plays both parts on the machine itself: it starts the vmstat collector
 (``stress.vmstat``, mlocked), runs ``stress.swapstress`` with its heartbeats in
 ``events.jsonl``, stops the collector, copies the kernel log lines of the run into
-``console.log`` and writes ``run.json`` with the same keys a VM run has (``config``,
-``kernel``, ``outcome``, ``outcome_reason``, ``swapstress``, ``vmstat_delta``, ``timings``,
-``files``), plus ``lab`` (where it ran).
+``console.log`` and writes ``run.json``: the same :class:`stress.runrecord.RunRecord` a
+VM run writes, so it has the same keys, plus ``lab`` (where it ran).
 
-Outcomes as in vm/watchdog.py: completed, corruption, oom, error (a lab machine that
-locks up cannot report; the Ansible run times out instead).
+The verdict is the VM runs' verdict of a finished swapstress,
+:func:`stress.runrecord.swapstress_verdict`: completed, corruption, oom or error (a lab
+machine that locks up cannot report; the Ansible run times out instead).
 
-Standard library plus the deployed guest tools (``stress/``) only.
+Standard library plus the deployed guest tools (``stress/``, deployed beside this file)
+only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# The guest tools are deployed beside this file (roles/swapstress/tasks/main.yml).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stress.runrecord import RunRecord, swapstress_verdict
 
 SETTINGS = {
     "vm.min_free_kbytes": "/proc/sys/vm/min_free_kbytes",
@@ -60,23 +66,6 @@ def kernel_log() -> list[str]:
     return done.stdout.splitlines() if done.returncode == 0 else []
 
 
-def classify(
-    result: dict[str, Any] | None, exit_code: int, oom_delta: int | None
-) -> tuple[str, str]:
-    """(outcome, reason) from swapstress's result, as vm.watchdog.classify does for a guest."""
-    if result is None:
-        return "error", f"swapstress exited {exit_code} without writing its result"
-    corrupt = int(result.get("corrupt_pages") or 0)
-    outcome = result.get("outcome")
-    if corrupt > 0 or outcome == "corruption":
-        return "corruption", f"swapstress found {corrupt} corrupt pages"
-    if outcome == "completed":
-        return "completed", "swapstress completed and verified every page"
-    if outcome == "worker-died" and (oom_delta or 0) > 0:
-        return "oom", "a swapstress worker was OOM-killed"
-    return "error", f"swapstress ended with outcome {outcome!r} (exit {exit_code})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", required=True, type=Path, help="results directory (created)")
@@ -106,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
          "--summary", str(out / "vmstat-summary.json")],
         env=env, cwd=str(args.tools), stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    Path(f"/proc/{collector.pid}/oom_score_adj").write_text("-1000\n")
+    # Keep the OOM killer off the collector where the machine allows it (a container
+    # without CAP_SYS_RESOURCE does not); run.json says which it was.
+    try:
+        Path(f"/proc/{collector.pid}/oom_score_adj").write_text("-1000\n")
+        collector_oom = "protected (oom_score_adj -1000)"
+    except OSError as exc:
+        collector_oom = f"not protected: oom_score_adj: {exc.strerror}"
     time.sleep(2.0)  # a first sample before the pressure starts: a clean baseline
     stress_args = ["--workers", str(args.workers), "--total", args.total,
                    "--loops", str(args.loops), "--mlock", "--force"]  # fmt: skip
@@ -136,17 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {}
     if (out / "vmstat-summary.json").exists():
         summary = json.loads((out / "vmstat-summary.json").read_text())
-    outcome, reason = classify(result, stress.returncode, oom_delta)
+    outcome, reason = swapstress_verdict(result, stress.returncode, oom_killed=(oom_delta or 0) > 0)
     mem_total = next(
         (int(line.split()[1]) * 1024 for line in (read("/proc/meminfo") or "").splitlines()
          if line.startswith("MemTotal:")),
         None,
     )  # fmt: skip
-    for name in ("vmstat.jsonl", "events.jsonl", "console.log", "server-stats.jsonl"):
-        (out / name).touch()
-    run = {
-        "schema": 1,
-        "config": {
+    run = RunRecord(
+        config={
             "workers": args.workers,
             "total": args.total,
             "loops": args.loops,
@@ -154,51 +146,43 @@ def main(argv: list[str] | None = None) -> int:
             "swapstress_args": stress_args,
             "where": "lab",
         },
-        "host": {"python": platform.python_version(), "kernel": platform.release()},
-        "kernel": {
+        kernel={
             "release": platform.release(),
             "guest_release": platform.release(),
             "version": platform.version(),
             "cmdline": read("/proc/cmdline"),
         },
-        "accel": {"used": "bare-metal"},
-        "lab": {
+        accel={"used": "bare-metal"},
+        lab={
             "label": args.label,
             "hostname": socket.gethostname(),
             "swaps": (read("/proc/swaps") or "").splitlines()[1:],
             "started_at": started_at,
+            "collector_oom": collector_oom,
         },
-        "guest": {
+        guest={
             "settings": {key: read(path) for key, path in SETTINGS.items()},
             "mem_total_bytes": mem_total,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
-        "outcome": outcome,
-        "outcome_reason": reason,
-        "swapstress": result,
-        "swapstress_exit_code": stress.returncode,
-        "oom_kill_delta": oom_delta,
-        "collector_exit": collector_rc,
-        "vmstat_delta": summary.get("vmstat_delta", {}),
-        "vmstat_rates": summary.get("rates", {}),
-        "vmstat_absent": summary.get("absent", []),
-        "timings": {
+        outcome=outcome,
+        outcome_reason=reason,
+        swapstress=result,
+        swapstress_exit_code=stress.returncode,
+        oom_kill_delta=oom_delta,
+        collector_exit=collector_rc,
+        vmstat_delta=summary.get("vmstat_delta", {}),
+        vmstat_rates=summary.get("rates", {}),
+        vmstat_absent=summary.get("absent", []),
+        timings={
             "stress_s": round(stress_s, 2),
             "total_s": round(time.monotonic() - t_start, 2),
         },
-        "files": {
-            "vmstat": "vmstat.jsonl",
-            "events": "events.jsonl",
-            "console": "console.log",
-            "server_stats": "server-stats.jsonl",
-        },
-    }
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(run, indent=2) + "\n")
-    tmp.replace(out / "run.json")
+    )
+    run.write(out)
     print(json.dumps({"outcome": outcome, "reason": reason,
-                      "pswpout": run["vmstat_delta"].get("pswpout")}))  # fmt: skip
+                      "pswpout": run.vmstat_delta.get("pswpout")}))  # fmt: skip
     return 0 if outcome == "completed" else 1
 
 
