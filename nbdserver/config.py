@@ -395,6 +395,8 @@ _FILE_READERS: Final[dict[str, _Reader]] = {
     "sched_policy": _as_given,
     "wake_mark": _FLAG,
     "swap_safe": _FLAG,
+    "exit_with_parent": _FLAG,
+    "fault": _STRING,
     "max_inflight": _size,
 }
 

@@ -117,6 +117,23 @@ def test_a_removed_key_is_refused_by_name(tmp_path: Path) -> None:
     )
 
 
+def test_every_allowed_key_of_a_file_is_read(tmp_path: Path) -> None:
+    """A key the file may hold is never silently dropped (exit_with_parent and fault once
+    were), and its value is checked like the flag's."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'exit_with_parent = true\nfault = "corrupt-read-after=3"\n[[exports]]\nsize = "1M"\n'
+    )
+    cfg = build_config({"config": str(config)})
+    assert (cfg.exit_with_parent, cfg.fault) == (True, "corrupt-read-after=3")
+    config.write_text('fault = "corrupt-everything"\n[[exports]]\nsize = "1M"\n')
+    with pytest.raises(ConfigError, match="corrupt-read-after=N"):
+        build_config({"config": str(config)})
+    config.write_text('exit_with_parent = "yes"\n[[exports]]\nsize = "1M"\n')
+    with pytest.raises(ConfigError, match=r"exit_with_parent .*true or false"):
+        build_config({"config": str(config)})
+
+
 def test_cli_overrides_only_what_was_given(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(
