@@ -429,11 +429,12 @@ def kernel_text(kernel: Mapping[str, Any]) -> str:
     """``6.1.0-57-cloud-amd64 (6.1.192-3)``: the release and the Debian version it came from.
 
     A release name such as 6.1.0-57 spans point releases, so the version is what tells two
-    Debian kernels apart (a built kernel's version is its linux-source version).
+    Debian kernels apart (a built kernel's version is its linux-source version, which its
+    release name, ``6.1-slab (6.1.192-3)``, already carries).
     """
     release = str(kernel.get("release") or "?")
     version = kernel.get("version")
-    return f"{release} ({version})" if version else release
+    return f"{release} ({version})" if version and f"({version})" not in release else release
 
 
 def is_interrupted(run: Mapping[str, Any]) -> bool:
@@ -766,6 +767,8 @@ def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
     )
     written = []
     for label, rs in arms.items():
+        if not any(r.samples for r in rs):  # runs from before samples were kept: no axes
+            continue
         fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
         for r in rs:
             ser = series(r.samples)
