@@ -40,7 +40,7 @@ from nbdserver.policy import FlowControl
 from nbdserver.protocol import CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, CMD_WRITE, FLAG_FUA
 from nbdserver.transmission import Command, Phase, Session, Transmission
 
-__all__ = ["LARGE_READ", "READING", "NBDConnection", "Route", "data_bytes"]
+__all__ = ["LARGE_READ", "READING", "NBDConnection", "Route"]
 
 #: Transmission phases that still decode requests (STOPPING answers them with ESHUTDOWN).
 READING: Final = frozenset({Phase.OPEN, Phase.STOPPING})
@@ -63,9 +63,13 @@ class Route(enum.IntEnum):
     NONE = 3
 
 
-def data_bytes(c: Command) -> int:
-    """The payload bytes a command moves, as the statistics count them (READ, WRITE)."""
-    return c.length if c.type <= CMD_WRITE else 0
+# Module constants: an Enum member looked up on its class costs 0.2 µs on Python 3.11,
+# too much for a rule that runs for every request.
+_INLINE: Final = Route.INLINE
+_POOL: Final = Route.POOL
+_SENDFILE: Final = Route.SENDFILE
+_NONE: Final = Route.NONE
+_OPEN: Final = Phase.OPEN
 
 
 class NBDConnection:
@@ -158,14 +162,14 @@ class NBDConnection:
         """Where ``c`` runs. The one rule for it (docs/performance.md, "Inline or pool")."""
         t = c.type
         if t == CMD_READ:
-            return Route.SENDFILE if c.length >= LARGE_READ else Route.INLINE
+            return _SENDFILE if c.length >= LARGE_READ else _INLINE
         if t == CMD_WRITE:
-            return Route.POOL if c.flags & self._pool_write_flags else Route.INLINE
+            return _POOL if c.flags & self._pool_write_flags else _INLINE
         if t == CMD_DISC:
-            return Route.NONE
+            return _NONE
         if not self._pool_write_flags or t == CMD_BLOCK_STATUS:
-            return Route.INLINE  # a backend that never blocks, or an extents lookup
-        return Route.POOL
+            return _INLINE  # a backend that never blocks, or an extents lookup
+        return _POOL
 
     def may_poll(self) -> bool:
         """The transmission is open and nothing is paused or in the pool: a busy-poll

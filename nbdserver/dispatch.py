@@ -19,7 +19,7 @@ from concurrent.futures import Executor, Future
 from typing import Final
 
 from nbdserver.backends.base import Backend
-from nbdserver.connection import LARGE_READ, data_bytes
+from nbdserver.connection import LARGE_READ
 from nbdserver.errors import NBDError, PartialReply, errno_of
 from nbdserver.fastpath import sendfile_reply
 from nbdserver.protocol import (
@@ -85,14 +85,14 @@ class Dispatcher:
         except Exception as exc:
             reply = self.failure(c, exc)
             error = True
-        self.stats.record(c.type, data_bytes(c), time.perf_counter_ns() - t0, error)
+        self.stats.record(c.type, c.length, time.perf_counter_ns() - t0, error)
         return reply
 
     def completed(self, c: Command, future: Future[Reply], t0: int) -> Reply:
         """The reply of a pool job (:meth:`submit`) that ended, counted in the stats."""
         exc = future.exception()
         reply = future.result() if exc is None else self.failure(c, exc)
-        self.stats.record(c.type, data_bytes(c), time.perf_counter_ns() - t0, exc is not None)
+        self.stats.record(c.type, c.length, time.perf_counter_ns() - t0, exc is not None)
         return reply
 
     def rejected(self, event: Rejected, t0: int) -> bytes:

@@ -554,7 +554,14 @@ class Connection(asyncio.BufferedProtocol):
             return
         route = self.state.route(c)
         if route is _INLINE:
-            self.out.write(dispatcher.run(c, t0))
+            reply = dispatcher.run(c, t0)
+            batch = self.out.batch  # the Outbox's batch, appended to here: the hottest path
+            if batch is None:
+                self.out.write(reply)
+            elif isinstance(reply, list):
+                batch.extend(reply)
+            else:
+                batch.append(reply)
         elif route is _SENDFILE:
             if not self._sendfile_read(c, t0):
                 self._submit(c, t0)

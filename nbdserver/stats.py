@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from nbdserver.protocol import Cmd
+from nbdserver.protocol import CMD_WRITE, Cmd
 
 _NAME_OF: Final[dict[int, str]] = {
     int(Cmd.READ): "read",
@@ -83,8 +83,11 @@ class ExportStats:
             self.poll_misses += 1
         self.poll_ns += spent_ns
 
-    def record(self, cmd: int, nbytes: int, latency_ns: int, error: bool) -> None:
-        """Count one finished request (``nbytes`` is 0 for commands that move no data)."""
+    def record(self, cmd: int, length: int, latency_ns: int, error: bool) -> None:
+        """Count one finished request of ``length`` bytes. Only a READ's or a WRITE's
+        length is data moved; the others' (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) say
+        what they affect and count as 0 (the one place this rule lives)."""
+        nbytes = length if cmd <= CMD_WRITE else 0
         rows = self._rows
         if not 0 <= cmd < len(rows):
             return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from nbdserver.connection import LARGE_READ, NBDConnection, Route, data_bytes
+from nbdserver.connection import LARGE_READ, NBDConnection, Route
 from nbdserver.negotiation import Closed, ExportInfo, Ready
 from nbdserver.protocol import (
     CLIENT_FLAGS,
@@ -28,6 +28,7 @@ from nbdserver.protocol import (
     TransmissionFlag,
     pack_info_go,
 )
+from nbdserver.stats import ExportStats
 from nbdserver.transmission import Command, Phase
 
 FLAGS = TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
@@ -95,13 +96,6 @@ def test_routes(cmd: int, flags: int, length: int, disk: Route, ram: Route) -> N
     assert connected("ram").route(c) is ram
 
 
-def test_only_reads_and_writes_count_bytes() -> None:
-    assert data_bytes(command(CMD_READ, 512)) == 512
-    assert data_bytes(command(CMD_WRITE, 512)) == 512
-    for cmd in (CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS):
-        assert data_bytes(command(cmd, 512)) == 0
-
-
 def test_flow_pauses_past_the_bound_and_while_draining() -> None:
     conn = connected("disk")
     assert not conn.should_pause(queued=1 << 20)
@@ -127,3 +121,16 @@ def test_polling_needs_an_open_idle_transmission() -> None:
     assert conn.may_poll() is True
     conn.flow.read_paused = True
     assert conn.may_poll() is False
+
+
+def test_only_reads_and_writes_count_as_data_moved() -> None:
+    """The stats' one rule: a TRIM's or a BLOCK_STATUS's length is what it affects, not
+    bytes moved; a failed request moves nothing."""
+    stats = ExportStats()
+    stats.record(CMD_READ, 512, 1000, False)
+    stats.record(CMD_WRITE, 4096, 1000, False)
+    stats.record(CMD_WRITE, 4096, 1000, True)
+    for cmd in (CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS, CMD_FLUSH):
+        stats.record(cmd, 1 << 20, 1000, False)
+    assert stats.bytes == {"read": 512, "write": 4096}
+    assert stats.requests["trim"] == 1 and stats.requests["write"] == 2
