@@ -1,4 +1,4 @@
-"""vm.experiment and vm.cli: run configuration, run.json, and the real guest end to end.
+"""vm.run.experiment and vm.cli: run configuration, run.json, and the real guest end to end.
 
 The ``vm``-marked tests boot the stock Debian 6.1 cloud kernel under TCG and swap
 through a loopback NBD server; they take a few minutes each.
@@ -21,8 +21,11 @@ import psutil
 import pytest
 
 from nbdserver.backends.fault import FLIP_AT
-from vm import cli, experiment, report, servers, watchdog
-from vm.watchdog import JsonlTail
+from peers import servers
+from vm import cli
+from vm.campaign import report
+from vm.run import experiment, watchdog
+from vm.run.watchdog import JsonlTail
 
 MIB = 1024 * 1024
 
@@ -380,7 +383,7 @@ def test_failure_before_boot_is_recorded_in_run_json(tmp_path: Path) -> None:
 @pytest.fixture(scope="session")
 def guest_cache() -> Path:
     """Build (or find cached) the 6.1 cloud guest image once per session."""
-    from vm import image
+    from vm.image import image
 
     cache = image.default_cache_dir()
     image.build_guest("6.1", "cloud", cache, lambda line: print(line, flush=True))
@@ -845,7 +848,7 @@ def test_default_timeout_grows_with_the_workload(tmp_path: Path) -> None:
 
 
 def test_status_line_shows_progress_and_eta() -> None:
-    from vm.watchdog import WatchState
+    from vm.run.watchdog import WatchState
 
     st = WatchState(started=0.0, last_activity=0.0, phase="stress")
     st.first_heartbeat = {"t_mono": 100.0, "pages_done": 0, "pages_total": 1000, "pass": 0}

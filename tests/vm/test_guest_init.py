@@ -1,4 +1,4 @@
-"""vm.guest_init: the host-testable parts of the guest's PID 1 (config, argv, events)."""
+"""vm.image.guest_init: the host-testable parts of the guest's PID 1 (config, argv, events)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vm import experiment, guest_init, servers
+from peers import servers
+from vm.image import guest_init
+from vm.run import experiment
 
 
 def sample_server(tmp_path: Path) -> servers.RunningServer:

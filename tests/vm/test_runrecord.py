@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from stress.runrecord import FILES, Outcome, RunRecord, swapstress_verdict
-from vm import experiment, watchdog
+from vm.run import experiment, watchdog
 
 REPO = Path(__file__).resolve().parents[2]
 LABRUN = REPO / "ansible/roles/swapstress/files/swapnbd_labrun.py"
@@ -48,7 +48,7 @@ def test_the_verdict_of_a_finished_run(
 
 
 def test_the_guest_watchdog_judges_a_finished_run_with_the_same_verdict() -> None:
-    """vm/watchdog.classify hands a result to swapstress_verdict: the OOM sign it passes
+    """vm/run/watchdog.classify hands a result to swapstress_verdict: the OOM sign it passes
     is the console's or the result's counter."""
     event = {"swapstress": {"outcome": "worker-died", "corrupt_pages": 0}, "exit_code": 3}
 

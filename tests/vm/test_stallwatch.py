@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from vm import experiment, forensics, watchdog
-from vm.watchdog import Confirmed, Evaluate, Look, StallEnded, StallWatch, WatchState
+from vm.run import experiment, forensics, watchdog
+from vm.run.watchdog import Confirmed, Evaluate, Look, StallEnded, StallWatch, WatchState
 
 DATA = Path(__file__).parent / "data" / "sysrq"
 VANILLA_61 = gzip.decompress((DATA / "6.1.192-vanilla.console.gz").read_bytes()).decode()

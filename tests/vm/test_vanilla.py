@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from vm import experiment, image, servers
-from vm.watchdog import JsonlTail
+from peers import servers
+from vm.image import image
+from vm.run import experiment
+from vm.run.watchdog import JsonlTail
 
 MIB = 1024 * 1024
 LOCKUP_AFTER_S = 75.0

@@ -15,7 +15,7 @@ middle part is the cell's label (the same label the report groups by) and ``R`` 
 repeat.  Ids depend only on the matrix file, so ``--resume`` finds the same directories.
 
 The store (``--out``) holds one directory per run, written by
-:func:`vm.experiment.run_experiment` exactly as ``swapnbd run`` would, a copy of the
+:func:`vm.run.experiment.run_experiment` exactly as ``swapnbd run`` would, a copy of the
 matrix file (``matrix.toml``) and ``index.json``.  The index is rebuilt from the run
 directories on disk after every run and written atomically (tmp + rename) under a lock,
 so killing the runner at any moment loses nothing already measured, and shards sharing a
@@ -26,7 +26,7 @@ A run is *finished* when its run.json has an outcome and is not marked ``interru
 stopped it).  ``--resume`` reruns everything else; the leftovers of an interrupted run are
 moved to ``STORE/.attic/`` (kept, never averaged: the report skips hidden directories).
 
-TOML format (see ``vm/matrices/seed.toml``)::
+TOML format (see ``vm/campaign/matrices/seed.toml``)::
 
     [matrix]                 # optional: name, description, repeats (default 1)
     repeats = 3
@@ -60,9 +60,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from peers import servers
 from stress.sizes import SizeError, parse_size
-from vm import experiment, servers
-from vm.progress import format_duration
+from vm.image.progress import format_duration
+from vm.run import experiment
 
 MIB = 1024 * 1024
 INDEX_SCHEMA = 1
@@ -801,7 +802,7 @@ def run_matrix(
 
     ``retry_errors`` also reruns runs whose outcome is ``error`` (the harness failed,
     e.g. an image that could not be built, since fixed).  ``run_one`` defaults to
-    :func:`vm.experiment.run_experiment`.  A KeyboardInterrupt (SIGINT, or SIGTERM under
+    :func:`vm.run.experiment.run_experiment`.  A KeyboardInterrupt (SIGINT, or SIGTERM under
     :func:`sigterm_as_interrupt`) between runs, or a run that comes back ``interrupted``,
     stops the matrix; the index is written either way.
 

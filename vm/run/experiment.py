@@ -5,16 +5,16 @@ Theory of operation
 :func:`run_experiment` does, in order, one function each:
 
 1. :func:`_image` builds (or finds in the cache) the guest image for the kernel, arm and
-   allocator through :mod:`vm.image`;
-2. :func:`_accelerator` resolves the accelerator (``auto`` boot-probes KVM, :mod:`vm.qemu`);
+   allocator through :mod:`vm.image.image`;
+2. :func:`_accelerator` resolves the accelerator (``auto`` boot-probes KVM, :mod:`vm.run.qemu`);
 3. :func:`_serving` (a context manager) starts the NBD server on 127.0.0.1 at a confirmed
    free port, exporting a fresh random name sized at least 5x guest RAM
-   (:mod:`vm.servers`), and stops it, with its final stats line and its cost, however the
+   (:mod:`peers.servers`), and stops it, with its final stats line and its cost, however the
    block is left;
 4. :func:`_boot` encodes the guest's parameters as one base64url JSON blob on the kernel
-   command line (``swapnbd.cfg=``, read by :mod:`vm.guest_init`, PID 1 in the guest), after
+   command line (``swapnbd.cfg=``, read by :mod:`vm.image.guest_init`, PID 1 in the guest), after
    the arm's own words (``nbd.memalloc=0`` ...), and starts QEMU;
-5. :func:`_watch` polls the files QEMU writes through a :class:`vm.watchdog.Watchdog`,
+5. :func:`_watch` polls the files QEMU writes through a :class:`vm.run.watchdog.Watchdog`,
    printing progress and sampling the server's cost, and returns an :class:`Ending`:
    the guest powered off, fell silent or stalled (a ``lockup``), the overall timeout hit, or
    the guest sent its result and never powered off;
@@ -30,7 +30,7 @@ happy one.  Any exception is recorded as outcome ``error``; SIGINT and SIGTERM s
 and the server and are recorded as ``interrupted`` (``interrupted_by`` names the signal).
 
 No orphans: QEMU is launched with ``PR_SET_PDEATHSIG`` and the servers die with their
-parent too (:mod:`vm.lifeline`), so even a SIGKILLed harness leaves nothing running.
+parent too (:mod:`peers.lifeline`), so even a SIGKILLed harness leaves nothing running.
 
 Cost: run.json ``cost`` holds the server process tree's CPU seconds, peak RSS, wake-ups
 and run-queue wait (sampled with psutil and /proc while it runs, so forked workers that
@@ -62,13 +62,15 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import psutil
 
+from peers import lifeline, servers
 from stress.runrecord import FILES, Outcome, RunRecord
 from stress.vmstat import summarize
-from vm import arms, forensics, guest_init, lifeline, qemu, servers, watchdog
-from vm.progress import format_duration
+from vm.image import arms, guest_init
+from vm.image.progress import format_duration
+from vm.run import forensics, qemu, watchdog
 
 if TYPE_CHECKING:
-    from vm.image import GuestImage
+    from vm.image.image import GuestImage
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,8 @@ class RunConfig:
     loops: int = 1
     """Verification passes over the whole mapping."""
     kernel: str = "6.1"
-    """Kernel understood by vm.image: a stock package (``6.1``, ``6.12``), a built variant
-    (``6.1-build``) or a bzImage path; vm.image validates it."""
+    """Kernel understood by vm.image.image: a stock package (``6.1``, ``6.12``), a built variant
+    (``6.1-build``) or a bzImage path; vm.image.image validates it."""
     arm: str = "patched"
     """``patched`` (nbd memalloc + pfmemalloc throttle, as shipped) or ``vanilla``."""
     allocator: str | None = None
@@ -159,11 +161,11 @@ class RunConfig:
     vmstat_interval_s: float = 1.0
     """Collector sampling interval."""
     cache_dir: Path | None = None
-    """Image and probe cache (None: vm.image.default_cache_dir())."""
+    """Image and probe cache (None: vm.image.image.default_cache_dir())."""
     export_factor: int = 5
     """Export size as a multiple of guest RAM (issue 5: at least 5x)."""
     payload_dir: Path | None = None
-    """Source tree of the guest payload (stress/, vm/guest_init.py); None = this checkout."""
+    """Source tree of the guest payload (stress/, vm/image/guest_init.py); None = this checkout."""
     server_fault: str | None = None
     """TEST ONLY: nbd-serve ``--fault`` spec (corrupts one READ; see
     nbdserver/backends/fault.py)."""
@@ -295,7 +297,7 @@ class RunConfig:
 
 
 def guest_config(cfg: RunConfig, server: servers.RunningServer) -> dict[str, Any]:
-    """The object vm.guest_init reads from ``swapnbd.cfg=``."""
+    """The object vm.image.guest_init reads from ``swapnbd.cfg=``."""
     return {
         "v": 1,
         "server": {"host": "10.0.2.2", "port": server.port, "name": server.export_name},
@@ -347,7 +349,7 @@ def swap_device(summary: dict[str, Any]) -> dict[str, Any] | None:
 
     ``{"name": "nbd0", "interval_s", "reads", "read_ms", "writes", "write_ms", ...}``
     (:data:`stress.procfs.DISKSTATS_FIELDS` but ``in_flight``); the report turns them into
-    await and queue depth.  Swap sits on /dev/nbd0 in both swap modes (``vm.guest_init``).
+    await and queue depth.  Swap sits on /dev/nbd0 in both swap modes (``vm.image.guest_init``).
     None when the guest's samples had no diskstats or the device did no I/O.
     """
     name = os.path.basename(guest_init.NBD_DEVICE)
@@ -685,7 +687,7 @@ def run_experiment(
 
 def _run_guest(cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit, hook: Hook | None) -> None:
     """Steps 1-6 of the module docstring."""
-    from vm import image as vm_image  # noqa: PLC0415 - heavy, and built by another part
+    from vm.image import image as vm_image  # noqa: PLC0415 - heavy, and built by another part
 
     cache_dir = cfg.cache_dir or vm_image.default_cache_dir()
     img = _image(cfg, cache_dir, run, say)
@@ -789,7 +791,7 @@ def _keep_failed_boot(
 
 def _image(cfg: RunConfig, cache_dir: Path, run: RunRecord, say: Emit) -> GuestImage:
     """Step 1: the guest image for the kernel, arm and allocator."""
-    from vm import image as vm_image  # noqa: PLC0415
+    from vm.image import image as vm_image  # noqa: PLC0415
 
     t0 = time.monotonic()
     what = f"kernel {cfg.kernel} ({cfg.flavour}), arm {cfg.arm}"
