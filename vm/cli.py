@@ -34,6 +34,7 @@ from peers import servers
 from stress.sizes import SizeError, parse_size
 from vm.image import rootfs
 from vm.run import experiment
+from vm.run.config import ALLOCATORS, ARMS, SCHED_POLICIES, RunConfig
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -140,14 +141,14 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--arm",
-        choices=list(experiment.ARMS),
+        choices=list(ARMS),
         default="patched",
         help="patched (nbd memalloc + pfmemalloc throttle, as shipped; the default) or "
         "vanilla (both switched off, as before the 2012 swap-over-NBD series)",
     )
     p.add_argument(
         "--allocator",
-        choices=list(experiment.ALLOCATORS),
+        choices=list(ALLOCATORS),
         default=None,
         help="slab allocator of a built kernel (default: the kernel's own)",
     )
@@ -251,7 +252,7 @@ def _add_run(sub: Any) -> None:
     )
     p.add_argument(
         "--server-sched-policy",
-        choices=list(experiment.SCHED_POLICIES),
+        choices=list(SCHED_POLICIES),
         default="idle",
         help="nbd-serve's --sched-policy in the experiment (default: idle, see "
         "docs/performance.md); normal shows a verdict does not depend on it",
@@ -320,7 +321,7 @@ def default_server() -> servers.ServerKind:
     return "nbd-serve" if servers.nbd_serve_available() else "nbdkit"
 
 
-def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Preset first, then only the flags the user gave."""
     base = dict(PRESETS[args.preset])
     if args.memory is not None:
@@ -342,7 +343,7 @@ def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
         base.update(total_bytes=args.total, ratio=None)
     elif args.ratio is not None:
         base.update(total_bytes=None, ratio=args.ratio)
-    cfg = experiment.RunConfig(
+    cfg = RunConfig(
         out=args.out or default_out(),
         kernel=args.kernel,
         flavour=args.flavour,

@@ -18,6 +18,7 @@ import pytest
 from vm import cli
 from vm.campaign import matrix
 from vm.run import experiment
+from vm.run.config import RunConfig
 
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -272,7 +273,7 @@ def test_eta_prefers_the_same_cell_then_scales_the_model() -> None:
 
 
 def test_model_is_capped_by_the_timeout() -> None:
-    cfg = experiment.RunConfig(out=Path("/"), total_bytes=8192 * MIB, loops=4, timeout_s=600.0)
+    cfg = RunConfig(out=Path("/"), total_bytes=8192 * MIB, loops=4, timeout_s=600.0)
     assert matrix.model_seconds(cfg) == 645.0
 
 
@@ -282,7 +283,7 @@ def test_model_is_capped_by_the_timeout() -> None:
 def fake_runner(outcomes: dict[str, str], stop_at: str | None = None) -> Any:
     """Writes a run.json the way run_experiment does; ``stop_at`` is marked interrupted."""
 
-    def run(cfg: experiment.RunConfig, emit: experiment.Emit) -> dict[str, Any]:
+    def run(cfg: RunConfig, emit: experiment.Emit) -> dict[str, Any]:
         emit("guest phase: stress")
         cfg.out.mkdir(parents=True, exist_ok=True)
         rid = cfg.out.name

@@ -17,6 +17,7 @@ import pytest
 from peers import servers
 from vm.image import image
 from vm.run import experiment
+from vm.run.config import RunConfig
 from vm.run.watchdog import JsonlTail
 
 MIB = 1024 * 1024
@@ -24,7 +25,7 @@ LOCKUP_AFTER_S = 75.0
 TIMEOUT_S = 900.0
 
 
-def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> experiment.RunConfig:
+def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> RunConfig:
     base: dict[str, Any] = {
         "out": out,
         "memory_mib": 128,
@@ -42,7 +43,7 @@ def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> experiment.R
         "cache_dir": image.default_cache_dir(),
     }
     base.update(kw)
-    return experiment.RunConfig(**base)
+    return RunConfig(**base)
 
 
 def samples_in(path: Path) -> list[dict[str, Any]]:

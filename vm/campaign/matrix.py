@@ -64,6 +64,7 @@ from peers import servers
 from stress.sizes import SizeError, parse_size
 from vm.image.progress import format_duration
 from vm.run import experiment
+from vm.run.config import RunConfig
 
 MIB = 1024 * 1024
 INDEX_SCHEMA = 1
@@ -135,8 +136,8 @@ class Cell:
     source: str
     """Where it came from in the file (for error messages), e.g. ``cells[2]``."""
 
-    def config(self, out: Path) -> experiment.RunConfig:
-        return experiment.RunConfig(out=out, **dict(self.settings))
+    def config(self, out: Path) -> RunConfig:
+        return RunConfig(out=out, **dict(self.settings))
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ class PlannedRun:
     rep: int
     cell: Cell
 
-    def config(self, store: Path) -> experiment.RunConfig:
+    def config(self, store: Path) -> RunConfig:
         return self.cell.config(store / self.id)
 
 
@@ -531,7 +532,7 @@ MODEL_BOOT_S = 45.0
 MODEL_MIB_PER_S = 12.0
 
 
-def model_seconds(cfg: experiment.RunConfig) -> float:
+def model_seconds(cfg: RunConfig) -> float:
     """A run's expected duration from its size alone (no measurement)."""
     work = MODEL_BOOT_S + cfg.passes * cfg.workload_bytes / MIB / MODEL_MIB_PER_S
     return min(work, cfg.effective_timeout_s + MODEL_BOOT_S)
@@ -733,7 +734,7 @@ def estimator_from_store(runs: Sequence[PlannedRun], store: Path) -> Estimator:
 
 # ---------------------------------------------------------------------------- the runner
 
-RunFunc = Callable[[experiment.RunConfig, experiment.Emit], dict[str, Any]]
+RunFunc = Callable[[RunConfig, experiment.Emit], dict[str, Any]]
 
 
 @dataclass(slots=True)
