@@ -328,7 +328,7 @@ def run(plan: Plan) -> Outcome:
 
     Raises:
         BenchError: fio failed, or the shared file could not be made.
-        vm.servers.ServerError: a tool is missing (ToolMissingError) or a server failed.
+        peers.servers.ServerError: a tool is missing (ToolMissingError) or a server failed.
     """
     fio = check_tools(plan)
     started_wall = dt.datetime.now(dt.UTC)

@@ -1,8 +1,8 @@
-"""The servers under test, started through :mod:`vm.servers`, and the tools around them.
+"""The servers under test, started through :mod:`peers.servers`, and the tools around them.
 
 Every server exports the same file (an :class:`ExportSpec`) under a unique export name, on
 127.0.0.1 at a confirmed port or on a Unix socket in the run's private directory; the
-launching, confirming, retrying and stopping is :mod:`vm.servers`, shared with the
+launching, confirming, retrying and stopping is :mod:`peers.servers`, shared with the
 experiment. What stays here is the benchmark's own: the server list in table order, the
 names of its exports, nbd-serve from the venv, fio's nbd engine and the tool versions in
 the report.
@@ -21,8 +21,8 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.workloads import Transport
-from vm import servers as launcher
-from vm.servers import (
+from peers import servers as launcher
+from peers.servers import (
     DEBIAN_PACKAGES,
     LauncherKind,
     RunningServer,
@@ -55,7 +55,7 @@ __all__ = [
 class BenchError(Exception):
     """Root of the benchmark's own errors; the message says what to do.
 
-    Failures to find a tool or start a server are :class:`vm.servers.ServerError`
+    Failures to find a tool or start a server are :class:`peers.servers.ServerError`
     (:class:`ToolMissingError` among them); callers catch both.
     """
 
@@ -75,7 +75,7 @@ class ServerKind(enum.StrEnum):
 #: Servers that run only when asked for by name (or by ``--old-nbd-serve``).
 ON_REQUEST: frozenset[ServerKind] = frozenset({ServerKind.NBD_SERVE_OLD})
 
-#: How :mod:`vm.servers` launches each: both nbd-serves alike, from different trees.
+#: How :mod:`peers.servers` launches each: both nbd-serves alike, from different trees.
 _LAUNCHER: dict[ServerKind, LauncherKind] = {
     ServerKind.NBD_SERVE: "nbd-serve",
     ServerKind.NBDKIT: "nbdkit",

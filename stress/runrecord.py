@@ -1,12 +1,12 @@
 """run.json: the record of one run, whoever ran it, and the verdict of a finished one.
 
-Two programs run the experiment: ``swapnbd run`` on a QEMU guest (vm/experiment.py) and
+Two programs run the experiment: ``swapnbd run`` on a QEMU guest (vm/run/experiment.py) and
 the lab runner on a bare-metal machine (ansible/roles/swapstress/files/swapnbd_labrun.py).
 Both fill one :class:`RunRecord` and write it with :meth:`RunRecord.write`, so run.json
 has the same keys wherever it came from (a key a run knows nothing of is ``null``), and
 ``swapnbd report`` reads both alike. Both judge a swapstress run that finished with
 :func:`swapstress_verdict`; a guest that never finished is judged from outside by
-vm/watchdog.py, which only a host can do.
+vm/run/watchdog.py, which only a host can do.
 
 Standard library only: this module is deployed with the guest tools.
 """
@@ -96,8 +96,8 @@ class RunRecord:
     accel: dict[str, Any] | None = None
     #: The guest's (or the lab machine's) settings, memory, CPUs and Python.
     guest: dict[str, Any] | None = None
-    # --- a VM run's (vm/experiment.py) ----------------------------------------------
-    #: Why the host stopped watching (vm.experiment.Ending).
+    # --- a VM run's (vm/run/experiment.py) ----------------------------------------------
+    #: Why the host stopped watching (vm.run.experiment.Ending).
     ending: str | None = None
     #: What the verdict rests on: the console, the stall, the kernel's own evidence.
     evidence: dict[str, Any] | None = None

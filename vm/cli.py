@@ -2,14 +2,14 @@
 
 Subcommands:
 
-``swapnbd run``    one experiment (guest image, NBD server, QEMU, watchdog, run.json)
-``swapnbd image``  build (or find cached) the guest image only
-``swapnbd matrix`` a TOML file of cells, run interleaved into a resumable store (vm/matrix.py)
-``swapnbd report`` tables (md/csv/json) and plots from run.json files (vm/report.py)
+``swapnbd run``    one experiment (guest image, NBD server, QEMU, watchdog, run.json): vm/run/
+``swapnbd image``  build (or find cached) the guest image only: vm/image/
+``swapnbd matrix`` a TOML file of cells, run interleaved into a resumable store (vm/campaign/)
+``swapnbd report`` tables (md/csv/json) and plots from run.json files (vm/campaign/report.py)
 
 The parser is built from one function per subcommand, so ``matrix`` (kernel variants x
 servers with a comparison report) can be added as another subparser that calls
-:func:`vm.experiment.run_experiment` once per cell.
+:func:`vm.run.experiment.run_experiment` once per cell.
 
 Exit codes: 0 the run completed; 1 the run ended with another outcome (lockup,
 guest-crash, corruption, oom, error); 2 usage error; 3 the image could not be built;
@@ -30,8 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from peers import servers
 from stress.sizes import SizeError, parse_size
-from vm import experiment, rootfs, servers
+from vm.image import rootfs
+from vm.run import experiment
+from vm.run.config import ALLOCATORS, ARMS, SCHED_POLICIES, RunConfig
 
 EXIT_OK = 0
 EXIT_NOT_COMPLETED = 1
@@ -138,14 +141,14 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--arm",
-        choices=list(experiment.ARMS),
+        choices=list(ARMS),
         default="patched",
         help="patched (nbd memalloc + pfmemalloc throttle, as shipped; the default) or "
         "vanilla (both switched off, as before the 2012 swap-over-NBD series)",
     )
     p.add_argument(
         "--allocator",
-        choices=list(experiment.ALLOCATORS),
+        choices=list(ALLOCATORS),
         default=None,
         help="slab allocator of a built kernel (default: the kernel's own)",
     )
@@ -249,7 +252,7 @@ def _add_run(sub: Any) -> None:
     )
     p.add_argument(
         "--server-sched-policy",
-        choices=list(experiment.SCHED_POLICIES),
+        choices=list(SCHED_POLICIES),
         default="idle",
         help="nbd-serve's --sched-policy in the experiment (default: idle, see "
         "docs/performance.md); normal shows a verdict does not depend on it",
@@ -318,7 +321,7 @@ def default_server() -> servers.ServerKind:
     return "nbd-serve" if servers.nbd_serve_available() else "nbdkit"
 
 
-def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Preset first, then only the flags the user gave."""
     base = dict(PRESETS[args.preset])
     if args.memory is not None:
@@ -340,7 +343,7 @@ def config_from_args(args: argparse.Namespace) -> experiment.RunConfig:
         base.update(total_bytes=args.total, ratio=None)
     elif args.ratio is not None:
         base.update(total_bytes=None, ratio=args.ratio)
-    cfg = experiment.RunConfig(
+    cfg = RunConfig(
         out=args.out or default_out(),
         kernel=args.kernel,
         flavour=args.flavour,
@@ -438,7 +441,7 @@ def exit_code(run: dict[str, Any]) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from vm import image as vm_image  # noqa: PLC0415 - only this subcommand needs it
+    from vm.image import image as vm_image  # noqa: PLC0415 - only this subcommand needs it
 
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -458,12 +461,12 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 MATRIX_EPILOG = """\
 examples:
-  swapnbd matrix vm/matrices/seed.toml --dry-run          # list the runs and the estimate
-  swapnbd matrix vm/matrices/seed.toml --out results/seed
-  swapnbd matrix vm/matrices/seed.toml --out results/seed --resume   # after a kill/Ctrl-C
-  swapnbd matrix vm/matrices/seed.toml --out results/seed --resume --retry-errors
-  swapnbd matrix vm/matrices/seed.toml --out results/seed --shard 1/2   # half the runs
-  swapnbd matrix vm/matrices/seed.toml --out results/seed --only 6.1-vanilla-slab-nbd-serve
+  swapnbd matrix vm/campaign/matrices/seed.toml --dry-run          # list the runs and the estimate
+  swapnbd matrix vm/campaign/matrices/seed.toml --out results/seed
+  swapnbd matrix vm/campaign/matrices/seed.toml --out results/seed --resume   # after a kill/Ctrl-C
+  swapnbd matrix vm/campaign/matrices/seed.toml --out results/seed --resume --retry-errors
+  swapnbd matrix vm/campaign/matrices/seed.toml --out results/seed --shard 1/2   # half the runs
+  swapnbd matrix vm/campaign/matrices/seed.toml --out results/seed --only 6.1-vanilla-slab-nbd-serve
 
 SIGINT and SIGTERM stop the current run cleanly (run.json marked interrupted) and the
 matrix; --resume reruns it.  exit codes: 0 every selected run finished (lockups are
@@ -558,7 +561,7 @@ def _add_report(sub: Any) -> None:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from vm import matrix  # noqa: PLC0415 - only this subcommand needs it
+    from vm.campaign import matrix  # noqa: PLC0415 - only this subcommand needs it
 
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -572,7 +575,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        from vm import lab  # noqa: PLC0415 - only the lab front door needs Ansible
+        from vm.campaign import lab  # noqa: PLC0415 - only the lab front door needs Ansible
 
         try:
             return lab.run_matrix_on_inventory(args.file, args.inventory, store, emit)
@@ -623,7 +626,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vm import report  # noqa: PLC0415 - only this subcommand needs it
+    from vm.campaign import report  # noqa: PLC0415 - only this subcommand needs it
 
     try:
         runs = report.load_runs(args.dirs)
@@ -658,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if getattr(args, "mirror", None):
-        # The image builder reads the override from the environment (vm.rootfs.MIRROR_ENV),
+        # The image builder reads the override from the environment (vm.image.rootfs.MIRROR_ENV),
         # so runs a matrix starts in-process see it too.
         os.environ[rootfs.MIRROR_ENV] = args.mirror
     func = args.func

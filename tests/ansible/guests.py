@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from vm import image, qemu, servers
+from peers import servers
+from vm.image import image
+from vm.run import qemu
 
 READY = "SWAPNBD-SSHD-READY"
 

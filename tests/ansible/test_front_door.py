@@ -1,6 +1,6 @@
 """``swapnbd matrix FILE --inventory INV``: the lab front door refuses bad input clearly.
 
-The real drive over two hosts is tests/ansible/test_matrix_scaleout.py (vm.lab, which
+The real drive over two hosts is tests/ansible/test_matrix_scaleout.py (vm.campaign.lab, which
 this front door calls); these check the CLI's own rules without hosts.
 """
 
@@ -25,7 +25,7 @@ def swapnbd(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_missing_inventory_is_a_usage_error() -> None:
-    done = swapnbd("matrix", "vm/matrices/seed.toml", "--inventory", "/no/such/inventory")
+    done = swapnbd("matrix", "vm/campaign/matrices/seed.toml", "--inventory", "/no/such/inventory")
     assert done.returncode == 2
     assert "inventory /no/such/inventory does not exist (see ansible/inventories/lab)" in (
         done.stderr
@@ -35,7 +35,7 @@ def test_a_missing_inventory_is_a_usage_error() -> None:
 def test_inventory_does_its_own_sharding() -> None:
     done = swapnbd(
         "matrix",
-        "vm/matrices/seed.toml",
+        "vm/campaign/matrices/seed.toml",
         "--inventory",
         "ansible/inventories/lab",
         "--shard",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import servers
+from peers import servers
 
 from .guests import SshGuest, ssh_guest
 from .support import ansible_env, run, tool

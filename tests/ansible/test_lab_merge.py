@@ -1,4 +1,4 @@
-"""vm.lab without hosts: reading the status step, progress lines, merging shares."""
+"""vm.campaign.lab without hosts: reading the status step, progress lines, merging shares."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import lab, matrix
+from vm.campaign import lab, matrix
 
 TOML = """\
 [matrix]

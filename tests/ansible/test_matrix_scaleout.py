@@ -1,4 +1,4 @@
-"""matrix.yml over two hosts (network namespaces with their own sshd), driven by vm.lab.
+"""matrix.yml over two hosts (network namespaces with their own sshd), driven by vm.campaign.lab.
 
 A 4-run matrix of tiny runs (128 MiB guest, 1 vCPU, 4 workers, 128 MiB, 1 loop) is split
 2/2 over runner1 and runner2. runner1's share is stopped (SIGTERM, as an operator or a
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from vm import image
+from vm.image import image
 
 from .guests import make_key
 from .netns import netns_lab
@@ -70,7 +70,8 @@ def drive(
                 proc.kill()
                 proc.wait()
                 pytest.fail(
-                    f"vm.lab run did not end within {timeout:.0f} s:\n{log.read_text()[-4000:]}"
+                    f"vm.campaign.lab run did not end within {timeout:.0f} s:\n"
+                    f"{log.read_text()[-4000:]}"
                 )
             if hook is not None:
                 hook()
@@ -136,8 +137,8 @@ def check_scaleout(tmp_path: Path) -> None:
         assert "runner1" in done.stdout and "runner2" in done.stdout
 
         lab_argv = lab.exec_argv(
-            [sys.executable, "-m", "vm.lab", "run", str(matrix), "--inventory", str(INVENTORY),
-             "--out", str(store), "--poll", "10"]
+            [sys.executable, "-m", "vm.campaign.lab", "run", str(matrix),
+             "--inventory", str(INVENTORY), "--out", str(store), "--poll", "10"]
         )  # fmt: skip
         share1 = state / "runner1" / store.name
         killed: dict[str, float] = {}

@@ -14,7 +14,7 @@ import pytest
 from bench import servers
 from bench.servers import ServerKind, ToolMissingError
 from bench.workloads import Transport
-from vm import servers as launcher
+from peers import servers as launcher
 
 
 def test_nbd_server_config_tcp_binds_loopback_only() -> None:
@@ -79,7 +79,7 @@ def test_peer_that_loses_its_port_is_restarted_on_another(
         squatter.listen()
         busy = squatter.getsockname()[1]
         ports = iter([busy, servers.free_port()])
-        # the shared launcher in vm.servers picks the ports
+        # the shared launcher in peers.servers picks the ports
         monkeypatch.setattr(launcher, "free_port", lambda: next(ports))
         server = servers.start_server(kind, Transport.TCP, spec)
         try:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vm import arms, image, initramfs, kbuild, kernel, kmod
-from vm.progress import Progress
+from vm.image import arms, image, initramfs, kbuild, kernel, kmod
+from vm.image.progress import Progress
 
 from .test_image import boot, vm_payload  # noqa: F401  (vm_payload is a fixture)
 

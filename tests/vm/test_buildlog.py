@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vm import buildlog
+from vm.image import buildlog
 
 # As a new machine without pahole printed it (paths shortened).
 PAHOLE = """\

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import evidence
+from vm.run import evidence
 
 DATA = Path(__file__).parent / "data" / "sysrq"
 VANILLA_61 = gzip.decompress((DATA / "6.1.192-vanilla.console.gz").read_bytes()).decode()

@@ -1,4 +1,4 @@
-"""vm.experiment and vm.cli: run configuration, run.json, and the real guest end to end.
+"""vm.run.experiment and vm.cli: run configuration, run.json, and the real guest end to end.
 
 The ``vm``-marked tests boot the stock Debian 6.1 cloud kernel under TCG and swap
 through a loopback NBD server; they take a few minutes each.
@@ -21,8 +21,13 @@ import psutil
 import pytest
 
 from nbdserver.backends.fault import FLIP_AT
-from vm import cli, experiment, report, servers, watchdog
-from vm.watchdog import JsonlTail
+from peers import servers
+from vm import cli
+from vm.campaign import report
+from vm.run import experiment, watchdog
+from vm.run.config import RunConfig, guest_config
+from vm.run.cost import Cost, host_steal_ticks, task_runqueue_wait, task_wakeups, tree_usage
+from vm.run.watchdog import JsonlTail
 
 MIB = 1024 * 1024
 
@@ -31,10 +36,10 @@ MIB = 1024 * 1024
 
 
 def test_defaults_pin_min_free_kbytes_by_the_kernel_formula(tmp_path: Path) -> None:
-    cfg = experiment.RunConfig(out=tmp_path)
+    cfg = RunConfig(out=tmp_path)
     assert cfg.pinned_min_free_kbytes == 1448  # isqrt(131072 kB * 16)
-    assert experiment.RunConfig(out=tmp_path, memory_mib=2048).pinned_min_free_kbytes == 5792
-    assert experiment.RunConfig(out=tmp_path, min_free_kbytes=9000).pinned_min_free_kbytes == 9000
+    assert RunConfig(out=tmp_path, memory_mib=2048).pinned_min_free_kbytes == 5792
+    assert RunConfig(out=tmp_path, min_free_kbytes=9000).pinned_min_free_kbytes == 9000
 
 
 @pytest.mark.parametrize(
@@ -46,7 +51,7 @@ def test_defaults_pin_min_free_kbytes_by_the_kernel_formula(tmp_path: Path) -> N
     ],
 )
 def test_export_is_at_least_five_times_ram(kw: dict[str, Any], export_mib: int) -> None:
-    cfg = experiment.RunConfig(out=Path("x"), **kw)
+    cfg = RunConfig(out=Path("x"), **kw)
     cfg.validate()
     assert cfg.export_bytes == export_mib * MIB
     assert cfg.export_bytes >= 5 * cfg.memory_mib * MIB
@@ -73,11 +78,11 @@ def test_export_is_at_least_five_times_ram(kw: dict[str, Any], export_mib: int) 
 )
 def test_invalid_config_is_refused(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        experiment.RunConfig(out=Path("x"), **kw).validate()
+        RunConfig(out=Path("x"), **kw).validate()
 
 
 def test_ratio_goes_to_swapstress(tmp_path: Path) -> None:
-    cfg = experiment.RunConfig(out=tmp_path, total_bytes=None, ratio=4.0, loops=2, workers=3)
+    cfg = RunConfig(out=tmp_path, total_bytes=None, ratio=4.0, loops=2, workers=3)
     assert cfg.swapstress_args() == [
         "--workers",
         "3",
@@ -90,7 +95,7 @@ def test_ratio_goes_to_swapstress(tmp_path: Path) -> None:
     ]
 
 
-def parse(*argv: str) -> experiment.RunConfig:
+def parse(*argv: str) -> RunConfig:
     args = cli.build_parser().parse_args(["run", *argv])
     return cli.config_from_args(args)
 
@@ -166,7 +171,7 @@ def test_arm_allocator_and_a_built_kernel_reach_the_config(tmp_path: Path) -> No
     assert parse("--server", "nbdkit").arm == "patched"
     assert parse("--server", "nbdkit").allocator is None
     assert parse("--kernel", "/boot/bzImage", "--server", "nbdkit").kernel == "/boot/bzImage"
-    gcfg = experiment.guest_config(cfg, servers.RunningServer(
+    gcfg = guest_config(cfg, servers.RunningServer(
         kind="nbdkit", port=1, export_name="x", size_bytes=4096, pid=0, argv=[],
         backing="memory", workdir=tmp_path,
     ))  # fmt: skip
@@ -175,7 +180,7 @@ def test_arm_allocator_and_a_built_kernel_reach_the_config(tmp_path: Path) -> No
 
 
 def test_run_json_skeleton_records_arm_cost_and_files(tmp_path: Path) -> None:
-    cfg = experiment.RunConfig(out=tmp_path, arm="vanilla", allocator="slub")
+    cfg = RunConfig(out=tmp_path, arm="vanilla", allocator="slub")
     run = experiment.new_run(cfg).to_json()
     assert run["kernel"] == {"name": "6.1", "flavour": "cloud", "arm": "vanilla",
                              "allocator": "slub"}  # fmt: skip
@@ -199,10 +204,10 @@ def test_tree_usage_counts_reaped_children(tmp_path: Path) -> None:
         import time
 
         deadline = time.monotonic() + 30
-        usage = experiment.tree_usage(proc.pid)
+        usage = tree_usage(proc.pid)
         while usage is not None and usage[0] + usage[1] < 0.3 and time.monotonic() < deadline:
             time.sleep(0.1)
-            usage = experiment.tree_usage(proc.pid)
+            usage = tree_usage(proc.pid)
         assert usage is not None
         assert usage[0] + usage[1] >= 0.3
         assert usage[2] > 0
@@ -210,7 +215,7 @@ def test_tree_usage_counts_reaped_children(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
-    assert experiment.tree_usage(proc.pid) is None
+    assert tree_usage(proc.pid) is None
 
 
 def test_task_wakeups_counts_every_thread() -> None:
@@ -226,17 +231,17 @@ def test_task_wakeups_counts_every_thread() -> None:
     # The main thread barely sleeps; the other thread sleeps 200 times and stays alive
     # while it is counted (a thread that exited would not be).
     t = threading.Thread(target=lambda: (nap(), done.wait(30)))
-    before = experiment.task_wakeups(os.getpid())
+    before = task_wakeups(os.getpid())
     t.start()
     try:
         deadline = time.monotonic() + 30
-        while experiment.task_wakeups(os.getpid()) - before < 200:
+        while task_wakeups(os.getpid()) - before < 200:
             assert time.monotonic() < deadline, "the napping thread's sleeps were not counted"
             time.sleep(0.05)
     finally:
         done.set()
         t.join()
-    assert experiment.task_wakeups(2**22 + 12345) == 0  # no such process: nothing
+    assert task_wakeups(2**22 + 12345) == 0  # no such process: nothing
 
 
 def test_task_runqueue_wait_sees_two_spinners_share_one_cpu() -> None:
@@ -249,18 +254,18 @@ def test_task_runqueue_wait_sees_two_spinners_share_one_cpu() -> None:
     ]
     try:
         time.sleep(0.8)
-        waited = [experiment.task_runqueue_wait(p.pid) for p in procs]
+        waited = [task_runqueue_wait(p.pid) for p in procs]
     finally:
         for p in procs:
             p.wait(timeout=30)
     assert all(w >= 100_000_000 for w in waited), waited
-    assert experiment.task_runqueue_wait(2**22 + 12345) == 0  # no such process: nothing
+    assert task_runqueue_wait(2**22 + 12345) == 0  # no such process: nothing
 
 
 def test_host_steal_is_read_from_proc_stat() -> None:
-    ticks = experiment.host_steal_ticks()
+    ticks = host_steal_ticks()
     assert ticks is not None and ticks >= 0
-    cost = experiment.Cost(steal_start=0, steal_end=os_clk_tck())
+    cost = Cost(steal_start=0, steal_end=os_clk_tck())
     assert cost.as_dict()["host_steal_s"] == 1.0
 
 
@@ -361,7 +366,7 @@ def test_vmstat_summary_keeps_pgscan_direct_throttle() -> None:
 
 def test_failure_before_boot_is_recorded_in_run_json(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = experiment.RunConfig(
+    cfg = RunConfig(
         out=out, kernel="0.0-no-such-kernel", server="nbdkit", cache_dir=tmp_path / "cache"
     )
     run = experiment.run_experiment(cfg)
@@ -380,14 +385,14 @@ def test_failure_before_boot_is_recorded_in_run_json(tmp_path: Path) -> None:
 @pytest.fixture(scope="session")
 def guest_cache() -> Path:
     """Build (or find cached) the 6.1 cloud guest image once per session."""
-    from vm import image
+    from vm.image import image
 
     cache = image.default_cache_dir()
     image.build_guest("6.1", "cloud", cache, lambda line: print(line, flush=True))
     return cache
 
 
-def e2e_config(out: Path, cache: Path, **kw: Any) -> experiment.RunConfig:
+def e2e_config(out: Path, cache: Path, **kw: Any) -> RunConfig:
     base: dict[str, Any] = {
         "out": out,
         "memory_mib": 128,
@@ -403,7 +408,7 @@ def e2e_config(out: Path, cache: Path, **kw: Any) -> experiment.RunConfig:
         "cache_dir": cache,
     }
     base.update(kw)
-    return experiment.RunConfig(**base)
+    return RunConfig(**base)
 
 
 def samples_in(path: Path) -> list[dict[str, Any]]:
@@ -833,19 +838,19 @@ def test_sigkill_of_the_runner_leaves_no_qemu_and_no_server(
 
 
 def test_default_timeout_grows_with_the_workload(tmp_path: Path) -> None:
-    small = experiment.RunConfig(out=tmp_path, total_bytes=256 * MIB, loops=1)
-    big = experiment.RunConfig(out=tmp_path, total_bytes=1024 * MIB, loops=3)
+    small = RunConfig(out=tmp_path, total_bytes=256 * MIB, loops=1)
+    big = RunConfig(out=tmp_path, total_bytes=1024 * MIB, loops=3)
     assert (small.passes, big.passes) == (3, 7)
     assert small.effective_timeout_s == 900.0 + 2.0 * 3 * 256
     assert big.effective_timeout_s == 900.0 + 2.0 * 7 * 1024
-    fixed = experiment.RunConfig(out=tmp_path, timeout_s=60.0)
+    fixed = RunConfig(out=tmp_path, timeout_s=60.0)
     assert fixed.effective_timeout_s == 60.0
-    seed = experiment.RunConfig(out=tmp_path, memory_mib=2048, total_bytes=None, ratio=4.0)
+    seed = RunConfig(out=tmp_path, memory_mib=2048, total_bytes=None, ratio=4.0)
     assert seed.workload_bytes == 8192 * MIB
 
 
 def test_status_line_shows_progress_and_eta() -> None:
-    from vm.watchdog import WatchState
+    from vm.run.watchdog import WatchState
 
     st = WatchState(started=0.0, last_activity=0.0, phase="stress")
     st.first_heartbeat = {"t_mono": 100.0, "pages_done": 0, "pages_total": 1000, "pass": 0}

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vm import forensics
+from vm.run import forensics
 
 SLEEPER = """
 import socket, sys, time
@@ -85,7 +85,7 @@ def test_pressure_reads_the_parsed_memory_once_parsed() -> None:
     import gzip
     from pathlib import Path
 
-    from vm import evidence, watchdog
+    from vm.run import evidence, watchdog
 
     data = Path(__file__).parent / "data" / "sysrq" / "6.1.192-vanilla.console.gz"
     memory = evidence.snapshots(gzip.decompress(data.read_bytes()).decode())[0].memory

@@ -1,4 +1,4 @@
-"""vm.guest_init: the host-testable parts of the guest's PID 1 (config, argv, events)."""
+"""vm.image.guest_init: the host-testable parts of the guest's PID 1 (config, argv, events)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vm import experiment, guest_init, servers
+from peers import servers
+from vm.image import guest_init
+from vm.run.config import RunConfig, encode_guest_config, guest_config
 
 
 def sample_server(tmp_path: Path) -> servers.RunningServer:
@@ -24,9 +26,9 @@ def sample_server(tmp_path: Path) -> servers.RunningServer:
 
 
 def test_config_round_trips_through_the_kernel_cmdline(tmp_path: Path) -> None:
-    cfg = experiment.RunConfig(out=tmp_path, nbd_connections=2, swap="file")
-    gcfg = experiment.guest_config(cfg, sample_server(tmp_path))
-    line = f"console=ttyS0 panic=-1 swapnbd.cfg={experiment.encode_guest_config(gcfg)} quiet"
+    cfg = RunConfig(out=tmp_path, nbd_connections=2, swap="file")
+    gcfg = guest_config(cfg, sample_server(tmp_path))
+    line = f"console=ttyS0 panic=-1 swapnbd.cfg={encode_guest_config(gcfg)} quiet"
     decoded = guest_init.read_config(line)
     assert decoded == gcfg
     assert decoded["server"] == {"host": "10.0.2.2", "port": 40123, "name": "ab" * 16}
@@ -88,8 +90,8 @@ def test_nbd_client_argv_settings() -> None:
 
 
 def test_resident_client_implies_swap_flag(tmp_path: Path) -> None:
-    cfg = experiment.RunConfig(out=tmp_path, resident_client=True, nbd_swap_flag=False)
-    nbd = experiment.guest_config(cfg, sample_server(tmp_path))["nbd"]
+    cfg = RunConfig(out=tmp_path, resident_client=True, nbd_swap_flag=False)
+    nbd = guest_config(cfg, sample_server(tmp_path))["nbd"]
     argv = guest_init.nbd_client_argv({"port": 1, "name": "n"}, nbd)
     assert argv[-2:] == ["-swap", "-L"]
 

@@ -1,4 +1,5 @@
-"""Tests of the guest image builder (vm/image.py, kernel.py, initramfs.py, rootfs.py, progress.py).
+"""Tests of the guest image builder (vm/image/: image.py, kernel.py, initramfs.py, rootfs.py,
+progress.py).
 
 Layers: pure functions with tables; the cache, lock and progress machinery on
 real files and processes; the real tools (cpio, mke2fs, e2fsck, debugfs,
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from vm import image, initramfs, kernel, rootfs
-from vm.progress import CommandError, Progress, format_duration, run_with_progress
+from vm.image import image, initramfs, kernel, rootfs
+from vm.image.progress import CommandError, Progress, format_duration, run_with_progress
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -314,10 +315,10 @@ def test_decompress_module_formats(tmp_path: Path) -> None:
 def make_payload(root: Path, token: str) -> Path:
     """A payload tree: the repository's stress/*.py and a guest_init.py that prints ``token``."""
     (root / "stress").mkdir(parents=True)
-    (root / "vm").mkdir()
+    (root / "vm" / "image").mkdir(parents=True)
     for src in sorted((REPO / "stress").glob("*.py")):
         shutil.copy2(src, root / "stress" / src.name)
-    (root / "vm" / "guest_init.py").write_text(
+    (root / "vm" / "image" / "guest_init.py").write_text(
         "import os, subprocess\n"
         f"print('{token} pid', os.getpid(), flush=True)\n"
         "subprocess.run(['poweroff', '-f'])\n"
@@ -328,11 +329,11 @@ def make_payload(root: Path, token: str) -> Path:
 def test_payload_files_maps_paths_and_reports_what_is_missing(tmp_path: Path) -> None:
     root = make_payload(tmp_path / "p", "TOKEN")
     files = dict(initramfs.payload_files(root))
-    assert files["guest_init.py"] == root / "vm" / "guest_init.py"
+    assert files["guest_init.py"] == root / "vm" / "image" / "guest_init.py"
     assert files["stress/__init__.py"] == root / "stress" / "__init__.py"
-    (root / "vm" / "guest_init.py").unlink()
+    (root / "vm" / "image" / "guest_init.py").unlink()
     with pytest.raises(
-        initramfs.InitramfsError, match=r"guest payload missing: .*vm/guest_init\.py"
+        initramfs.InitramfsError, match=r"guest payload missing: .*vm/image/guest_init\.py"
     ):
         initramfs.payload_files(root)
 

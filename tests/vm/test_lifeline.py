@@ -1,4 +1,4 @@
-"""vm.lifeline: every server dies with the process that launched it, even on SIGKILL.
+"""peers.lifeline: every server dies with the process that launched it, even on SIGKILL.
 
 Issue 9 §4: a SIGKILLed harness used to leave QEMU and nbd-serve spinning at full CPU.
 Each test launches a real server from a throwaway parent process, SIGKILLs that parent
@@ -18,12 +18,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vm import lifeline, servers
+from peers import lifeline, servers
 
 LAUNCHER = """
 import json, sys, time
 from pathlib import Path
-from vm import servers
+from peers import servers
 server = servers.launch_server(sys.argv[1], 64 * 1024 * 1024, Path(sys.argv[2]))
 print(json.dumps({"pid": server.pid, "guard": server.guard.pid if server.guard else None}),
       flush=True)

@@ -1,4 +1,4 @@
-"""vm.matrix: planning (TOML -> interleaved runs, ids, shards, resume, ETA), the store and
+"""vm.campaign.matrix: planning (TOML -> interleaved runs, ids, shards, resume, ETA), the store and
 index, and one real two-run matrix through real guests (``vm`` marker)."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
-from vm import cli, experiment, matrix
+from vm import cli
+from vm.campaign import matrix
+from vm.run import experiment
+from vm.run.config import RunConfig
 
 MIB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
@@ -91,7 +94,7 @@ def test_cells_merge_defaults_and_become_run_configs(tmp_path: Path) -> None:
 
 
 def test_seed_matrix_is_the_issue_s_comparison() -> None:
-    mx = matrix.load_matrix(REPO / "vm" / "matrices" / "seed.toml")
+    mx = matrix.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
     runs = matrix.plan_runs(mx)
     assert len(runs) == 25  # 5 cells x 5 repeats
     assert {r.label for r in runs} == {
@@ -116,7 +119,9 @@ def test_seed_matrix_is_the_issue_s_comparison() -> None:
         90.0,
         3600.0,
     )
-    servers_runs = matrix.plan_runs(matrix.load_matrix(REPO / "vm" / "matrices" / "servers.toml"))
+    servers_runs = matrix.plan_runs(
+        matrix.load_matrix(REPO / "vm" / "campaign" / "matrices" / "servers.toml")
+    )
     assert [r.label for r in servers_runs[:3]] == [
         "6.1-patched-slub-nbd-serve",
         "6.1-patched-slub-nbdkit",
@@ -268,7 +273,7 @@ def test_eta_prefers_the_same_cell_then_scales_the_model() -> None:
 
 
 def test_model_is_capped_by_the_timeout() -> None:
-    cfg = experiment.RunConfig(out=Path("/"), total_bytes=8192 * MIB, loops=4, timeout_s=600.0)
+    cfg = RunConfig(out=Path("/"), total_bytes=8192 * MIB, loops=4, timeout_s=600.0)
     assert matrix.model_seconds(cfg) == 645.0
 
 
@@ -278,7 +283,7 @@ def test_model_is_capped_by_the_timeout() -> None:
 def fake_runner(outcomes: dict[str, str], stop_at: str | None = None) -> Any:
     """Writes a run.json the way run_experiment does; ``stop_at`` is marked interrupted."""
 
-    def run(cfg: experiment.RunConfig, emit: experiment.Emit) -> dict[str, Any]:
+    def run(cfg: RunConfig, emit: experiment.Emit) -> dict[str, Any]:
         emit("guest phase: stress")
         cfg.out.mkdir(parents=True, exist_ok=True)
         rid = cfg.out.name

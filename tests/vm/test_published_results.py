@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import report
+from vm.campaign import report
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
 LAYOUT = {"runs.tar.xz", "report.md", "report.csv", "report.json", "plots"}

@@ -1,4 +1,4 @@
-"""vm.qemu: the QEMU argv, the kernel command line and the accelerator choice."""
+"""vm.run.qemu: the QEMU argv, the kernel command line and the accelerator choice."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import qemu
+from vm.run import qemu
 
 
 def make_config(

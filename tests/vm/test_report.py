@@ -1,4 +1,4 @@
-"""vm.report: loading run.json trees, per-arm aggregation, Markdown/CSV/JSON, plots.
+"""vm.campaign.report: loading run.json trees, per-arm aggregation, Markdown/CSV/JSON, plots.
 
 The fixtures in ``data/report`` come from a real ``swapnbd run`` (128M guest, 4 workers,
 256M, 1 loop, Debian 6.1, nbd-serve) trimmed by ``data/report/make_fixtures.py``;
@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from vm import cli, report
+from vm import cli
+from vm.campaign import report
 
 DATA = Path(__file__).resolve().parent / "data" / "report"
 PATCHED = "6.1-patched-slub-nbd-serve"

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from stress.runrecord import FILES, Outcome, RunRecord, swapstress_verdict
-from vm import experiment, watchdog
+from vm.run import experiment, watchdog
+from vm.run.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
 LABRUN = REPO / "ansible/roles/swapstress/files/swapnbd_labrun.py"
@@ -48,7 +49,7 @@ def test_the_verdict_of_a_finished_run(
 
 
 def test_the_guest_watchdog_judges_a_finished_run_with_the_same_verdict() -> None:
-    """vm/watchdog.classify hands a result to swapstress_verdict: the OOM sign it passes
+    """vm/run/watchdog.classify hands a result to swapstress_verdict: the OOM sign it passes
     is the console's or the result's counter."""
     event = {"swapstress": {"outcome": "worker-died", "corrupt_pages": 0}, "exit_code": 3}
 
@@ -95,7 +96,7 @@ def test_a_vm_run_and_a_lab_run_write_the_same_keys(tmp_path: Path) -> None:
     assert lab["swapstress"]["corrupt_pages"] == 0
     assert lab["lab"]["label"] == "here" and lab["accel"] == {"used": "bare-metal"}
     assert lab["files"] == dict(FILES)
-    vm_run = experiment.new_run(experiment.RunConfig(out=tmp_path / "vm")).to_json()
+    vm_run = experiment.new_run(RunConfig(out=tmp_path / "vm")).to_json()
     assert list(lab) == list(vm_run)
     for name in FILES.values():
         assert (out / name).exists(), name

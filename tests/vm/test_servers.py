@@ -1,4 +1,4 @@
-"""vm.servers: every launcher binds a confirmed free loopback port under a random export name.
+"""peers.servers: every launcher binds a confirmed free loopback port under a random export name.
 
 These start the real servers and talk to them with the real nbdinfo.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vm import servers
+from peers import servers
 
 pytestmark = pytest.mark.interop
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from vm import experiment, forensics, watchdog
-from vm.watchdog import Confirmed, Evaluate, Look, StallEnded, StallWatch, WatchState
+from vm.run import experiment, forensics, watchdog
+from vm.run.config import RunConfig
+from vm.run.watchdog import Confirmed, Evaluate, Look, StallEnded, StallWatch, WatchState
 
 DATA = Path(__file__).parent / "data" / "sysrq"
 VANILLA_61 = gzip.decompress((DATA / "6.1.192-vanilla.console.gz").read_bytes()).decode()
@@ -145,7 +146,7 @@ def experiment_step(
     console = tmp_path / "console.log"
     console.write_text("[    0.000000] Linux version 6.1.0-57-cloud-amd64\n")
     looks = forensics.Forensics(console, None, lambda: server, started=0.0)
-    cfg = experiment.RunConfig(out=tmp_path, lockup_after_s=60.0, stall_after_s=15.0)
+    cfg = RunConfig(out=tmp_path, lockup_after_s=60.0, stall_after_s=15.0)
     watch = StallWatch(cfg.effective_stall_after_s, cfg.lockup_after_s)
     said: list[str] = []
 

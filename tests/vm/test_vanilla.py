@@ -14,15 +14,18 @@ from typing import Any
 
 import pytest
 
-from vm import experiment, image, servers
-from vm.watchdog import JsonlTail
+from peers import servers
+from vm.image import image
+from vm.run import experiment
+from vm.run.config import RunConfig
+from vm.run.watchdog import JsonlTail
 
 MIB = 1024 * 1024
 LOCKUP_AFTER_S = 75.0
 TIMEOUT_S = 900.0
 
 
-def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> experiment.RunConfig:
+def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> RunConfig:
     base: dict[str, Any] = {
         "out": out,
         "memory_mib": 128,
@@ -40,7 +43,7 @@ def pressure_config(out: Path, kernel: str, arm: str, **kw: Any) -> experiment.R
         "cache_dir": image.default_cache_dir(),
     }
     base.update(kw)
-    return experiment.RunConfig(**base)
+    return RunConfig(**base)
 
 
 def samples_in(path: Path) -> list[dict[str, Any]]:

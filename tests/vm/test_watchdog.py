@@ -1,4 +1,4 @@
-"""vm.watchdog: tailing the files QEMU writes, and classifying outcomes."""
+"""vm.run.watchdog: tailing the files QEMU writes, and classifying outcomes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from vm import watchdog
-from vm.watchdog import JsonlTail, Outcome, Verdict, Watchdog, classify, console_evidence
+from vm.run import watchdog
+from vm.run.watchdog import JsonlTail, Outcome, Verdict, Watchdog, classify, console_evidence
 
 HUNG = (
     "[  246.120000] INFO: task kswapd0:35 blocked for more than 122 seconds.\n"
@@ -358,7 +358,7 @@ def test_the_reason_tells_silence_from_no_progress(
 def test_the_arm_check_turns_a_wrong_arm_into_an_error() -> None:
     """Without a guest: the guest's read-back of its switches decides, never the request."""
     from stress.runrecord import Outcome, RunRecord
-    from vm import experiment
+    from vm.run import experiment
 
     def run(memalloc: str) -> RunRecord:
         switches = {"nbd.memalloc": memalloc, "livepatch.swapnbd_nothrottle": "1"}

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vm.report import VMSTAT_KEYS
+from vm.campaign.report import VMSTAT_KEYS
 
 HERE = Path(__file__).resolve().parent
-# What the report reads (vm.report.VMSTAT_KEYS), plus the allocstall_* it sums.
+# What the report reads (vm.campaign.report.VMSTAT_KEYS), plus the allocstall_* it sums.
 VMSTAT_KEEP = (
     *VMSTAT_KEYS,
     "allocstall_dma",

@@ -3,8 +3,9 @@
 A failed ``make`` or ``patch`` leaves a log of thousands of lines; the user needs the one
 that names the cause: the tool that was not found (and the Debian package that has it),
 the header that is missing, the first compiler error, the hunk that did not apply. This
-module is pure: text in, one line out. The builders (:mod:`vm.kmod`, :mod:`vm.kbuild`) put
-that line next to the package version and the log path in their error.
+module is pure: text in, one line out. The builders (:mod:`vm.image.kmod`,
+:mod:`vm.image.kbuild`) put that line next to the package version and the log path in their
+error.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ next to this file.  This program then:
 1. mounts /proc, /sys, /dev (devtmpfs) and /run (tmpfs), and creates the
    ``/dev/virtio-ports/NAME`` links that udev would normally make (there is no udev);
 2. reads its parameters from ``/proc/cmdline``: ``swapnbd.cfg=`` carries one
-   base64url-encoded JSON object written by the host (vm/experiment.py);
+   base64url-encoded JSON object written by the host (vm/run/experiment.py);
 3. brings up eth0 as 10.0.2.15/24 via 10.0.2.2 (QEMU user networking);
 4. pins the sysctls (``vm.min_free_kbytes``) and records the values in effect;
 5. connects /dev/nbd0 with nbd-client (``-N`` the run's random export name);

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-QEMU writes three files while the guest runs (see vm/qemu.py): ``events.jsonl``
+QEMU writes three files while the guest runs (see vm/run/qemu.py): ``events.jsonl``
 (phases, swapstress heartbeats, the result or an error), ``vmstat.jsonl`` (the
 collector's samples) and ``console.log``.  The host only tails those files, so it
 never slows the guest down and nothing is lost if the host side is busy.
@@ -275,7 +275,7 @@ class StallWatch:
     two latest looks are compared, not the first two). Progress resuming at any point ends
     the stall (:class:`StallEnded`, recorded in :attr:`stalls`); no progress for
     ``lockup_after`` seconds confirms the lockup (:class:`Confirmed`). The caller may
-    confirm earlier on evidence (the same :mod:`vm.evidence` signature in the two latest
+    confirm earlier on evidence (the same :mod:`vm.run.evidence` signature in the two latest
     looks). At most ``max_looked`` stalls are looked at, so a run with many short stalls
     is not flooded with dumps.
     """
@@ -530,7 +530,7 @@ def classify(
         heartbeat_silent_s: seconds since the last heartbeat (None: none arrived).
         pressure: the memory pressure at the stall; a stress-phase stall without it is an
             ``error`` (None: not judged, as for runs without samples).
-        kernel: the kernel's own evidence (vm/evidence.py): ``signature``, ``why``,
+        kernel: the kernel's own evidence (vm/run/evidence.py): ``signature``, ``why``,
             ``blocked_tasks`` ... merged into the verdict's evidence.
     """
     console = console_evidence(console_text)

@@ -24,7 +24,7 @@ tmp directory, which the next build deletes and redoes. One ``flock`` on
 Each build also deletes leftover tmp directories and entries unused for
 :data:`PRUNE_AFTER_DAYS` (a cached step touches its directory's mtime).
 Step durations are remembered in ``CACHE/durations.json`` and used as the next
-estimate. Editing the guest payload (``stress/*.py``, ``vm/guest_init.py``)
+estimate. Editing the guest payload (``stress/*.py``, ``vm/image/guest_init.py``)
 changes only the initramfs key: the rootfs is never rebuilt for it.
 """
 
@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vm import arms, initramfs, kbuild, kernel, kmod, rootfs
-from vm.progress import CommandError, Progress, Step, format_duration
+from vm.image import arms, initramfs, kbuild, kernel, kmod, rootfs
+from vm.image.progress import CommandError, Progress, Step, format_duration
 
 __all__ = [
     "GuestImage",
@@ -58,8 +58,7 @@ __all__ = [
     "main",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VM_DIR = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # First-build estimates (seconds) on a 2-core machine with a fast mirror.
 ESTIMATES: Mapping[str, float] = {
     "kernel": 20.0,
@@ -73,7 +72,7 @@ ESTIMATES: Mapping[str, float] = {
 STEPS = ("kernel", "armmods", "busybox", "rootfs", "initramfs")
 # Cache entries not used for this long are deleted by the next build.
 PRUNE_AFTER_DAYS = 30.0
-#: Kernel arms (vm/arms.py): "patched" is the kernel as shipped (the 2012 series in
+#: Kernel arms (vm/image/arms.py): "patched" is the kernel as shipped (the 2012 series in
 #: place); "vanilla" switches off the nbd socket's memalloc marking and the throttle.
 ARMS = arms.ARMS
 
@@ -605,7 +604,7 @@ def build_guest(
         flavour: ``"cloud"`` (default) or ``"generic"`` Debian kernel flavour.
         cache_dir: where images live; :func:`default_cache_dir` when ``None``.
         progress: receives progress lines; stderr when ``None``.
-        payload_dir: source tree holding ``stress/`` and ``vm/guest_init.py``;
+        payload_dir: source tree holding ``stress/`` and ``vm/image/guest_init.py``;
             this repository when ``None``.
         arm: ``"patched"`` (the kernel as shipped: nbd memalloc and the pfmemalloc
             throttle) or ``"vanilla"`` (both switched off, as before the 2012 series).
@@ -758,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         "--payload-dir",
         type=Path,
         default=None,
-        help="tree with stress/ and vm/guest_init.py (default: this repository)",
+        help="tree with stress/ and vm/image/guest_init.py (default: this repository)",
     )
     args = parser.parse_args(argv)
     try:

@@ -1,10 +1,10 @@
 """Gather the kernel's evidence from a stalled guest, and judge it.
 
-The watch loop's :class:`vm.watchdog.StallWatch` decides *when* to look; this module does
+The watch loop's :class:`vm.run.watchdog.StallWatch` decides *when* to look; this module does
 the looking, which is I/O: it notes what the host sees of the NBD server (stopped, gone,
-or not reading its socket), presses the SysRq keys through QMP (:mod:`vm.qmp`), and later
+or not reading its socket), presses the SysRq keys through QMP (:mod:`vm.run.qmp`), and later
 reads what the kernel printed on the console since the stall's first look and judges it
-with :mod:`vm.evidence`. :meth:`Forensics.confirms` is the early-confirmation rule: the
+with :mod:`vm.run.evidence`. :meth:`Forensics.confirms` is the early-confirmation rule: the
 same deadlock signature in two looks, with no progress in between (the StallWatch ends the
 stall as soon as progress resumes, so every look of one stall was taken without progress).
 """
@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import psutil
 
-from vm import evidence, qmp, watchdog
+from vm.run import evidence, qmp, watchdog
 
 __all__ = ["Forensics", "server_probe"]
 
@@ -57,7 +57,7 @@ Probe = Callable[[], dict[str, Any] | None]
 def server_probe(pid: int, port: int, *, gap_s: float = 1.0) -> Probe:
     """A check of the server as the host sees it: why it is unresponsive, or None.
 
-    Stopped or exited is definitive; unread bytes are not (see vm.evidence.signature).
+    Stopped or exited is definitive; unread bytes are not (see vm.run.evidence.signature).
 
     Stopped (state T, as SIGSTOP leaves it), exited, or holding the same unread bytes on
     its socket ``gap_s`` apart while it has nothing waiting to go out. A server whose
@@ -220,7 +220,7 @@ def pressure(st: watchdog.WatchState, memory: Mapping[str, Any] | None) -> watch
     """Swap-out from the samples, and the watermarks from the stall's SysRq-m, if any.
 
     ``memory`` is the ``memory`` entry of :meth:`Forensics.kernel_evidence`
-    (:meth:`vm.evidence.MemoryState.as_dict`), so the console is parsed once.
+    (:meth:`vm.run.evidence.MemoryState.as_dict`), so the console is parsed once.
     """
     if not memory or not memory.get("zones"):
         return watchdog.Pressure(pswpout=st.pswpout())

@@ -7,7 +7,7 @@ busybox shell script (:func:`init_script`) that:
 
 1. mounts /proc, /sys and devtmpfs on /dev;
 2. ``insmod``\\s the modules, dependencies first, as computed on the host from
-   modules.dep (:func:`vm.kernel.module_load_order`), decompressed on the host,
+   modules.dep (:func:`vm.image.kernel.module_load_order`), decompressed on the host,
    each with the ``MODULE.param=value`` words of the kernel command line as its
    parameters (what modprobe would do; ``nbd.memalloc=0`` picks the arm). An
    *optional* module is loaded only when its trigger word is on the command
@@ -140,13 +140,13 @@ def decompress_module(path: Path) -> bytes:
 def payload_files(source: Path) -> list[tuple[str, Path]]:
     """The guest payload under a source tree: [(path under /opt/swapnbd, file)].
 
-    ``source/stress/*.py`` become ``stress/*.py`` and ``source/vm/guest_init.py``
+    ``source/stress/*.py`` become ``stress/*.py`` and ``source/vm/image/guest_init.py``
     becomes ``guest_init.py``.
 
     Raises:
         InitramfsError: the payload is missing (the message says what to create).
     """
-    guest_init = source / "vm" / "guest_init.py"
+    guest_init = source / "vm" / "image" / "guest_init.py"
     stress = source / "stress"
     missing = []
     if not guest_init.is_file():
@@ -156,7 +156,7 @@ def payload_files(source: Path) -> list[tuple[str, Path]]:
     if missing:
         raise InitramfsError(
             "guest payload missing: " + ", ".join(missing) + f" (payload source dir: {source}; "
-            "the guest needs vm/guest_init.py and the stress/ package)"
+            "the guest needs vm/image/guest_init.py and the stress/ package)"
         )
     files = [(f"stress/{p.name}", p) for p in sorted(stress.glob("*.py")) if p.is_file()]
     files.append(("guest_init.py", guest_init))

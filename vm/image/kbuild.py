@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A :class:`vm.arms.Variant` names a source series, an allocator and a set of
+A :class:`vm.image.arms.Variant` names a source series, an allocator and a set of
 patches. Building one takes about 22 minutes on two idle cores, so the work is
 arranged for reuse:
 
@@ -15,7 +15,7 @@ arranged for reuse:
         build this way).
     ``out-CONFIGKEY/``
         one ``O=`` object tree per configuration (x86_64 defconfig +
-        kvm_guest.config + ``vm/kconfig/guest.config`` + the allocator fragment),
+        kvm_guest.config + ``vm/image/kconfig/guest.config`` + the allocator fragment),
         named by a hash of the fragments. An interrupted build resumes here.
     ``lock``
         flock held for the whole build: one builder per source tree.
@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vm import arms, buildlog
-from vm.kmod import source_tarball
-from vm.progress import CommandError, Step, run_with_progress
+from vm.image import arms, buildlog
+from vm.image.kmod import source_tarball
+from vm.image.progress import CommandError, Step, run_with_progress
 
 __all__ = [
     "BuiltKernel",
@@ -83,7 +83,7 @@ class BuiltKernel:
 
 
 def fragments(allocator: str) -> list[Path]:
-    """The config fragments of a build, in merge order (vm/kconfig/)."""
+    """The config fragments of a build, in merge order (vm/image/kconfig/)."""
     paths = [arms.KCONFIG_DIR / FRAGMENT, arms.KCONFIG_DIR / f"{allocator}.config"]
     for path in paths:
         if not path.is_file():
@@ -390,7 +390,7 @@ def compile_objects(
 
 
 def _why(log: Path) -> str:
-    """The cause a build log names (:func:`vm.buildlog.diagnose`), or a pointer to it."""
+    """The cause a build log names (:func:`vm.image.buildlog.diagnose`), or a pointer to it."""
     try:
         text = log.read_text(errors="replace")
     except OSError:

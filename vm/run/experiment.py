@@ -5,16 +5,16 @@ Theory of operation
 :func:`run_experiment` does, in order, one function each:
 
 1. :func:`_image` builds (or finds in the cache) the guest image for the kernel, arm and
-   allocator through :mod:`vm.image`;
-2. :func:`_accelerator` resolves the accelerator (``auto`` boot-probes KVM, :mod:`vm.qemu`);
+   allocator through :mod:`vm.image.image`;
+2. :func:`_accelerator` resolves the accelerator (``auto`` boot-probes KVM, :mod:`vm.run.qemu`);
 3. :func:`_serving` (a context manager) starts the NBD server on 127.0.0.1 at a confirmed
    free port, exporting a fresh random name sized at least 5x guest RAM
-   (:mod:`vm.servers`), and stops it, with its final stats line and its cost, however the
+   (:mod:`peers.servers`), and stops it, with its final stats line and its cost, however the
    block is left;
 4. :func:`_boot` encodes the guest's parameters as one base64url JSON blob on the kernel
-   command line (``swapnbd.cfg=``, read by :mod:`vm.guest_init`, PID 1 in the guest), after
+   command line (``swapnbd.cfg=``, read by :mod:`vm.image.guest_init`, PID 1 in the guest), after
    the arm's own words (``nbd.memalloc=0`` ...), and starts QEMU;
-5. :func:`_watch` polls the files QEMU writes through a :class:`vm.watchdog.Watchdog`,
+5. :func:`_watch` polls the files QEMU writes through a :class:`vm.run.watchdog.Watchdog`,
    printing progress and sampling the server's cost, and returns an :class:`Ending`:
    the guest powered off, fell silent or stalled (a ``lockup``), the overall timeout hit, or
    the guest sent its result and never powered off;
@@ -30,23 +30,19 @@ happy one.  Any exception is recorded as outcome ``error``; SIGINT and SIGTERM s
 and the server and are recorded as ``interrupted`` (``interrupted_by`` names the signal).
 
 No orphans: QEMU is launched with ``PR_SET_PDEATHSIG`` and the servers die with their
-parent too (:mod:`vm.lifeline`), so even a SIGKILLed harness leaves nothing running.
+parent too (:mod:`peers.lifeline`), so even a SIGKILLed harness leaves nothing running.
 
-Cost: run.json ``cost`` holds the server process tree's CPU seconds, peak RSS, wake-ups
-and run-queue wait (sampled with psutil and /proc while it runs, so forked workers that
-exit still count for CPU), QEMU's own
-CPU seconds (its rusage, from ``wait4``) and the host's steal time over the run.
+The run's settings are a :class:`vm.run.config.RunConfig`; what it costs the host (the
+server's CPU, RSS, wake-ups and run-queue wait, QEMU's CPU, steal time) is sampled by
+:mod:`vm.run.cost` as the steps go.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
-import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -55,269 +51,34 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
-import psutil
-
+from peers import lifeline, servers
 from stress.runrecord import FILES, Outcome, RunRecord
 from stress.vmstat import summarize
-from vm import arms, forensics, guest_init, lifeline, qemu, servers, watchdog
-from vm.progress import format_duration
+from vm.image import arms, guest_init
+from vm.image.progress import format_duration
+from vm.run import forensics, qemu, watchdog
+from vm.run.config import MIB, RunConfig, encode_guest_config, guest_config
+from vm.run.cost import Cost, ServerCost, host_steal_ticks
 
 if TYPE_CHECKING:
-    from vm.image import GuestImage
+    from vm.image.image import GuestImage
 
 log = logging.getLogger(__name__)
 
-SwapMode = Literal["device", "file"]
 Emit = Callable[[str], None]
-MIB = 1024 * 1024
 
 #: Seconds the guest gets to power off after it sent its result.
 POWEROFF_GRACE_S = 60.0
 POLL_INTERVAL_S = 0.5
 STATUS_INTERVAL_S = 10.0
-#: Seconds between two samples of the server's CPU time and RSS.
-COST_INTERVAL_S = 2.0
-
-ARMS = arms.ARMS
-ALLOCATORS = ("slub", "slab")
-SCHED_POLICIES = ("normal", "batch", "idle")
 
 #: Every file a run leaves in OUT besides run.json (created empty when a run fails early).
 OUTPUT_FILES = FILES
-
-
-@dataclass(frozen=True, slots=True)
-class RunConfig:
-    """Everything one run is configured with (recorded verbatim as ``config`` in run.json)."""
-
-    out: Path
-    """Results directory."""
-    memory_mib: int = 128
-    """Guest RAM in MiB."""
-    cpus: int = 2
-    """Guest vCPUs."""
-    workers: int = 8
-    """swapstress worker processes."""
-    total_bytes: int | None = 256 * MIB
-    """Total anonymous memory the workers touch (exclusive with ``ratio``)."""
-    ratio: float | None = None
-    """Total as a multiple of the guest's MemTotal (exclusive with ``total_bytes``)."""
-    loops: int = 1
-    """Verification passes over the whole mapping."""
-    kernel: str = "6.1"
-    """Kernel understood by vm.image: a stock package (``6.1``, ``6.12``), a built variant
-    (``6.1-build``) or a bzImage path; vm.image validates it."""
-    arm: str = "patched"
-    """``patched`` (nbd memalloc + pfmemalloc throttle, as shipped) or ``vanilla``."""
-    allocator: str | None = None
-    """None (the kernel's own), ``slub`` or ``slab`` (a built 6.1 kernel)."""
-    flavour: str = "cloud"
-    """Debian kernel flavour."""
-    swap: SwapMode = "device"
-    """Swap on /dev/nbd0 directly, or on a swapfile in ext4 on /dev/nbd0."""
-    swap_bytes: int | None = None
-    """Size of the swap area (mkswap SIZE or the swapfile); None: the whole device (or 90%
-    of it for a swapfile).  Smaller than the plan minus RAM makes the guest OOM."""
-    server: servers.ServerKind = "nbd-serve"
-    """NBD server that backs the swap."""
-    backing: servers.Backing | None = None
-    """Server storage: memory or a sparse file (None: the server's default)."""
-    accel: qemu.AccelRequest = "auto"
-    """auto (boot-probe KVM, else TCG), tcg or kvm."""
-    lockup_after_s: float = 180.0
-    """No heartbeat and no sample (or, in the stress phase, no page progress) for this long
-    => lockup, unless the kernel's evidence confirmed it earlier (see ``stall_after_s``)."""
-    stall_after_s: float | None = None
-    """No page progress for this long in the stress phase is a *stall*: the host presses
-    SysRq w/m, then w/l/t, and keeps watching; progress resuming makes it a recorded stall,
-    the same deadlock signature in both looks confirms the lockup at once. None: a third
-    of ``lockup_after_s``, at most 30 s."""
-    early_confirm: bool = True
-    """Confirm a lockup as soon as both looks give the same deadlock signature; False holds
-    every stall for the whole ``lockup_after_s`` (a held run: does it ever recover?)."""
-    server_sched_policy: str = "idle"
-    """nbd-serve's ``--sched-policy`` in the experiment (docs/performance.md, "Scheduling
-    policy"); ``normal`` shows that a verdict does not depend on it."""
-    timeout_s: float | None = None
-    """Overall limit for the guest, QEMU is killed after it; None: sized from the workload
-    (a safety net only: hangs are caught by ``lockup_after_s``)."""
-    nbd_timeout: int = 0
-    """nbd-client -t; 0 (requests never fail) keeps the deadlock observable."""
-    nbd_connections: int = 1
-    """nbd-client -C."""
-    nbd_swap_flag: bool = True
-    """nbd-client -swap."""
-    resident_client: bool = False
-    """Use the 2012-style resident client (nbd-client -L -swap, ioctl mode, mlockall)."""
-    min_free_kbytes: int | None = None
-    """vm.min_free_kbytes to pin; None = the kernel's formula for this RAM size, pinned."""
-    vmstat_interval_s: float = 1.0
-    """Collector sampling interval."""
-    cache_dir: Path | None = None
-    """Image and probe cache (None: vm.image.default_cache_dir())."""
-    export_factor: int = 5
-    """Export size as a multiple of guest RAM (issue 5: at least 5x)."""
-    payload_dir: Path | None = None
-    """Source tree of the guest payload (stress/, vm/guest_init.py); None = this checkout."""
-    server_fault: str | None = None
-    """TEST ONLY: nbd-serve ``--fault`` spec (corrupts one READ; see
-    nbdserver/backends/fault.py)."""
-    guest_panic_after_s: float | None = None
-    """TEST ONLY: the guest crashes its kernel (sysrq ``c``) this long after the stress
-    phase starts."""
-
-    def validate(self) -> None:
-        """Raise ValueError with a clear message for settings that cannot work."""
-        if self.memory_mib < 64:
-            raise ValueError(f"--memory must be at least 64M, got {self.memory_mib}M")
-        if self.cpus < 1:
-            raise ValueError(f"--cpus must be >= 1, got {self.cpus}")
-        if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
-        if (self.total_bytes is None) == (self.ratio is None):
-            raise ValueError("give exactly one of --total and --ratio")
-        if self.total_bytes is not None and self.total_bytes < self.workers * 4096:
-            raise ValueError(f"--total {self.total_bytes} is less than one page per worker")
-        if self.ratio is not None and not 0 < self.ratio <= 64:
-            raise ValueError(f"--ratio must be in (0, 64], got {self.ratio}")
-        if self.loops < 1:
-            raise ValueError(f"--loops must be >= 1, got {self.loops}")
-        if self.swap not in ("device", "file"):
-            raise ValueError(f"--swap must be device or file, not {self.swap!r}")
-        if self.server not in servers.SERVER_KINDS:
-            raise ValueError(f"--server must be one of {', '.join(servers.SERVER_KINDS)}")
-        if self.lockup_after_s <= 0 or (self.timeout_s is not None and self.timeout_s <= 0):
-            raise ValueError("--lockup-after and --timeout must be positive")
-        if self.stall_after_s is not None and not 0 < self.stall_after_s < self.lockup_after_s:
-            raise ValueError(
-                f"--stall-after must be positive and below --lockup-after "
-                f"({self.lockup_after_s:g}s), got {self.stall_after_s:g}s"
-            )
-        if self.server_sched_policy not in SCHED_POLICIES:
-            raise ValueError(
-                f"--server-sched-policy must be one of {', '.join(SCHED_POLICIES)}, "
-                f"not {self.server_sched_policy!r}"
-            )
-        if self.nbd_timeout < 0 or self.nbd_connections < 1:
-            raise ValueError("--nbd-timeout must be >= 0 and --nbd-connections >= 1")
-        if self.min_free_kbytes is not None and self.min_free_kbytes < 128:
-            raise ValueError(f"--min-free-kbytes must be >= 128, got {self.min_free_kbytes}")
-        if self.export_factor < 5:
-            raise ValueError("the export must be at least 5x guest RAM")
-        if self.arm not in ARMS:
-            raise ValueError(f"--arm must be one of {', '.join(ARMS)}, not {self.arm!r}")
-        if self.allocator is not None and self.allocator not in ALLOCATORS:
-            raise ValueError(
-                f"--allocator must be one of {', '.join(ALLOCATORS)}, not {self.allocator!r}"
-            )
-        if self.swap_bytes is not None and self.swap_bytes < 40 * 4096:
-            raise ValueError(f"--swap-size must be at least 160K, got {self.swap_bytes} bytes")
-        if self.server_fault is not None and self.server != "nbd-serve":
-            raise ValueError(f"a server fault needs nbd-serve, not {self.server}")
-
-    @property
-    def effective_stall_after_s(self) -> float:
-        """``stall_after_s``, or a third of the lockup window, at most 30 s."""
-        if self.stall_after_s is not None:
-            return self.stall_after_s
-        return min(30.0, self.lockup_after_s / 3)
-
-    @property
-    def hung_task_timeout_s(self) -> int:
-        """The guest's hung-task timeout: it reports D-state tasks well before the cutoff."""
-        return max(5, int(self.effective_stall_after_s))
-
-    @property
-    def pinned_min_free_kbytes(self) -> int:
-        """The value pinned in the guest: given, or the kernel's sqrt(lowmem_kB * 16) formula."""
-        if self.min_free_kbytes is not None:
-            return self.min_free_kbytes
-        return max(128, min(262144, math.isqrt(self.memory_mib * 1024 * 16)))
-
-    @property
-    def passes(self) -> int:
-        """Page operations per page: the initial write, then per loop a verify and a rewrite
-        (swapstress's default ``rewrite`` mode counts both in ``pages_done``)."""
-        return 1 + 2 * self.loops
-
-    @property
-    def workload_bytes(self) -> int:
-        """The memory the workers touch (the ratio is taken of the configured RAM)."""
-        if self.total_bytes is not None:
-            return self.total_bytes
-        return int((self.ratio or 0) * self.memory_mib * MIB)
-
-    @property
-    def effective_timeout_s(self) -> float:
-        """``timeout_s``, or 15 min plus 2 s per MiB per pass (TCG moves >= 1 MiB/s here)."""
-        if self.timeout_s is not None:
-            return self.timeout_s
-        return 900.0 + 2.0 * self.passes * self.workload_bytes / MIB
-
-    @property
-    def export_bytes(self) -> int:
-        """Export size: >= 5x RAM, and room for the whole workload plus RAM."""
-        memory = self.memory_mib * MIB
-        need = max(self.export_factor * memory, (self.total_bytes or 0) + memory)
-        if self.ratio is not None:
-            need = max(need, int((self.ratio + 1) * memory))
-        return -(-need // MIB) * MIB
-
-    def swapstress_args(self) -> list[str]:
-        args = ["--workers", str(self.workers)]
-        if self.total_bytes is not None:
-            args += ["--total", str(self.total_bytes)]
-        else:
-            args += ["--ratio", repr(self.ratio)]
-        # The export is sized for the plan; the safety check is for hosts, not this guest.
-        # --mlock: the parent (heartbeats) stays resident; the workers stay swappable.
-        args += ["--loops", str(self.loops), "--mlock", "--force"]
-        return args
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["out"] = str(self.out)
-        d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
-        d["payload_dir"] = str(self.payload_dir) if self.payload_dir else None
-        d["pinned_min_free_kbytes"] = self.pinned_min_free_kbytes
-        d["export_bytes"] = self.export_bytes
-        d["effective_timeout_s"] = self.effective_timeout_s
-        d["effective_stall_after_s"] = self.effective_stall_after_s
-        d["hung_task_timeout_s"] = self.hung_task_timeout_s
-        if self.server != "nbd-serve":
-            d["server_sched_policy"] = None  # only nbd-serve takes the flag
-        return d
-
-
-def guest_config(cfg: RunConfig, server: servers.RunningServer) -> dict[str, Any]:
-    """The object vm.guest_init reads from ``swapnbd.cfg=``."""
-    return {
-        "v": 1,
-        "server": {"host": "10.0.2.2", "port": server.port, "name": server.export_name},
-        "net": {"address": "10.0.2.15/24", "gateway": "10.0.2.2"},
-        "nbd": {
-            "block_size": 4096,
-            "timeout": cfg.nbd_timeout,
-            "connections": cfg.nbd_connections,
-            "swap_flag": cfg.nbd_swap_flag or cfg.resident_client,
-            "resident": cfg.resident_client,
-        },
-        "swap": {"mode": cfg.swap, "size_bytes": cfg.swap_bytes},
-        "sysctl": {"vm.min_free_kbytes": cfg.pinned_min_free_kbytes},
-        "stress": {"args": cfg.swapstress_args()},
-        "vmstat": {"interval": cfg.vmstat_interval_s},
-        "fault": {"panic_after_s": cfg.guest_panic_after_s},
-    }
-
-
-def encode_guest_config(obj: dict[str, Any]) -> str:
-    raw = json.dumps(obj, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -347,7 +108,7 @@ def swap_device(summary: dict[str, Any]) -> dict[str, Any] | None:
 
     ``{"name": "nbd0", "interval_s", "reads", "read_ms", "writes", "write_ms", ...}``
     (:data:`stress.procfs.DISKSTATS_FIELDS` but ``in_flight``); the report turns them into
-    await and queue depth.  Swap sits on /dev/nbd0 in both swap modes (``vm.guest_init``).
+    await and queue depth.  Swap sits on /dev/nbd0 in both swap modes (``vm.image.guest_init``).
     None when the guest's samples had no diskstats or the device did no I/O.
     """
     name = os.path.basename(guest_init.NBD_DEVICE)
@@ -450,154 +211,6 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(sig, previous)
 
 
-# --- cost --------------------------------------------------------------------------------
-
-
-def _sum_over_threads(pid: int, name: str, parse: Callable[[str], int]) -> int:
-    """``parse`` of /proc/PID/task/TID/NAME, summed over the live threads of ``pid``
-    (0 if it is gone). Threads that already exited are not counted: /proc keeps no
-    total for them. A thread that exits while being read is skipped."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
-                total += parse(f.read())
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
-
-
-def _voluntary_switches(status: str) -> int:
-    for line in status.splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
-            return int(line.split()[1])
-    return 0
-
-
-def task_wakeups(pid: int) -> int:
-    """Voluntary context switches of every live thread of ``pid``: how often it went to
-    sleep (in epoll, a futex or a read) and had to be woken."""
-    return _sum_over_threads(pid, "status", _voluntary_switches)
-
-
-def task_runqueue_wait(pid: int) -> int:
-    """Nanoseconds the live threads of ``pid`` spent runnable but waiting for a CPU
-    (schedstat's second field): how long its wake-ups queued behind other tasks."""
-    return _sum_over_threads(pid, "schedstat", lambda text: int(text.split()[1]))
-
-
-def tree_usage(pid: int) -> tuple[float, float, int, int, int] | None:
-    """(user s, system s, RSS bytes, wake-ups, run-queue wait ns) of ``pid`` and all its
-    descendants, or None if gone.
-
-    Each process counts its own CPU time plus that of the children it has reaped, so a
-    forked worker that exited still counts once it is reaped.  RSS is summed, so pages
-    shared between processes count once per process (an upper bound). Wake-ups are
-    :func:`task_wakeups` summed over the tree, and so is :func:`task_runqueue_wait`.
-    """
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return None
-    user = system = 0.0
-    rss = wakeups = waited = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            t = proc.cpu_times()
-            user += t.user + t.children_user
-            system += t.system + t.children_system
-        with contextlib.suppress(psutil.Error):
-            rss += proc.memory_info().rss
-        wakeups += task_wakeups(proc.pid)
-        waited += task_runqueue_wait(proc.pid)
-    return user, system, rss, wakeups, waited
-
-
-@dataclass(slots=True)
-class ServerCost:
-    """The server process tree's CPU time and peak RSS, sampled while it runs."""
-
-    pid: int
-    user_s: float = 0.0
-    system_s: float = 0.0
-    peak_rss_bytes: int = 0
-    #: Voluntary context switches of the tree's threads (the largest sum seen).
-    wakeups: int = 0
-    #: Seconds the tree's threads were runnable but waiting for a CPU (largest sum seen).
-    runqueue_wait_s: float = 0.0
-    samples: int = 0
-    last: float = -math.inf
-
-    def sample(self, now: float, *, force: bool = False) -> None:
-        if not force and now - self.last < COST_INTERVAL_S:
-            return
-        self.last = now
-        usage = tree_usage(self.pid)
-        if usage is None:
-            return
-        self.samples += 1
-        # CPU time only grows; the maximum survives the tree shrinking between samples.
-        self.user_s = max(self.user_s, usage[0])
-        self.system_s = max(self.system_s, usage[1])
-        self.peak_rss_bytes = max(self.peak_rss_bytes, usage[2])
-        self.wakeups = max(self.wakeups, usage[3])
-        self.runqueue_wait_s = max(self.runqueue_wait_s, usage[4] / 1e9)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "user_s": round(self.user_s, 3),
-            "system_s": round(self.system_s, 3),
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "wakeups": self.wakeups,
-            "runqueue_wait_s": round(self.runqueue_wait_s, 3),
-            "samples": self.samples,
-        }
-
-
-def host_steal_ticks() -> int | None:
-    """The host's cumulative steal time in clock ticks (/proc/stat), None if not there."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
-        return None
-    if len(fields) < 9 or fields[0] != "cpu":
-        return None
-    return int(fields[8])
-
-
-@dataclass(slots=True)
-class Cost:
-    """What run.json records as ``cost``."""
-
-    server: ServerCost | None = None
-    qemu: resource.struct_rusage | None = None
-    steal_start: int | None = None
-    steal_end: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        steal: float | None = None
-        if self.steal_start is not None and self.steal_end is not None:
-            steal = round((self.steal_end - self.steal_start) / os.sysconf("SC_CLK_TCK"), 2)
-        qemu_cost = None
-        if self.qemu is not None:
-            qemu_cost = {
-                "user_s": round(self.qemu.ru_utime, 3),
-                "system_s": round(self.qemu.ru_stime, 3),
-                "max_rss_bytes": self.qemu.ru_maxrss * 1024,
-            }
-        return {
-            "server": self.server.as_dict() if self.server is not None else None,
-            "qemu": qemu_cost,
-            "host_steal_s": steal,
-        }
-
-
 def status_line(state: watchdog.WatchState, now: float, passes: int | None = None) -> str:
     """One progress line: phase, elapsed, pages done from the heartbeats, ETA.
 
@@ -685,7 +298,7 @@ def run_experiment(
 
 def _run_guest(cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit, hook: Hook | None) -> None:
     """Steps 1-6 of the module docstring."""
-    from vm import image as vm_image  # noqa: PLC0415 - heavy, and built by another part
+    from vm.image import image as vm_image  # noqa: PLC0415 - heavy, and built by another part
 
     cache_dir = cfg.cache_dir or vm_image.default_cache_dir()
     img = _image(cfg, cache_dir, run, say)
@@ -789,7 +402,7 @@ def _keep_failed_boot(
 
 def _image(cfg: RunConfig, cache_dir: Path, run: RunRecord, say: Emit) -> GuestImage:
     """Step 1: the guest image for the kernel, arm and allocator."""
-    from vm import image as vm_image  # noqa: PLC0415
+    from vm.image import image as vm_image  # noqa: PLC0415
 
     t0 = time.monotonic()
     what = f"kernel {cfg.kernel} ({cfg.flavour}), arm {cfg.arm}"

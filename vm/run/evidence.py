@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-When the watch loop sees a stall it presses SysRq keys (vm/qmp.py) and the guest kernel
+When the watch loop sees a stall it presses SysRq keys (vm/run/qmp.py) and the guest kernel
 prints, on the serial console:
 
 - ``w``, "Show Blocked State": every task in D state (and, by the kernel's own rule, the

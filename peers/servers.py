@@ -26,9 +26,9 @@ Each server runs in its own session so that :meth:`RunningServer.kill` and
 (nbd-server forks a child per connection), which the "server dies mid-run" test uses.
 
 No server outlives the process that launched it, even when that process is SIGKILLed
-(:mod:`vm.lifeline`): nbd-serve and nbdkit run with ``--exit-with-parent``, every direct
+(:mod:`peers.lifeline`): nbd-serve and nbdkit run with ``--exit-with-parent``, every direct
 child gets ``PR_SET_PDEATHSIG`` when launched from the main thread, and the nbd-server
-daemon, which forks away from both, is watched by a ``vm.lifeline`` guard process.
+daemon, which forks away from both, is watched by a ``peers.lifeline`` guard process.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from typing import Any, Literal, NoReturn, get_args
 
 import psutil
 
-from vm import lifeline
+from peers import lifeline
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class RunningServer:
     frozen: bool = False
     stopped: bool = False
     guard: subprocess.Popen[bytes] | None = None
-    """The vm.lifeline watcher of a daemonized server (nbd-server), reaped by stop/kill."""
+    """The peers.lifeline watcher of a daemonized server (nbd-server), reaped by stop/kill."""
 
     @property
     def uri(self) -> str:

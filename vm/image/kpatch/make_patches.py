@@ -4,7 +4,7 @@ Usage::
 
     tar xJf /usr/src/linux-source-6.12.tar.xz linux-source-6.12/drivers/block/nbd.c \\
         linux-source-6.12/mm/vmscan.c
-    python3 vm/kpatch/make_patches.py linux-source-6.12 6.12
+    python3 vm/image/kpatch/make_patches.py linux-source-6.12 6.12
 
 Every edit is an exact text replacement that must match once, so a source that
 moved on fails loudly instead of producing a patch that does something else.

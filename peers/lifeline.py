@@ -12,7 +12,7 @@ tied to the harness from their side:
   thread (:func:`parent_death_signal` returns None otherwise).
 * A child that daemonizes (nbd-server forks into the background, and the flag is cleared
   across fork) cannot carry the flag.  :func:`guard` starts a small watcher,
-  ``python -m vm.lifeline PID...``, which does carry it and, when the harness dies, stops
+  ``python -m peers.lifeline PID...``, which does carry it and, when the harness dies, stops
   the given processes and everything they forked (SIGTERM, then SIGKILL).
 * nbd-serve and nbdkit watch their parent themselves (``--exit-with-parent``).
 """
@@ -70,7 +70,7 @@ def guard(pids: Sequence[int]) -> subprocess.Popen[bytes]:
     stop it earlier with ``.terminate()`` only after the pids themselves are stopped.
     """
     return subprocess.Popen(
-        [sys.executable, "-m", "vm.lifeline", str(os.getpid()), *map(str, pids)],
+        [sys.executable, "-m", "peers.lifeline", str(os.getpid()), *map(str, pids)],
         stdin=subprocess.DEVNULL,
         start_new_session=True,
         preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - async-signal-safe enough
@@ -120,10 +120,10 @@ def _watch(parent: int, pids: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vm.lifeline PARENT PID...`` (started by :func:`guard`)."""
+    """``python -m peers.lifeline PARENT PID...`` (started by :func:`guard`)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) < 2 or not all(a.isdigit() for a in args):
-        print("usage: python -m vm.lifeline PARENT_PID PID...", file=sys.stderr)
+        print("usage: python -m peers.lifeline PARENT_PID PID...", file=sys.stderr)
         return 2
     return _watch(int(args[0]), [int(a) for a in args[1:]])
 

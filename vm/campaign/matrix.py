@@ -15,7 +15,7 @@ middle part is the cell's label (the same label the report groups by) and ``R`` 
 repeat.  Ids depend only on the matrix file, so ``--resume`` finds the same directories.
 
 The store (``--out``) holds one directory per run, written by
-:func:`vm.experiment.run_experiment` exactly as ``swapnbd run`` would, a copy of the
+:func:`vm.run.experiment.run_experiment` exactly as ``swapnbd run`` would, a copy of the
 matrix file (``matrix.toml``) and ``index.json``.  The index is rebuilt from the run
 directories on disk after every run and written atomically (tmp + rename) under a lock,
 so killing the runner at any moment loses nothing already measured, and shards sharing a
@@ -26,7 +26,7 @@ A run is *finished* when its run.json has an outcome and is not marked ``interru
 stopped it).  ``--resume`` reruns everything else; the leftovers of an interrupted run are
 moved to ``STORE/.attic/`` (kept, never averaged: the report skips hidden directories).
 
-TOML format (see ``vm/matrices/seed.toml``)::
+TOML format (see ``vm/campaign/matrices/seed.toml``)::
 
     [matrix]                 # optional: name, description, repeats (default 1)
     repeats = 3
@@ -60,9 +60,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from peers import servers
 from stress.sizes import SizeError, parse_size
-from vm import experiment, servers
-from vm.progress import format_duration
+from vm.image.progress import format_duration
+from vm.run import experiment
+from vm.run.config import RunConfig
 
 MIB = 1024 * 1024
 INDEX_SCHEMA = 1
@@ -134,8 +136,8 @@ class Cell:
     source: str
     """Where it came from in the file (for error messages), e.g. ``cells[2]``."""
 
-    def config(self, out: Path) -> experiment.RunConfig:
-        return experiment.RunConfig(out=out, **dict(self.settings))
+    def config(self, out: Path) -> RunConfig:
+        return RunConfig(out=out, **dict(self.settings))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,7 @@ class PlannedRun:
     rep: int
     cell: Cell
 
-    def config(self, store: Path) -> experiment.RunConfig:
+    def config(self, store: Path) -> RunConfig:
         return self.cell.config(store / self.id)
 
 
@@ -530,7 +532,7 @@ MODEL_BOOT_S = 45.0
 MODEL_MIB_PER_S = 12.0
 
 
-def model_seconds(cfg: experiment.RunConfig) -> float:
+def model_seconds(cfg: RunConfig) -> float:
     """A run's expected duration from its size alone (no measurement)."""
     work = MODEL_BOOT_S + cfg.passes * cfg.workload_bytes / MIB / MODEL_MIB_PER_S
     return min(work, cfg.effective_timeout_s + MODEL_BOOT_S)
@@ -732,7 +734,7 @@ def estimator_from_store(runs: Sequence[PlannedRun], store: Path) -> Estimator:
 
 # ---------------------------------------------------------------------------- the runner
 
-RunFunc = Callable[[experiment.RunConfig, experiment.Emit], dict[str, Any]]
+RunFunc = Callable[[RunConfig, experiment.Emit], dict[str, Any]]
 
 
 @dataclass(slots=True)
@@ -801,7 +803,7 @@ def run_matrix(
 
     ``retry_errors`` also reruns runs whose outcome is ``error`` (the harness failed,
     e.g. an image that could not be built, since fixed).  ``run_one`` defaults to
-    :func:`vm.experiment.run_experiment`.  A KeyboardInterrupt (SIGINT, or SIGTERM under
+    :func:`vm.run.experiment.run_experiment`.  A KeyboardInterrupt (SIGINT, or SIGTERM under
     :func:`sigterm_as_interrupt`) between runs, or a run that comes back ``interrupted``,
     stops the matrix; the index is written either way.
 

@@ -9,12 +9,12 @@ runs:
 
 ``nbd.ko``
     ``drivers/block/nbd.c`` from the ``linux-source`` package of the *same*
-    Debian version as the kernel, with ``vm/kpatch/<series>/nbd-memalloc-switch.patch``:
+    Debian version as the kernel, with ``vm/image/kpatch/<series>/nbd-memalloc-switch.patch``:
     a ``memalloc`` parameter (default on, as upstream) that skips
     ``sk_set_memalloc()``, ``PF_MEMALLOC`` and ``__GFP_MEMALLOC`` when off. It
     replaces the stock nbd.ko in the initramfs for both arms.
 ``swapnbd_nothrottle.ko``
-    a livepatch (``vm/kmod/swapnbd_nothrottle.c``) replacing the static
+    a livepatch (``vm/image/kmod_src/swapnbd_nothrottle.c``) replacing the static
     ``throttle_direct_reclaim()`` with one that never throttles; the initramfs
     loads it only when the command line says ``pfmemalloc_throttle=0``.
 
@@ -22,7 +22,7 @@ The headers are fetched with ``apt-get download`` and unpacked into the cache,
 never installed (the 6.12 headers package would pull in a kernel image and
 systemd); the unpacked tree's top Makefile names its ``-common`` half by
 absolute path, which is rewritten to the unpacked copy. Building takes about
-ten seconds; :mod:`vm.image` caches the result by every input.
+ten seconds; :mod:`vm.image.image` caches the result by every input.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm import arms, buildlog, kernel
-from vm.progress import Step, run_with_progress
+from vm.image import arms, buildlog, kernel
+from vm.image.progress import Step, run_with_progress
 
 __all__ = [
     "ArmModules",

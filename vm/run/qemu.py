@@ -94,7 +94,7 @@ class QemuConfig:
     cpu: str | None = None
     """-cpu model; None: ``host`` under KVM, QEMU's default under TCG."""
     qmp_path: Path | None = None
-    """A QMP unix socket (vm/qmp.py sends SysRq keys to a stuck guest through it)."""
+    """A QMP unix socket (vm/run/qmp.py sends SysRq keys to a stuck guest through it)."""
 
 
 def kernel_cmdline(params: dict[str, str], extra: tuple[str, ...] = ()) -> str:

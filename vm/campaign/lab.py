@@ -16,11 +16,11 @@ sees progress while the hosts work:
 3. ``matrix_action=collect``: the shares are fetched as tarballs, unpacked under
    ``STORE/.shares/HOST`` and merged with :func:`merge_stores` (run directories copied in,
    a finished run never replaced by an unfinished one, ``index.json`` rebuilt from the
-   run directories by :mod:`vm.matrix`), then ``swapnbd report`` writes ``report.md``.
+   run directories by :mod:`vm.campaign.matrix`), then ``swapnbd report`` writes ``report.md``.
 
 A host that fails loses only its share's unfinished runs: running the same command again
-resumes it. ``python -m vm.lab merge STORE SHARE_DIR...`` is the merge step alone (the
-playbook calls it); ``python -m vm.lab run FILE.toml --inventory INV --out STORE`` is the
+resumes it. ``python -m vm.campaign.lab merge STORE SHARE_DIR...`` is the merge step alone (the
+playbook calls it); ``python -m vm.campaign.lab run FILE.toml --inventory INV --out STORE`` is the
 whole drive, as ``swapnbd matrix --inventory`` runs it.
 """
 
@@ -51,7 +51,7 @@ __all__ = [
     "run_matrix_on_inventory",
 ]
 
-ANSIBLE_DIR = Path(__file__).resolve().parents[1] / "ansible"
+ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
 STATUS_MARK = "SWAPNBD-MATRIX-STATUS "
 Emit = Callable[[str], None]
 
@@ -124,11 +124,11 @@ def merge_stores(store: Path, shares: Sequence[Path]) -> dict[str, Any]:
 
 
 def _rebuild_index(store: Path) -> dict[str, Any] | None:
-    """``index.json`` from the run directories, through vm.matrix (None without a matrix)."""
+    """``index.json`` from the run directories, through vm.campaign.matrix (None without one)."""
     toml = store / "matrix.toml"
     if not toml.is_file():
         return None
-    matrix: Any = importlib.import_module("vm.matrix")
+    matrix: Any = importlib.import_module("vm.campaign.matrix")
     parsed = matrix.load_matrix(toml)
     index: dict[str, Any] = matrix.write_index(parsed, matrix.plan_runs(parsed), store, None)
     return index
@@ -359,7 +359,9 @@ def run_matrix_on_inventory(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vm.lab", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vm.campaign.lab", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser("merge", help="merge fetched shares into one matrix store")
     merge.add_argument("store", type=Path)
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         summary = merge_stores(args.store, args.shares)
     except LabError as exc:
-        print(f"vm.lab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vm.campaign.lab {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0

@@ -6,7 +6,7 @@ Theory of operation
 given directories (a matrix store, a single run directory, or a tree of either; hidden
 directories such as a store's ``.attic`` are skipped) together with the run's
 ``vmstat.jsonl`` samples.  Everything after it is pure: :func:`build_report` groups runs
-into *arms* by the label of :func:`vm.matrix.label` (kernel, arm, allocator, server, plus
+into *arms* by the label of :func:`vm.campaign.matrix.label` (kernel, arm, allocator, server, plus
 any other setting that differs between the runs loaded), computes per-run metrics
 (:func:`run_metrics`) and aggregates them as mean and sample standard deviation per arm,
 with the ratio of each mean to the baseline arm's.  :func:`render` turns the report into
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from vm import matrix
+from vm.campaign import matrix
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

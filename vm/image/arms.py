@@ -16,14 +16,14 @@ switches: ``nbd.memalloc=0|1`` and ``pfmemalloc_throttle=0|1``. How a kernel
 honours them depends on where it comes from (:func:`resolve`):
 
 * a **stock** Debian kernel (``6.1``, ``6.12``) runs the project's ``nbd.ko``,
-  rebuilt from the matching ``linux-source`` with ``vm/kpatch/<series>/
+  rebuilt from the matching ``linux-source`` with ``vm/image/kpatch/<series>/
   nbd-memalloc-switch.patch`` (a ``memalloc`` module parameter, default on, as
   upstream), and, for ``pfmemalloc_throttle=0`` only, the livepatch
-  ``vm/kmod/swapnbd_nothrottle.c`` that makes ``throttle_direct_reclaim()``
-  return false (:mod:`vm.kmod`). The initramfs passes ``nbd.*`` words to
+  ``vm/image/kmod_src/swapnbd_nothrottle.c`` that makes ``throttle_direct_reclaim()``
+  return false (:mod:`vm.image.kmod`). The initramfs passes ``nbd.*`` words to
   ``insmod`` as modprobe would;
 * a **built** variant (``6.1-slab`` ...) is compiled from ``linux-source`` with
-  both switch patches and every driver built in (:mod:`vm.kbuild`), so the
+  both switch patches and every driver built in (:mod:`vm.image.kbuild`), so the
   words are ordinary boot parameters; a ``*-revert`` variant carries the
   compile-time revert instead and is vanilla only (the cross-check);
 * a **bzImage path** is booted as given; the words are passed and the guest
@@ -62,10 +62,11 @@ ALLOCATORS = ("slub", "slab")
 #: Debian kernel series the project knows (stock cloud kernels and linux-source).
 STOCK_SERIES = ("6.1", "6.12")
 
-VM_DIR = Path(__file__).resolve().parent
-KPATCH_DIR = VM_DIR / "kpatch"
-KCONFIG_DIR = VM_DIR / "kconfig"
-KMOD_DIR = VM_DIR / "kmod"
+IMAGE_DIR = Path(__file__).resolve().parent
+KPATCH_DIR = IMAGE_DIR / "kpatch"
+KCONFIG_DIR = IMAGE_DIR / "kconfig"
+#: The livepatch's C source (``kmod_src``: ``kmod`` is the module that builds it).
+KMOD_DIR = IMAGE_DIR / "kmod_src"
 
 SWITCH_PATCHES = ("nbd-memalloc-switch.patch", "vmscan-throttle-switch.patch")
 REVERT_PATCHES = ("revert-nbd-memalloc.patch", "revert-vmscan-throttle.patch")
@@ -88,9 +89,9 @@ class Variant:
     series: str
     """Debian source series, ``6.1`` or ``6.12``."""
     allocator: str
-    """``slub`` or ``slab`` (a config fragment in vm/kconfig/)."""
+    """``slub`` or ``slab`` (a config fragment in vm/image/kconfig/)."""
     patches: tuple[str, ...]
-    """Patch files under vm/kpatch/<series>/, applied in order."""
+    """Patch files under vm/image/kpatch/<series>/, applied in order."""
     fixed_arm: Arm | None = None
     """The only arm this kernel can run (a compile-time revert), or None (switches)."""
     about: str = ""

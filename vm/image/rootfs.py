@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vm.progress import Step, run_with_progress
+from vm.image.progress import Step, run_with_progress
 
 __all__ = [
     "MIRROR_ENV",
