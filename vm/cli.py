@@ -270,7 +270,6 @@ def _add_run(sub: Any) -> None:
         help="nbd-client -t (0, the default: requests never fail)",
     )
     p.add_argument("--nbd-connections", type=_positive_int, default=1, help="nbd-client -C")
-    p.add_argument("--no-swap-flag", action="store_true", help="do not pass -swap to nbd-client")
     p.add_argument(
         "--resident-client",
         action="store_true",
@@ -356,7 +355,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         accel=args.accel,
         nbd_timeout=args.nbd_timeout,
         nbd_connections=args.nbd_connections,
-        nbd_swap_flag=not args.no_swap_flag,
         resident_client=args.resident_client,
         min_free_kbytes=args.min_free_kbytes,
         cache_dir=args.cache,

@@ -80,17 +80,17 @@ def test_nbd_client_argv_defaults() -> None:
 def test_nbd_client_argv_settings() -> None:
     argv = guest_init.nbd_client_argv(
         {"port": 1, "name": "n"},
-        {"timeout": 30, "connections": 4, "swap_flag": True, "resident": True},
+        {"timeout": 30, "connections": 4, "resident": True},
     )
     assert argv[argv.index("-t") + 1] == "30"
     assert argv[argv.index("-C") + 1] == "4"
     assert argv[-2:] == ["-swap", "-L"]
-    no_swap = guest_init.nbd_client_argv({"port": 1, "name": "n"}, {"swap_flag": False})
-    assert "-swap" not in no_swap and "-t" not in no_swap and "-C" not in no_swap
+    plain = guest_init.nbd_client_argv({"port": 1, "name": "n"}, {})
+    assert plain[-1] == "-swap" and "-t" not in plain and "-C" not in plain
 
 
-def test_resident_client_implies_swap_flag(tmp_path: Path) -> None:
-    cfg = RunConfig(out=tmp_path, resident_client=True, nbd_swap_flag=False)
+def test_the_resident_client_swaps_too(tmp_path: Path) -> None:
+    cfg = RunConfig(out=tmp_path, resident_client=True)
     nbd = guest_config(cfg, sample_server(tmp_path))["nbd"]
     argv = guest_init.nbd_client_argv({"port": 1, "name": "n"}, nbd)
     assert argv[-2:] == ["-swap", "-L"]
@@ -134,6 +134,8 @@ def test_failed_command_names_the_step() -> None:
 
 
 def test_guest_init_uses_only_the_standard_library() -> None:
+    """And the guest tools (stress/), which the initramfs packs beside it and which are
+    standard library only themselves."""
     import ast
     import sys
 
@@ -145,7 +147,7 @@ def test_guest_init_uses_only_the_standard_library() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert imported
-    assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+    assert imported <= set(sys.stdlib_module_names) | {"__future__", "stress"}
 
 
 def test_arm_proof_reads_switches_cmdline_words_and_kernel_log() -> None:

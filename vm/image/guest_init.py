@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stress import nbdclient
+
 PAYLOAD_DIR = Path(__file__).resolve().parent
 EVENTS_PORT = "swapnbd.events"
 SAMPLES_PORT = "swapnbd.samples"
@@ -247,25 +249,17 @@ def apply_sysctls(sysctls: dict[str, Any]) -> dict[str, str | None]:
 
 
 def nbd_client_argv(server: dict[str, Any], nbd: dict[str, Any]) -> list[str]:
-    argv = [
-        "nbd-client",
+    """The guest config's server and nbd sections as nbd-client's command line."""
+    return nbdclient.nbd_client_argv(
         str(server.get("host", "10.0.2.2")),
-        str(server["port"]),
+        server["port"],
         NBD_DEVICE,
-        "-N",
         str(server["name"]),
-        "-b",
-        str(nbd.get("block_size", 4096)),
-    ]
-    if int(nbd.get("timeout", 0)) > 0:
-        argv += ["-t", str(int(nbd["timeout"]))]
-    if int(nbd.get("connections", 1)) > 1:
-        argv += ["-C", str(int(nbd["connections"]))]
-    if nbd.get("swap_flag", True):
-        argv.append("-swap")
-    if nbd.get("resident", False):
-        argv.append("-L")
-    return argv
+        block_size=int(nbd.get("block_size", 4096)),
+        timeout=int(nbd.get("timeout", 0)),
+        connections=int(nbd.get("connections", 1)),
+        resident=bool(nbd.get("resident", False)),
+    )
 
 
 def connect_nbd(server: dict[str, Any], nbd: dict[str, Any]) -> int:

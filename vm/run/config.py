@@ -88,8 +88,6 @@ class RunConfig:
     """nbd-client -t; 0 (requests never fail) keeps the deadlock observable."""
     nbd_connections: int = 1
     """nbd-client -C."""
-    nbd_swap_flag: bool = True
-    """nbd-client -swap."""
     resident_client: bool = False
     """Use the 2012-style resident client (nbd-client -L -swap, ioctl mode, mlockall)."""
     min_free_kbytes: int | None = None
@@ -242,7 +240,6 @@ def guest_config(cfg: RunConfig, server: servers.RunningServer) -> dict[str, Any
             "block_size": 4096,
             "timeout": cfg.nbd_timeout,
             "connections": cfg.nbd_connections,
-            "swap_flag": cfg.nbd_swap_flag or cfg.resident_client,
             "resident": cfg.resident_client,
         },
         "swap": {"mode": cfg.swap, "size_bytes": cfg.swap_bytes},

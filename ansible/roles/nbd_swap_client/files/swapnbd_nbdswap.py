@@ -12,7 +12,9 @@ device (or swapfile) already carries a swap signature, swapon unless it is activ
 ``down``: swapoff, unmount the swapfile's file system, disconnect; ``--restore`` also writes
 the recorded original values back and forgets them.
 
-Standard library only: it runs on the client's system python3.
+Standard library only: it runs on the client's system python3, with the guest tools'
+``stress/nbdclient.py`` deployed beside it (the nbd-client command line, shared with the
+QEMU guest).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# stress/nbdclient.py is deployed beside this file (roles/nbd_swap_client/tasks/main.yml).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stress import nbdclient
 
 SETTING_PATHS = {
     "transparent_hugepage": "/sys/kernel/mm/transparent_hugepage/enabled",
@@ -120,15 +127,17 @@ def connected(device: str) -> bool:
 
 
 def nbd_client_argv(cfg: dict[str, Any]) -> list[str]:
-    argv = ["nbd-client", str(cfg["host"]), str(cfg["port"]), cfg["device"]]
-    argv += ["-N", str(cfg["export"]), "-b", str(cfg.get("block_size", 4096))]
-    if int(cfg.get("timeout", 0)) > 0:
-        argv += ["-t", str(int(cfg["timeout"]))]
-    if int(cfg.get("connections", 1)) > 1:
-        argv += ["-C", str(int(cfg["connections"]))]
-    if cfg.get("swap_flag", True):
-        argv.append("-swap")
-    return argv
+    """The helper's config as nbd-client's command line (stress/nbdclient.py)."""
+    return nbdclient.nbd_client_argv(
+        str(cfg["host"]),
+        cfg["port"],
+        str(cfg["device"]),
+        str(cfg["export"]),
+        block_size=int(cfg.get("block_size", 4096)),
+        timeout=int(cfg.get("timeout", 0)),
+        connections=int(cfg.get("connections", 1)),
+        swap=bool(cfg.get("swap_flag", True)),
+    )
 
 
 def swap_target(cfg: dict[str, Any]) -> str:
