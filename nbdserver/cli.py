@@ -94,6 +94,7 @@ config file (TOML; command-line flags override only what they set):
   max_connections = 64      # default: no limit
   poll_us = 50              # 0 = never busy-poll
   wake_mark = true          # false = wake for every TCP segment (--no-wake-mark)
+  extended_headers = true   # false = refuse NBD_OPT_EXTENDED_HEADERS (--no-extended-headers)
   sched_policy = "idle"     # run when a CPU would idle (default "normal"; or "batch")
   [[exports]]
   name = "swap"
@@ -220,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on TCP, let the kernel wake the server only once a partly received request"
         " is complete (SO_RCVLOWAT): one wake-up per request instead of one per segment"
         ' (default: on; docs/performance.md, "Wake mark")',
+    )
+    parser.add_argument(
+        "--extended-headers",
+        action=argparse.BooleanOptionalAction,
+        help="offer NBD extended headers (NBD_OPT_EXTENDED_HEADERS: 64-bit lengths for"
+        " trim, write zeroes and block status); --no-extended-headers answers the option"
+        " NBD_REP_ERR_UNSUP, so clients use compact headers (default: on)",
     )
     parser.add_argument(
         "--poll-us",
@@ -403,6 +411,7 @@ def _worker(
                 max_inflight_bytes=config.max_inflight,
                 poll_us=config.poll_us,
                 wake_mark=config.wake_mark,
+                extended_headers=config.extended_headers,
                 shutdown_grace=config.shutdown_grace,
                 report=report,
                 tls=config.tls,
@@ -451,6 +460,7 @@ async def serve(
         max_inflight_bytes=config.max_inflight,
         poll_us=config.poll_us,
         wake_mark=config.wake_mark,
+        extended_headers=config.extended_headers,
         shutdown_grace=config.shutdown_grace,
         max_connections=config.max_connections,
         tls=config.tls,
