@@ -30,6 +30,7 @@ from nbdserver.protocol import (
 
 from .conftest import ThreadedServer, memory
 from .nbdtest import RawClient
+from .test_server import read_data as reassemble
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -40,20 +41,8 @@ Start = Callable[..., ThreadedServer]
 
 def read_data(chunks: list[ExtendedChunk], offset: int, length: int) -> bytes:
     """Reassemble an extended read reply; every chunk echoes the request's offset."""
-    out = bytearray(length)
-    covered = 0
-    for c in chunks:
-        assert c.offset == offset, c
-        if c.type == ReplyType.OFFSET_DATA:
-            at = int.from_bytes(c.payload[:8], "big") - offset
-            out[at : at + len(c.payload) - 8] = c.payload[8:]
-            covered += len(c.payload) - 8
-        elif c.type == ReplyType.OFFSET_HOLE:
-            covered += int.from_bytes(c.payload[8:12], "big")
-        else:
-            assert c.type == ReplyType.NONE, c
-    assert covered == length
-    return bytes(out)
+    assert all(c.offset == offset for c in chunks), chunks
+    return reassemble(chunks, offset, length)
 
 
 def block_status(c: RawClient, offset: int, length: int, cookie: int) -> list[tuple[int, int]]:
