@@ -507,11 +507,6 @@ async def serve(
         logger.info("listening on %s, exports %s", where, [e.info.name for e in exports])
     if workers:
         logger.info("%d worker processes besides this one", len(workers))
-    if config.ready_file is not None:
-        write_ready_file(
-            config.ready_file,
-            {"pid": os.getpid(), "listen": listen, "exports": [e.info.name for e in exports]},
-        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -532,6 +527,14 @@ async def serve(
             acceptor.roll()
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    # Ready only once the signals are handled: a supervisor (or a test) that sends
+    # SIGTERM as soon as it reads the ready file must get a clean shutdown, not death
+    # by the default action.
+    if config.ready_file is not None:
+        write_ready_file(
+            config.ready_file,
+            {"pid": os.getpid(), "listen": listen, "exports": [e.info.name for e in exports]},
+        )
     parent_fd = _watch_parent(loop, parent, stop) if config.exit_with_parent else None
     writer = StatsWriter(Path(config.stats)) if config.stats is not None else None
 
