@@ -94,6 +94,7 @@ config file (TOML; command-line flags override only what they set):
   max_connections = 64      # default: no limit
   poll_us = 50              # 0 = never busy-poll
   wake_mark = true          # false = wake for every TCP segment (--no-wake-mark)
+  extended_headers = true   # false = refuse NBD_OPT_EXTENDED_HEADERS (--no-extended-headers)
   sched_policy = "idle"     # run when a CPU would idle (default "normal"; or "batch")
   [[exports]]
   name = "swap"
@@ -220,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on TCP, let the kernel wake the server only once a partly received request"
         " is complete (SO_RCVLOWAT): one wake-up per request instead of one per segment"
         ' (default: on; docs/performance.md, "Wake mark")',
+    )
+    parser.add_argument(
+        "--extended-headers",
+        action=argparse.BooleanOptionalAction,
+        help="offer NBD extended headers (NBD_OPT_EXTENDED_HEADERS: 64-bit lengths for"
+        " trim, write zeroes and block status); --no-extended-headers answers the option"
+        " NBD_REP_ERR_UNSUP, so clients use compact headers (default: on)",
     )
     parser.add_argument(
         "--poll-us",
@@ -403,6 +411,7 @@ def _worker(
                 max_inflight_bytes=config.max_inflight,
                 poll_us=config.poll_us,
                 wake_mark=config.wake_mark,
+                extended_headers=config.extended_headers,
                 shutdown_grace=config.shutdown_grace,
                 report=report,
                 tls=config.tls,
@@ -451,6 +460,7 @@ async def serve(
         max_inflight_bytes=config.max_inflight,
         poll_us=config.poll_us,
         wake_mark=config.wake_mark,
+        extended_headers=config.extended_headers,
         shutdown_grace=config.shutdown_grace,
         max_connections=config.max_connections,
         tls=config.tls,
@@ -497,11 +507,6 @@ async def serve(
         logger.info("listening on %s, exports %s", where, [e.info.name for e in exports])
     if workers:
         logger.info("%d worker processes besides this one", len(workers))
-    if config.ready_file is not None:
-        write_ready_file(
-            config.ready_file,
-            {"pid": os.getpid(), "listen": listen, "exports": [e.info.name for e in exports]},
-        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -522,6 +527,14 @@ async def serve(
             acceptor.roll()
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    # Ready only once the signals are handled: a supervisor (or a test) that sends
+    # SIGTERM as soon as it reads the ready file must get a clean shutdown, not death
+    # by the default action.
+    if config.ready_file is not None:
+        write_ready_file(
+            config.ready_file,
+            {"pid": os.getpid(), "listen": listen, "exports": [e.info.name for e in exports]},
+        )
     parent_fd = _watch_parent(loop, parent, stop) if config.exit_with_parent else None
     writer = StatsWriter(Path(config.stats)) if config.stats is not None else None
 

@@ -14,6 +14,7 @@ and :class:`ExportConfig` for the meaning of each)::
     max_connections = 64    # past it new clients are refused at the handshake (default: no limit)
     poll_us = 50            # adaptive busy-poll window for one-request-at-a-time clients (0 = off)
     wake_mark = true        # on TCP, wake only once a partly received request is whole
+    extended_headers = true # offer NBD_OPT_EXTENDED_HEADERS (false: compact headers only)
     sched_policy = "idle"   # normal (default), batch or idle: how the kernel schedules it
     tls = "require"         # off (default), on (clients may upgrade) or require
     tls_cert = "/etc/swapnbd/server-cert.pem"
@@ -80,6 +81,7 @@ _SERVER_KEYS: Final = (
     "max_connections",
     "poll_us",
     "wake_mark",
+    "extended_headers",
     "sched_policy",
     "exports",
     "exit_with_parent",
@@ -179,6 +181,10 @@ class ServerConfig:
     """On TCP, set SO_RCVLOWAT to the bytes still missing while a request is partly
     received, so the kernel wakes the loop once per request instead of once per segment
     (nbdserver.fastpath.WakeMark; docs/performance.md, "Wake mark")."""
+    extended_headers: bool = True
+    """Offer NBD extended headers (NBD_OPT_EXTENDED_HEADERS): 32-byte requests with 64-bit
+    effect lengths and extended replies. False answers the option NBD_REP_ERR_UNSUP, which
+    clients take as "compact headers only"."""
     sched_policy: str = "normal"
     """Scheduling policy for every thread: ``normal`` (SCHED_OTHER, leave it as started),
     ``batch`` (SCHED_BATCH: no preemption on wake-up) or ``idle`` (SCHED_IDLE: run when a
@@ -394,6 +400,7 @@ _FILE_READERS: Final[dict[str, _Reader]] = {
     "max_connections": _as_given,
     "sched_policy": _as_given,
     "wake_mark": _FLAG,
+    "extended_headers": _FLAG,
     "swap_safe": _FLAG,
     "exit_with_parent": _FLAG,
     "fault": _STRING,
@@ -456,6 +463,7 @@ def build_config(cli: dict[str, Any]) -> ServerConfig:
         "max_connections",
         "poll_us",
         "wake_mark",
+        "extended_headers",
         "sched_policy",
         "exit_with_parent",
         "fault",

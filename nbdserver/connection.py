@@ -38,7 +38,7 @@ from nbdserver.negotiation import (
 from nbdserver.negotiation import Event as NegotiationEvent
 from nbdserver.policy import FlowControl
 from nbdserver.protocol import CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, CMD_WRITE, FLAG_FUA
-from nbdserver.transmission import Command, Phase, Session, Transmission
+from nbdserver.transmission import Command, Phase, Session, Transmission, open_transmission
 
 __all__ = ["LARGE_READ", "READING", "NBDConnection", "Route"]
 
@@ -80,6 +80,7 @@ class NBDConnection:
 
     __slots__ = (
         "_exports",
+        "_extended_headers",
         "_pool_write_flags",
         "_tls",
         "flow",
@@ -94,11 +95,13 @@ class NBDConnection:
         exports: Mapping[str, ExportInfo],
         *,
         tls: TlsMode = TlsMode.OFF,
+        extended_headers: bool = True,
         max_requests: int,
         max_bytes: int,
     ) -> None:
         self._exports = exports
         self._tls = tls
+        self._extended_headers = extended_headers
         #: The handshake, from :meth:`greet` until transmission starts or the session ends.
         self.negotiation: Negotiation | None = None
         #: The transmission phase, from the handoff on.
@@ -120,7 +123,13 @@ class NBDConnection:
     def greet(self, peer: IPAddress | None, refusal: str | None = None) -> bytes:
         """Start the handshake; the greeting to send. With ``refusal`` the handshake only
         tells the client why it is not served (``--max-connections``)."""
-        self.negotiation = Negotiation(self._exports, refusal=refusal, tls=self._tls, peer=peer)
+        self.negotiation = Negotiation(
+            self._exports,
+            refusal=refusal,
+            tls=self._tls,
+            peer=peer,
+            extended_headers=self._extended_headers,
+        )
         return self.negotiation.data_to_send()
 
     def receive_handshake(self, data: bytes) -> tuple[bytes, list[NegotiationEvent]]:
@@ -137,7 +146,7 @@ class NBDConnection:
         for event in events:
             if isinstance(event, Ready):
                 self.ready = event
-                self.tx = Transmission(Session.from_ready(event))
+                self.tx = open_transmission(Session.from_ready(event))
                 self.trailing = neg.trailing_data
                 if event.export.never_blocks:
                     self._pool_write_flags = 0

@@ -50,6 +50,7 @@ class Dispatcher:
 
     __slots__ = (
         "_ack",
+        "_extended",
         "_extents",
         "_read_prefix",
         "_read_reply",
@@ -71,6 +72,8 @@ class Dispatcher:
         self._tx = tx
         # Bound once: these run for every request.
         self._ack = tx.ack
+        #: Extended replies carry the request's offset, so their ack needs the command.
+        self._extended = tx.session.extended
         self._read_prefix = tx.read_prefix
         self._read_reply = tx.read_reply
         self.log = log
@@ -99,7 +102,9 @@ class Dispatcher:
         """The error reply to a request that failed validation, counted in the stats."""
         self.log.debug("request %#x rejected: %s", event.cookie, event.error)
         self.stats.record(event.type, 0, time.perf_counter_ns() - t0, True)
-        return self._tx.error_reply(event.cookie, event.error.errno, str(event.error))
+        return self._tx.error_reply(
+            event.cookie, event.error.errno, str(event.error), offset=event.offset
+        )
 
     def execute(self, c: Command, payload: bytes | memoryview | None) -> Reply:
         """Run one validated command; return its reply. Backend errors propagate (see
@@ -143,6 +148,8 @@ class Dispatcher:
             return self._tx.block_status_reply(c, extents)
         else:  # pragma: no cover - validate() rejects everything else
             raise AssertionError(f"unexpected command {t}")
+        if self._extended:
+            return self._tx.ack_command(c)
         return self._ack(c.cookie)
 
     def submit(
@@ -269,7 +276,7 @@ class Dispatcher:
                 errno.name,
                 exc_info=exc,
             )
-        return self._tx.error_reply(c.cookie, errno, str(exc))
+        return self._tx.error_reply(c.cookie, errno, str(exc), offset=c.offset)
 
 
 def cmd_name(cmd: int) -> str:

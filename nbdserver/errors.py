@@ -73,6 +73,12 @@ class NoSpace(NBDError):
     errno = NBDErrno.ENOSPC
 
 
+class Overflow(NBDError):
+    """A request too large to serve, e.g. a read longer than the maximum payload."""
+
+    errno = NBDErrno.EOVERFLOW
+
+
 class NotSupported(NBDError):
     """The operation (e.g. a fast zero) cannot be done as asked."""
 

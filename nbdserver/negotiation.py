@@ -26,6 +26,12 @@ FORCEDTLS mode. An accepted NBD_OPT_STARTTLS queues the ACK, emits :class:`Start
 parks the machine in TLS_HANDSHAKE; the adapter sends the ACK, runs the TLS handshake and
 calls :meth:`Negotiation.tls_established`, after which option haggling starts afresh.
 
+Extended headers (NBD_OPT_EXTENDED_HEADERS, doc/proto.md of the extension-ext-header
+branch): once acknowledged, :attr:`Negotiation.extended` makes the session speak 32-byte
+requests and extended reply chunks (:class:`Ready` says so); the option can be switched
+off per server (``extended_headers=False``), which answers it NBD_REP_ERR_UNSUP like a
+server that predates it.
+
 Allow-lists: an export whose :attr:`ExportInfo.allow` does not hold the client's address
 is refused (NBD_REP_ERR_POLICY, or the end of the session for NBD_OPT_EXPORT_NAME) and left
 out of NBD_OPT_LIST, and a :class:`Refused` event says so for the log.
@@ -193,11 +199,15 @@ class Ready:
 
     export: ExportInfo
     flags: TransmissionFlag
+    #: Replies are chunked: NBD_OPT_STRUCTURED_REPLY, or extended headers, which take
+    #: its place ("this option takes precedence over structured replies").
     structured: bool
     #: Context id for base:allocation, or None when no context was selected.
     meta_context: int | None
     no_zeroes: bool
     client_flags: ClientFlag
+    #: NBD_OPT_EXTENDED_HEADERS was acknowledged: 32-byte requests, extended replies only.
+    extended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +303,7 @@ class Negotiation:
         refusal: str | None = None,
         tls: TlsMode = TlsMode.OFF,
         peer: IPAddress | None = None,
+        extended_headers: bool = True,
     ) -> None:
         """Args:
         exports: the exports by name.
@@ -301,6 +312,8 @@ class Negotiation:
             NBD_REP_ERR_POLICY with this text, and NBD_OPT_EXPORT_NAME closes.
         tls: the server's TLS mode (the adapter must be able to run a handshake unless OFF).
         peer: the client's IP address for allow-lists (None: a Unix-socket client).
+        extended_headers: offer NBD_OPT_EXTENDED_HEADERS (False: answer it
+            NBD_REP_ERR_UNSUP, so clients fall back to compact headers).
         """
         if not exports:
             raise ValueError("at least one export is needed")
@@ -322,6 +335,9 @@ class Negotiation:
         self._discard_left = 0
         self.client_flags = ClientFlag(0)
         self.structured = False
+        self._extended_headers = extended_headers
+        #: NBD_OPT_EXTENDED_HEADERS was acknowledged (and not undone by STARTTLS).
+        self.extended = False
         self._meta_context: int | None = None
         self._meta_export: str | None = None
         #: Bytes received after the option that started transmission.
@@ -357,12 +373,14 @@ class Negotiation:
         """The adapter finished the TLS handshake that :class:`StartTLS` asked for.
 
         Option haggling restarts: "When this command succeeds, the server MUST NOT
-        preserve any negotiation state (such as a request for NBD_OPT_STRUCTURED_REPLY, or
-        metadata contexts from NBD_OPT_SET_META_CONTEXT)" (doc/proto.md NBD_OPT_STARTTLS).
+        preserve any negotiation state (such as a request for NBD_OPT_STRUCTURED_REPLY or
+        NBD_OPT_EXTENDED_HEADERS, or metadata contexts from NBD_OPT_SET_META_CONTEXT)
+        issued before this command" (doc/proto.md NBD_OPT_STARTTLS).
         """
         self._go(Trigger.TLS_DONE)
         self.tls_active = True
         self.structured = False
+        self.extended = False
         self._meta_context = None
         self._meta_export = None
 
@@ -500,13 +518,16 @@ class Negotiation:
 
     def _transmission_flags(self, export: ExportInfo) -> TransmissionFlag:
         flags = export.flags | TransmissionFlag.HAS_FLAGS
-        # SEND_DF: "MUST leave this flag clear if structured replies have not been
-        # negotiated" (doc/proto.md "Transmission flags").
-        if self.structured:
+        # SEND_DF: "MUST leave this flag clear if neither structured replies nor extended
+        # headers have been negotiated" (doc/proto.md "Transmission flags").
+        if self.structured or self.extended:
             flags |= TransmissionFlag.SEND_DF
         else:
             flags &= ~TransmissionFlag.SEND_DF
-        return flags
+        # BLOCK_STATUS_PAYLOAD: "Servers MUST NOT advertise this bit unless the client
+        # successfully negotiates extended headers"; the payload form of
+        # NBD_CMD_BLOCK_STATUS is optional and not implemented, so it is never advertised.
+        return flags & ~TransmissionFlag.BLOCK_STAT_PAYLOAD
 
     def _ready(self, export: ExportInfo, events: list[Event]) -> None:
         meta = self._meta_context if self._meta_export == export.name else None
@@ -515,10 +536,11 @@ class Negotiation:
             Ready(
                 export=export,
                 flags=self._transmission_flags(export),
-                structured=self.structured,
+                structured=self.structured or self.extended,
                 meta_context=meta,
                 no_zeroes=bool(self.client_flags & ClientFlag.NO_ZEROES),
                 client_flags=self.client_flags,
+                extended=self.extended,
             )
         )
 
@@ -531,6 +553,14 @@ class Negotiation:
             try:
                 if refusal is not None:
                     raise _OptionFailed(*refusal)
+                if self.extended:
+                    # "a client that has used NBD_OPT_EXTENDED_HEADERS to negotiate
+                    # extended headers MUST NOT use this option" (doc/proto.md
+                    # NBD_OPT_EXPORT_NAME), and it has no reply that could carry headers.
+                    raise _OptionFailed(
+                        Rep.ERR_INVALID,
+                        "not allowed after NBD_OPT_EXTENDED_HEADERS; use NBD_OPT_GO",
+                    )
                 export = self._lookup(data)
             except _OptionFailed as exc:
                 # "If the server is unwilling to allow the export, it MUST terminate
@@ -668,7 +698,29 @@ class Negotiation:
     def _opt_structured_reply(self, option: int, data: bytes) -> ExportInfo | None:
         if data:
             raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.extended:
+            # "NBD_REP_ERR_EXT_HEADER_REQD: The client has already successfully negotiated
+            # extended headers, which takes precedence over this option" (doc/proto.md
+            # NBD_OPT_STRUCTURED_REPLY).
+            raise _OptionFailed(Rep.ERR_EXT_HEADER_REQD, "extended headers are already negotiated")
         self.structured = True
+        self._reply(option, Rep.ACK)
+        return None
+
+    def _opt_extended_headers(self, option: int, data: bytes) -> ExportInfo | None:
+        if not self._extended_headers:
+            # "For backwards compatibility, clients SHOULD be prepared to also handle
+            # NBD_REP_ERR_UNSUP; in this case, only the compact transmission headers will
+            # be used" (doc/proto.md NBD_OPT_EXTENDED_HEADERS).
+            raise _OptionFailed(Rep.ERR_UNSUP, "extended headers are switched off on this server")
+        if data:
+            # "The client MUST NOT send any additional data with the option, and the server
+            # SHOULD reject a request that includes data with NBD_REP_ERR_INVALID."
+            raise _OptionFailed(Rep.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")
+        # "A client MAY request structured replies first, although a server SHOULD support
+        # this option even if structured replies are not negotiated": no precondition. A
+        # repeat is acknowledged again; the state does not change.
+        self.extended = True
         self._reply(option, Rep.ACK)
         return None
 
@@ -679,11 +731,17 @@ class Negotiation:
             # (including when this command fails)" (doc/proto.md SET_META_CONTEXT).
             self._meta_context = None
             self._meta_export = None
-        if not self.structured:
-            # "This option MUST NOT be requested unless structured replies have been
-            # negotiated first. If a client attempts to do so, a server SHOULD send
-            # NBD_REP_ERR_INVALID."
-            raise _OptionFailed(Rep.ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+        if not (self.structured or self.extended):
+            # "This option MUST NOT be requested unless structured replies or extended
+            # headers have been negotiated first. If a client attempts to do so, a server
+            # SHOULD send NBD_REP_ERR_INVALID or NBD_REP_ERR_EXT_HEADER_REQD." Only
+            # base:allocation exists here, a 32-bit context, so ERR_EXT_HEADER_REQD ("MUST
+            # NOT use this failure for a client request that is limited to contexts in the
+            # "base:" namespace") never applies.
+            raise _OptionFailed(
+                Rep.ERR_INVALID,
+                "negotiate NBD_OPT_STRUCTURED_REPLY or NBD_OPT_EXTENDED_HEADERS first",
+            )
         name, queries = _parse_meta_context(data)
         export = self._lookup(name)
         matched = False
@@ -726,6 +784,7 @@ _HANDLERS: Final[dict[int, _Handler]] = {
     Opt.INFO: Negotiation._opt_info_go,
     Opt.GO: Negotiation._opt_info_go,
     Opt.STRUCTURED_REPLY: Negotiation._opt_structured_reply,
+    Opt.EXTENDED_HEADERS: Negotiation._opt_extended_headers,
     Opt.LIST_META_CONTEXT: Negotiation._opt_meta_context,
     Opt.SET_META_CONTEXT: Negotiation._opt_meta_context,
 }

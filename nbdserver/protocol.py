@@ -25,6 +25,9 @@ OPTION_REPLY_MAGIC: Final = 0x3E889045565A9
 REQUEST_MAGIC: Final = 0x25609513  # NBD_REQUEST_MAGIC
 SIMPLE_REPLY_MAGIC: Final = 0x67446698  # NBD_SIMPLE_REPLY_MAGIC
 STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF  # NBD_STRUCTURED_REPLY_MAGIC
+# doc/proto.md "Request message" and "Extended reply chunk message" (extension-ext-header).
+EXTENDED_REQUEST_MAGIC: Final = 0x21E41C71  # NBD_EXTENDED_REQUEST_MAGIC
+EXTENDED_REPLY_MAGIC: Final = 0x6E8A278C  # NBD_EXTENDED_REPLY_MAGIC
 
 #: "SHOULD be no longer than 256 bytes and MUST be no longer than 4096 bytes"
 #: (doc/proto.md "Conventions", strings such as export names and messages).
@@ -98,6 +101,7 @@ class Rep(enum.IntEnum):
     ERR_SHUTDOWN = _REP_FLAG_ERROR | 7
     ERR_BLOCK_SIZE_REQD = _REP_FLAG_ERROR | 8
     ERR_TOO_BIG = _REP_FLAG_ERROR | 9
+    ERR_EXT_HEADER_REQD = _REP_FLAG_ERROR | 10
 
     @property
     def is_error(self) -> bool:
@@ -154,6 +158,7 @@ FLAG_NO_HOLE: Final = int(CmdFlag.NO_HOLE)
 FLAG_DF: Final = int(CmdFlag.DF)
 FLAG_REQ_ONE: Final = int(CmdFlag.REQ_ONE)
 FLAG_FAST_ZERO: Final = int(CmdFlag.FAST_ZERO)
+FLAG_PAYLOAD_LEN: Final = int(CmdFlag.PAYLOAD_LEN)
 
 
 class ReplyFlag(enum.IntFlag):
@@ -169,6 +174,7 @@ class ReplyType(enum.IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
+    BLOCK_STATUS_EXT = 6
     ERROR = (1 << 15) | 1
     ERROR_OFFSET = (1 << 15) | 2
 
@@ -200,6 +206,12 @@ U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
 U16 = struct.Struct(">H")
 BLOCK_DESCRIPTOR = struct.Struct(">II")  # extent length, status flags
+# Extended headers: every request and reply header is 32 bytes.
+EXTENDED_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
+EXTENDED_HEADER = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
+EXTENDED_DATA_HEADER = struct.Struct(">IHHQQQQ")  # EXTENDED_HEADER + the data's offset
+BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")  # context id, descriptor count
+BLOCK_DESCRIPTOR_EXT = struct.Struct(">QQ")  # extent length, status flags (64 bits each)
 
 EXPORT_NAME_ZEROES: Final = bytes(124)
 
@@ -255,24 +267,48 @@ def offset_data_header(cookie: int, offset: int, length: int, done: bool) -> byt
     )
 
 
+def _hole_payload(offset: int, length: int) -> bytes:
+    # "hole size (unsigned, MUST be nonzero)" is 32 bits in both header styles: reads are
+    # bounded by the maximum payload, itself "capped at 32 bits" (doc/proto.md
+    # NBD_REPLY_TYPE_OFFSET_HOLE).
+    return OFFSET_HOLE_PAYLOAD.pack(offset, length)
+
+
+def _error_payload(error: int, message: str) -> bytes:
+    text = message.encode("utf-8", "replace")[:MAX_STRING]
+    return ERROR_PAYLOAD.pack(error, len(text)) + text
+
+
+def _block_status_payload(context_id: int, descriptors: Sequence[tuple[int, int]]) -> bytes:
+    return U32.pack(context_id) + b"".join(
+        BLOCK_DESCRIPTOR.pack(size, status) for size, status in descriptors
+    )
+
+
+def _block_status_ext_payload(context_id: int, descriptors: Sequence[tuple[int, int]]) -> bytes:
+    # "The descriptor count field MUST correspond to the number of subsequent
+    # descriptors" (doc/proto.md NBD_REPLY_TYPE_BLOCK_STATUS_EXT).
+    return BLOCK_STATUS_EXT_HEAD.pack(context_id, len(descriptors)) + b"".join(
+        BLOCK_DESCRIPTOR_EXT.pack(size, status) for size, status in descriptors
+    )
+
+
 def offset_hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
     """An OFFSET_HOLE chunk: ``length`` bytes at ``offset`` read as zeroes."""
-    payload = OFFSET_HOLE_PAYLOAD.pack(offset, length)
+    payload = _hole_payload(offset, length)
     return chunk_header(_DONE if done else 0, ReplyType.OFFSET_HOLE, cookie, len(payload)) + payload
 
 
 def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     """NBD_REPLY_TYPE_ERROR with a message "suitable for direct display"."""
-    text = message.encode("utf-8", "replace")[:MAX_STRING]
-    payload = ERROR_PAYLOAD.pack(error, len(text)) + text
+    payload = _error_payload(error, message)
     return chunk_header(_DONE, ReplyType.ERROR, cookie, len(payload)) + payload
 
 
 def error_offset_chunk(cookie: int, error: int, offset: int, message: str = "") -> bytes:
     """NBD_REPLY_TYPE_ERROR_OFFSET (with DONE): "an error occurred at a given offset",
     which lets the client keep the data before it (doc/proto.md "Structured reply types")."""
-    text = message.encode("utf-8", "replace")[:MAX_STRING]
-    payload = ERROR_PAYLOAD.pack(error, len(text)) + text + U64.pack(offset)
+    payload = _error_payload(error, message) + U64.pack(offset)
     return chunk_header(_DONE, ReplyType.ERROR_OFFSET, cookie, len(payload)) + payload
 
 
@@ -280,10 +316,80 @@ def block_status_chunk(
     cookie: int, context_id: int, descriptors: Sequence[tuple[int, int]]
 ) -> bytes:
     """A final NBD_REPLY_TYPE_BLOCK_STATUS chunk: context id, then (length, status) pairs."""
-    body = U32.pack(context_id) + b"".join(
-        BLOCK_DESCRIPTOR.pack(size, status) for size, status in descriptors
-    )
+    body = _block_status_payload(context_id, descriptors)
     return chunk_header(_DONE, ReplyType.BLOCK_STATUS, cookie, len(body)) + body
+
+
+# --- extended reply encoders (NBD_OPT_EXTENDED_HEADERS) ------------------------------
+# Every extended chunk carries the request's offset: "The extended reply has an additional
+# field offset which MUST match the offset of the client's request (even in reply types
+# such as NBD_REPLY_TYPE_OFFSET_DATA where the payload itself contains a different offset
+# representing the middle of the buffer)" (doc/proto.md "Extended reply chunk message").
+_pack_ext_header: Final = EXTENDED_HEADER.pack
+_pack_ext_data_header: Final = EXTENDED_DATA_HEADER.pack
+
+
+def ext_chunk_header(flags: int, type_: int, cookie: int, offset: int, length: int) -> bytes:
+    """The 32-byte header of an extended reply chunk with a ``length``-byte payload,
+    answering the request at ``offset``."""
+    return _pack_ext_header(EXTENDED_REPLY_MAGIC, flags, type_, cookie, offset, length)
+
+
+def ext_done_chunk(cookie: int, offset: int) -> bytes:
+    """NBD_REPLY_TYPE_NONE with DONE: the extended success reply of any command ("the
+    server MUST NOT use simple replies even when there is no payload")."""
+    return _pack_ext_header(EXTENDED_REPLY_MAGIC, _DONE, 0, cookie, offset, 0)
+
+
+def ext_offset_data_header(
+    cookie: int, request_offset: int, offset: int, length: int, done: bool
+) -> bytes:
+    """Header of an extended OFFSET_DATA chunk carrying ``length`` data bytes from
+    ``offset`` (data follows)."""
+    return _pack_ext_data_header(
+        EXTENDED_REPLY_MAGIC,
+        _DONE if done else 0,
+        _OFFSET_DATA,
+        cookie,
+        request_offset,
+        8 + length,
+        offset,
+    )
+
+
+def ext_offset_hole_chunk(
+    cookie: int, request_offset: int, offset: int, length: int, done: bool
+) -> bytes:
+    """An extended OFFSET_HOLE chunk: ``length`` bytes at ``offset`` read as zeroes."""
+    payload = _hole_payload(offset, length)
+    flags = _DONE if done else 0
+    return ext_chunk_header(flags, ReplyType.OFFSET_HOLE, cookie, request_offset, 12) + payload
+
+
+def ext_error_chunk(cookie: int, request_offset: int, error: int, message: str = "") -> bytes:
+    """An extended NBD_REPLY_TYPE_ERROR chunk with DONE."""
+    payload = _error_payload(error, message)
+    return ext_chunk_header(_DONE, ReplyType.ERROR, cookie, request_offset, len(payload)) + payload
+
+
+def ext_error_offset_chunk(
+    cookie: int, request_offset: int, error: int, offset: int, message: str = ""
+) -> bytes:
+    """An extended NBD_REPLY_TYPE_ERROR_OFFSET chunk with DONE (see
+    :func:`error_offset_chunk`)."""
+    payload = _error_payload(error, message) + U64.pack(offset)
+    header = ext_chunk_header(_DONE, ReplyType.ERROR_OFFSET, cookie, request_offset, len(payload))
+    return header + payload
+
+
+def block_status_ext_chunk(
+    cookie: int, request_offset: int, context_id: int, descriptors: Sequence[tuple[int, int]]
+) -> bytes:
+    """A final NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunk: context id, descriptor count, then
+    64-bit (length, status) pairs. "*length* MUST be 8 + (a positive multiple of 16)"."""
+    body = _block_status_ext_payload(context_id, descriptors)
+    header = ext_chunk_header(_DONE, ReplyType.BLOCK_STATUS_EXT, cookie, request_offset, len(body))
+    return header + body
 
 
 # --- messages ----------------------------------------------------------------------
@@ -349,6 +455,31 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtendedRequest:
+    """An extended request header (32 bytes): *length* is a payload length when *flags*
+    has NBD_CMD_FLAG_PAYLOAD_LEN (that many bytes follow), else a 64-bit effect length."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+
+    def pack(self) -> bytes:
+        return EXTENDED_REQUEST.pack(
+            EXTENDED_REQUEST_MAGIC, self.flags, self.type, self.cookie, self.offset, self.length
+        )
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, at: int = 0) -> ExtendedRequest:
+        """Parse an extended request header; raise ValueError on a bad magic."""
+        magic, flags, type_, cookie, offset, length = EXTENDED_REQUEST.unpack_from(buf, at)
+        if magic != EXTENDED_REQUEST_MAGIC:
+            raise ValueError(f"bad extended request magic {magic:#010x}")
+        return cls(flags, type_, cookie, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
 class SimpleReply:
     error: int
     cookie: int
@@ -388,6 +519,34 @@ class StructuredChunk:
         if len(buf) < end:
             raise ValueError("truncated structured reply chunk")
         return cls(flags, type_, cookie, bytes(buf[start:end])), end
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedChunk:
+    """One extended reply chunk: header fields (with the request's offset) plus payload."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    payload: bytes
+
+    def pack(self) -> bytes:
+        header = ext_chunk_header(
+            self.flags, self.type, self.cookie, self.offset, len(self.payload)
+        )
+        return header + self.payload
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, at: int = 0) -> tuple[ExtendedChunk, int]:
+        magic, flags, type_, cookie, offset, length = EXTENDED_HEADER.unpack_from(buf, at)
+        if magic != EXTENDED_REPLY_MAGIC:
+            raise ValueError(f"bad extended reply magic {magic:#010x}")
+        start = at + EXTENDED_HEADER.size
+        end = start + length
+        if len(buf) < end:
+            raise ValueError("truncated extended reply chunk")
+        return cls(flags, type_, cookie, offset, bytes(buf[start:end])), end
 
 
 def pack_option_string(text: bytes) -> bytes:

@@ -122,6 +122,7 @@ class NBDServer:
         tls: TlsMode = TlsMode.OFF,
         ssl_context: ssl.SSLContext | None = None,
         wake_mark: bool = True,
+        extended_headers: bool = True,
     ) -> None:
         if not exports:
             raise ValueError("an NBD server needs at least one export")
@@ -131,6 +132,8 @@ class NBDServer:
         self.ssl_context = ssl_context
         #: SO_RCVLOWAT on TCP while a request streams in (fastpath.WakeMark).
         self.wake_mark = wake_mark
+        #: Offer NBD_OPT_EXTENDED_HEADERS in the handshake.
+        self.extended_headers = extended_headers
         self.exports = {e.info.name: e for e in exports}
         self.export_infos = {name: e.info for name, e in self.exports.items()}
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
@@ -277,11 +280,12 @@ class _ConnectionLog(logging.LoggerAdapter[logging.Logger]):
     def ready(self, ready: Ready) -> None:
         flags = "|".join(f.name for f in TransmissionFlag if f in ready.flags and f.name)
         self.info(
-            "export %r size=%d flags=%s structured=%s meta=%s no_zeroes=%s",
+            "export %r size=%d flags=%s structured=%s extended=%s meta=%s no_zeroes=%s",
             ready.export.name,
             ready.export.size,
             flags,
             "yes" if ready.structured else "no",
+            "yes" if ready.extended else "no",
             "base:allocation" if ready.meta_context is not None else "none",
             "yes" if ready.no_zeroes else "no",
         )
@@ -375,6 +379,7 @@ class Connection(asyncio.BufferedProtocol):
         self.state = NBDConnection(
             server.export_infos,
             tls=server.tls,
+            extended_headers=server.extended_headers,
             max_requests=server.max_inflight_requests,
             max_bytes=server.max_inflight_bytes,
         )

@@ -29,12 +29,20 @@ describes zero runs as OFFSET_HOLE chunks and follows the DF and DONE rules), wi
 data in one buffer behind a header (:meth:`Transmission.read_prefix`), or as the header
 and trailer around a payload the adapter sends itself (:meth:`Transmission.sendfile_frame`,
 h11's "data passthrough"). The encoders themselves are :mod:`nbdserver.protocol`'s.
+
+Extended headers (NBD_OPT_EXTENDED_HEADERS) change both directions, so a session that
+negotiated them gets :class:`ExtendedTransmission` (:func:`open_transmission` picks): its
+decoder reads 32-byte requests with a 64-bit length that is a payload length when
+NBD_CMD_FLAG_PAYLOAD_LEN is set and an effect length otherwise, and every reply is an
+extended chunk carrying the request's offset. The compact decoder and framing above stay
+as they are, so sessions without extended headers pay nothing for them.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -42,6 +50,7 @@ from nbdserver.errors import (
     InvalidRequest,
     NBDError,
     NoSpace,
+    Overflow,
     PermissionDenied,
     ShuttingDown,
 )
@@ -54,7 +63,10 @@ from nbdserver.protocol import (
     CMD_RESIZE,
     CMD_WRITE,
     CMD_WRITE_ZEROES,
+    EXTENDED_REQUEST,
+    EXTENDED_REQUEST_MAGIC,
     FLAG_DF,
+    FLAG_PAYLOAD_LEN,
     FLAG_REQ_ONE,
     REQUEST,
     REQUEST_MAGIC,
@@ -65,9 +77,15 @@ from nbdserver.protocol import (
     TransmissionFlag,
     ack_reply,
     block_status_chunk,
+    block_status_ext_chunk,
     done_chunk,
     error_chunk,
     error_offset_chunk,
+    ext_done_chunk,
+    ext_error_chunk,
+    ext_error_offset_chunk,
+    ext_offset_data_header,
+    ext_offset_hole_chunk,
     offset_data_header,
     offset_hole_chunk,
     simple_reply,
@@ -97,6 +115,8 @@ class Session:
     meta_context: int | None
     max_block: int = 32 * 1024 * 1024
     min_block: int = 1
+    #: NBD_OPT_EXTENDED_HEADERS was negotiated: 32-byte requests, extended replies only.
+    extended: bool = False
     #: Command -> valid command flags (plain ints: IntFlag arithmetic is slow on the
     #: per-request path), computed once per session.
     allowed: dict[int, int] = field(init=False, repr=False, compare=False)
@@ -116,6 +136,7 @@ class Session:
             meta_context=ready.meta_context,
             max_block=ready.export.max_block,
             min_block=ready.export.min_block,
+            extended=ready.extended,
         )
 
 
@@ -212,7 +233,15 @@ def allowed_flags(cmd: int, session: Session) -> CmdFlag:
         if session.flags & TransmissionFlag.SEND_FAST_ZERO:
             allowed |= CmdFlag.FAST_ZERO
     elif cmd == Cmd.BLOCK_STATUS:
+        # The payload form (NBD_FLAG_BLOCK_STATUS_PAYLOAD) is not implemented, so
+        # PAYLOAD_LEN is not valid here.
         allowed |= CmdFlag.REQ_ONE
+    # PAYLOAD_LEN: "only valid if extended headers were negotiated ... the flag MUST be set
+    # for NBD_CMD_WRITE ...; for other commands, the flag will trigger an NBD_EINVAL error
+    # unless the command documents an optional payload form for the command and the
+    # server has implemented that form" (doc/proto.md "Command flags").
+    if cmd == Cmd.WRITE and session.extended:
+        allowed |= CmdFlag.PAYLOAD_LEN
     return allowed
 
 
@@ -229,6 +258,8 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
     if cmd == CMD_RESIZE:
         return InvalidRequest("NBD_CMD_RESIZE is not supported")
     bad = flags & ~allowed
+    if bad & FLAG_PAYLOAD_LEN and session.extended:
+        return InvalidRequest(f"{Cmd(cmd).name} takes no payload (NBD_CMD_FLAG_PAYLOAD_LEN)")
     if bad:
         # "SHOULD return NBD_EINVAL if it receives an unknown command flag ... or a
         # request with a flag not explicitly documented as applicable".
@@ -252,6 +283,11 @@ def validate(cmd: int, flags: int, offset: int, length: int, session: Session) -
     elif cmd == CMD_DISC:
         return None
     if cmd in (CMD_READ, CMD_WRITE):
+        if length > session.max_block and cmd == CMD_READ and session.extended:
+            # A 64-bit effect length: "the server is also permitted to reject large read
+            # requests up front with NBD_EOVERFLOW, so a client should be prepared to
+            # retry with smaller requests" (doc/proto.md NBD_CMD_READ).
+            return Overflow(f"read of {length} bytes exceeds the maximum {session.max_block}")
         if length > session.max_block:
             return InvalidRequest(
                 f"length {length} exceeds the maximum block size {session.max_block}"
@@ -287,6 +323,8 @@ class Transmission:
     """Server side of the transmission phase for one connection: requests in, replies out."""
 
     def __init__(self, session: Session) -> None:
+        if session.extended and not isinstance(self, ExtendedTransmission):
+            raise ValueError("a session with extended headers needs ExtendedTransmission")
         self.session = session
         self.phase = Phase.OPEN
         #: Why the phase left OPEN (None while it is open).
@@ -445,8 +483,14 @@ class Transmission:
     #: structured replies (the spec allows it for every command but READ).
     ack = staticmethod(ack_reply)
 
-    def error_reply(self, cookie: int, error: int, message: str = "") -> bytes:
-        """The error reply for any command.
+    def ack_command(self, c: Command) -> bytes:
+        """Success for ``c`` (a command without data); :attr:`ack` is its per-request
+        shortcut for compact sessions, which need only the cookie."""
+        return ack_reply(c.cookie)
+
+    def error_reply(self, cookie: int, error: int, message: str = "", offset: int = 0) -> bytes:
+        """The error reply for any command (``offset``: the request's, which only
+        extended replies carry).
 
         With structured replies the server "MUST NOT use a simple reply for NBD_CMD_READ"
         and "SHOULD prefer sending errors via a structured reply" (doc/proto.md
@@ -487,18 +531,13 @@ class Transmission:
         # with the zeroes explicitly present."
         if length < HOLE_SCAN_MIN or c.flags & FLAG_DF or not isinstance(data, (bytes, bytearray)):
             return [offset_data_header(cookie, offset, length, True), data]
-        pieces = plan_read(offset, length, zero_extents(data, offset))
-        out: list[bytes | bytearray | memoryview] = []
-        view = memoryview(data)
-        last = len(pieces) - 1
-        for i, piece in enumerate(pieces):
-            if piece.hole:
-                out.append(offset_hole_chunk(cookie, piece.offset, piece.length, i == last))
-            else:
-                out.append(offset_data_header(cookie, piece.offset, piece.length, i == last))
-                at = piece.offset - offset
-                out.append(data if piece.length == length else view[at : at + piece.length])
-        return out
+        return content_chunks(
+            offset,
+            length,
+            data,
+            functools.partial(offset_hole_chunk, cookie),
+            functools.partial(offset_data_header, cookie),
+        )
 
     def sendfile_frame(self, c: Command) -> tuple[bytes, bytes]:
         """Header and trailer around a read's data that the adapter sends itself.
@@ -535,6 +574,208 @@ class Transmission:
             c.offset, c.length, extents, bool(c.flags & FLAG_REQ_ONE)
         )
         return block_status_chunk(c.cookie, context, descriptors)
+
+
+class ExtendedTransmission(Transmission):
+    """The transmission phase of a session that negotiated extended headers.
+
+    Requests: "the client MUST use the 32-byte extended request header, with proper use of
+    NBD_CMD_FLAG_PAYLOAD_LEN for all commands sending a payload; and the server MUST use
+    the 32-byte extended reply header" (doc/proto.md NBD_OPT_EXTENDED_HEADERS). Replies:
+    "all server replies MUST use an extended reply; the server MUST NOT use simple replies
+    even when there is no payload" (doc/proto.md "Extended reply chunk message").
+    """
+
+    def __init__(self, session: Session) -> None:
+        if not session.extended:
+            raise ValueError("ExtendedTransmission needs a session with extended headers")
+        super().__init__(session)
+        self.needed = EXTENDED_REQUEST.size
+
+    def receive(self, buf: memoryview, budget: int | None = None) -> tuple[list[Event], int]:
+        """Parse the complete extended requests in ``buf``; see :meth:`Transmission.receive`.
+
+        The 64-bit *length* is a payload length with NBD_CMD_FLAG_PAYLOAD_LEN, else an
+        effect length (TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS may pass 4 GiB; READ is
+        bounded by the maximum block size, see :func:`validate`). A request that fails
+        validation has its payload, if it announced one, skipped as it arrives: "a server
+        SHOULD gracefully consume *length* bytes of payload (even if it then replies with
+        an NBD_EINVAL failure because the particular command was not expecting a
+        payload), and proceed with the next client command" (doc/proto.md "Request
+        message").
+        """
+        events: list[Event] = []
+        stopping = self.phase is Phase.STOPPING
+        if self.phase is not _OPEN and not stopping:
+            return events, 0
+        pos = 0
+        end = len(buf)
+        header_size = EXTENDED_REQUEST.size
+        session = self.session
+        max_block = session.max_block
+        cost = 0
+        limit = -1 if budget is None else budget
+        while True:
+            if 0 <= limit <= cost and events:
+                self.needed = header_size
+                break
+            if self._skip:
+                take = min(self._skip, end - pos)
+                pos += take
+                self._skip -= take
+                if self._skip:
+                    self.needed = header_size
+                    break
+            if end - pos < header_size:
+                self.needed = header_size
+                break
+            magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST.unpack_from(buf, pos)
+            if magic != EXTENDED_REQUEST_MAGIC:
+                # A compact request is a violation too: after the ACK "the client MUST use
+                # the 32-byte extended request header" (doc/proto.md NBD_OPT_EXTENDED_HEADERS).
+                what = "compact request" if magic == REQUEST_MAGIC else "bad request magic"
+                reason = f"{what} {magic:#010x} where an extended request was due"
+                events.append(self._close(Trigger.VIOLATION, reason, violation=True))
+                break
+            # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN in this
+            # mode" (doc/proto.md "Request message"), but qemu's client (up to 10.0 at
+            # least) leaves it clear and sends the data anyway, and qemu's own server
+            # reads it: a WRITE always carries *length* bytes, flag or not.
+            payload = length if flags & FLAG_PAYLOAD_LEN or cmd == CMD_WRITE else 0
+            if payload > max_block:
+                # "A server SHOULD initiate hard disconnect if a client sets the
+                # NBD_CMD_FLAG_PAYLOAD_LEN flag and uses a length larger than a server's
+                # advertised or default maximum payload length" (doc/proto.md "Request
+                # message").
+                reason = f"payload of {payload} bytes exceeds the maximum {max_block}"
+                events.append(self._close(Trigger.VIOLATION, reason, violation=True))
+                break
+            if stopping and cmd != CMD_DISC:
+                error: NBDError | None = ShuttingDown("server shutting down: send NBD_CMD_DISC")
+            else:
+                error = validate(cmd, flags, offset, length, session)
+            if error is not None:
+                pos += header_size
+                self._skip = payload
+                events.append(Rejected(cmd, flags, cookie, offset, length, error))
+                if cmd == CMD_DISC:
+                    events.append(
+                        self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
+                    )
+                    break
+                continue
+            if cmd == CMD_WRITE:
+                total = header_size + length
+                if end - pos < total:
+                    self.needed = total
+                    break
+                data = buf[pos + header_size : pos + total]
+                pos += total
+                cost += length
+                events.append(Command(cmd, flags, cookie, offset, length, data))
+                continue
+            pos += header_size
+            if cmd == CMD_READ:
+                cost += length
+            events.append(Command(cmd, flags, cookie, offset, length))
+            if cmd == CMD_DISC:
+                events.append(
+                    self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
+                )
+                break
+        return events, pos
+
+    # --- output: every reply an extended chunk with the request's offset ---------------
+    def ack_command(self, c: Command) -> bytes:
+        """NBD_REPLY_TYPE_NONE with DONE: "MUST always be used with the
+        NBD_REPLY_FLAG_DONE bit set" (doc/proto.md "Structured reply types")."""
+        return ext_done_chunk(c.cookie, c.offset)
+
+    def error_reply(self, cookie: int, error: int, message: str = "", offset: int = 0) -> bytes:
+        """An extended NBD_REPLY_TYPE_ERROR chunk, whatever the command."""
+        return ext_error_chunk(cookie, offset, error, message)
+
+    def read_prefix(self, c: Command) -> bytes | None:
+        length = c.length
+        if length and (length < HOLE_SCAN_MIN or c.flags & FLAG_DF):
+            return ext_offset_data_header(c.cookie, c.offset, c.offset, length, True)
+        return None
+
+    def read_reply(
+        self, c: Command, data: bytes | bytearray | memoryview
+    ) -> list[bytes | bytearray | memoryview]:
+        cookie, offset, length = c.cookie, c.offset, c.length
+        if length == 0:
+            return [ext_done_chunk(cookie, offset)]
+        if length < HOLE_SCAN_MIN or c.flags & FLAG_DF or not isinstance(data, (bytes, bytearray)):
+            return [ext_offset_data_header(cookie, offset, offset, length, True), data]
+        return content_chunks(
+            offset,
+            length,
+            data,
+            functools.partial(ext_offset_hole_chunk, cookie, offset),
+            functools.partial(ext_offset_data_header, cookie, offset),
+        )
+
+    def sendfile_frame(self, c: Command) -> tuple[bytes, bytes]:
+        """An OFFSET_DATA header without DONE and a NONE chunk to end the reply, as with
+        structured replies (:meth:`Transmission.sendfile_frame`), in extended framing."""
+        header = ext_offset_data_header(c.cookie, c.offset, c.offset, c.length, False)
+        return header, ext_done_chunk(c.cookie, c.offset)
+
+    def sendfile_failed(
+        self, c: Command, sent: int, errno: int, message: str
+    ) -> list[bytes] | None:
+        """Zero padding for the rest of the chunk, then an extended ERROR_OFFSET chunk at
+        the first byte not sent (the rule quoted in :meth:`Transmission.sendfile_failed`)."""
+        at = c.offset + sent
+        tail = ext_error_offset_chunk(c.cookie, c.offset, errno, at, message)
+        return [bytes(c.length - sent), tail]
+
+    def block_status_reply(self, c: Command, extents: Sequence[Extent]) -> bytes:
+        """NBD_REPLY_TYPE_BLOCK_STATUS_EXT: "only NBD_REPLY_TYPE_BLOCK_STATUS_EXT for
+        extended headers" (doc/proto.md NBD_CMD_BLOCK_STATUS), with 64-bit extent lengths,
+        so one descriptor may describe more than 4 GiB. "For metadata contexts that only
+        return a 32-bit status (including all contexts in the "base:" namespace), the
+        most-significant 32 bits of status MUST be all zeroes": base:allocation's are."""
+        context = self.session.meta_context
+        assert context is not None  # validate() rejects BLOCK_STATUS without a context
+        descriptors = block_status_descriptors(
+            c.offset, c.length, extents, bool(c.flags & FLAG_REQ_ONE)
+        )
+        return block_status_ext_chunk(c.cookie, c.offset, context, descriptors)
+
+
+def open_transmission(session: Session) -> Transmission:
+    """The transmission phase for ``session``: extended or compact headers."""
+    return ExtendedTransmission(session) if session.extended else Transmission(session)
+
+
+ContentChunk = Callable[[int, int, bool], bytes]
+
+
+def content_chunks(
+    offset: int,
+    length: int,
+    data: bytes | bytearray,
+    hole_chunk: ContentChunk,
+    data_header: ContentChunk,
+) -> list[bytes | bytearray | memoryview]:
+    """A read's reply from its data: zero runs as hole chunks, the rest as data chunks
+    (a header, then the data). ``hole_chunk``/``data_header`` take (offset, length, done)
+    and frame one chunk; the last one carries DONE."""
+    pieces = plan_read(offset, length, zero_extents(data, offset))
+    out: list[bytes | bytearray | memoryview] = []
+    view = memoryview(data)
+    last = len(pieces) - 1
+    for i, piece in enumerate(pieces):
+        if piece.hole:
+            out.append(hole_chunk(piece.offset, piece.length, i == last))
+        else:
+            out.append(data_header(piece.offset, piece.length, i == last))
+            at = piece.offset - offset
+            out.append(data if piece.length == length else view[at : at + piece.length])
+    return out
 
 
 # --- read planning and block status ------------------------------------------------

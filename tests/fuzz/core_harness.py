@@ -7,6 +7,9 @@ ask for. The core's contract: it only ever returns events (``OptionHandled``, ``
 ``Command``, ``Rejected``, ``Closed``) and raises nothing for any input, so *any*
 exception here is a bug, and so is a broken invariant (consumed bytes, WRITE payloads).
 
+Sessions with extended headers (NBD_OPT_EXTENDED_HEADERS) get the extended decoder and
+framing, as in the server; the seeds include them (tests/fuzz/sessions.py).
+
 Run (from the repository root)::
 
     python tests/fuzz/core_harness.py -runs=20000            # what CI runs, seconds
@@ -30,7 +33,13 @@ from fuzz.sessions import session
 with atheris.instrument_imports(include=["nbdserver"]):
     from nbdserver.negotiation import Closed, ExportInfo, Negotiation, OptionHandled, Ready
     from nbdserver.protocol import REQUEST, Cmd, Extent, TransmissionFlag
-    from nbdserver.transmission import Command, Rejected, Session, Transmission
+    from nbdserver.transmission import (
+        Command,
+        Rejected,
+        Session,
+        Transmission,
+        open_transmission,
+    )
 
 _ALL = TransmissionFlag(0)
 for _flag in TransmissionFlag:
@@ -60,7 +69,8 @@ def _chunks(data: bytes) -> list[bytes]:
 def _answer(tx: Transmission, event: Command | Rejected | Closed) -> None:
     """Build the reply the adapter would send for ``event``."""
     if isinstance(event, Rejected):
-        assert isinstance(tx.error_reply(event.cookie, event.error.errno, str(event.error)), bytes)
+        reply = tx.error_reply(event.cookie, event.error.errno, str(event.error), event.offset)
+        assert isinstance(reply, bytes)
         return
     if isinstance(event, Closed):
         return
@@ -82,11 +92,11 @@ def _answer(tx: Transmission, event: Command | Rejected | Closed) -> None:
         ]
         tx.block_status_reply(event, [e for e in extents if e.length])
     else:
-        tx.ack(event.cookie)
+        assert tx.ack_command(event)
 
 
 def _transmit(ready: Ready, first: bytes, rest: list[bytes], budget: int | None) -> None:
-    tx = Transmission(Session.from_ready(ready))
+    tx = open_transmission(Session.from_ready(ready))
     pending = first
     for chunk in [b"", *rest]:
         pending += chunk

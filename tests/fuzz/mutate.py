@@ -21,15 +21,14 @@ from collections.abc import Callable
 from nbdserver.protocol import (
     IHAVEOPT,
     OPTION_HEADER,
-    REQUEST,
     Cmd,
+    CmdFlag,
     Opt,
     OptionRequest,
-    Request,
     pack_info_go,
 )
 
-from .sessions import EDGES, EXPORT_SIZE
+from .sessions import EDGES, EXPORT_SIZE, pack_request, parse_request
 
 #: Values that sit on type boundaries, for overwritten fields of each width.
 INTERESTING = {
@@ -133,25 +132,37 @@ def mutate_frames(rng: random.Random, frames: Frames) -> tuple[Frames, list[str]
 # --- framing-preserving ------------------------------------------------------------
 _WRITE = int(Cmd.WRITE)
 _DISC = int(Cmd.DISC)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
 #: Commands without payload a header may turn into (200: unknown to the spec).
 _NO_PAYLOAD = (0, 2, 3, 4, 5, 6, 7, 8, 200, 0xFFFF)
 
 
 def _reshape_one(rng: random.Random, frame: bytes) -> bytes:
-    _, flags, cmd, cookie, offset, length = REQUEST.unpack_from(frame)
-    payload = frame[REQUEST.size :]
-    field = rng.choice(("flags", "cmd", "offset", "length", "offset"))
+    extended, flags, cmd, cookie, offset, length, payload = parse_request(frame)
+    field = rng.choice(("flags", "cmd", "offset", "length", "offset", "payload"))
     if field == "flags":
         flags = rng.choice((0, 1, 2, 4, 8, 16, 32, 1 << 15, rng.getrandbits(16)))
+        if extended:
+            # NBD_CMD_FLAG_PAYLOAD_LEN decides the framing: keep it as the payload says,
+            # or the case would stop being well framed.
+            flags = flags & ~_PAYLOAD_LEN | (_PAYLOAD_LEN if payload else 0)
+    elif field == "payload" and extended and cmd != _WRITE:
+        # A payload where the command has none: consumed, answered NBD_EINVAL.
+        payload = rng.randbytes(rng.choice((1, 8, 12, 100)))
+        flags |= _PAYLOAD_LEN
+        length = len(payload)
     elif field == "cmd" and cmd != _WRITE:
         cmd = rng.choice(_NO_PAYLOAD)
     elif field == "offset":
         offset = rng.choice((*EDGES, *INTERESTING[8], rng.getrandbits(64)))
-    elif field == "length" and cmd != _WRITE:
-        length = rng.choice((*EDGES, *INTERESTING[4], rng.getrandbits(32) & 0x3FFFFFF))
+    elif field == "length" and not payload:
+        choices = (*EDGES, *INTERESTING[4], rng.getrandbits(32) & 0x3FFFFFF)
+        if extended:  # a 64-bit effect length
+            choices += (*INTERESTING[8], 5 << 30, rng.getrandbits(64))
+        length = rng.choice(choices)
         if cmd == Cmd.READ:  # never ask for more than the export: keep cases fast
             length = min(length, EXPORT_SIZE)
-    return Request(flags, cmd, cookie, offset, length).pack() + payload
+    return pack_request(flags, cmd, cookie, offset, length, extended=extended) + payload
 
 
 def reshape_requests(rng: random.Random, requests: Frames) -> tuple[Frames, list[str]]:
@@ -169,9 +180,9 @@ def reshape_requests(rng: random.Random, requests: Frames) -> tuple[Frames, list
             {"duplicate": duplicate, "drop": drop, "swap": swap}[op](rng, out)
     renumbered = []
     for cookie, frame in enumerate(out, 1):
-        _, flags, cmd, _, offset, length = REQUEST.unpack_from(frame)
+        extended, flags, cmd, _, offset, length, payload = parse_request(frame)
         renumbered.append(
-            Request(flags, cmd, cookie, offset, length).pack() + frame[REQUEST.size :]
+            pack_request(flags, cmd, cookie, offset, length, extended=extended) + payload
         )
         if cmd == _DISC:
             # "A client MUST NOT send anything to the server after sending an

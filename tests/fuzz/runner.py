@@ -74,7 +74,7 @@ def _negotiate(sock: socket.socket, n: Negotiated) -> None:
     if n.export_name:
         client.export_name(n.export)
     else:
-        client.go(n.export, structured=n.structured, meta=n.meta)
+        client.go(n.export, structured=n.structured, meta=n.meta, extended=n.extended)
 
 
 def good_client_served(port: int, known: bytes, rng: random.Random) -> None:

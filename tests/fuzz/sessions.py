@@ -1,9 +1,10 @@
 """Valid client byte sessions, frame by frame: the seeds the mutation fuzzer starts from.
 
 A session is what a correct client sends: the fixed-newstyle client flags, options
-(STRUCTURED_REPLY, SET_META_CONTEXT, LIST, INFO, then GO or EXPORT_NAME) and transmission
-requests (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE, DISC). Each frame
-is kept apart so mutations can work on frame boundaries (truncate, duplicate, reorder).
+(STRUCTURED_REPLY or EXTENDED_HEADERS, SET_META_CONTEXT, LIST, INFO, then GO or
+EXPORT_NAME) and transmission requests (READ, WRITE, FLUSH, TRIM, WRITE_ZEROES,
+BLOCK_STATUS, CACHE, DISC), compact or extended as negotiated. Each frame is kept apart so
+mutations can work on frame boundaries (truncate, duplicate, reorder).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from dataclasses import dataclass
 
 from nbdserver.protocol import (
     CLIENT_FLAGS,
+    EXTENDED_REQUEST,
+    EXTENDED_REQUEST_MAGIC,
+    REQUEST,
     ClientFlag,
     Cmd,
     CmdFlag,
+    ExtendedRequest,
     Opt,
     OptionRequest,
     Request,
@@ -39,6 +44,8 @@ class Negotiated:
     structured: bool
     meta: bool
     export_name: bool  # entered with NBD_OPT_EXPORT_NAME instead of GO
+    #: NBD_OPT_EXTENDED_HEADERS: 32-byte requests, extended reply chunks.
+    extended: bool = False
 
 
 @dataclass
@@ -58,8 +65,13 @@ def options(rng: random.Random, n: Negotiated) -> list[bytes]:
         frames.append(OptionRequest(Opt.LIST, b"").pack())
     if rng.random() < 0.3:
         frames.append(OptionRequest(Opt.INFO, pack_info_go(n.export, [0, 1, 2, 3])).pack())
-    if n.structured:
+    if n.extended:
+        if rng.random() < 0.3:  # "A client MAY request structured replies first"
+            frames.append(OptionRequest(Opt.STRUCTURED_REPLY, b"").pack())
+        frames.append(OptionRequest(Opt.EXTENDED_HEADERS, b"").pack())
+    elif n.structured:
         frames.append(OptionRequest(Opt.STRUCTURED_REPLY, b"").pack())
+    if n.structured:
         if rng.random() < 0.3:
             query = pack_meta_context(n.export, [b"base:"])
             frames.append(OptionRequest(Opt.LIST_META_CONTEXT, query).pack())
@@ -80,10 +92,34 @@ def negotiated(rng: random.Random) -> Negotiated:
         structured=structured,
         meta=structured and rng.random() < 0.7,
         export_name=not structured and rng.random() < 0.3,
+        extended=structured and rng.random() < 0.4,
     )
 
 
-def request(rng: random.Random, cookie: int, max_length: int = 70000) -> bytes:
+def pack_request(
+    flags: int, cmd: int, cookie: int, offset: int, length: int, *, extended: bool
+) -> bytes:
+    """A request header, compact or extended."""
+    if extended:
+        return ExtendedRequest(flags, cmd, cookie, offset, length).pack()
+    return Request(flags, cmd, cookie, offset, length).pack()
+
+
+def parse_request(frame: bytes) -> tuple[bool, int, int, int, int, int, bytes]:
+    """(extended, flags, cmd, cookie, offset, length, payload) of a request frame, by its
+    magic (a frame too short for an extended header is compact)."""
+    extended = (
+        len(frame) >= EXTENDED_REQUEST.size
+        and int.from_bytes(frame[:4], "big") == EXTENDED_REQUEST_MAGIC
+    )
+    layout = EXTENDED_REQUEST if extended else REQUEST
+    _, flags, cmd, cookie, offset, length = layout.unpack_from(frame)
+    return extended, flags, cmd, cookie, offset, length, frame[layout.size :]
+
+
+def request(
+    rng: random.Random, cookie: int, max_length: int = 70000, extended: bool = False
+) -> bytes:
     """One valid request for a writable export of EXPORT_SIZE bytes."""
     cmd = rng.choice(
         [Cmd.READ] * 4
@@ -92,7 +128,7 @@ def request(rng: random.Random, cookie: int, max_length: int = 70000) -> bytes:
         + [Cmd.BLOCK_STATUS, Cmd.CACHE]
     )
     if cmd == Cmd.FLUSH:
-        return Request(0, cmd, cookie, 0, 0).pack()
+        return pack_request(0, cmd, cookie, 0, 0, extended=extended)
     length = rng.choice([1, 512, 4096, 4096, 65536, rng.randrange(1, 70000)])
     length = min(length, max_length)
     offset = rng.randrange(0, EXPORT_SIZE - length + 1)
@@ -104,14 +140,17 @@ def request(rng: random.Random, cookie: int, max_length: int = 70000) -> bytes:
     if cmd == Cmd.BLOCK_STATUS and rng.random() < 0.3:
         flags |= CmdFlag.REQ_ONE
     payload = rng.randbytes(length) if cmd == Cmd.WRITE else b""
-    return Request(flags, cmd, cookie, offset, length).pack() + payload
+    if extended and payload:
+        # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN".
+        flags |= CmdFlag.PAYLOAD_LEN
+    return pack_request(flags, cmd, cookie, offset, length, extended=extended) + payload
 
 
 def session(rng: random.Random, max_length: int = 70000) -> Session:
     """A random valid session; it ends with NBD_CMD_DISC most of the time."""
     n = negotiated(rng)
     count = rng.randrange(1, 9)
-    reqs = [request(rng, cookie, max_length) for cookie in range(1, count + 1)]
+    reqs = [request(rng, cookie, max_length, n.extended) for cookie in range(1, count + 1)]
     if rng.random() < 0.8:
-        reqs.append(Request(0, Cmd.DISC, 0xD15C, 0, 0).pack())
+        reqs.append(pack_request(0, Cmd.DISC, 0xD15C, 0, 0, extended=n.extended))
     return Session(options(rng, n), reqs, n)

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdserver.protocol import (
+    EXTENDED_HEADER,
+    EXTENDED_REPLY_MAGIC,
     GREETING,
     IHAVEOPT,
     NBDMAGIC,
     OPTION_REPLY_HEADER,
     OPTION_REPLY_MAGIC,
-    REQUEST,
     SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_HEADER,
@@ -31,6 +32,8 @@ from nbdserver.protocol import (
     Rep,
     ReplyFlag,
 )
+
+from .sessions import parse_request
 
 #: Guard against a server that never answers or never closes; not a timed assert.
 GUARD_S = 30.0
@@ -100,7 +103,7 @@ def expected_replies(requests: list[bytes]) -> tuple[Counter[int], int | None, d
     want: Counter[int] = Counter()
     read_len: dict[int, int] = {}
     for frame in requests:
-        _, _flags, cmd, cookie, _offset, length = REQUEST.unpack_from(frame)
+        _, _flags, cmd, cookie, _offset, length, _ = parse_request(frame)
         if cmd == Cmd.DISC:
             return want, cookie, read_len
         want[cookie] += 1
@@ -110,7 +113,8 @@ def expected_replies(requests: list[bytes]) -> tuple[Counter[int], int | None, d
 
 
 def read_replies(stream: bytes, read_len: dict[int, int]) -> Replies:
-    """Parse simple and structured replies; a structured reply counts at its DONE chunk.
+    """Parse simple, structured and extended replies; a chunked reply counts at its DONE
+    chunk.
 
     Raises AssertionError on bytes that are no reply at all.
     """
@@ -135,6 +139,15 @@ def read_replies(stream: bytes, read_len: dict[int, int]) -> Replies:
             if end - pos < STRUCTURED_HEADER.size + length:
                 break
             pos += STRUCTURED_HEADER.size + length
+            if flags & ReplyFlag.DONE:
+                answered[cookie] += 1
+        elif magic == EXTENDED_REPLY_MAGIC:
+            if end - pos < EXTENDED_HEADER.size:
+                break
+            _, flags, _type, cookie, _offset, length = EXTENDED_HEADER.unpack_from(stream, pos)
+            if end - pos < EXTENDED_HEADER.size + length:
+                break
+            pos += EXTENDED_HEADER.size + length
             if flags & ReplyFlag.DONE:
                 answered[cookie] += 1
         else:

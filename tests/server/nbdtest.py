@@ -27,6 +27,7 @@ import pytest
 from nbdserver.protocol import (
     CLIENT_FLAGS,
     EXPORT_NAME_REPLY,
+    EXTENDED_HEADER,
     GREETING,
     IHAVEOPT,
     NBDMAGIC,
@@ -36,6 +37,9 @@ from nbdserver.protocol import (
     STRUCTURED_HEADER,
     U32,
     ClientFlag,
+    CmdFlag,
+    ExtendedChunk,
+    ExtendedRequest,
     Opt,
     OptionReply,
     OptionRequest,
@@ -170,6 +174,9 @@ class RawClient:
             sock = socket.create_connection(("127.0.0.1", port), timeout=STARTUP_GUARD_S)
         self.sock = sock
         self.structured = False
+        #: NBD_OPT_EXTENDED_HEADERS was acknowledged: requests are 32-byte extended ones
+        #: and replies extended chunks.
+        self.extended = False
 
     def close(self) -> None:
         self.sock.close()
@@ -222,20 +229,30 @@ class RawClient:
                 return replies
 
     def go(
-        self, name: bytes = b"", *, structured: bool = True, meta: bool = True, greet: bool = True
+        self,
+        name: bytes = b"",
+        *,
+        structured: bool = True,
+        meta: bool = True,
+        greet: bool = True,
+        extended: bool = False,
     ) -> int:
         """Negotiate and enter transmission; return the export size. ``greet=False``: the
-        handshake (greeting and client flags) was done already."""
+        handshake (greeting and client flags) was done already. ``extended``: negotiate
+        NBD_OPT_EXTENDED_HEADERS instead of structured replies."""
         if greet:
             self.handshake()
-        if structured:
+        if extended:
+            assert self.option(Opt.EXTENDED_HEADERS)[-1].reply == Rep.ACK
+            self.structured = self.extended = True
+        elif structured:
             assert self.option(Opt.STRUCTURED_REPLY)[-1].reply == Rep.ACK
             self.structured = True
-            if meta:
-                replies = self.option(
-                    Opt.SET_META_CONTEXT, pack_meta_context(name, [b"base:allocation"])
-                )
-                assert replies[-1].reply == Rep.ACK
+        if self.structured and meta:
+            replies = self.option(
+                Opt.SET_META_CONTEXT, pack_meta_context(name, [b"base:allocation"])
+            )
+            assert replies[-1].reply == Rep.ACK
         replies = self.option(Opt.GO, pack_info_go(name, []))
         assert replies[-1].reply == Rep.ACK, replies
         info = next(r for r in replies if r.reply == Rep.INFO and r.data[:2] == b"\0\0")
@@ -258,6 +275,15 @@ class RawClient:
         flags: int = 0,
         payload: bytes = b"",
     ) -> None:
+        """Send one request. With extended headers a ``payload`` sets
+        NBD_CMD_FLAG_PAYLOAD_LEN, as the spec requires of a WRITE, and ``length`` is the
+        payload's; send :class:`ExtendedRequest` bytes by hand to break that rule."""
+        if self.extended:
+            if payload:
+                flags |= CmdFlag.PAYLOAD_LEN
+                length = len(payload)
+            self.send(ExtendedRequest(flags, type_, cookie, offset, length).pack() + payload)
+            return
         self.send(Request(flags, type_, cookie, offset, length).pack() + payload)
 
     def simple_reply(self, read_length: int = 0) -> tuple[SimpleReply, bytes]:
@@ -271,8 +297,21 @@ class RawClient:
         chunk, _ = StructuredChunk.unpack(header + self.recv_exact(length))
         return chunk
 
+    def ext_reply(self) -> list[ExtendedChunk]:
+        """Read one whole extended reply: chunks up to the DONE one."""
+        chunks = []
+        while True:
+            header = self.recv_exact(EXTENDED_HEADER.size)
+            length = int.from_bytes(header[24:32], "big")
+            chunk, _ = ExtendedChunk.unpack(header + self.recv_exact(length))
+            chunks.append(chunk)
+            if chunk.flags & ReplyFlag.DONE:
+                return chunks
+
     def reply(self) -> list[StructuredChunk] | SimpleReply:
-        """Read one whole reply: a simple reply, or chunks up to the DONE one."""
+        """Read one whole reply: a simple reply, or chunks up to the DONE one (extended
+        replies: :meth:`ext_reply`)."""
+        assert not self.extended, "use ext_reply() with extended headers"
         magic = self.recv_exact(4)
         if magic == U32.pack(SIMPLE_REPLY_MAGIC):
             rest = self.recv_exact(SIMPLE_REPLY.size - 4)

@@ -112,9 +112,18 @@ def test_a_removed_key_is_refused_by_name(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"config file {str(config)!r}: unknown key(s) sched_slice_us; allowed: bind, port,"
         " unix, stats, stats_interval, ready_file, log_level, workers, max_inflight,"
-        " max_connections, poll_us, wake_mark, sched_policy, exports, exit_with_parent,"
-        " fault, cow_dir, swap_safe, shutdown_grace, tls, tls_cert, tls_key, tls_ca"
+        " max_connections, poll_us, wake_mark, extended_headers, sched_policy, exports,"
+        " exit_with_parent, fault, cow_dir, swap_safe, shutdown_grace, tls, tls_cert,"
+        " tls_key, tls_ca"
     )
+
+
+def test_extended_headers_switch_from_file_and_flag(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("extended_headers = false\n[[exports]]\nsize = '1M'\n")
+    assert build_config({"config": str(config)}).extended_headers is False
+    assert build_config({"config": str(config), "extended_headers": True}).extended_headers
+    assert build_config({"memory": "1M"}).extended_headers is True
 
 
 def test_every_allowed_key_of_a_file_is_read(tmp_path: Path) -> None:

@@ -127,12 +127,7 @@ CASES = [
         [Rep.ERR_UNSUP, Rep.SERVER, Rep.SERVER, Rep.ACK],
         OptionHandled,
     ),
-    Case(
-        "extended-headers-unsupported",
-        HELLO + opt(Opt.EXTENDED_HEADERS),
-        [Rep.ERR_UNSUP],
-        OptionHandled,
-    ),
+    Case("extended-headers", HELLO + opt(Opt.EXTENDED_HEADERS), [Rep.ACK], OptionHandled),
     Case("starttls-tls-off", HELLO + opt(Opt.STARTTLS), [Rep.ERR_POLICY], OptionHandled),
     Case(
         "info",

@@ -7,7 +7,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nbdserver.negotiation import ExportInfo, Negotiation, OptionHandled, Phase, Ready
+from nbdserver.negotiation import Closed, ExportInfo, Negotiation, OptionHandled, Phase, Ready
 from nbdserver.protocol import (
     CLIENT_FLAGS,
     ClientFlag,
@@ -36,6 +36,8 @@ class Handshake(RuleBasedStateMachine):
         self.out = self.neg.data_to_send()
         self.cut = cut
         self.structured = False
+        self.extended = False
+        self.closed = False
         self.meta_export: str | None = None
         self.ready: Ready | None = None
         self._send(CLIENT_FLAGS.pack(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES))
@@ -65,14 +67,41 @@ class Handshake(RuleBasedStateMachine):
         return text if text in EXPORTS else None
 
     def _open(self) -> bool:
-        return self.ready is None
+        return self.ready is None and not self.closed
+
+    def _chunked(self) -> bool:
+        return self.structured or self.extended
 
     @precondition(_open)
     @rule()
     def structured_reply(self) -> None:
         replies, _ = self._option(Opt.STRUCTURED_REPLY, b"")
+        if self.extended:
+            # "The client has already successfully negotiated extended headers, which
+            # takes precedence over this option."
+            assert [r.reply for r in replies] == [Rep.ERR_EXT_HEADER_REQD]
+            return
         assert [r.reply for r in replies] == [Rep.ACK]
         self.structured = True
+
+    @precondition(_open)
+    @rule(data=st.sampled_from([b"", b"", b"x", b"\0\0\0\0"]))
+    def extended_headers(self, data: bytes) -> None:
+        replies, _ = self._option(Opt.EXTENDED_HEADERS, data)
+        if data:
+            assert [r.reply for r in replies] == [Rep.ERR_INVALID]
+            return
+        assert [r.reply for r in replies] == [Rep.ACK]  # repeats too
+        self.extended = True
+
+    @precondition(lambda self: self._open() and self.extended)
+    @rule()
+    def export_name_after_extended(self) -> None:
+        """ "MUST NOT use this option" once extended headers are on: the session ends."""
+        replies, events = self._option(Opt.EXPORT_NAME, b"a")
+        assert replies == []
+        assert isinstance(events[-1], Closed) and events[-1].violation
+        self.closed = True
 
     @precondition(_open)
     @rule(name=NAMES, query=st.sampled_from([b"base:allocation", b"base:", b"other:x"]))
@@ -80,7 +109,7 @@ class Handshake(RuleBasedStateMachine):
         replies, _ = self._option(Opt.SET_META_CONTEXT, pack_meta_context(name, [query]))
         self.meta_export = None
         kinds = [r.reply for r in replies]
-        if not self.structured:
+        if not self._chunked():
             assert kinds == [Rep.ERR_INVALID]
         elif self._resolve(name) is None:
             assert kinds == [Rep.ERR_UNKNOWN]
@@ -103,7 +132,8 @@ class Handshake(RuleBasedStateMachine):
         export = next(r.data for r in replies if r.data[:2] == b"\0\0")
         assert int.from_bytes(export[2:10], "big") == EXPORTS[target].size
         flags = int.from_bytes(export[10:12], "big")
-        assert bool(flags & TransmissionFlag.SEND_DF) == self.structured
+        assert bool(flags & TransmissionFlag.SEND_DF) == self._chunked()
+        assert not flags & TransmissionFlag.BLOCK_STAT_PAYLOAD
         assert isinstance(events[-1], OptionHandled)
 
     @precondition(_open)
@@ -123,15 +153,17 @@ class Handshake(RuleBasedStateMachine):
         assert replies[-1].reply == Rep.ACK
         ready = events[-1]
         assert isinstance(ready, Ready)
-        assert ready.export.name == target and ready.structured == self.structured
+        assert ready.export.name == target and ready.structured == self._chunked()
+        assert ready.extended == self.extended
         # Block status only for the export the final SET_META_CONTEXT named.
         assert (ready.meta_context is not None) == (self.meta_export == target)
         self.ready = ready
 
-    @precondition(lambda self: self.ready is not None)
+    @precondition(lambda self: self.ready is not None or self.closed)
     @rule()
     def negotiation_is_over(self) -> None:
-        """After GO the bytes belong to transmission; the handshake refuses them."""
+        """After GO the bytes belong to transmission, after a close to nobody; the
+        handshake refuses them."""
         try:
             self.neg.receive_data(b"x")
         except RuntimeError as exc:
@@ -142,7 +174,12 @@ class Handshake(RuleBasedStateMachine):
     @invariant()
     def phase_matches_model(self) -> None:
         if hasattr(self, "neg"):
-            expected = Phase.TRANSMISSION if self.ready is not None else Phase.OPTION_HEADER
+            if self.closed:
+                expected = Phase.CLOSED
+            elif self.ready is not None:
+                expected = Phase.TRANSMISSION
+            else:
+                expected = Phase.OPTION_HEADER
             assert self.neg.phase is expected
 
 

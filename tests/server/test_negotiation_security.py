@@ -77,6 +77,7 @@ REFUSED_BEFORE_TLS = [
     ("info", opt(Opt.INFO, pack_info_go(b"open", []))),
     ("go", GO_OPEN),
     ("structured", opt(Opt.STRUCTURED_REPLY)),
+    ("extended", opt(Opt.EXTENDED_HEADERS)),
     ("list-meta", opt(Opt.LIST_META_CONTEXT, pack_meta_context(b"open", []))),
     ("set-meta", opt(Opt.SET_META_CONTEXT, pack_meta_context(b"open", []))),
     ("unknown", opt(99, b"xyz")),
@@ -118,8 +119,10 @@ def test_require_lets_abort_through() -> None:
 @BYTEWISE
 def test_starttls_then_haggling_restarts(mode: TlsMode, bytewise: bool) -> None:
     neg = Negotiation(EXPORTS, tls=mode, peer=LOCAL)
-    stateful = opt(Opt.STRUCTURED_REPLY) + opt(
-        Opt.SET_META_CONTEXT, pack_meta_context(b"open", [b"base:allocation"])
+    stateful = (
+        opt(Opt.STRUCTURED_REPLY)
+        + opt(Opt.EXTENDED_HEADERS)
+        + opt(Opt.SET_META_CONTEXT, pack_meta_context(b"open", [b"base:allocation"]))
     )
     before = stateful if mode is TlsMode.ON else b""
     events, rs = run(neg, HELLO + before + opt(Opt.STARTTLS), bytewise)
@@ -139,6 +142,7 @@ def test_starttls_then_haggling_restarts(mode: TlsMode, bytewise: bool) -> None:
     ready = events[-1]
     assert isinstance(ready, Ready) and ready.export.name == "open"
     assert not ready.structured and ready.meta_context is None
+    assert not ready.extended  # "MUST renegotiate extended headers" (NBD_OPT_EXTENDED_HEADERS)
 
 
 def test_plaintext_after_starttls_is_a_violation() -> None:

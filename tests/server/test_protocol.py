@@ -7,13 +7,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nbdserver.protocol import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST,
+    EXTENDED_REQUEST_MAGIC,
+    CmdFlag,
+    ExtendedChunk,
+    ExtendedRequest,
     Opt,
     OptionReply,
     OptionRequest,
     Rep,
+    ReplyType,
     Request,
     SimpleReply,
     StructuredChunk,
+    TransmissionFlag,
+    block_status_ext_chunk,
+    ext_done_chunk,
+    ext_error_chunk,
+    ext_error_offset_chunk,
+    ext_offset_data_header,
+    ext_offset_hole_chunk,
     pack_info_go,
     pack_meta_context,
 )
@@ -116,3 +130,109 @@ def test_option_reply_round_trip(option: int, reply: int, data: bytes) -> None:
     message = OptionReply(option, reply, data)
     raw = message.pack()
     assert OptionReply.unpack(raw) == (message, len(raw))
+
+
+# --- extended headers (doc/proto.md "Request message", "Extended reply chunk message") ---
+EXTENDED_REQUESTS = [
+    (
+        ExtendedRequest(flags=0x21, type=1, cookie=1, offset=4096, length=512),
+        "21e41c71 0021 0001 0000000000000001 0000000000001000 0000000000000200",
+    ),
+    (
+        # A 64-bit effect length: a TRIM of 5 GiB.
+        ExtendedRequest(flags=0, type=4, cookie=2**64 - 1, offset=0, length=5 << 30),
+        "21e41c71 0000 0004 ffffffffffffffff 0000000000000000 0000000140000000",
+    ),
+]
+
+
+@pytest.mark.parametrize(("message", "hexbytes"), EXTENDED_REQUESTS)
+def test_extended_request_table(message: ExtendedRequest, hexbytes: str) -> None:
+    raw = bytes.fromhex(hexbytes.replace(" ", ""))
+    assert EXTENDED_REQUEST.size == 32 and len(raw) == 32
+    assert message.pack() == raw
+    assert ExtendedRequest.unpack(raw + b"\x99" * 5) == message
+
+
+def test_extended_request_refuses_a_compact_magic() -> None:
+    compact = Request(0, 0, 1, 0, 0).pack() + bytes(4)
+    with pytest.raises(ValueError, match="bad extended request magic 0x25609513"):
+        ExtendedRequest.unpack(compact)
+
+
+EXT_REPLIES = [
+    # NONE with DONE; the offset field echoes the request's.
+    (
+        ext_done_chunk(5, 4096),
+        "6e8a278c 0001 0000 0000000000000005 0000000000001000 0000000000000000",
+    ),
+    # OFFSET_DATA header: header offset = the request's, payload offset = the data's.
+    (
+        ext_offset_data_header(5, 4096, 8192, 16, False),
+        "6e8a278c 0000 0001 0000000000000005 0000000000001000 0000000000000018 0000000000002000",
+    ),
+    # OFFSET_HOLE: 64-bit offset, 32-bit hole size in the payload.
+    (
+        ext_offset_hole_chunk(5, 0, 4096, 65536, True),
+        "6e8a278c 0001 0002 0000000000000005 0000000000000000 000000000000000c"
+        " 0000000000001000 00010000",
+    ),
+    (
+        ext_error_chunk(5, 512, 22, "no"),
+        "6e8a278c 0001 8001 0000000000000005 0000000000000200 0000000000000008 00000016 0002 6e6f",
+    ),
+    (
+        ext_error_offset_chunk(5, 0, 5, 1024),
+        "6e8a278c 0001 8002 0000000000000005 0000000000000000 000000000000000e"
+        " 00000005 0000 0000000000000400",
+    ),
+    # BLOCK_STATUS_EXT: "length MUST be 8 + (a positive multiple of 16)"; 64-bit extent
+    # length (6 GiB here) and 64-bit status.
+    (
+        block_status_ext_chunk(5, 0, 1, [(6 << 30, 3)]),
+        "6e8a278c 0001 0006 0000000000000005 0000000000000000 0000000000000018"
+        " 00000001 00000001 0000000180000000 0000000000000003",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "hexbytes"), EXT_REPLIES, ids=range(len(EXT_REPLIES)))
+def test_extended_reply_table(raw: bytes, hexbytes: str) -> None:
+    expected = bytes.fromhex(hexbytes.replace(" ", ""))
+    assert raw == expected
+    if raw[6:8] != b"\0\1":  # a whole chunk (OFFSET_DATA is only a header): it parses back
+        chunk, end = ExtendedChunk.unpack(raw)
+        assert end == len(raw) and chunk.pack() == raw
+
+
+def test_extended_chunk_errors() -> None:
+    raw = ext_error_chunk(1, 0, 5, "x")
+    with pytest.raises(ValueError, match="truncated extended reply chunk"):
+        ExtendedChunk.unpack(raw[:-1])
+    with pytest.raises(ValueError, match="bad extended reply magic 0x668e33ef"):
+        ExtendedChunk.unpack(StructuredChunk(1, 0, 1, b"").pack() + bytes(12))
+
+
+def test_ext_header_reqd_value() -> None:
+    # "NBD_REP_ERR_EXT_HEADER_REQD (2^31 + 10)".
+    assert int(Rep.ERR_EXT_HEADER_REQD) == 2**31 + 10 and Rep.ERR_EXT_HEADER_REQD.is_error
+    assert int(ReplyType.BLOCK_STATUS_EXT) == 6 and int(CmdFlag.PAYLOAD_LEN) == 1 << 5
+    assert int(TransmissionFlag.BLOCK_STAT_PAYLOAD) == 1 << 12
+    assert (EXTENDED_REQUEST_MAGIC, EXTENDED_REPLY_MAGIC) == (0x21E41C71, 0x6E8A278C)
+
+
+@given(u16, u16, u64, u64, u64)
+def test_extended_request_round_trip(
+    flags: int, type_: int, cookie: int, offset: int, length: int
+) -> None:
+    request = ExtendedRequest(flags, type_, cookie, offset, length)
+    assert ExtendedRequest.unpack(request.pack()) == request
+
+
+@given(u16, u16, u64, u64, st.binary(max_size=64))
+def test_extended_chunk_round_trip(
+    flags: int, type_: int, cookie: int, offset: int, payload: bytes
+) -> None:
+    chunk = ExtendedChunk(flags, type_, cookie, offset, payload)
+    raw = chunk.pack()
+    assert ExtendedChunk.unpack(raw) == (chunk, len(raw))

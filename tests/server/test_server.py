@@ -6,13 +6,14 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from nbdserver.errors import NBDErrno
 from nbdserver.protocol import (
     Cmd,
     CmdFlag,
+    ExtendedChunk,
     Opt,
     Rep,
     ReplyType,
@@ -29,8 +30,8 @@ MiB = 1 << 20
 Start = Callable[..., ThreadedServer]
 
 
-def read_data(chunks: list[StructuredChunk], offset: int, length: int) -> bytes:
-    """Reassemble a structured read reply; zero holes are filled in."""
+def read_data(chunks: Sequence[StructuredChunk | ExtendedChunk], offset: int, length: int) -> bytes:
+    """Reassemble a structured (or extended) read reply; zero holes are filled in."""
     out = bytearray(length)
     covered = 0
     for c in chunks:
