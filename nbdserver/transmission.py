@@ -41,7 +41,6 @@ as they are, so sessions without extended headers pay nothing for them.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -532,11 +531,7 @@ class Transmission:
         if length < HOLE_SCAN_MIN or c.flags & FLAG_DF or not isinstance(data, (bytes, bytearray)):
             return [offset_data_header(cookie, offset, length, True), data]
         return content_chunks(
-            offset,
-            length,
-            data,
-            functools.partial(offset_hole_chunk, cookie),
-            functools.partial(offset_data_header, cookie),
+            offset, length, data, offset_hole_chunk, offset_data_header, lead=(cookie,)
         )
 
     def sendfile_frame(self, c: Command) -> tuple[bytes, bytes]:
@@ -713,8 +708,9 @@ class ExtendedTransmission(Transmission):
             offset,
             length,
             data,
-            functools.partial(ext_offset_hole_chunk, cookie, offset),
-            functools.partial(ext_offset_data_header, cookie, offset),
+            ext_offset_hole_chunk,
+            ext_offset_data_header,
+            lead=(cookie, offset),
         )
 
     def sendfile_frame(self, c: Command) -> tuple[bytes, bytes]:
@@ -751,7 +747,8 @@ def open_transmission(session: Session) -> Transmission:
     return ExtendedTransmission(session) if session.extended else Transmission(session)
 
 
-ContentChunk = Callable[[int, int, bool], bytes]
+#: Frames one chunk of a read: ``(*lead, offset, length, done)``.
+ContentChunk = Callable[..., bytes]
 
 
 def content_chunks(
@@ -760,19 +757,23 @@ def content_chunks(
     data: bytes | bytearray,
     hole_chunk: ContentChunk,
     data_header: ContentChunk,
+    *,
+    lead: tuple[int, ...],
 ) -> list[bytes | bytearray | memoryview]:
     """A read's reply from its data: zero runs as hole chunks, the rest as data chunks
-    (a header, then the data). ``hole_chunk``/``data_header`` take (offset, length, done)
-    and frame one chunk; the last one carries DONE."""
+    (a header, then the data). ``hole_chunk``/``data_header`` take ``*lead`` (the cookie,
+    and for extended replies the request's offset), then (offset, length, done), and
+    frame one chunk; the last one carries DONE. (``lead`` rather than a partial per read:
+    two partial objects per request cost a structured 4 KiB read 6%.)"""
     pieces = plan_read(offset, length, zero_extents(data, offset))
     out: list[bytes | bytearray | memoryview] = []
     view = memoryview(data)
     last = len(pieces) - 1
     for i, piece in enumerate(pieces):
         if piece.hole:
-            out.append(hole_chunk(piece.offset, piece.length, i == last))
+            out.append(hole_chunk(*lead, piece.offset, piece.length, i == last))
         else:
-            out.append(data_header(piece.offset, piece.length, i == last))
+            out.append(data_header(*lead, piece.offset, piece.length, i == last))
             at = piece.offset - offset
             out.append(data if piece.length == length else view[at : at + piece.length])
     return out
