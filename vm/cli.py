@@ -561,7 +561,7 @@ def _add_report(sub: Any) -> None:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from vm.campaign import matrix  # noqa: PLC0415 - only this subcommand needs it
+    from vm.campaign import matrix, plan  # noqa: PLC0415 - only this subcommand needs it
 
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -583,12 +583,12 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        mx = matrix.load_matrix(args.file)
-        shard = matrix.parse_shard(args.shard) if args.shard else None
+        mx = plan.load_matrix(args.file)
+        shard = plan.parse_shard(args.shard) if args.shard else None
         only = [x for x in (args.only or "").split(",") if x.strip()]
         only = [x.strip() for x in only]
-        plan = matrix.plan_runs(mx)
-        selected = matrix.select_runs(plan, shard=shard, only=only)
+        runs = plan.plan_runs(mx)
+        selected = plan.select_runs(runs, shard=shard, only=only)
         if args.dry_run:
             print("\n".join(matrix.dry_run_lines(mx, args.out, selected)))
             return EXIT_OK
@@ -603,7 +603,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 only=only,
                 emit=emit,
             )
-    except matrix.MatrixError as exc:
+    except plan.MatrixError as exc:
         print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # a second signal while the index was being written

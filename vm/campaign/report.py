@@ -6,7 +6,7 @@ Theory of operation
 given directories (a matrix store, a single run directory, or a tree of either; hidden
 directories such as a store's ``.attic`` are skipped) together with the run's
 ``vmstat.jsonl`` samples.  Everything after it is pure: :func:`build_report` groups runs
-into *arms* by the label of :func:`vm.campaign.matrix.label` (kernel, arm, allocator, server, plus
+into *arms* by the label of :func:`vm.campaign.plan.label` (kernel, arm, allocator, server, plus
 any other setting that differs between the runs loaded), computes per-run metrics
 (:func:`run_metrics`) and aggregates them as mean and sample standard deviation per arm,
 with the ratio of each mean to the baseline arm's.  :func:`render` turns the report into
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from vm.campaign import matrix
+from vm.campaign import plan
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -482,10 +482,10 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
         raise ReportError(
             "every run found was interrupted; finish them with swapnbd matrix --resume"
         )
-    varying = matrix.varying_keys([r.config for r in usable])
+    varying = plan.varying_keys([r.config for r in usable])
     arms: dict[str, list[RunData]] = {}
     for r in usable:
-        arms.setdefault(matrix.label(r.config, varying), []).append(r)
+        arms.setdefault(plan.label(r.config, varying), []).append(r)
     labels = list(arms)
     if baseline is None:
         baseline = labels[0]
@@ -519,8 +519,8 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
                 "kernel_release": releases,
                 "parts": {
                     k: v
-                    for k, v in matrix.label_parts(rs[0].config).items()
-                    if k in (*matrix.LABEL_KEYS, *varying)
+                    for k, v in plan.label_parts(rs[0].config).items()
+                    if k in (*plan.LABEL_KEYS, *varying)
                 },
             }
         )
@@ -754,10 +754,10 @@ def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
             "--plots needs matplotlib: pip install 'swapnbd[plot]' (./dev setup installs it)"
         ) from exc
     usable = [r for r in runs if not is_interrupted(r.run)]
-    varying = matrix.varying_keys([r.config for r in usable])
+    varying = plan.varying_keys([r.config for r in usable])
     arms: dict[str, list[RunData]] = {}
     for r in usable:
-        arms.setdefault(matrix.label(r.config, varying), []).append(r)
+        arms.setdefault(plan.label(r.config, varying), []).append(r)
     out_dir.mkdir(parents=True, exist_ok=True)
     panels = (
         ("memfree_mib", "MemFree (MiB)"),
