@@ -97,7 +97,7 @@ class RunRecord:
     #: The guest's (or the lab machine's) settings, memory, CPUs and Python.
     guest: dict[str, Any] | None = None
     # --- a VM run's (vm/run/experiment.py) ----------------------------------------------
-    #: Why the host stopped watching (vm.run.experiment.Ending).
+    #: Why the host stopped watching (vm.run.record.Ending).
     ending: str | None = None
     #: What the verdict rests on: the console, the stall, the kernel's own evidence.
     evidence: dict[str, Any] | None = None

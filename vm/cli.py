@@ -5,7 +5,7 @@ Subcommands:
 ``swapnbd run``    one experiment (guest image, NBD server, QEMU, watchdog, run.json): vm/run/
 ``swapnbd image``  build (or find cached) the guest image only: vm/image/
 ``swapnbd matrix`` a TOML file of cells, run interleaved into a resumable store (vm/campaign/)
-``swapnbd report`` tables (md/csv/json) and plots from run.json files (vm/campaign/report.py)
+``swapnbd report`` tables (md/csv/json) and plots from run.json files (vm/campaign/)
 
 The parser is built from one function per subcommand, so ``matrix`` (kernel variants x
 servers with a comparison report) can be added as another subparser that calls
@@ -559,7 +559,7 @@ def _add_report(sub: Any) -> None:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from vm.campaign import matrix  # noqa: PLC0415 - only this subcommand needs it
+    from vm.campaign import matrix, plan  # noqa: PLC0415 - only this subcommand needs it
 
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -581,12 +581,12 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
     try:
-        mx = matrix.load_matrix(args.file)
-        shard = matrix.parse_shard(args.shard) if args.shard else None
+        mx = plan.load_matrix(args.file)
+        shard = plan.parse_shard(args.shard) if args.shard else None
         only = [x for x in (args.only or "").split(",") if x.strip()]
         only = [x.strip() for x in only]
-        plan = matrix.plan_runs(mx)
-        selected = matrix.select_runs(plan, shard=shard, only=only)
+        runs = plan.plan_runs(mx)
+        selected = plan.select_runs(runs, shard=shard, only=only)
         if args.dry_run:
             print("\n".join(matrix.dry_run_lines(mx, args.out, selected)))
             return EXIT_OK
@@ -601,7 +601,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 only=only,
                 emit=emit,
             )
-    except matrix.MatrixError as exc:
+    except plan.MatrixError as exc:
         print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # a second signal while the index was being written
@@ -624,18 +624,18 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vm.campaign import report  # noqa: PLC0415 - only this subcommand needs it
+    from vm.campaign import archive, plots, publish, report  # noqa: PLC0415 - only this subcommand
 
     try:
-        runs = report.load_runs(args.dirs)
+        runs = archive.load_runs(args.dirs)
         if args.publish is not None:
-            written = report.publish(runs, args.publish, baseline=args.baseline)
+            written = publish.publish(runs, args.publish, baseline=args.baseline)
             print(f"published {len(runs)} run(s): {len(written)} files in {args.publish}")
             return EXIT_OK
         rep = report.build_report(runs, baseline=args.baseline)
         text = report.render(rep, args.format)
         if args.plots is not None:
-            written = report.write_plots(runs, args.plots)
+            written = plots.write_plots(runs, args.plots)
             print(f"plots: {len(written)} PNG(s) in {args.plots}", file=sys.stderr)
     except report.ReportError as exc:
         print(f"swapnbd report: error: {exc}", file=sys.stderr)

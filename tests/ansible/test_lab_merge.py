@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vm.campaign import lab, matrix
+from vm.campaign import lab
+from vm.campaign import plan as matrix_plan
 
 TOML = """\
 [matrix]
@@ -60,7 +61,7 @@ def write_run(store: Path, run_id: str, outcome: str | None, **extra: object) ->
 
 
 def test_merge_keeps_finished_runs_and_rebuilds_the_index(tmp_path: Path) -> None:
-    plan = matrix.plan_runs(matrix.parse_matrix(TOML, "tiny"))
+    plan = matrix_plan.plan_runs(matrix_plan.parse_matrix(TOML, "tiny"))
     ids = [r.id for r in plan]
     a, b, store = tmp_path / "a", tmp_path / "b", tmp_path / "store"
     for share in (a, b):

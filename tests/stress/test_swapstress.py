@@ -26,8 +26,10 @@ from conftest import (
     tool_env,
 )
 
-from stress import swapstress
+from stress import exitcodes, swapstress
 from stress.pattern import HEADER, expected_page
+from stress.plan import DEFAULT_LOOPS, make_plan
+from stress.worker import MAX_EXAMPLES_PER_WORKER
 
 PLAN_KEYS = {"workers", "total_bytes", "mem_total_bytes", "per_worker_bytes"}
 RESULT_KEYS = {
@@ -68,12 +70,12 @@ def test_done_when_dry_run_prints_the_plan(tmp_path: Path) -> None:
     assert plan["per_worker_bytes"] % 4096 == 0
     assert plan["total_bytes"] == plan["per_worker_bytes"] * plan["workers"]
     assert 0 <= plan["requested_total_bytes"] - plan["total_bytes"] < 4096 * plan["workers"]
-    assert plan["loops"] == swapstress.DEFAULT_LOOPS
+    assert plan["loops"] == DEFAULT_LOOPS
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
 
 
 def test_dry_run_from_a_recorded_guest() -> None:
-    plan = swapstress.make_plan(
+    plan = make_plan(
         meminfo={"MemTotal": 2014980 * 1024, "MemAvailable": 1 << 30, "SwapFree": 8 << 30},
         cpu_count=2,
     )
@@ -107,7 +109,7 @@ def test_safety_refusal_says_what_to_pass(tmp_path: Path) -> None:
     # The captured 6.1 guest: MemAvailable 67800 kB + SwapFree 256892 kB < 4 x 94776 kB.
     root = kernel_root("linux-6.1", "t1")
     proc = run_tool("swapstress", "--json", "out.json", "--proc-root", str(root), cwd=tmp_path)
-    assert proc.returncode == swapstress.EXIT_USAGE
+    assert proc.returncode == exitcodes.EXIT_USAGE
     assert "refusing to run" in proc.stderr
     assert "--force" in proc.stderr
     assert str((67800 + 256892) * 1024) in proc.stderr
@@ -215,7 +217,7 @@ def test_injected_corruption_reports_exactly_that_page(
     env = tool_env({swapstress.TEST_CORRUPT_ENV: "2:300"})
     argv = ["--workers", "4", "--total", "16M", "--loops", "2", "--mode", mode, "--force"]
     code, result = run_json(tmp_path, *argv, env=env)
-    assert code == swapstress.EXIT_CORRUPTION == 1
+    assert code == exitcodes.EXIT_CORRUPTION == 1
     assert result["outcome"] == "corruption"
     # rewrite mode repairs the page in pass 1 (generation 1 is written over it); verify mode
     # finds the same bad page on both passes.
@@ -315,7 +317,7 @@ def test_signal_interrupts_cleanly_and_still_writes_json(
     beats = stream.rest()
     stream.close()
     _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == swapstress.EXIT_INTERRUPTED == 130, stderr
+    assert proc.returncode == exitcodes.EXIT_INTERRUPTED == 130, stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["outcome"] == "interrupted"
     assert result["exit_code"] == 130
@@ -337,7 +339,7 @@ def test_sigkilled_worker_is_worker_died(
     stream.rest()
     stream.close()
     _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == swapstress.EXIT_WORKER_DIED == 3, stderr
+    assert proc.returncode == exitcodes.EXIT_WORKER_DIED == 3, stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["outcome"] == "worker-died"
     by_pid = {w["pid"]: w for w in result["workers"]}
@@ -510,7 +512,7 @@ def test_mass_corruption_is_counted_but_examples_stay_few(tmp_path: Path) -> Non
     assert code == 1
     assert result["corrupt_pages"] == 1000
     assert [e["page"] for e in result["corrupt_examples"]] == list(
-        range(10, 10 + swapstress.MAX_EXAMPLES_PER_WORKER)
+        range(10, 10 + MAX_EXAMPLES_PER_WORKER)
     )
     assert [w["corrupt_pages"] for w in result["workers"]] == [0, 1000]
 

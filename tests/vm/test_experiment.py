@@ -24,7 +24,7 @@ from nbdserver.backends.fault import FLIP_AT
 from peers import servers
 from vm import cli
 from vm.campaign import report
-from vm.run import experiment, watchdog
+from vm.run import experiment, record, watchdog
 from vm.run.config import RunConfig, guest_config
 from vm.run.cost import Cost, host_steal_ticks, task_runqueue_wait, task_wakeups, tree_usage
 from vm.run.watchdog import JsonlTail
@@ -358,7 +358,7 @@ def test_vmstat_summary_keeps_pgscan_direct_throttle() -> None:
             "netstat": None,
         }
 
-    summary = experiment.vmstat_summary([sample(0, 0, 0), sample(1, 50, 0), sample(2, 90, 0)])
+    summary = record.vmstat_summary([sample(0, 0, 0), sample(1, 50, 0), sample(2, 90, 0)])
     assert summary["vmstat_delta"]["pswpout"] == 90
     assert summary["vmstat_delta"]["pswpin"] == 2
     assert summary["vmstat_delta"]["pgscan_direct_throttle"] == 0

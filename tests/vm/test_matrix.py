@@ -1,5 +1,6 @@
-"""vm.campaign.matrix: planning (TOML -> interleaved runs, ids, shards, resume, ETA), the store and
-index, and one real two-run matrix through real guests (``vm`` marker)."""
+"""vm.campaign.plan, .store and .matrix: planning (TOML -> interleaved runs, ids, shards, ETA),
+the store and index (resume), the runner, and one real two-run matrix through real guests
+(``vm`` marker)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 
 from vm import cli
 from vm.campaign import matrix
+from vm.campaign import plan as matrix_plan
+from vm.campaign import store as matrix_store
 from vm.run import experiment
 from vm.run.config import RunConfig
 
@@ -47,8 +50,8 @@ repeats = 1
 """
 
 
-def plan(text: str) -> list[matrix.PlannedRun]:
-    return matrix.plan_runs(matrix.parse_matrix(textwrap.dedent(text)))
+def plan(text: str) -> list[matrix_plan.PlannedRun]:
+    return matrix_plan.plan_runs(matrix_plan.parse_matrix(textwrap.dedent(text)))
 
 
 # --- planning -------------------------------------------------------------------------
@@ -94,8 +97,8 @@ def test_cells_merge_defaults_and_become_run_configs(tmp_path: Path) -> None:
 
 
 def test_seed_matrix_is_the_issue_s_comparison() -> None:
-    mx = matrix.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
-    runs = matrix.plan_runs(mx)
+    mx = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
+    runs = matrix_plan.plan_runs(mx)
     assert len(runs) == 25  # 5 cells x 5 repeats
     assert {r.label for r in runs} == {
         "6.1-patched-slub-nbd-serve",
@@ -119,8 +122,8 @@ def test_seed_matrix_is_the_issue_s_comparison() -> None:
         90.0,
         3600.0,
     )
-    servers_runs = matrix.plan_runs(
-        matrix.load_matrix(REPO / "vm" / "campaign" / "matrices" / "servers.toml")
+    servers_runs = matrix_plan.plan_runs(
+        matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "servers.toml")
     )
     assert [r.label for r in servers_runs[:3]] == [
         "6.1-patched-slub-nbd-serve",
@@ -179,8 +182,8 @@ def test_a_bzimage_path_kernel_becomes_its_file_name_in_the_id() -> None:
     ],
 )
 def test_bad_matrix_files_get_clear_errors(text: str, message: str) -> None:
-    with pytest.raises(matrix.MatrixError, match=message):
-        matrix.parse_matrix(text)
+    with pytest.raises(matrix_plan.MatrixError, match=message):
+        matrix_plan.parse_matrix(text)
 
 
 def test_ratio_and_total_override_each_other_by_layer(tmp_path: Path) -> None:
@@ -195,7 +198,7 @@ def test_ratio_and_total_override_each_other_by_layer(tmp_path: Path) -> None:
 
 def test_shards_partition_the_plan_by_index() -> None:
     runs = plan(SMALL)
-    shards = [matrix.select_runs(runs, shard=(k, 3)) for k in (1, 2, 3)]
+    shards = [matrix_plan.select_runs(runs, shard=(k, 3)) for k in (1, 2, 3)]
     assert [r.index for r in shards[0]] == [0, 3, 6]
     assert [r.index for r in shards[1]] == [1, 4, 7]
     assert [r.index for r in shards[2]] == [2, 5, 8]
@@ -204,25 +207,25 @@ def test_shards_partition_the_plan_by_index() -> None:
 
 @pytest.mark.parametrize(("text", "expected"), [("1/2", (1, 2)), (" 3 / 3 ", (3, 3))])
 def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
-    assert matrix.parse_shard(text) == expected
+    assert matrix_plan.parse_shard(text) == expected
 
 
 @pytest.mark.parametrize("text", ["0/2", "3/2", "1/0", "2", "a/b"])
 def test_bad_shards_are_refused(text: str) -> None:
-    with pytest.raises(matrix.MatrixError, match="--shard"):
-        matrix.parse_shard(text)
+    with pytest.raises(matrix_plan.MatrixError, match="--shard"):
+        matrix_plan.parse_shard(text)
 
 
 def test_only_takes_run_ids_and_cell_labels() -> None:
     runs = plan(SMALL)
-    chosen = matrix.select_runs(
+    chosen = matrix_plan.select_runs(
         runs, only=["6.1-vanilla-slab-nbd-serve", "r08-6.12-patched-slub-nbd-serve-rep2"]
     )
     assert [r.index for r in chosen] == [4, 7]
-    both = matrix.select_runs(runs, only=["6.1-patched-slub-nbd-serve"], shard=(1, 3))
+    both = matrix_plan.select_runs(runs, only=["6.1-patched-slub-nbd-serve"], shard=(1, 3))
     assert [r.id for r in both] == ["r01-6.1-patched-slub-nbd-serve-rep1"]
-    with pytest.raises(matrix.MatrixError, match="no run or cell is called nope"):
-        matrix.select_runs(runs, only=["nope"])
+    with pytest.raises(matrix_plan.MatrixError, match="no run or cell is called nope"):
+        matrix_plan.select_runs(runs, only=["nope"])
 
 
 @pytest.mark.parametrize(
@@ -239,12 +242,12 @@ def test_only_takes_run_ids_and_cell_labels() -> None:
 def test_resume_reruns_only_what_has_no_measurement(
     run_json: dict[str, Any] | None, finished: bool, status: str
 ) -> None:
-    assert matrix.is_finished(run_json) is finished
-    assert matrix.run_status(run_json, dir_exists=run_json is not None) == status
+    assert matrix_store.is_finished(run_json) is finished
+    assert matrix_store.run_status(run_json, dir_exists=run_json is not None) == status
 
 
 def test_a_run_directory_without_run_json_is_started() -> None:
-    assert matrix.run_status(None, dir_exists=True) == "started"
+    assert matrix_store.run_status(None, dir_exists=True) == "started"
 
 
 # --- estimates ------------------------------------------------------------------------
@@ -252,10 +255,10 @@ def test_a_run_directory_without_run_json_is_started() -> None:
 
 def test_eta_uses_the_size_model_until_runs_are_measured() -> None:
     runs = plan(SMALL)
-    est = matrix.Estimator()
+    est = matrix_plan.Estimator()
     cfg = runs[0].config(Path("/"))
     # 45 s boot + 3 passes x 256 MiB / 12 MiB/s
-    assert matrix.model_seconds(cfg) == pytest.approx(45 + 3 * 256 / 12)
+    assert matrix_plan.model_seconds(cfg) == pytest.approx(45 + 3 * 256 / 12)
     assert est.seconds(runs[0]) == pytest.approx(109.0)
     assert est.total(runs) == pytest.approx(9 * 109.0)
     assert est.basis == "size model (nothing measured yet)"
@@ -263,7 +266,7 @@ def test_eta_uses_the_size_model_until_runs_are_measured() -> None:
 
 def test_eta_prefers_the_same_cell_then_scales_the_model() -> None:
     runs = plan(SMALL)
-    est = matrix.Estimator()
+    est = matrix_plan.Estimator()
     est.add(runs[0], 200.0)  # the model said 109 s
     est.add(runs[5], 300.0)  # same cell, repeat 2
     assert est.seconds(runs[0]) == pytest.approx(250.0)
@@ -274,7 +277,7 @@ def test_eta_prefers_the_same_cell_then_scales_the_model() -> None:
 
 def test_model_is_capped_by_the_timeout() -> None:
     cfg = RunConfig(out=Path("/"), total_bytes=8192 * MIB, loops=4, timeout_s=600.0)
-    assert matrix.model_seconds(cfg) == 645.0
+    assert matrix_plan.model_seconds(cfg) == 645.0
 
 
 # --- the store and the runner (the run itself replaced: these test the bookkeeping) -----
@@ -303,7 +306,7 @@ def fake_runner(outcomes: dict[str, str], stop_at: str | None = None) -> Any:
 def test_runner_writes_the_index_after_each_run_and_resume_skips_finished(
     tmp_path: Path,
 ) -> None:
-    mx = matrix.parse_matrix(SMALL, name="small")
+    mx = matrix_plan.parse_matrix(SMALL, name="small")
     store = tmp_path / "store"
     lines: list[str] = []
     stop = "r03-6.12-patched-slub-nbd-serve-rep1"
@@ -329,7 +332,7 @@ def test_runner_writes_the_index_after_each_run_and_resume_skips_finished(
     )
     assert any("[2/9] guest phase: stress  [matrix ETA " in line for line in lines)
 
-    with pytest.raises(matrix.MatrixError, match="pass --resume"):
+    with pytest.raises(matrix_plan.MatrixError, match="pass --resume"):
         matrix.run_matrix(mx, store, run_one=fake_runner({}))
 
     second = matrix.run_matrix(
@@ -361,22 +364,22 @@ def test_runner_writes_the_index_after_each_run_and_resume_skips_finished(
 
 def test_a_store_of_another_matrix_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    mx = matrix.parse_matrix(SMALL)
+    mx = matrix_plan.parse_matrix(SMALL)
     matrix.run_matrix(
         mx, store, only=["r01-6.1-patched-slub-nbd-serve-rep1"], run_one=fake_runner({})
     )
-    other = matrix.parse_matrix(SMALL.replace("workers = 4", "workers = 5"))
-    with pytest.raises(matrix.MatrixError, match="holds runs of a different matrix file"):
+    other = matrix_plan.parse_matrix(SMALL.replace("workers = 4", "workers = 5"))
+    with pytest.raises(matrix_plan.MatrixError, match="holds runs of a different matrix file"):
         matrix.run_matrix(other, store, resume=True, run_one=fake_runner({}))
 
 
 def test_resume_with_more_repeats_adds_runs(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    mx = matrix.parse_matrix(SMALL)
+    mx = matrix_plan.parse_matrix(SMALL)
     first = matrix.run_matrix(mx, store, run_one=fake_runner({}))
-    more = matrix.parse_matrix(SMALL.replace("repeats = 2", "repeats = 3"))
+    more = matrix_plan.parse_matrix(SMALL.replace("repeats = 2", "repeats = 3"))
     assert more.sha256 != mx.sha256
-    with pytest.raises(matrix.MatrixError, match="pass --resume"):
+    with pytest.raises(matrix_plan.MatrixError, match="pass --resume"):
         matrix.run_matrix(more, store, run_one=fake_runner({}))
     second = matrix.run_matrix(more, store, resume=True, run_one=fake_runner({}))
     assert sorted(second.skipped) == sorted(first.ran)  # nothing measured twice
@@ -386,7 +389,7 @@ def test_resume_with_more_repeats_adds_runs(tmp_path: Path) -> None:
     assert (store / "matrix.toml").read_text() == more.text
     assert index["counts"]["finished"] == len(first.ran) + len(second.ran)
     # Fewer repeats than the store holds drops finished runs: refused.
-    with pytest.raises(matrix.MatrixError, match="does not keep all of its runs"):
+    with pytest.raises(matrix_plan.MatrixError, match="does not keep all of its runs"):
         matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
 
 
@@ -577,24 +580,26 @@ def test_sigterm_stops_the_run_and_the_matrix_and_resume_redoes_it(tmp_path: Pat
 
 
 def test_stall_and_server_policy_keys_reach_the_run_and_the_label() -> None:
-    m = matrix.parse_matrix(
+    m = matrix_plan.parse_matrix(
         "[matrix]\nrepeats = 1\n[defaults]\nstall_after = 20\nearly_confirm = false\n"
         '[axes]\nserver_sched_policy = ["idle", "normal"]\n'
     )
     cfgs = [c.settings for c in m.cells]
     assert [(c["stall_after_s"], c["early_confirm"]) for c in cfgs] == [(20.0, False)] * 2
-    labels = [r.label for r in matrix.plan_runs(m)]
+    labels = [r.label for r in matrix_plan.plan_runs(m)]
     assert labels == [
         "6.1-patched-slub-nbd-serve-sched-idle",
         "6.1-patched-slub-nbd-serve-sched-normal",
     ]
-    held = matrix.parse_matrix("[matrix]\nrepeats = 1\n[axes]\nearly_confirm = [true, false]\n")
-    assert [r.label for r in matrix.plan_runs(held)] == [
+    held = matrix_plan.parse_matrix(
+        "[matrix]\nrepeats = 1\n[axes]\nearly_confirm = [true, false]\n"
+    )
+    assert [r.label for r in matrix_plan.plan_runs(held)] == [
         "6.1-patched-slub-nbd-serve-early",
         "6.1-patched-slub-nbd-serve-held",
     ]
-    with pytest.raises(matrix.MatrixError, match="early_confirm must be true or false"):
-        matrix.parse_matrix("[matrix]\nrepeats = 1\n[defaults]\nearly_confirm = 1\n")
+    with pytest.raises(matrix_plan.MatrixError, match="early_confirm must be true or false"):
+        matrix_plan.parse_matrix("[matrix]\nrepeats = 1\n[defaults]\nearly_confirm = 1\n")
 
 
 def test_the_server_policy_splits_only_nbd_serve_runs() -> None:
@@ -602,11 +607,11 @@ def test_the_server_policy_splits_only_nbd_serve_runs() -> None:
     policy are two servers, not two policies (the e2e matrix's labels must not change)."""
     idle = {"kernel": "6.1", "arm": "patched", "server": "nbd-serve", "server_sched_policy": "idle"}
     kit = {"kernel": "6.1", "arm": "patched", "server": "nbdkit", "server_sched_policy": None}
-    assert matrix.varying_keys([idle, kit]) == []
+    assert matrix_plan.varying_keys([idle, kit]) == []
     normal = {**idle, "server_sched_policy": "normal"}
-    varying = matrix.varying_keys([idle, kit, normal])
+    varying = matrix_plan.varying_keys([idle, kit, normal])
     assert varying == ["server_sched_policy"]
-    assert [matrix.label(c, varying) for c in (idle, kit, normal)] == [
+    assert [matrix_plan.label(c, varying) for c in (idle, kit, normal)] == [
         "6.1-patched-slub-nbd-serve-sched-idle",
         "6.1-patched-slub-nbdkit",
         "6.1-patched-slub-nbd-serve-sched-normal",

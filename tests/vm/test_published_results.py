@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vm.campaign import report
+from vm.campaign import archive, plots, report
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
 LAYOUT = {"runs.tar.xz", "report.md", "report.csv", "report.json", "plots"}
@@ -30,9 +30,9 @@ def test_a_result_folder_holds_the_published_layout_only(name: str) -> None:
     out = PUBLISHED / name
     present = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert present - {"plots"} == LAYOUT - {"plots"}, f"{name}: {sorted(present ^ LAYOUT)}"
-    plots = out / "plots"
-    if plots.exists():
-        assert all(p.suffix in (".png", ".svg") for p in plots.iterdir()), name
+    plot_dir = out / "plots"
+    if plot_dir.exists():
+        assert all(p.suffix in (".png", ".svg") for p in plot_dir.iterdir()), name
 
 
 @pytest.mark.parametrize("name", RESULTS)
@@ -43,10 +43,10 @@ def test_the_committed_report_regenerates_from_its_archive(
     out = PUBLISHED / name
     baseline = json.loads((out / "report.json").read_text())["baseline"]
     monkeypatch.chdir(out)  # the report names its runs runs.tar.xz/RUN, as publish wrote it
-    rep = report.build_report(report.load_runs([Path("runs.tar.xz")]), baseline=baseline)
+    rep = report.build_report(archive.load_runs([Path("runs.tar.xz")]), baseline=baseline)
     for fmt in ("md", "csv", "json"):
         assert report.render(rep, fmt) == (out / f"report.{fmt}").read_text(), f"{name} {fmt}"
-    arms = {report._safe_name(arm["label"]) for arm in rep["arms"]}
-    plots = out / "plots"
-    drawn = {p.stem for p in plots.iterdir()} if plots.exists() else set()
+    arms = {plots._safe_name(arm["label"]) for arm in rep["arms"]}
+    plot_dir = out / "plots"
+    drawn = {p.stem for p in plot_dir.iterdir()} if plot_dir.exists() else set()
     assert drawn <= arms, f"{name}: plots of no arm: {sorted(drawn - arms)}"

@@ -1,4 +1,5 @@
-"""vm.campaign.report: loading run.json trees, per-arm aggregation, Markdown/CSV/JSON, plots.
+"""vm.campaign.archive, .report, .plots and .publish: loading run.json trees, per-arm
+aggregation, Markdown/CSV/JSON, plots.
 
 The fixtures in ``data/report`` come from a real ``swapnbd run`` (128M guest, 4 workers,
 256M, 1 loop, Debian 6.1, nbd-serve) trimmed by ``data/report/make_fixtures.py``;
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from vm import cli
-from vm.campaign import report
+from vm.campaign import archive, plots, publish, report
 
 DATA = Path(__file__).resolve().parent / "data" / "report"
 PATCHED = "6.1-patched-slub-nbd-serve"
@@ -26,7 +27,7 @@ VANILLA = "6.1-vanilla-slub-nbd-serve"
 
 
 def fixture(name: str) -> report.RunData:
-    (run,) = report.load_runs([DATA / name])
+    (run,) = archive.load_runs([DATA / name])
     return run
 
 
@@ -47,7 +48,7 @@ def test_load_finds_runs_recursively_and_skips_hidden_dirs(tmp_path: Path) -> No
     shutil.copytree(DATA / "completed", tmp_path / "store" / "r01")
     shutil.copytree(DATA / "lockup", tmp_path / "store" / "r02")
     shutil.copytree(DATA / "lockup", tmp_path / "store" / ".attic" / "r02-old")
-    runs = report.load_runs([tmp_path / "store", tmp_path / "store" / "r01"])
+    runs = archive.load_runs([tmp_path / "store", tmp_path / "store" / "r01"])
     assert [r.name for r in runs] == ["r01", "r02"]  # r01 given twice, counted once
     assert len(runs[0].samples) == 156
     assert len(runs[1].samples) == 62
@@ -55,13 +56,13 @@ def test_load_finds_runs_recursively_and_skips_hidden_dirs(tmp_path: Path) -> No
 
 def test_load_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(report.ReportError, match="does not exist"):
-        report.load_runs([tmp_path / "nope"])
+        archive.load_runs([tmp_path / "nope"])
     with pytest.raises(report.ReportError, match=r"no run\.json under"):
-        report.load_runs([tmp_path])
+        archive.load_runs([tmp_path])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "run.json").write_text("{cut")
     with pytest.raises(report.ReportError, match="is not readable JSON"):
-        report.load_runs([tmp_path / "bad"])
+        archive.load_runs([tmp_path / "bad"])
 
 
 # --- metrics from the real run --------------------------------------------------------
@@ -228,7 +229,7 @@ def test_arms_mean_sd_ratio_and_outcome_counts() -> None:
 
 
 def test_real_runs_grouped_by_arm_in_markdown() -> None:
-    rep = report.build_report(report.load_runs([DATA]))
+    rep = report.build_report(archive.load_runs([DATA]))
     text = report.render(rep, "md")
     lines = text.splitlines()
     assert f"|  | {PATCHED} | {VANILLA} |" in lines
@@ -243,7 +244,7 @@ def test_real_runs_grouped_by_arm_in_markdown() -> None:
 
 
 def test_csv_and_json_carry_the_same_numbers() -> None:
-    rep = report.build_report(report.load_runs([DATA]), baseline=VANILLA)
+    rep = report.build_report(archive.load_runs([DATA]), baseline=VANILLA)
     rows = list(csv.DictReader(io.StringIO(report.render(rep, "csv"))))
     by = {(r["arm"], r["metric"]): r for r in rows}
     assert by[(PATCHED, "outcome")]["text"] == "completed 1/1"
@@ -270,7 +271,7 @@ def test_unknown_baseline_names_the_arms() -> None:
     with pytest.raises(
         report.ReportError, match=f"--baseline 'x' is not an arm here; arms: {PATCHED}, {VANILLA}"
     ):
-        report.build_report(report.load_runs([DATA]), baseline="x")
+        report.build_report(archive.load_runs([DATA]), baseline="x")
 
 
 def test_a_differing_axis_splits_arms() -> None:
@@ -295,7 +296,7 @@ def test_series_rates_and_cumulative_throttle() -> None:
             "meminfo": {"MemFree": 4 * 1024 * 1024},
         },
     ]
-    s = report.series(samples)
+    s = plots.series(samples)
     assert s == {
         "t": [0.0, 2.0],
         "memfree_mib": [8.0, 4.0],
@@ -306,14 +307,14 @@ def test_series_rates_and_cumulative_throttle() -> None:
 
 
 def test_the_lockup_series_ends_where_the_samples_end() -> None:
-    full = report.series(fixture("completed").samples)
-    cut = report.series(fixture("lockup").samples)
+    full = plots.series(fixture("completed").samples)
+    cut = plots.series(fixture("lockup").samples)
     assert len(cut["t"]) == 62 < len(full["t"]) == 156
     assert cut["t"] == full["t"][:62]
 
 
 def test_plots_one_png_per_arm(tmp_path: Path) -> None:
-    written = report.write_plots(report.load_runs([DATA]), tmp_path / "plots")
+    written = plots.write_plots(archive.load_runs([DATA]), tmp_path / "plots")
     assert [p.name for p in written] == [f"{PATCHED}.png", f"{VANILLA}.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -340,7 +341,7 @@ def test_the_kernel_row_names_the_debian_version() -> None:
     assert report.kernel_text({}) == "?"
     built = {"release": "6.1-slab (6.1.192-3)", "version": "6.1.192-3"}
     assert report.kernel_text(built) == "6.1-slab (6.1.192-3)"
-    rep = report.build_report(report.load_runs([DATA]))
+    rep = report.build_report(archive.load_runs([DATA]))
     assert "| kernel | 6.1.0-57-cloud-amd64 | 6.1.0-57-cloud-amd64 |" in report.render(rep, "md")
 
 
@@ -362,7 +363,7 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
     run = json.loads(path.read_text())
     run.update(stall_count=2, stall_s_total=41.5, footprint={"mlocked_bytes": 20 * report.MIB})
     path.write_text(json.dumps(run))
-    rep = report.build_report(report.load_runs([store]))
+    rep = report.build_report(archive.load_runs([store]))
     lines = report.render(rep, "md").splitlines()
     assert "| lockup signature | — | memalloc-deadlock 1/2, server-unresponsive 1/2 |" in lines
     assert "| stalls that recovered | 2 | — |" in lines
@@ -373,7 +374,7 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
     csv_text = report.render(rep, "csv")
     assert f"{VANILLA},signature_memalloc-deadlock,runs,1," in csv_text
     # Runs from before the stall watch have none of these rows' data: no empty rows.
-    old = report.render(report.build_report(report.load_runs([DATA])), "md")
+    old = report.render(report.build_report(archive.load_runs([DATA])), "md")
     assert (
         "stalls that recovered" not in old and "| lockup signature | — | no evidence 1/1 |" in old
     )
@@ -384,7 +385,7 @@ def test_a_published_result_regenerates_from_its_archive(
 ) -> None:
     """publish writes runs.tar.xz, then the report from it; a reader gets the same bytes."""
     out = tmp_path / "result"
-    written = report.publish(report.load_runs([DATA]), out, baseline=VANILLA)
+    written = publish.publish(archive.load_runs([DATA]), out, baseline=VANILLA)
     assert [p.name for p in written[:4]] == [
         "runs.tar.xz",
         "report.md",
@@ -392,7 +393,7 @@ def test_a_published_result_regenerates_from_its_archive(
         "report.json",
     ]
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
-        f"{report._safe_name(label)}.png" for label in (PATCHED, VANILLA)
+        f"{plots._safe_name(label)}.png" for label in (PATCHED, VANILLA)
     )
     import tarfile
 
@@ -402,10 +403,10 @@ def test_a_published_result_regenerates_from_its_archive(
     assert "completed/run.json" in names and "lockup/vmstat.jsonl" in names
     first = (out / "runs.tar.xz").read_bytes()
     # The same runs give the same archive, byte for byte (so a re-publish shows no diff).
-    report.write_archive(report.load_runs([DATA]), tmp_path / "again.tar.xz")
+    archive.write_archive(archive.load_runs([DATA]), tmp_path / "again.tar.xz")
     assert (tmp_path / "again.tar.xz").read_bytes() == first
     monkeypatch.chdir(out)
-    runs = report.load_runs([Path("runs.tar.xz")])
+    runs = archive.load_runs([Path("runs.tar.xz")])
     assert [r.name for r in runs] == ["completed", "lockup"]
     assert len(runs[0].samples) > 10  # the samples came out of the archive too
     rep = report.build_report(runs, baseline=VANILLA)
@@ -417,4 +418,4 @@ def test_a_bad_archive_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "runs.tar.xz"
     bad.write_bytes(b"not an archive")
     with pytest.raises(report.ReportError, match="is not a readable tar archive"):
-        report.load_runs([bad])
+        archive.load_runs([bad])

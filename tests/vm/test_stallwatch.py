@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vm.run import experiment, forensics, watchdog
+from vm.run import experiment, forensics, record, watchdog
 from vm.run.config import RunConfig
 from vm.run.watchdog import Confirmed, Evaluate, Look, StallEnded, StallWatch, WatchState
 
@@ -56,7 +56,7 @@ def drive(
             st.observe(rec, t, stream="samples" if rec["type"] == "sample" else "events")
         actions = step(t, st)
         seen.extend((t, a) for a in actions)
-        if any(isinstance(a, Confirmed | experiment.Ending) for a in actions):
+        if any(isinstance(a, Confirmed | record.Ending) for a in actions):
             break  # the watch loop returns here
         t = round(t + 0.5, 1)
     return seen
@@ -166,7 +166,7 @@ def test_a_deadlock_missed_by_one_look_is_confirmed_by_the_next_two(tmp_path: Pa
     """Seen on 6.12.118 (2026-12-06): the first look caught no sender, the second did."""
     step, looks, _ = experiment_step(tmp_path, ["", SECOND_LOOK, SECOND_LOOK])
     seen = drive(stream(progress_until=10.0), step, until=80.0)
-    assert seen == [(50.0, experiment.Ending.CONFIRMED)]
+    assert seen == [(50.0, record.Ending.CONFIRMED)]
     kernel = looks.kernel_evidence()
     assert kernel is not None
     assert kernel["signatures"] == ["unknown", "memalloc-deadlock", "memalloc-deadlock"]
@@ -176,7 +176,7 @@ def test_a_deadlock_missed_by_one_look_is_confirmed_by_the_next_two(tmp_path: Pa
 def test_the_same_deadlock_in_both_looks_confirms_the_lockup_early(tmp_path: Path) -> None:
     step, looks, said = experiment_step(tmp_path, [SECOND_LOOK, SECOND_LOOK])
     seen = drive(stream(progress_until=10.0), step, until=80.0)
-    assert seen == [(40.0, experiment.Ending.CONFIRMED)]  # not 70 s: the evidence decided
+    assert seen == [(40.0, record.Ending.CONFIRMED)]  # not 70 s: the evidence decided
     assert said[-1] == "watchdog: memalloc-deadlock in both looks with no progress: lockup"
     kernel = looks.kernel_evidence()
     assert kernel is not None
@@ -192,7 +192,7 @@ def test_a_stopped_server_confirms_server_unresponsive(tmp_path: Path) -> None:
         tmp_path, ["", ""], server={"unresponsive": stopped, "definitive": True}
     )
     seen = drive(stream(progress_until=10.0), step, until=80.0)
-    assert seen == [(40.0, experiment.Ending.CONFIRMED)]
+    assert seen == [(40.0, record.Ending.CONFIRMED)]
     kernel = looks.kernel_evidence()
     assert kernel is not None
     assert (kernel["signature"], kernel["why"]) == (
@@ -205,7 +205,7 @@ def test_stacks_of_no_known_deadlock_wait_for_the_whole_window(tmp_path: Path) -
     step, looks, said = experiment_step(tmp_path, ["", ""])
     seen = drive(stream(progress_until=10.0), step, until=80.0)
     # Heartbeats and samples still arrive: a stall of progress, not of the guest's voice.
-    assert seen == [(70.0, experiment.Ending.STALLED)]
+    assert seen == [(70.0, record.Ending.STALLED)]
     assert said[-2] == "watchdog: the kernel says: " + "; ".join(
         ["unknown (the kernel printed no task stacks)"] * 4
     )

@@ -358,22 +358,22 @@ def test_the_reason_tells_silence_from_no_progress(
 def test_the_arm_check_turns_a_wrong_arm_into_an_error() -> None:
     """Without a guest: the guest's read-back of its switches decides, never the request."""
     from stress.runrecord import Outcome, RunRecord
-    from vm.run import experiment
+    from vm.run import record
 
     def run(memalloc: str) -> RunRecord:
         switches = {"nbd.memalloc": memalloc, "livepatch.swapnbd_nothrottle": "1"}
-        record = RunRecord(config={}, kernel={"in_guest": {"switches": switches}})
-        record.judge(Outcome.LOCKUP, "no progress")
-        return record
+        rec = RunRecord(config={}, kernel={"in_guest": {"switches": switches}})
+        rec.judge(Outcome.LOCKUP, "no progress")
+        return rec
 
     wrong = run("Y")
-    experiment._check_arm(wrong, "vanilla")
+    record.check_arm(wrong, "vanilla")
     assert wrong.outcome == "error" and wrong.outcome_unchecked == "lockup"
     assert wrong.outcome_reason is not None
     assert wrong.outcome_reason.startswith("the vanilla arm was not in effect in the guest: ")
     assert wrong.kernel["arm_check"]["ok"] is False
     right = run("N")
-    experiment._check_arm(right, "vanilla")
+    record.check_arm(right, "vanilla")
     assert right.outcome == "lockup" and right.outcome_unchecked is None
     assert right.outcome_reason == "no progress"
     assert right.kernel["arm_check"]["ok"] is True

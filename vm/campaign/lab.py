@@ -16,7 +16,7 @@ sees progress while the hosts work:
 3. ``matrix_action=collect``: the shares are fetched as tarballs, unpacked under
    ``STORE/.shares/HOST`` and merged with :func:`merge_stores` (run directories copied in,
    a finished run never replaced by an unfinished one, ``index.json`` rebuilt from the
-   run directories by :mod:`vm.campaign.matrix`), then ``swapnbd report`` writes ``report.md``.
+   run directories by :mod:`vm.campaign.store`), then ``swapnbd report`` writes ``report.md``.
 
 A host that fails loses only its share's unfinished runs: running the same command again
 resumes it. ``python -m vm.campaign.lab merge STORE SHARE_DIR...`` is the merge step alone (the
@@ -27,7 +27,6 @@ whole drive, as ``swapnbd matrix --inventory`` runs it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -39,6 +38,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vm.campaign.plan import load_matrix, plan_runs
+from vm.campaign.store import write_index
 
 __all__ = [
     "ANSIBLE_DIR",
@@ -124,14 +126,12 @@ def merge_stores(store: Path, shares: Sequence[Path]) -> dict[str, Any]:
 
 
 def _rebuild_index(store: Path) -> dict[str, Any] | None:
-    """``index.json`` from the run directories, through vm.campaign.matrix (None without one)."""
+    """``index.json`` from the run directories, through vm.campaign.store (None without one)."""
     toml = store / "matrix.toml"
     if not toml.is_file():
         return None
-    matrix: Any = importlib.import_module("vm.campaign.matrix")
-    parsed = matrix.load_matrix(toml)
-    index: dict[str, Any] = matrix.write_index(parsed, matrix.plan_runs(parsed), store, None)
-    return index
+    parsed = load_matrix(toml)
+    return write_index(parsed, plan_runs(parsed), store, None)
 
 
 # --------------------------------------------------------------------------- progress

@@ -1,17 +1,14 @@
-"""``swapnbd report``: the seed's comparison table from run.json files.
+"""``swapnbd report``: the seed's comparison table from loaded runs (pure).
 
 Theory of operation
 -------------------
-:func:`load_runs` is the only part that reads files: it finds every ``run.json`` under the
-given directories (a matrix store, a single run directory, or a tree of either; hidden
-directories such as a store's ``.attic`` are skipped) together with the run's
-``vmstat.jsonl`` samples.  Everything after it is pure: :func:`build_report` groups runs
-into *arms* by the label of :func:`vm.campaign.matrix.label` (kernel, arm, allocator, server, plus
-any other setting that differs between the runs loaded), computes per-run metrics
-(:func:`run_metrics`) and aggregates them as mean and sample standard deviation per arm,
-with the ratio of each mean to the baseline arm's.  :func:`render` turns the report into
-Markdown, CSV or JSON; :func:`write_plots` draws one PNG per arm (matplotlib, the ``plot``
-extra).
+:func:`vm.campaign.archive.load_runs` reads the runs from disk; everything here is pure.
+:func:`build_report` groups runs into *arms* by the label of :func:`vm.campaign.plan.label`
+(kernel, arm, allocator, server, plus any other setting that differs between the runs
+loaded), computes per-run metrics (:func:`run_metrics`) and aggregates them as mean and
+sample standard deviation per arm, with the ratio of each mean to the baseline arm's.
+:func:`render` turns the report into Markdown, CSV or JSON; :mod:`vm.campaign.plots` draws
+the plots and :mod:`vm.campaign.publish` writes a published result.
 
 Only completed runs have times: swapstress reports Sys, User+Sys and Elapsed when it ends,
 and a lockup, crash or OOM never gets there.  The vmstat rows average every run (a lockup
@@ -24,15 +21,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import statistics
-import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from vm.campaign import matrix
+from vm.campaign import plan
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -126,217 +121,11 @@ class RunData:
         return cfg if isinstance(cfg, dict) else {}
 
 
-# ---------------------------------------------------------------------------- loading
-
-
-def _read_samples(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return []
-    return _parse_samples(text)
-
-
-def _parse_samples(text: str) -> list[dict[str, Any]]:
-    samples: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue  # a line cut by the guest stopping mid-write
-        if isinstance(obj, dict) and obj.get("type", "sample") == "sample" and "vmstat" in obj:
-            samples.append(obj)
-    return samples
-
-
-#: What ``swapnbd report`` reads as an archive of run directories (a published result's
-#: ``runs.tar.xz``: run.json, vmstat.jsonl, events.jsonl and console.log of every run).
-ARCHIVE_SUFFIXES = (".tar.xz", ".tar.gz", ".tgz", ".tar")
-
-
-def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES)
-
-
-def _load_archive(archive: Path) -> list[RunData]:
-    """Every run in a tar archive, read in place (no extraction), in member path order.
-
-    A run's ``path`` is ``ARCHIVE/DIR``, so a report made from the archive names its runs
-    the same way on every machine.
-    """
-    runs: list[RunData] = []
-    try:
-        with tarfile.open(archive) as tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
-
-            def text(name: str) -> str | None:
-                member = members.get(name)
-                handle = tar.extractfile(member) if member is not None else None
-                return handle.read().decode(errors="replace") if handle is not None else None
-
-            for name in sorted(members):
-                parts = PurePosixPath(name).parts
-                if parts[-1] != "run.json" or any(p.startswith(".") for p in parts[:-1]):
-                    continue
-                raw = text(name) or ""
-                try:
-                    obj = json.loads(raw)
-                except ValueError as exc:
-                    raise ReportError(f"{archive}:{name} is not JSON ({exc})") from exc
-                if not isinstance(obj, dict):
-                    raise ReportError(f"{archive}:{name} is not a run.json object")
-                parent = PurePosixPath(name).parent
-                vmstat_name = (obj.get("files") or {}).get("vmstat", "vmstat.jsonl")
-                samples = _parse_samples(text(str(parent / vmstat_name)) or "")
-                runs.append(RunData(archive / parent, obj, samples))
-    except (OSError, tarfile.TarError) as exc:
-        raise ReportError(f"{archive} is not a readable tar archive ({exc})") from exc
-    return runs
-
-
-def _find(root: Path) -> list[Path]:
-    if (root / "run.json").is_file():
-        return [root / "run.json"]
-    found = []
-    for path in sorted(root.rglob("run.json")):
-        rel = path.relative_to(root).parts
-        if any(part.startswith(".") for part in rel):
-            continue
-        found.append(path)
-    return found
-
-
-def load_runs(dirs: Sequence[Path]) -> list[RunData]:
-    """Every run under ``dirs`` (stores, run directories, or trees of them), in path order.
-
-    Raises:
-        ReportError: a path that does not exist, or no run.json anywhere.
-    """
-    seen: set[Path] = set()
-    runs: list[RunData] = []
-    for root in dirs:
-        if not root.exists():
-            raise ReportError(f"{root} does not exist; give a matrix store or a run directory")
-        if is_archive(root):
-            runs.extend(_load_archive(root))
-            continue
-        if root.is_file():
-            if root.name != "run.json":
-                raise ReportError(
-                    f"{root} is a file; give a directory, a run.json or a runs archive "
-                    f"({', '.join(ARCHIVE_SUFFIXES)})"
-                )
-            paths = [root]
-        else:
-            paths = _find(root)
-        for path in paths:
-            real = path.resolve()
-            if real in seen:
-                continue
-            seen.add(real)
-            try:
-                obj = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ReportError(
-                    f"{path} is not readable JSON ({exc}); remove it or rerun"
-                ) from exc
-            if not isinstance(obj, dict):
-                raise ReportError(f"{path} is not a run.json object")
-            vmstat_name = (obj.get("files") or {}).get("vmstat", "vmstat.jsonl")
-            runs.append(RunData(path.parent, obj, _read_samples(path.parent / vmstat_name)))
-    if not runs:
-        raise ReportError(
-            "no run.json under " + ", ".join(str(d) for d in dirs) + "; run swapnbd run or "
-            "swapnbd matrix first"
-        )
-    return runs
-
-
-#: The files of a run that a published archive keeps (the rest, such as the server's own
-#: log directory, stay in the store).
-ARCHIVED_FILES = (
-    "run.json",
-    "vmstat.jsonl",
-    "events.jsonl",
-    "console.log",
-    "server-stats.jsonl",
-)
-
-
-def write_archive(runs: Sequence[RunData], archive: Path) -> int:
-    """One ``tar.xz`` of the runs' files, each run as ``NAME/FILE``; returns the run count.
-
-    Reproducible: members sorted, owner root, mtime 0, so the same runs give the same
-    bytes. Runs read from an archive already are copied over as they are.
-
-    Raises:
-        ReportError: two runs with the same directory name.
-    """
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ReportError(f"two runs are both named {dup[0]}; publish one store at a time")
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.with_name(archive.name + ".tmp")
-    with tarfile.open(tmp, "w:xz", preset=9) as tar:
-        for run in sorted(runs, key=lambda r: r.name):
-            for name in ARCHIVED_FILES:
-                data = _run_file(run, name)
-                if data is None:
-                    continue
-                info = tarfile.TarInfo(f"{run.name}/{name}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                info.uname = info.gname = "root"
-                tar.addfile(info, io.BytesIO(data))
-    tmp.replace(archive)
-    return len(runs)
-
-
-def _run_file(run: RunData, name: str) -> bytes | None:
-    """A file of a run, from its directory or from the archive it was read from."""
-    path = run.path / name
-    if path.is_file():
-        return path.read_bytes()
-    for parent in path.parents:
-        if is_archive(parent):
-            member = str(path.relative_to(parent))
-            with tarfile.open(parent) as tar:
-                try:
-                    handle = tar.extractfile(member)
-                except KeyError:
-                    return None
-                return handle.read() if handle is not None else None
-    return None
-
-
-def publish(runs: Sequence[RunData], out: Path, *, baseline: str | None = None) -> list[Path]:
-    """A published result in ``out``: ``runs.tar.xz``, then from it alone ``report.md``,
-    ``report.csv``, ``report.json`` and ``plots/``. Returns the files written.
-
-    The report is made from the archive just written, not from the store, so what a reader
-    regenerates from the committed archive is what was published.
-    """
-    archive = out / "runs.tar.xz"
-    write_archive(runs, archive)
-    relative = Path(archive.name)
-    published = load_runs([archive])
-    rep = build_report(
-        [RunData(relative / r.path.relative_to(archive), r.run, r.samples) for r in published],
-        baseline=baseline,
-    )
-    written = [archive]
-    for fmt in ("md", "csv", "json"):
-        path = out / f"report.{fmt}"
-        path.write_text(render(rep, fmt))
-        written.append(path)
-    written.extend(write_plots(published, out / "plots"))
-    return written
-
-
 # ---------------------------------------------------------------------------- metrics
 
 
-def _num(value: Any) -> float | None:
+def num(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (a bool too)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -348,14 +137,14 @@ def pfmemalloc_drop(samples: Sequence[Mapping[str, Any]]) -> float | None:
         return None
     first = samples[0].get("netstat") or {}
     last = samples[-1].get("netstat") or {}
-    a, b = _num(first.get("PFMemallocDrop")), _num(last.get("PFMemallocDrop"))
+    a, b = num(first.get("PFMemallocDrop")), num(last.get("PFMemallocDrop"))
     return None if a is None or b is None else b - a
 
 
 def _ratio(numerator: Any, denominator: Any, scale: float = 1.0) -> float | None:
     """``scale * numerator / denominator``; None when either is missing or the
     denominator is not positive."""
-    a, b = _num(numerator), _num(denominator)
+    a, b = num(numerator), num(denominator)
     return None if a is None or b is None or b <= 0 else a * scale / b
 
 
@@ -379,11 +168,11 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     sw = run.get("swapstress") or {}
     if run.get("outcome") == "completed":
         for key in ("sys_s", "user_sys_s", "elapsed_s"):
-            out[key] = _num(sw.get(key))
+            out[key] = num(sw.get(key))
     delta = run.get("vmstat_delta") or {}
     for key in VMSTAT_KEYS:
-        out[key] = _num(delta.get(key))
-    stalls = [_num(v) for k, v in delta.items() if k.startswith("allocstall")]
+        out[key] = num(delta.get(key))
+    stalls = [num(v) for k, v in delta.items() if k.startswith("allocstall")]
     known = [v for v in stalls if v is not None]
     out["allocstall"] = sum(known) if known else None
     out["direct_efficiency"] = _ratio(out["pgsteal_direct"], out["pgscan_direct"], 100.0)
@@ -392,7 +181,7 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
     cost = run.get("cost") or {}
     server = cost.get("server") or {}
     qemu = cost.get("qemu") or {}
-    su, ss = _num(server.get("user_s")), _num(server.get("system_s"))
+    su, ss = num(server.get("user_s")), num(server.get("system_s"))
     out["server_cpu_s"] = su + ss if su is not None and ss is not None else None
     swapped = (out["pswpin"] or 0) + (out["pswpout"] or 0)
     out["server_cpu_per_gib"] = (
@@ -400,27 +189,27 @@ def run_metrics(data: RunData) -> dict[str, float | None]:
         if out["server_cpu_s"] is not None and swapped
         else None
     )
-    wakeups = _num(server.get("wakeups"))
+    wakeups = num(server.get("wakeups"))
     out["server_wakeups_per_mib"] = (
         wakeups / (swapped * PAGE / MIB) if wakeups is not None and swapped else None
     )
-    out["server_runqueue_wait_s"] = _num(server.get("runqueue_wait_s"))
-    rss = _num(server.get("peak_rss_bytes"))
+    out["server_runqueue_wait_s"] = num(server.get("runqueue_wait_s"))
+    rss = num(server.get("peak_rss_bytes"))
     out["server_peak_rss_mib"] = rss / MIB if rss is not None else None
-    qu, qs = _num(qemu.get("user_s")), _num(qemu.get("system_s"))
+    qu, qs = num(qemu.get("user_s")), num(qemu.get("system_s"))
     out["qemu_cpu_s"] = qu + qs if qu is not None and qs is not None else None
     out.update(swap_device_metrics(run.get("swap_device")))
     stall = (run.get("evidence") or {}).get("stall") or {}
     if run.get("outcome") == "lockup":
-        out["stall_at_s"] = _num(stall.get("at_s"))
-        pages = _num(stall.get("pages_done"))
+        out["stall_at_s"] = num(stall.get("at_s"))
+        pages = num(stall.get("pages_done"))
         out["stall_pages"] = max(0.0, pages) if pages is not None else None
     else:
         out["stall_at_s"] = out["stall_pages"] = None
-    out["qemu_s"] = _num((run.get("timings") or {}).get("qemu_s"))
-    out["stall_count"] = _num(run.get("stall_count"))
-    out["stall_s"] = _num(run.get("stall_s_total"))
-    locked = _num((run.get("footprint") or {}).get("mlocked_bytes"))
+    out["qemu_s"] = num((run.get("timings") or {}).get("qemu_s"))
+    out["stall_count"] = num(run.get("stall_count"))
+    out["stall_s"] = num(run.get("stall_s_total"))
+    locked = num((run.get("footprint") or {}).get("mlocked_bytes"))
     out["harness_locked_mib"] = locked / MIB if locked is not None else None
     return out
 
@@ -482,10 +271,10 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
         raise ReportError(
             "every run found was interrupted; finish them with swapnbd matrix --resume"
         )
-    varying = matrix.varying_keys([r.config for r in usable])
+    varying = plan.varying_keys([r.config for r in usable])
     arms: dict[str, list[RunData]] = {}
     for r in usable:
-        arms.setdefault(matrix.label(r.config, varying), []).append(r)
+        arms.setdefault(plan.label(r.config, varying), []).append(r)
     labels = list(arms)
     if baseline is None:
         baseline = labels[0]
@@ -519,8 +308,8 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
                 "kernel_release": releases,
                 "parts": {
                     k: v
-                    for k, v in matrix.label_parts(rs[0].config).items()
-                    if k in (*matrix.LABEL_KEYS, *varying)
+                    for k, v in plan.label_parts(rs[0].config).items()
+                    if k in (*plan.LABEL_KEYS, *varying)
                 },
             }
         )
@@ -691,118 +480,3 @@ def render(rep: Mapping[str, Any], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rep, indent=2, allow_nan=False) + "\n"
     raise ReportError(f"unknown format {fmt!r}; use md, csv or json")
-
-
-# ---------------------------------------------------------------------------- plots
-
-
-def series(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
-    """Time series for the plots, from the samples in order.
-
-    ``t`` seconds since the first sample; ``memfree_mib``; ``swapin_rate`` and
-    ``swapout_rate`` in pages/s between consecutive samples (the first point is 0);
-    ``throttle`` the cumulative pgscan_direct_throttle since the first sample.
-    """
-    out: dict[str, list[float]] = {
-        k: [] for k in ("t", "memfree_mib", "swapin_rate", "swapout_rate", "throttle")
-    }
-    if not samples:
-        return out
-    t0 = float(samples[0]["t_mono"])
-    v0 = samples[0].get("vmstat") or {}
-    prev: Mapping[str, Any] | None = None
-    for s in samples:
-        t = float(s["t_mono"]) - t0
-        vm = s.get("vmstat") or {}
-        mem = s.get("meminfo") or {}
-        out["t"].append(t)
-        free = _num(mem.get("MemFree"))
-        out["memfree_mib"].append(free / MIB if free is not None else math.nan)
-        for key, name in (("pswpin", "swapin_rate"), ("pswpout", "swapout_rate")):
-            rate = 0.0
-            if prev is not None:
-                dt = float(s["t_mono"]) - float(prev["t_mono"])
-                a, b = _num((prev.get("vmstat") or {}).get(key)), _num(vm.get(key))
-                if dt > 0 and a is not None and b is not None:
-                    rate = (b - a) / dt
-            out[name].append(rate)
-        a0, b0 = _num(v0.get("pgscan_direct_throttle")), _num(vm.get("pgscan_direct_throttle"))
-        out["throttle"].append(b0 - a0 if a0 is not None and b0 is not None else math.nan)
-        prev = s
-    return out
-
-
-def _safe_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
-
-
-def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
-    """One PNG per arm (``ARM.png``): free memory, swap-in and swap-out rates and the
-    cumulative pgscan_direct_throttle over time, one line per run.  A run that did not
-    complete ends where its samples end, marked with an x.
-
-    Raises:
-        ReportError: matplotlib is not installed.
-    """
-    try:
-        import matplotlib  # noqa: PLC0415 - optional extra
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError as exc:
-        raise ReportError(
-            "--plots needs matplotlib: pip install 'swapnbd[plot]' (./dev setup installs it)"
-        ) from exc
-    usable = [r for r in runs if not is_interrupted(r.run)]
-    varying = matrix.varying_keys([r.config for r in usable])
-    arms: dict[str, list[RunData]] = {}
-    for r in usable:
-        arms.setdefault(matrix.label(r.config, varying), []).append(r)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    panels = (
-        ("memfree_mib", "MemFree (MiB)"),
-        ("swapin_rate", "swap-in (pages/s)"),
-        ("swapout_rate", "swap-out (pages/s)"),
-        ("throttle", "pgscan_direct_throttle (cumulative)"),
-    )
-    written = []
-    for label, rs in arms.items():
-        if not any(r.samples for r in rs):  # runs from before samples were kept: no axes
-            continue
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-        for r in rs:
-            ser = series(r.samples)
-            if not ser["t"]:
-                continue
-            outcome = str(r.run.get("outcome"))
-            for ax, (key, _title) in zip(axes.flat, panels, strict=True):
-                (line,) = ax.plot(ser["t"], ser[key], linewidth=1, label=f"{r.name} ({outcome})")
-                if outcome != "completed":
-                    ax.plot(ser["t"][-1], ser[key][-1], "x", color=line.get_color(), markersize=9)
-        for ax, (_key, title) in zip(axes.flat, panels, strict=True):
-            ax.set_title(title, fontsize=10)
-            ax.grid(True, alpha=0.3)
-        for ax in axes[1]:
-            ax.set_xlabel("seconds since the first sample")
-        handles, names = axes.flat[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
-        counts = _counts(rs)
-        stopped = (
-            " (x: where a run that did not complete stopped)" if set(counts) - {"completed"} else ""
-        )
-        fig.suptitle(f"{label}: {outcome_text(counts, len(rs))}{stopped}")
-        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-        path = out_dir / f"{_safe_name(label)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def _counts(rs: Sequence[RunData]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rs:
-        key = str(r.run.get("outcome"))
-        counts[key] = counts.get(key, 0) + 1
-    return counts

@@ -1,0 +1,38 @@
+"""``swapnbd report --publish``: a published result, from one archive of raw runs.
+
+A published result is ``runs.tar.xz`` and what it regenerates: ``report.md``,
+``report.csv``, ``report.json`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from vm.campaign.archive import load_runs, write_archive
+from vm.campaign.plots import write_plots
+from vm.campaign.report import RunData, build_report, render
+
+
+def publish(runs: Sequence[RunData], out: Path, *, baseline: str | None = None) -> list[Path]:
+    """A published result in ``out``: ``runs.tar.xz``, then from it alone ``report.md``,
+    ``report.csv``, ``report.json`` and ``plots/``. Returns the files written.
+
+    The report is made from the archive just written, not from the store, so what a reader
+    regenerates from the committed archive is what was published.
+    """
+    archive = out / "runs.tar.xz"
+    write_archive(runs, archive)
+    relative = Path(archive.name)
+    published = load_runs([archive])
+    rep = build_report(
+        [RunData(relative / r.path.relative_to(archive), r.run, r.samples) for r in published],
+        baseline=baseline,
+    )
+    written = [archive]
+    for fmt in ("md", "csv", "json"):
+        path = out / f"report.{fmt}"
+        path.write_text(render(rep, fmt))
+        written.append(path)
+    written.extend(write_plots(published, out / "plots"))
+    return written
