@@ -27,6 +27,7 @@ import enum
 from collections.abc import Mapping
 from typing import Final
 
+from nbdserver.extended import open_transmission
 from nbdserver.negotiation import (
     Closed,
     ExportInfo,
@@ -38,7 +39,7 @@ from nbdserver.negotiation import (
 from nbdserver.negotiation import Event as NegotiationEvent
 from nbdserver.policy import FlowControl
 from nbdserver.protocol import CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, CMD_WRITE, FLAG_FUA
-from nbdserver.transmission import Command, Phase, Session, Transmission, open_transmission
+from nbdserver.transmission import Command, Phase, Session, Transmission
 
 __all__ = ["LARGE_READ", "READING", "NBDConnection", "Route"]
 

@@ -30,18 +30,15 @@ data in one buffer behind a header (:meth:`Transmission.read_prefix`), or as the
 and trailer around a payload the adapter sends itself (:meth:`Transmission.sendfile_frame`,
 h11's "data passthrough"). The encoders themselves are :mod:`nbdserver.protocol`'s.
 
-Extended headers (NBD_OPT_EXTENDED_HEADERS) change both directions, so a session that
-negotiated them gets :class:`ExtendedTransmission` (:func:`open_transmission` picks): its
-decoder reads 32-byte requests with a 64-bit length that is a payload length when
-NBD_CMD_FLAG_PAYLOAD_LEN is set and an effect length otherwise, and every reply is an
-extended chunk carrying the request's offset. The compact decoder and framing above stay
-as they are, so sessions without extended headers pay nothing for them.
+A session that negotiated extended headers gets the subclass in :mod:`nbdserver.extended`
+(:func:`nbdserver.extended.open_transmission` picks); read replies are planned by
+:mod:`nbdserver.readplan` for both.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -62,8 +59,6 @@ from nbdserver.protocol import (
     CMD_RESIZE,
     CMD_WRITE,
     CMD_WRITE_ZEROES,
-    EXTENDED_REQUEST,
-    EXTENDED_REQUEST_MAGIC,
     FLAG_DF,
     FLAG_PAYLOAD_LEN,
     FLAG_REQ_ONE,
@@ -72,26 +67,18 @@ from nbdserver.protocol import (
     Cmd,
     CmdFlag,
     Extent,
-    State,
     TransmissionFlag,
     ack_reply,
     block_status_chunk,
-    block_status_ext_chunk,
     done_chunk,
     error_chunk,
     error_offset_chunk,
-    ext_done_chunk,
-    ext_error_chunk,
-    ext_error_offset_chunk,
-    ext_offset_data_header,
-    ext_offset_hole_chunk,
     offset_data_header,
     offset_hole_chunk,
     simple_reply,
 )
+from nbdserver.readplan import block_status_descriptors, content_chunks
 
-#: Zero runs shorter than this are sent inside OFFSET_DATA rather than as a hole chunk.
-MIN_HOLE_CHUNK: Final = 4096
 #: Structured reads at least this long are scanned for zero blocks (:func:`zero_extents`),
 #: which then travel as OFFSET_HOLE chunks; shorter ones go out as one OFFSET_DATA chunk.
 HOLE_SCAN_MIN: Final = 64 * 1024
@@ -321,9 +308,14 @@ _OPEN: Final = Phase.OPEN
 class Transmission:
     """Server side of the transmission phase for one connection: requests in, replies out."""
 
+    #: Whether this class speaks extended headers (nbdserver.extended's does).
+    EXTENDED: bool = False
+
     def __init__(self, session: Session) -> None:
-        if session.extended and not isinstance(self, ExtendedTransmission):
-            raise ValueError("a session with extended headers needs ExtendedTransmission")
+        if session.extended and not self.EXTENDED:
+            raise ValueError(
+                "a session with extended headers needs ExtendedTransmission (nbdserver.extended)"
+            )
         self.session = session
         self.phase = Phase.OPEN
         #: Why the phase left OPEN (None while it is open).
@@ -569,332 +561,3 @@ class Transmission:
             c.offset, c.length, extents, bool(c.flags & FLAG_REQ_ONE)
         )
         return block_status_chunk(c.cookie, context, descriptors)
-
-
-class ExtendedTransmission(Transmission):
-    """The transmission phase of a session that negotiated extended headers.
-
-    Requests: "the client MUST use the 32-byte extended request header, with proper use of
-    NBD_CMD_FLAG_PAYLOAD_LEN for all commands sending a payload; and the server MUST use
-    the 32-byte extended reply header" (doc/proto.md NBD_OPT_EXTENDED_HEADERS). Replies:
-    "all server replies MUST use an extended reply; the server MUST NOT use simple replies
-    even when there is no payload" (doc/proto.md "Extended reply chunk message").
-    """
-
-    def __init__(self, session: Session) -> None:
-        if not session.extended:
-            raise ValueError("ExtendedTransmission needs a session with extended headers")
-        super().__init__(session)
-        self.needed = EXTENDED_REQUEST.size
-
-    def receive(self, buf: memoryview, budget: int | None = None) -> tuple[list[Event], int]:
-        """Parse the complete extended requests in ``buf``; see :meth:`Transmission.receive`.
-
-        The 64-bit *length* is a payload length with NBD_CMD_FLAG_PAYLOAD_LEN, else an
-        effect length (TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS may pass 4 GiB; READ is
-        bounded by the maximum block size, see :func:`validate`). A request that fails
-        validation has its payload, if it announced one, skipped as it arrives: "a server
-        SHOULD gracefully consume *length* bytes of payload (even if it then replies with
-        an NBD_EINVAL failure because the particular command was not expecting a
-        payload), and proceed with the next client command" (doc/proto.md "Request
-        message").
-        """
-        events: list[Event] = []
-        stopping = self.phase is Phase.STOPPING
-        if self.phase is not _OPEN and not stopping:
-            return events, 0
-        pos = 0
-        end = len(buf)
-        header_size = EXTENDED_REQUEST.size
-        session = self.session
-        max_block = session.max_block
-        cost = 0
-        limit = -1 if budget is None else budget
-        while True:
-            if 0 <= limit <= cost and events:
-                self.needed = header_size
-                break
-            if self._skip:
-                take = min(self._skip, end - pos)
-                pos += take
-                self._skip -= take
-                if self._skip:
-                    self.needed = header_size
-                    break
-            if end - pos < header_size:
-                self.needed = header_size
-                break
-            magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST.unpack_from(buf, pos)
-            if magic != EXTENDED_REQUEST_MAGIC:
-                # A compact request is a violation too: after the ACK "the client MUST use
-                # the 32-byte extended request header" (doc/proto.md NBD_OPT_EXTENDED_HEADERS).
-                what = "compact request" if magic == REQUEST_MAGIC else "bad request magic"
-                reason = f"{what} {magic:#010x} where an extended request was due"
-                events.append(self._close(Trigger.VIOLATION, reason, violation=True))
-                break
-            # "The command NBD_CMD_WRITE MUST use the flag NBD_CMD_FLAG_PAYLOAD_LEN in this
-            # mode" (doc/proto.md "Request message"), but qemu's client (up to 10.0 at
-            # least) leaves it clear and sends the data anyway, and qemu's own server
-            # reads it: a WRITE always carries *length* bytes, flag or not.
-            payload = length if flags & FLAG_PAYLOAD_LEN or cmd == CMD_WRITE else 0
-            if payload > max_block:
-                # "A server SHOULD initiate hard disconnect if a client sets the
-                # NBD_CMD_FLAG_PAYLOAD_LEN flag and uses a length larger than a server's
-                # advertised or default maximum payload length" (doc/proto.md "Request
-                # message").
-                reason = f"payload of {payload} bytes exceeds the maximum {max_block}"
-                events.append(self._close(Trigger.VIOLATION, reason, violation=True))
-                break
-            if stopping and cmd != CMD_DISC:
-                error: NBDError | None = ShuttingDown("server shutting down: send NBD_CMD_DISC")
-            else:
-                error = validate(cmd, flags, offset, length, session)
-            if error is not None:
-                pos += header_size
-                self._skip = payload
-                events.append(Rejected(cmd, flags, cookie, offset, length, error))
-                if cmd == CMD_DISC:
-                    events.append(
-                        self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
-                    )
-                    break
-                continue
-            if cmd == CMD_WRITE:
-                total = header_size + length
-                if end - pos < total:
-                    self.needed = total
-                    break
-                data = buf[pos + header_size : pos + total]
-                pos += total
-                cost += length
-                events.append(Command(cmd, flags, cookie, offset, length, data))
-                continue
-            pos += header_size
-            if cmd == CMD_READ:
-                cost += length
-            events.append(Command(cmd, flags, cookie, offset, length))
-            if cmd == CMD_DISC:
-                events.append(
-                    self._close(Trigger.DISC, "client sent NBD_CMD_DISC", violation=False)
-                )
-                break
-        return events, pos
-
-    # --- output: every reply an extended chunk with the request's offset ---------------
-    def ack_command(self, c: Command) -> bytes:
-        """NBD_REPLY_TYPE_NONE with DONE: "MUST always be used with the
-        NBD_REPLY_FLAG_DONE bit set" (doc/proto.md "Structured reply types")."""
-        return ext_done_chunk(c.cookie, c.offset)
-
-    def error_reply(self, cookie: int, error: int, message: str = "", offset: int = 0) -> bytes:
-        """An extended NBD_REPLY_TYPE_ERROR chunk, whatever the command."""
-        return ext_error_chunk(cookie, offset, error, message)
-
-    def read_prefix(self, c: Command) -> bytes | None:
-        length = c.length
-        if length and (length < HOLE_SCAN_MIN or c.flags & FLAG_DF):
-            return ext_offset_data_header(c.cookie, c.offset, c.offset, length, True)
-        return None
-
-    def read_reply(
-        self, c: Command, data: bytes | bytearray | memoryview
-    ) -> list[bytes | bytearray | memoryview]:
-        cookie, offset, length = c.cookie, c.offset, c.length
-        if length == 0:
-            return [ext_done_chunk(cookie, offset)]
-        if length < HOLE_SCAN_MIN or c.flags & FLAG_DF or not isinstance(data, (bytes, bytearray)):
-            return [ext_offset_data_header(cookie, offset, offset, length, True), data]
-        return content_chunks(
-            offset,
-            length,
-            data,
-            ext_offset_hole_chunk,
-            ext_offset_data_header,
-            lead=(cookie, offset),
-        )
-
-    def sendfile_frame(self, c: Command) -> tuple[bytes, bytes]:
-        """An OFFSET_DATA header without DONE and a NONE chunk to end the reply, as with
-        structured replies (:meth:`Transmission.sendfile_frame`), in extended framing."""
-        header = ext_offset_data_header(c.cookie, c.offset, c.offset, c.length, False)
-        return header, ext_done_chunk(c.cookie, c.offset)
-
-    def sendfile_failed(
-        self, c: Command, sent: int, errno: int, message: str
-    ) -> list[bytes] | None:
-        """Zero padding for the rest of the chunk, then an extended ERROR_OFFSET chunk at
-        the first byte not sent (the rule quoted in :meth:`Transmission.sendfile_failed`)."""
-        at = c.offset + sent
-        tail = ext_error_offset_chunk(c.cookie, c.offset, errno, at, message)
-        return [bytes(c.length - sent), tail]
-
-    def block_status_reply(self, c: Command, extents: Sequence[Extent]) -> bytes:
-        """NBD_REPLY_TYPE_BLOCK_STATUS_EXT: "only NBD_REPLY_TYPE_BLOCK_STATUS_EXT for
-        extended headers" (doc/proto.md NBD_CMD_BLOCK_STATUS), with 64-bit extent lengths,
-        so one descriptor may describe more than 4 GiB. "For metadata contexts that only
-        return a 32-bit status (including all contexts in the "base:" namespace), the
-        most-significant 32 bits of status MUST be all zeroes": base:allocation's are."""
-        context = self.session.meta_context
-        assert context is not None  # validate() rejects BLOCK_STATUS without a context
-        descriptors = block_status_descriptors(
-            c.offset, c.length, extents, bool(c.flags & FLAG_REQ_ONE)
-        )
-        return block_status_ext_chunk(c.cookie, c.offset, context, descriptors)
-
-
-def open_transmission(session: Session) -> Transmission:
-    """The transmission phase for ``session``: extended or compact headers."""
-    return ExtendedTransmission(session) if session.extended else Transmission(session)
-
-
-#: Frames one chunk of a read: ``(*lead, offset, length, done)``.
-ContentChunk = Callable[..., bytes]
-
-
-def content_chunks(
-    offset: int,
-    length: int,
-    data: bytes | bytearray,
-    hole_chunk: ContentChunk,
-    data_header: ContentChunk,
-    *,
-    lead: tuple[int, ...],
-) -> list[bytes | bytearray | memoryview]:
-    """A read's reply from its data: zero runs as hole chunks, the rest as data chunks
-    (a header, then the data). ``hole_chunk``/``data_header`` take ``*lead`` (the cookie,
-    and for extended replies the request's offset), then (offset, length, done), and
-    frame one chunk; the last one carries DONE. (``lead`` rather than a partial per read:
-    two partial objects per request cost a structured 4 KiB read 6%.)"""
-    pieces = plan_read(offset, length, zero_extents(data, offset))
-    out: list[bytes | bytearray | memoryview] = []
-    view = memoryview(data)
-    last = len(pieces) - 1
-    for i, piece in enumerate(pieces):
-        if piece.hole:
-            out.append(hole_chunk(*lead, piece.offset, piece.length, i == last))
-        else:
-            out.append(data_header(*lead, piece.offset, piece.length, i == last))
-            at = piece.offset - offset
-            out.append(data if piece.length == length else view[at : at + piece.length])
-    return out
-
-
-# --- read planning and block status ------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class ReadPiece:
-    offset: int
-    length: int
-    hole: bool
-
-
-def plan_read(offset: int, length: int, extents: Sequence[Extent]) -> list[ReadPiece]:
-    """Split a read into data and zero pieces covering exactly ``[offset, offset+length)``.
-
-    Runs that read as zeroes (NBD_STATE_ZERO) become holes when at least
-    :data:`MIN_HOLE_CHUNK` long; everything else, including ranges the extents do not
-    cover, is data. Adjacent pieces of the same kind are merged.
-    """
-    end = offset + length
-    runs: list[list[int]] = []  # [start, stop, zero]
-    pos = offset
-    for extent in extents:
-        if extent.offset != pos or extent.length <= 0 or pos >= end:
-            break
-        stop = min(extent.offset + extent.length, end)
-        zero = int(extent.zero)
-        if runs and runs[-1][2] == zero:
-            runs[-1][1] = stop
-        else:
-            runs.append([pos, stop, zero])
-        pos = stop
-    if pos < end:
-        runs.append([pos, end, 0])
-    pieces: list[ReadPiece] = []
-    for start, stop, zero in runs:
-        hole = bool(zero) and stop - start >= MIN_HOLE_CHUNK
-        if pieces and pieces[-1].hole == hole:
-            last = pieces.pop()
-            pieces.append(ReadPiece(last.offset, stop - last.offset, hole))
-        else:
-            pieces.append(ReadPiece(start, stop - start, hole))
-    return pieces
-
-
-_ZERO_BLOCK: Final = bytes(MIN_HOLE_CHUNK)
-_ZERO_NEEDLE: Final = bytes(2 * MIN_HOLE_CHUNK)
-_ZERO_WORD: Final = bytes(8)
-
-
-def zero_extents(data: bytes | bytearray, offset: int) -> list[Extent]:
-    """Describe ``data`` (read from ``offset``) as extents whose zero flag marks runs of
-    all-zero :data:`MIN_HOLE_CHUNK`-aligned blocks; feeds :func:`plan_read`.
-
-    Any zero run of two blocks contains a whole aligned block, so ``bytes.find`` of a
-    two-block needle (C speed, linear) locates candidates and ``startswith`` (memcmp)
-    extends them block by block. An isolated single zero block may be missed, which
-    only costs bandwidth. Why scan rather than ask the backend: docs/performance.md,
-    "Hole scan".
-    """
-    n = len(data)
-    block = MIN_HOLE_CHUNK
-    # Fast path: every zero block found below starts, at its aligned start, with eight
-    # zero bytes; one word sampled per aligned block rules out most data cheaply.
-    first = (-offset) % block
-    words = (n - first) // 8
-    if words > 0:
-        sample = memoryview(data)[first : first + words * 8].cast("Q")[:: block // 8]
-        if _ZERO_WORD not in sample.tobytes():
-            return [Extent(offset, n, False, False)]
-    extents: list[Extent] = []
-    pos = 0  # everything before pos is described
-    search = 0
-    while True:
-        found = data.find(_ZERO_NEEDLE, search)
-        if found < 0:
-            break
-        start = found + (-(offset + found)) % block
-        stop = start
-        while stop + block <= n and data.startswith(_ZERO_BLOCK, stop):
-            stop += block
-        if stop == start:  # pragma: no cover - the needle guarantees one block
-            search = found + 1
-            continue
-        if start > pos:
-            extents.append(Extent(offset + pos, start - pos, False, False))
-        extents.append(Extent(offset + start, stop - start, True, True))
-        pos = search = stop
-    if pos < n:
-        extents.append(Extent(offset + pos, n - pos, False, False))
-    return extents
-
-
-def block_status_descriptors(
-    offset: int, length: int, extents: Sequence[Extent], req_one: bool
-) -> list[tuple[int, int]]:
-    """(length, status) descriptors for base:allocation, merged, never empty.
-
-    With REQ_ONE "each chunk contains exactly one descriptor where the length of the
-    descriptor MUST NOT be greater than the length of the request".
-    """
-    descriptors: list[tuple[int, int]] = []
-    pos = offset
-    end = offset + length
-    for extent in extents:
-        if extent.offset != pos or extent.length <= 0:
-            break
-        stop = min(extent.offset + extent.length, end)
-        status = (State.HOLE if extent.hole else 0) | (State.ZERO if extent.zero else 0)
-        size = stop - pos
-        if descriptors and descriptors[-1][1] == status:
-            descriptors[-1] = (descriptors[-1][0] + size, status)
-        else:
-            descriptors.append((size, int(status)))
-        pos = stop
-        if pos >= end:
-            break
-    if not descriptors:
-        # "a server MAY always safely report a status of 0 for any block".
-        descriptors.append((length, 0))
-    if req_one:
-        return descriptors[:1]
-    return descriptors

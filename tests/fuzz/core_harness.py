@@ -31,15 +31,10 @@ import atheris
 from fuzz.sessions import session
 
 with atheris.instrument_imports(include=["nbdserver"]):
+    from nbdserver.extended import open_transmission
     from nbdserver.negotiation import Closed, ExportInfo, Negotiation, OptionHandled, Ready
     from nbdserver.protocol import REQUEST, Cmd, Extent, TransmissionFlag
-    from nbdserver.transmission import (
-        Command,
-        Rejected,
-        Session,
-        Transmission,
-        open_transmission,
-    )
+    from nbdserver.transmission import Command, Rejected, Session, Transmission
 
 _ALL = TransmissionFlag(0)
 for _flag in TransmissionFlag:

@@ -17,6 +17,8 @@ CORE = (
     "nbdserver.protocol",
     "nbdserver.negotiation",
     "nbdserver.transmission",
+    "nbdserver.extended",
+    "nbdserver.readplan",
     "nbdserver.connection",
     "nbdserver.policy",
 )

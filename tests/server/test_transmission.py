@@ -26,20 +26,17 @@ from nbdserver.protocol import (
     TransmissionFlag,
     block_status_chunk,
 )
+from nbdserver.readplan import ReadPiece, block_status_descriptors, plan_read, zero_extents
 from nbdserver.transmission import (
     TRANSITIONS,
     Command,
     Event,
     Phase,
-    ReadPiece,
     Rejected,
     Session,
     Transmission,
     Trigger,
-    block_status_descriptors,
-    plan_read,
     validate,
-    zero_extents,
 )
 
 ALL = (

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdserver.errors import NBDErrno
+from nbdserver.extended import ExtendedTransmission, open_transmission
 from nbdserver.negotiation import Closed
 from nbdserver.protocol import (
     BLOCK_DESCRIPTOR_EXT,
@@ -28,12 +29,10 @@ from nbdserver.protocol import (
 from nbdserver.transmission import (
     Command,
     Event,
-    ExtendedTransmission,
     Phase,
     Rejected,
     Session,
     Transmission,
-    open_transmission,
     validate,
 )
 from server.test_transmission import ALL, DATA_HOLE_DATA, RW, K, _join
