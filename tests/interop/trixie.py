@@ -7,7 +7,8 @@ with ``chroot``. The chroot shares the host's network namespace, so the tools re
 nbd-serve on ``nbd://127.0.0.1:PORT``. Paths given to a tool must be inside the chroot:
 :meth:`TrixieRoot.scratch` hands out a directory there with its in-chroot path.
 
-The root lives under ``~/.cache/swapnbd/trixie-chroot/<key>``, keyed by the package
+The root lives in the project's cache, ``trixie-chroot/<key>`` (``~/.cache/swapnbd``
+unless ``$SWAPNBD_CACHE`` or ``$XDG_CACHE_HOME`` say otherwise), keyed by the package
 list and suite, so changing either builds a fresh one. A build goes into a temporary
 directory that is renamed into place only when debootstrap succeeded; a lock file
 serializes concurrent builders. Nothing here skips: a missing debootstrap, a non-root
@@ -29,11 +30,15 @@ from pathlib import Path
 
 import pytest
 
+from vm.image.image import default_cache_dir
+
 SUITE = "trixie"
 PACKAGES = ("libnbd-bin", "python3-libnbd", "qemu-utils")
 #: A build downloads ~60 MB; give a slow mirror time, but not forever.
 BUILD_TIMEOUT_S = 1800
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swapnbd"
+#: The project's cache (``$SWAPNBD_CACHE``, ``$XDG_CACHE_HOME/swapnbd`` or
+#: ``~/.cache/swapnbd``), beside the guest images.
+CACHE = default_cache_dir()
 
 
 def mirror_url(sources: Path = Path("/etc/apt")) -> str:
