@@ -616,3 +616,27 @@ def test_the_server_policy_splits_only_nbd_serve_runs() -> None:
         "6.1-patched-slub-nbdkit",
         "6.1-patched-slub-nbd-serve-sched-normal",
     ]
+
+
+def test_estimates_leave_out_the_one_off_image_build(tmp_path: Path) -> None:
+    """A SLAB cell's first run built the kernel (25 min of its 26); its next runs take a
+    minute, and the estimate must say so, not 26 min each (seen: 1h41m for 4 runs that
+    took 6 min)."""
+    from vm.campaign.plan import Estimator, plan_runs, run_seconds
+    from vm.campaign.store import estimator_from_store
+
+    assert run_seconds({"total_s": 1518.0, "image_s": 1432.0}) == 86.0
+    assert run_seconds({"total_s": 71.0}) == 71.0
+    assert run_seconds({}) is None
+    path = tmp_path / "m.toml"
+    path.write_text(SMALL)
+    runs = plan_runs(matrix_plan.load_matrix(path))
+    store = tmp_path / "store"
+    first = runs[0]
+    (store / first.id).mkdir(parents=True)
+    done = {"outcome": "lockup", "timings": {"total_s": 1518.0, "image_s": 1432.0}}
+    (store / first.id / "run.json").write_text(json.dumps(done))
+    est = estimator_from_store(runs, store)
+    twin = next(r for r in runs[1:] if r.label == first.label)
+    assert est.seconds(twin) == 86.0
+    assert isinstance(est, Estimator) and est.basis == "1 measured run(s)"

@@ -21,7 +21,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vm.campaign.plan import Estimator, Matrix, PlannedRun, describe_run, plan_runs, select_runs
+from vm.campaign.plan import (
+    Estimator,
+    Matrix,
+    PlannedRun,
+    describe_run,
+    plan_runs,
+    run_seconds,
+    select_runs,
+)
 from vm.campaign.store import (
     estimator_from_store,
     is_finished,
@@ -140,7 +148,8 @@ def run_matrix(
                 say(f"{prefix} {run.id} interrupted; stopping the matrix (index written)")
                 break
             result.ran.append(run.id)
-            est.add(run, float((rj.get("timings") or {}).get("total_s") or seconds))
+            own = run_seconds(rj.get("timings") or {})
+            est.add(run, own if own is not None else seconds)
             say(
                 f"{prefix} done: {run.id}: {rj.get('outcome')} in {format_duration(seconds)}; "
                 f"{len(todo) - k} left, matrix ETA {format_duration(est.total(todo[k:]))}"

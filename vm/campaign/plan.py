@@ -500,6 +500,17 @@ def model_seconds(cfg: RunConfig) -> float:
     return min(work, cfg.effective_timeout_s + MODEL_BOOT_S)
 
 
+def run_seconds(timings: Mapping[str, Any]) -> float | None:
+    """A finished run's own duration for estimates: its total less the guest image build,
+    a one-off the cache saves every later run (the first SLAB run of a matrix builds the
+    kernel for 20-60 min; counting that made every later SLAB run look as long)."""
+    total = timings.get("total_s")
+    if not isinstance(total, int | float):
+        return None
+    image = timings.get("image_s")
+    return float(total) - (float(image) if isinstance(image, int | float) else 0.0)
+
+
 @dataclass(slots=True)
 class Estimator:
     """Seconds per run: the mean measured duration of the same cell when there is one,

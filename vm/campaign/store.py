@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vm.campaign.plan import Estimator, Matrix, MatrixError, PlannedRun
+from vm.campaign.plan import Estimator, Matrix, MatrixError, PlannedRun, run_seconds
 
 INDEX_SCHEMA = 1
 INDEX_NAME = "index.json"
@@ -192,9 +192,9 @@ def estimator_from_store(runs: Sequence[PlannedRun], store: Path) -> Estimator:
     est = Estimator()
     for run in runs:
         rj = read_run_json(store / run.id / "run.json")
-        total = (rj.get("timings") or {}).get("total_s") if rj and is_finished(rj) else None
-        if isinstance(total, int | float):
-            est.add(run, float(total))
+        own = run_seconds(rj.get("timings") or {}) if rj and is_finished(rj) else None
+        if own is not None:
+            est.add(run, own)
     return est
 
 
