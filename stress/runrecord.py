@@ -13,7 +13,9 @@ Standard library only: this module is deployed with the guest tools.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -67,8 +69,34 @@ def swapstress_verdict(
     return Outcome.ERROR, f"swapstress ended with outcome {outcome!r} (exit {exit_code})"
 
 
+def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The first ``model name`` in /proc/cpuinfo (x86; None elsewhere or unreadable)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "model name":
+            return value.strip() or None
+    return None
+
+
 def host_facts() -> dict[str, Any]:
-    return {"python": platform.python_version(), "kernel": platform.release()}
+    """What the machine that runs the experiment is, as the run starts: the report's
+    header (``swapnbd report``) shows the CPU, its cores and how loaded it was."""
+    try:
+        load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "loadavg": load,
+        "started_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ copy of ``stress/``, under ``/usr/bin/python3 -I``) on a workload too small to s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from stress import runrecord
 from stress.runrecord import FILES, Outcome, RunRecord, swapstress_verdict
 from vm.run import experiment, watchdog
 from vm.run.config import RunConfig
@@ -100,3 +102,24 @@ def test_a_vm_run_and_a_lab_run_write_the_same_keys(tmp_path: Path) -> None:
     assert list(lab) == list(vm_run)
     for name in FILES.values():
         assert (out / name).exists(), name
+
+
+def test_host_facts_name_the_machine_for_the_report_header(tmp_path: Path) -> None:
+    """What ``swapnbd report`` prints in its header: the CPU, cores, load, start time,
+    and for a VM run the swapnbd commit it ran."""
+    run = experiment.new_run(RunConfig(out=tmp_path / "vm"))
+    host = run.host
+    assert host["cpus"] >= 1
+    assert len(host["loadavg"]) == 3
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", host["started_utc"])
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", host["swapnbd_commit"])
+    assert experiment.swapnbd_commit(tmp_path) is None  # not a checkout
+
+
+def test_cpu_model_from_cpuinfo(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu\n")
+    assert runrecord._cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nCPU part\t: 0xd0c\n")  # arm64 has no model name
+    assert runrecord._cpu_model(cpuinfo) is None
+    assert runrecord._cpu_model(tmp_path / "absent") is None

@@ -177,7 +177,35 @@ def new_run(cfg: RunConfig) -> RunRecord:
         "arm": cfg.arm,
         "allocator": cfg.allocator,
     }
-    return RunRecord(config=cfg.to_json(), kernel=kernel, cost=Cost().as_dict())
+    run = RunRecord(config=cfg.to_json(), kernel=kernel, cost=Cost().as_dict())
+    run.host["swapnbd_commit"] = swapnbd_commit()
+    return run
+
+
+#: The checkout this module runs from (its git commit goes into run.json's ``host``).
+SOURCE_TREE: Final = Path(__file__).resolve().parents[2]
+
+
+def swapnbd_commit(tree: Path = SOURCE_TREE) -> str | None:
+    """The commit of the swapnbd checkout that runs the experiment, ``+dirty`` when its
+    tracked files differ; None outside a git checkout (an installed wheel) or without git."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--"],
+            check=False,
+            capture_output=True,
+            timeout=10,
+        ).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty == 1 else "") if head else None
 
 
 def run_experiment(
@@ -462,7 +490,7 @@ def _boot(
         qmp_path=qmp_path,
     )
     argv = qemu.build_argv(qcfg)
-    run.qemu = {"argv": argv, "guest_config": gcfg}
+    run.qemu = {"argv": argv, "guest_config": gcfg, "version": qemu.qemu_version()}
     for name in ("console", "events", "vmstat"):
         (out / OUTPUT_FILES[name]).unlink(missing_ok=True)
     cost.steal_start = host_steal_ticks()
