@@ -224,7 +224,13 @@ def test_arms_mean_sd_ratio_and_outcome_counts() -> None:
     )
     # the lockup's 99 s is not averaged in: only completed runs have times
     assert (patched["mean"], patched["n"], patched["ratio"]) == pytest.approx((8.5, 2, 8.5 / 11))
-    assert report.cell_text(patched, "time", 3, True) == "8.50 ± 0.71 (0.77x) (n=2)"
+    # Welch: t = -2.24 on 1.47 df (rounded down to 1: critical 12.706), so no mark
+    assert report.cell_text(patched, "time", 3, True) == (
+        "8.50 ± 0.71 (8.3%) [8.00-9.00] (n=2) -22.7%"
+    )
+    assert (patched["t"], patched["df"], patched["significant"]) == pytest.approx(
+        (-2.5 / 1.25**0.5, 1.5625 / 1.0625, False)
+    )
     assert "(1 such run(s) here)" in rep["footnotes"][0]
 
 
@@ -234,12 +240,21 @@ def test_real_runs_grouped_by_arm_in_markdown() -> None:
     lines = text.splitlines()
     assert f"|  | {PATCHED} | {VANILLA} |" in lines
     assert "| outcome | completed 1/1 | lockup 1/1 |" in lines
-    assert "| Sys Time (s) | 46.67 (1.00x) | — |" in lines
-    assert "| Total Elapsed Time (s) | 150.90 (1.00x) | — |" in lines
-    assert "| pgscan_direct_throttle | 4 | 4 |" in lines
-    assert "| swap outs (pswpout) (pages) | 190985 | 98791 |" in lines
-    assert "| direct reclaim efficiency (steal/scan) (%) | 29.83 | 31.23 |" in lines
+    assert "| Sys Time (s) | 46.67 | — |" in lines
+    assert "| Total Elapsed Time (s) | 150.90 | — |" in lines
+    assert "| pgscan_direct_throttle | 4 | 4 +0.0% |" in lines
+    assert "| swap outs (pswpout) (pages) | 190985 | 98791 -48.3% |" in lines
+    assert "| direct reclaim efficiency (steal/scan) (%) | 29.83 | 31.23 +4.7% |" in lines
     assert "| PFMemallocDrop | 0 | 0 |" in lines
+    # the header: what the runs recorded, "not recorded" for what these older runs lack
+    assert (
+        "- test: swapstress, 4 workers touching 256 MiB, 1 loop(s); swap on device via nbd-serve"
+        in lines
+    )
+    assert "- guest: 128 MiB RAM, 2 vCPU(s), accel tcg" in lines
+    assert "- lockup cutoff (no progress for): 180 s" in lines
+    assert "- host CPU: not recorded" in lines
+    assert "- guest kernel packages: linux-image-6.1.0-57-cloud-amd64 6.1.192-3" in lines
     assert any("lockup, guest-crash, oom and error runs have no times" in line for line in lines)
 
 
@@ -327,7 +342,8 @@ def test_cli_report_writes_the_output_file(
     out = tmp_path / "r.csv"
     assert cli.main(["report", str(DATA), "--format", "csv", "--output", str(out)]) == 0
     assert out.read_text().startswith(
-        "arm,metric,unit,mean,sd,n,runs,ratio_to_baseline,text,median\n"
+        "arm,metric,unit,mean,sd,n,runs,ratio_to_baseline,text,median,cov_pct,min,max,"
+        "diff_pct,welch_t,welch_df,significant_5pct\n"
     )
     assert cli.main(["report", str(tmp_path / "none")]) == 2
     assert "swapnbd report: error: " in capsys.readouterr().err
@@ -367,8 +383,8 @@ def test_lockup_signatures_stalls_and_the_harness_footprint_per_arm(tmp_path: Pa
     lines = report.render(rep, "md").splitlines()
     assert "| lockup signature | — | memalloc-deadlock 1/2, server-unresponsive 1/2 |" in lines
     assert "| stalls that recovered | 2 | — |" in lines
-    assert "| lockup: time to stall, into stress (s) | — | 6 ± 2.8 |" in lines
-    assert "| lockup: pages done at the stall (pages) | — | 0 ± 0 |" in lines
+    assert ("| lockup: time to stall, into stress (s) | — | 6 ± 2.8 (47.1%) [4-8] |") in lines
+    assert "| lockup: pages done at the stall (pages) | — | 0 ± 0 [0-0] |" in lines
     assert "| time in recovered stalls (s) | 41.5 | — |" in lines
     assert "| harness mlocked memory, peak in stress (MiB) | 20 | — |" in lines
     csv_text = report.render(rep, "csv")

@@ -19,15 +19,15 @@ Interrupted runs (SIGINT/SIGTERM) are not measurements and are left out, and nam
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vm.campaign import plan
+from vm.campaign import plan, stats
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -230,23 +230,170 @@ def is_interrupted(run: Mapping[str, Any]) -> bool:
     return bool(run.get("interrupted")) or run.get("outcome") is None
 
 
+# ---------------------------------------------------------------------------- header
+
+#: The seed's published figures (Mel Gorman's "swap over NBD" V9 cover letter, on
+#: 3.4.0-rc2; vm/campaign/matrices/seed.toml), shown beside a report with
+#: ``--reference-2012``: on 2 GiB of RAM and real hardware for an hour, so their scale,
+#: not their absolute values, is what compares.
+REFERENCE_2012: dict[str, Any] = {
+    "source": "swap over NBD V9 cover letter (Mel Gorman, 2012), 3.4.0-rc2",
+    "arms": ["2012 vanilla-slab", "2012 patched"],
+    "rows": {
+        "sys_s": [87.90, 73.45],
+        "user_sys_s": [91.93, 76.91],
+        "elapsed_s": [4174.37, 2953.96],
+    },
+    "note": "2012 columns: the seed's published figures (swap over NBD V9 on 3.4.0-rc2, "
+    "vanilla SLAB vs patched; 2 GiB RAM, 8 x NUM_CPU workers, 4x RAM, looped for an hour "
+    "on real hardware), one run each, with the patched kernel's difference from vanilla in "
+    "%. They show 2012's scale and direction, not values comparable with the columns "
+    "measured here.",
+}
+
+NOT_RECORDED = "not recorded"
+
+
+def _distinct(values: Sequence[Any]) -> str:
+    """The distinct values, sorted, joined; ``not recorded`` for runs without one."""
+    texts = sorted({NOT_RECORDED if v is None else str(v) for v in values})
+    return ", ".join(texts) if texts else NOT_RECORDED
+
+
+def _g(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _range(values: Sequence[float]) -> str:
+    if not values:
+        return NOT_RECORDED
+    lo, hi = min(values), max(values)
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+
+def run_date(data: RunData) -> tuple[str, str] | None:
+    """The day the run ran (UTC) and the clock that says so: the host's, recorded as the
+    run started, or for older runs the guest's wall clock at its first sample or last
+    heartbeat (the guest boots with the host's time)."""
+    started = (data.run.get("host") or {}).get("started_utc")
+    if isinstance(started, str) and len(started) >= 10:
+        return started[:10], "host"
+    for t in (
+        num(data.samples[0].get("t_wall")) if data.samples else None,
+        num((data.run.get("last_heartbeat") or {}).get("t_wall")),
+    ):
+        if t is not None:
+            return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d"), "guest"
+    return None
+
+
+def _workload(cfg: Mapping[str, Any]) -> str:
+    """``4 x guest RAM`` (``ratio``) or ``256 MiB`` (``total_bytes``)."""
+    total = num(cfg.get("total_bytes"))
+    if total is not None:
+        return f"{total / MIB:g} MiB"
+    return f"{_g(cfg.get('ratio'))} x guest RAM"
+
+
+def build_header(runs: Sequence[RunData]) -> list[dict[str, str]]:
+    """The test and the machine, as the runs recorded them: one ``{"name", "value"}`` per
+    line, each value the distinct values over the runs (``not recorded`` where a run
+    predates the field).  Nothing here depends on when or where the report is rendered."""
+    cfgs = [r.config for r in runs]
+    hosts = [r.run.get("host") or {} for r in runs]
+    test = _distinct(
+        [
+            f"swapstress, {_g(c.get('workers'))} workers touching {_workload(c)}, "
+            f"{_g(c.get('loops'))} loop(s); swap on {c.get('swap')} via {c.get('server')}"
+            for c in cfgs
+        ]
+    )
+    guest = _distinct(
+        [
+            f"{_g(c.get('memory_mib'))} MiB RAM, {_g(c.get('cpus'))} vCPU(s), accel "
+            f"{(r.run.get('accel') or {}).get('used') or c.get('accel')}"
+            for r, c in zip(runs, cfgs, strict=True)
+        ]
+    )
+    cutoff = _distinct(
+        [
+            None if num(c.get("lockup_after_s")) is None else f"{c['lockup_after_s']:g} s"
+            for c in cfgs
+        ]
+    )
+    loads = [num((h.get("loadavg") or [None])[0]) for h in hosts]
+    known_loads = [x for x in loads if x is not None]
+    load = _range(known_loads) + (
+        f" (not recorded for {len(loads) - len(known_loads)} run(s))"
+        if known_loads and len(known_loads) < len(loads)
+        else ""
+    )
+    dates = [run_date(r) for r in runs]
+    days = sorted({d[0] for d in dates if d is not None})
+    clocks = sorted({d[1] for d in dates if d is not None})
+    when = (
+        (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}")
+        + f" (UTC, {' and '.join(clocks)} clock)"
+        if days
+        else NOT_RECORDED
+    )
+    return [
+        {"name": "test", "value": test},
+        {"name": "guest", "value": guest},
+        {"name": "lockup cutoff (no progress for)", "value": cutoff},
+        {"name": "host CPU", "value": _distinct([h.get("cpu_model") for h in hosts])},
+        {"name": "host cores", "value": _distinct([h.get("cpus") for h in hosts])},
+        {"name": "host load (1-min average at each run's start)", "value": load},
+        {"name": "host kernel", "value": _distinct([h.get("kernel") for h in hosts])},
+        {
+            "name": "QEMU",
+            "value": _distinct([(r.run.get("qemu") or {}).get("version") for r in runs]),
+        },
+        {
+            "name": "guest kernel packages",
+            "value": _distinct([(r.run.get("kernel") or {}).get("package") for r in runs]),
+        },
+        {"name": "swapnbd commit", "value": _distinct([h.get("swapnbd_commit") for h in hosts])},
+        {"name": "runs dated", "value": when},
+    ]
+
+
 # ---------------------------------------------------------------------------- aggregation
 
 
-def _stat(values: Sequence[float]) -> dict[str, float | int | None]:
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "sd": None, "n": 0, "median": None, "min": None, "max": None}
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if n >= 2 else None
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    st = stats.summary(values)
     return {
-        "mean": mean,
-        "sd": sd,
-        "n": n,
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
+        "mean": st.mean,
+        "sd": st.sd,
+        "n": st.n,
+        "cov_pct": st.cov_pct,
+        "median": st.median,
+        "min": st.min,
+        "max": st.max,
     }
+
+
+def _compare(values: dict[str, Any], base: Mapping[str, Any]) -> None:
+    """The % difference of ``values``' mean from ``base``'s, and Welch's t-test of it."""
+    own, ref = values["mean"], base["mean"]
+    values["diff_pct"] = (own - ref) / abs(ref) * 100.0 if own is not None and ref else None
+    test = stats.welch(_summary(values), _summary(base))
+    values["t"] = None if test is None else test.t
+    values["df"] = None if test is None else test.df
+    values["significant"] = None if test is None else test.significant
+
+
+def _summary(values: Mapping[str, Any]) -> stats.Summary:
+    return stats.Summary(
+        values["n"],
+        values["mean"],
+        values["sd"],
+        values["cov_pct"],
+        values["median"],
+        values["min"],
+        values["max"],
+    )
 
 
 def outcome_text(counts: Mapping[str, int], n: int) -> str:
@@ -255,8 +402,11 @@ def outcome_text(counts: Mapping[str, int], n: int) -> str:
     return ", ".join(f"{k} {v}/{n}" for k, v in order)
 
 
-def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[str, Any]:
-    """Group ``runs`` by arm and aggregate every row.
+def build_report(
+    runs: Sequence[RunData], baseline: str | None = None, *, reference_2012: bool = False
+) -> dict[str, Any]:
+    """Group ``runs`` by arm and aggregate every row; with ``reference_2012``, add the
+    2012 figures (:data:`REFERENCE_2012`) as a reference column.
 
     Raises:
         ReportError: no usable (non-interrupted) run, or a ``baseline`` that is no arm.
@@ -326,6 +476,8 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
                 values[label][key] = (
                     own / base if own is not None and isinstance(base, float) and base else None
                 )
+        for label in labels:
+            _compare(values[label], values[baseline])
         optional = row.kind == "cost" or row.key in NEWER_KEYS
         if all(v["n"] == 0 for v in values.values()) and optional:
             continue  # runs from before run.json had a cost section
@@ -337,8 +489,13 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
         "Times (Sys, User+Sys, Total Elapsed: swapstress's own figures) average completed "
         "runs only; lockup, guest-crash, oom and error runs have no times"
         + (f" ({not_completed} such run(s) here)." if not_completed else "."),
-        "mean ± sample sd over the runs that have the value; (n=k) when fewer runs than "
-        "the arm has; (r x) is the ratio of the mean to the baseline arm's.",
+        "Each cell: mean ± sample sd (CoV: sd/mean) [min-max] over the runs that have the "
+        "value, (n=k) when fewer runs than the arm has; then the difference of the mean from "
+        "the baseline arm's in %. * marks a difference significant at the 5% level by "
+        "Welch's t-test, two-sided (unequal variances; Welch-Satterthwaite degrees of "
+        "freedom; critical t from a table by df, a fractional df rounded down, which is "
+        "conservative); no mark where it is not, and none without two runs with the value "
+        "on both sides or with no spread on either.",
         "vmstat rows are deltas between the first and the last sample of each run; a run "
         "that did not complete counts up to its last sample.",
     ]
@@ -348,9 +505,13 @@ def build_report(runs: Sequence[RunData], baseline: str | None = None) -> dict[s
             + ", ".join(Path(e["run"]).name for e in excluded)
             + "."
         )
+    if reference_2012:
+        footnotes.append(REFERENCE_2012["note"])
     return {
-        "schema": 1,
+        "schema": 2,
         "baseline": baseline,
+        "reference_2012": REFERENCE_2012 if reference_2012 else None,
+        "header": build_header(usable),
         "runs": len(usable),
         "arms": arm_list,
         "rows": rows,
@@ -370,8 +531,10 @@ def _fmt_num(value: float | None, kind: str) -> str:
     return f"{value:.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.1f}"
 
 
-def cell_text(value: Mapping[str, Any], kind: str, arm_n: int, show_ratio: bool) -> str:
-    """``12.30 ± 0.40 (1.05x) (n=2)`` or ``—`` when no run has the value."""
+def cell_text(value: Mapping[str, Any], kind: str, arm_n: int, compare: bool) -> str:
+    """``12.30 ± 0.40 (3.3%) [11.90-12.70] -16.4%*`` (``compare``: the % difference from
+    the baseline and the significance mark), ``(n=k)`` when fewer runs than the arm's have
+    the value, ``—`` when none has."""
     n = value.get("n") or 0
     if n == 0:
         return "—"
@@ -379,12 +542,29 @@ def cell_text(value: Mapping[str, Any], kind: str, arm_n: int, show_ratio: bool)
     sd = value.get("sd")
     if sd is not None:
         text += f" ± {_fmt_num(sd, kind)}"
-    ratio = value.get("ratio")
-    if show_ratio and ratio is not None:
-        text += f" ({ratio:.2f}x)"
+    cov = value.get("cov_pct")
+    if cov is not None:
+        text += f" ({cov:.1f}%)"
+    if n >= 2:
+        text += f" [{_fmt_num(value.get('min'), kind)}-{_fmt_num(value.get('max'), kind)}]"
     if n < arm_n:
         text += f" (n={n})"
+    diff = value.get("diff_pct")
+    if compare and diff is not None:
+        text += f" {diff:+.1f}%" + ("*" if value.get("significant") else "")
     return text
+
+
+def reference_cells(rep: Mapping[str, Any], key: str) -> list[str]:
+    """The 2012 columns of one row: vanilla, then patched with its difference in %."""
+    ref = rep.get("reference_2012")
+    if not ref:
+        return []
+    pair = ref["rows"].get(key)
+    if not pair:
+        return ["", ""]
+    vanilla, patched = pair
+    return [f"{vanilla:.2f}", f"{patched:.2f} {(patched - vanilla) / vanilla * 100:+.1f}%"]
 
 
 def median_text(value: Mapping[str, Any], kind: str) -> str:
@@ -399,46 +579,93 @@ def median_text(value: Mapping[str, Any], kind: str) -> str:
     return text if ratio is None else text + f" ({ratio:.2f}x)"
 
 
+def _arm_head(rep: Mapping[str, Any]) -> list[str]:
+    ref = rep.get("reference_2012")
+    return [a["label"] for a in rep["arms"]] + (
+        [f"{name} (2012 scale)" for name in ref["arms"]] if ref else []
+    )
+
+
 def render_markdown(rep: Mapping[str, Any]) -> str:
     arms = rep["arms"]
-    head = ["", *(a["label"] for a in arms)]
+    head = ["", *_arm_head(rep)]
+    extra = len(head) - 1 - len(arms)
+    pad = [""] * extra
     lines = [
         "# swapnbd report",
         "",
         f"{rep['runs']} run(s) in {len(arms)} arm(s); baseline: `{rep['baseline']}`.",
         "",
+    ]
+    lines.extend(f"- {item['name']}: {item['value']}" for item in rep["header"])
+    lines += [
+        "",
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] + ["---:"] * len(arms)) + "|",
-        "| runs | " + " | ".join(str(a["n"]) for a in arms) + " |",
-        "| outcome | " + " | ".join(a["outcome_text"] for a in arms) + " |",
-        "| lockup signature | " + " | ".join(a["signature_text"] for a in arms) + " |",
-        "| kernel | " + " | ".join(", ".join(a["kernel_release"]) for a in arms) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+        "| runs | " + " | ".join([*(str(a["n"]) for a in arms), *(["1"] * extra)]) + " |",
+        "| outcome | " + " | ".join([*(a["outcome_text"] for a in arms), *pad]) + " |",
+        "| lockup signature | " + " | ".join([*(a["signature_text"] for a in arms), *pad]) + " |",
+        "| kernel | "
+        + " | ".join([*(", ".join(a["kernel_release"]) for a in arms), *(["3.4.0-rc2"] * extra)])
+        + " |",
     ]
     for row in rep["rows"]:
         unit = f" ({row['unit']})" if row["unit"] else ""
         cells = [
-            cell_text(row["values"][a["label"]], row["kind"], a["n"], row["kind"] == "time")
+            cell_text(row["values"][a["label"]], row["kind"], a["n"], a["label"] != rep["baseline"])
             for a in arms
         ]
+        cells += reference_cells(rep, row["key"])
         lines.append(f"| {row['name']}{unit} | " + " | ".join(cells) + " |")
     for row in rep["rows"]:
         if row["key"] not in MEDIAN_KEYS:
             continue
         unit = f" ({row['unit']})" if row["unit"] else ""
         cells = [median_text(row["values"][a["label"]], row["kind"]) for a in arms]
-        lines.append(f"| median {row['name']}{unit} | " + " | ".join(cells) + " |")
+        lines.append(f"| median {row['name']}{unit} | " + " | ".join([*cells, *pad]) + " |")
     lines.append("")
     lines.extend(f"- {note}" for note in rep["footnotes"])
     lines.append("")
     return "\n".join(lines)
 
 
+CSV_FIELDS = (
+    "arm",
+    "metric",
+    "unit",
+    "mean",
+    "sd",
+    "n",
+    "runs",
+    "ratio_to_baseline",
+    "text",
+    "median",
+    "cov_pct",
+    "min",
+    "max",
+    "diff_pct",
+    "welch_t",
+    "welch_df",
+    "significant_5pct",
+)
+
+
+def _csv_num(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return repr(value)
+
+
 def render_csv(rep: Mapping[str, Any]) -> str:
+    """One line per (arm, metric); the header's lines as arm ``header``; the 2012 figures,
+    when shown, as arms of their own."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["arm", "metric", "unit", "mean", "sd", "n", "runs", "ratio_to_baseline", "text", "median"]
-    )
+    w.writerow(CSV_FIELDS)
+    for item in rep["header"]:
+        w.writerow(["header", item["name"], "", "", "", "", "", "", item["value"]])
     for arm in rep["arms"]:
         w.writerow([arm["label"], "outcome", "", "", "", "", arm["n"], "", arm["outcome_text"]])
         for sig, count in sorted(arm["signatures"].items()):
@@ -455,15 +682,32 @@ def render_csv(rep: Mapping[str, Any]) -> str:
                     arm["label"],
                     row["key"],
                     row["unit"],
-                    "" if v["mean"] is None else repr(v["mean"]),
-                    "" if v["sd"] is None else repr(v["sd"]),
+                    _csv_num(v["mean"]),
+                    _csv_num(v["sd"]),
                     v["n"],
                     arm["n"],
-                    "" if v.get("ratio") is None else repr(v["ratio"]),
+                    _csv_num(v.get("ratio")),
                     "",
-                    "" if v.get("median") is None else repr(v["median"]),
+                    _csv_num(v.get("median")),
+                    _csv_num(v.get("cov_pct")),
+                    _csv_num(v.get("min")),
+                    _csv_num(v.get("max")),
+                    _csv_num(v.get("diff_pct")),
+                    _csv_num(v.get("t")),
+                    _csv_num(v.get("df")),
+                    _csv_num(v.get("significant")),
                 ]
             )
+    ref = rep.get("reference_2012")
+    if ref:
+        for key, pair in ref["rows"].items():
+            unit = next(r.unit for r in ROWS if r.key == key)
+            for name, value in zip(ref["arms"], pair, strict=True):
+                diff = repr((value - pair[0]) / pair[0] * 100.0) if value != pair[0] else ""
+                line = dict.fromkeys(CSV_FIELDS, "")
+                line.update(arm=name, metric=key, unit=unit, mean=repr(value), n="1", runs="1")
+                line.update(text=ref["source"], diff_pct=diff)
+                w.writerow(line.values())
     return buf.getvalue()
 
 
