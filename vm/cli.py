@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -476,6 +477,7 @@ examples:
   swapnbd report results/seed                              # Markdown on stdout
   swapnbd report results/seed --baseline 6.1-vanilla-slab-nbd-serve --plots results/seed/plots
   swapnbd report results/seed results/run-20261129-101500 --format csv --output seed.csv
+  swapnbd report results/seed --reference-2012 --html seed.html  # one page, plots inside
 
 exit codes: 0 ok, 2 usage error (no run.json found, unknown baseline, no matplotlib)
 """
@@ -549,6 +551,22 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="default md")
     p.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNGs here")
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the report as one self-contained HTML page, plots embedded "
+        "(drawn into --plots DIR when given; needs the plot extra)",
+    )
+    p.add_argument(
+        "--reference-2012",
+        action="store_true",
+        help="add the seed's published 2012 figures (V9 on 3.4.0-rc2, vanilla SLAB vs "
+        "patched) as reference columns: their scale, not comparable values. The runs do "
+        "not record their matrix, so this is asked for; a published report keeps the choice "
+        "in report.json",
+    )
     p.add_argument(
         "--baseline",
         default=None,
@@ -629,14 +647,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         runs = archive.load_runs(args.dirs)
         if args.publish is not None:
-            written = publish.publish(runs, args.publish, baseline=args.baseline)
+            written = publish.publish(
+                runs, args.publish, baseline=args.baseline, reference_2012=args.reference_2012
+            )
             print(f"published {len(runs)} run(s): {len(written)} files in {args.publish}")
             return EXIT_OK
-        rep = report.build_report(runs, baseline=args.baseline)
+        rep = report.build_report(runs, baseline=args.baseline, reference_2012=args.reference_2012)
         text = report.render(rep, args.format)
         if args.plots is not None:
             written = plots.write_plots(runs, args.plots)
             print(f"plots: {len(written)} PNG(s) in {args.plots}", file=sys.stderr)
+        if args.html is not None:
+            from vm.campaign import report_html  # noqa: PLC0415 - only --html needs it
+
+            with tempfile.TemporaryDirectory(prefix="swapnbd-plots-") as tmp:
+                plot_dir = args.plots if args.plots is not None else Path(tmp)
+                if args.plots is None:
+                    plots.write_plots(runs, plot_dir)
+                page = report_html.render_html(rep, publish.plot_images(plot_dir))
+            args.html.parent.mkdir(parents=True, exist_ok=True)
+            args.html.write_text(page)
+            print(f"html: {args.html}", file=sys.stderr)
     except report.ReportError as exc:
         print(f"swapnbd report: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,10 +1,12 @@
 """docs/results: every published result is a report, its plots and the archive that gives them.
 
 What a reader can check without a guest (issue 23): each folder holds ``runs.tar.xz``,
-``report.md``, ``report.csv``, ``report.json`` and ``plots/``, nothing else, and
-``swapnbd report runs.tar.xz --baseline B`` (B: the baseline the report names) prints the
-committed report byte for byte. A result whose runs predate the per-second samples has
-plots drawn at the time from the store; their names are still the report's arms.
+``report.md``, ``report.csv``, ``report.json``, ``report.html`` and ``plots/``, nothing
+else, and ``swapnbd report runs.tar.xz --baseline B`` (B: the baseline the report names;
+``--reference-2012`` when it shows the 2012 figures) prints the committed report byte for
+byte; report.html is that report with the committed plots embedded. A result whose runs
+predate the per-second samples has plots drawn at the time from the store; their names are
+still the report's arms.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from vm.campaign import archive, plots, report
+from vm.campaign import archive, plots, publish, report, report_html
 
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
-LAYOUT = {"runs.tar.xz", "report.md", "report.csv", "report.json", "plots"}
+LAYOUT = {"runs.tar.xz", "report.md", "report.csv", "report.json", "report.html", "plots"}
 RESULTS = sorted(p.name for p in PUBLISHED.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
@@ -41,11 +43,17 @@ def test_the_committed_report_regenerates_from_its_archive(
 ) -> None:
     """The report from the committed runs, with the committed report's baseline."""
     out = PUBLISHED / name
-    baseline = json.loads((out / "report.json").read_text())["baseline"]
+    committed = json.loads((out / "report.json").read_text())
     monkeypatch.chdir(out)  # the report names its runs runs.tar.xz/RUN, as publish wrote it
-    rep = report.build_report(archive.load_runs([Path("runs.tar.xz")]), baseline=baseline)
+    rep = report.build_report(
+        archive.load_runs([Path("runs.tar.xz")]),
+        baseline=committed["baseline"],
+        reference_2012=committed.get("reference_2012") is not None,
+    )
     for fmt in ("md", "csv", "json"):
         assert report.render(rep, fmt) == (out / f"report.{fmt}").read_text(), f"{name} {fmt}"
+    page = report_html.render_html(rep, publish.plot_images(out / "plots"))
+    assert page == (out / "report.html").read_text(), f"{name} html"
     arms = {plots._safe_name(arm["label"]) for arm in rep["arms"]}
     plot_dir = out / "plots"
     drawn = {p.stem for p in plot_dir.iterdir()} if plot_dir.exists() else set()

@@ -1,7 +1,8 @@
 """``swapnbd report --publish``: a published result, from one archive of raw runs.
 
 A published result is ``runs.tar.xz`` and what it regenerates: ``report.md``,
-``report.csv``, ``report.json`` and ``plots/``.
+``report.csv``, ``report.json``, ``plots/`` and ``report.html`` (the report with the plots
+embedded).
 """
 
 from __future__ import annotations
@@ -12,11 +13,26 @@ from pathlib import Path
 from vm.campaign.archive import load_runs, write_archive
 from vm.campaign.plots import write_plots
 from vm.campaign.report import RunData, build_report, render
+from vm.campaign.report_html import render_html
 
 
-def publish(runs: Sequence[RunData], out: Path, *, baseline: str | None = None) -> list[Path]:
+def plot_images(plot_dir: Path) -> list[tuple[str, bytes]]:
+    """The PNGs in ``plot_dir`` as (name, bytes), by name: what report.html embeds."""
+    if not plot_dir.is_dir():
+        return []
+    return [(p.name, p.read_bytes()) for p in sorted(plot_dir.glob("*.png"))]
+
+
+def publish(
+    runs: Sequence[RunData],
+    out: Path,
+    *,
+    baseline: str | None = None,
+    reference_2012: bool = False,
+) -> list[Path]:
     """A published result in ``out``: ``runs.tar.xz``, then from it alone ``report.md``,
-    ``report.csv``, ``report.json`` and ``plots/``. Returns the files written.
+    ``report.csv``, ``report.json``, ``plots/`` and ``report.html``. Returns the files
+    written.
 
     The report is made from the archive just written, not from the store, so what a reader
     regenerates from the committed archive is what was published.
@@ -28,6 +44,7 @@ def publish(runs: Sequence[RunData], out: Path, *, baseline: str | None = None) 
     rep = build_report(
         [RunData(relative / r.path.relative_to(archive), r.run, r.samples) for r in published],
         baseline=baseline,
+        reference_2012=reference_2012,
     )
     written = [archive]
     for fmt in ("md", "csv", "json"):
@@ -35,4 +52,7 @@ def publish(runs: Sequence[RunData], out: Path, *, baseline: str | None = None) 
         path.write_text(render(rep, fmt))
         written.append(path)
     written.extend(write_plots(published, out / "plots"))
+    page = out / "report.html"
+    page.write_text(render_html(rep, plot_images(out / "plots")))
+    written.append(page)
     return written
