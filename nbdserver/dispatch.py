@@ -79,18 +79,6 @@ class Dispatcher:
         self.log = log
         self._extents = backend.capabilities.extents
 
-    def run(self, c: Command, t0: int) -> Reply:
-        """Run ``c`` here and now (the inline route), counted in the stats since ``t0``;
-        a failure becomes its error reply (:meth:`failure`)."""
-        try:
-            reply = self.execute(c, c.payload)
-            error = False
-        except Exception as exc:
-            reply = self.failure(c, exc)
-            error = True
-        self.stats.record(c.type, c.length, time.perf_counter_ns() - t0, error)
-        return reply
-
     def completed(self, c: Command, future: Future[Reply], t0: int) -> Reply:
         """The reply of a pool job (:meth:`submit`) that ended, counted in the stats."""
         exc = future.exception()
