@@ -397,9 +397,9 @@ class Connection(asyncio.BufferedProtocol):
         self._route = self.state.route
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
-        #: Bound at the handoff to transmission, for the per-request path: the
-        #: dispatcher's execute and the export's stats.record (an attribute lookup saved
-        #: is 40 ns a request; docs/performance.md, "The inline path").
+        #: Bound at the handoff to transmission for the inline path, which runs them for
+        #: every request (docs/performance.md, "Inline or pool"): the dispatcher's
+        #: execute and the export's stats.record.
         self._execute: Callable[[Command, bytes | memoryview | None], Reply] = _not_ready
         self._record: Callable[[int, int, int, bool], None] = _not_ready
         self.poll_window = PollWindow(server.poll_ns)
