@@ -53,8 +53,11 @@ class Summary:
     rss_peak: int
     """Maximum over rounds (a peak, not a median)."""
     ratio: float | None
-    """Median over rounds of this server's IOPS / the baseline's IOPS in the same round;
-    None when the baseline did not run this workload."""
+    """Median over rotation cycles of the geometric mean of this server's IOPS / the
+    baseline's IOPS in the cycle's rounds (:func:`cycle_ratios`); over single rounds when
+    no whole cycle ran; None when the baseline did not run this workload."""
+    round_ratio: float | None = None
+    """Median over single rounds of the same ratio (the figure before cycles)."""
 
 
 def median(values: Iterable[float]) -> float:
@@ -82,6 +85,31 @@ def per_round_ratios(
     return ratios
 
 
+def cycle_ratios(
+    cells: Sequence[Cell], *, workload: str, server: str, baseline: str, cycle: int
+) -> list[float]:
+    """One ratio per whole rotation cycle: rounds ``k*cycle+1 .. (k+1)*cycle`` (1-based),
+    the geometric mean of *server*'s IOPS / *baseline*'s in each of them. A cycle missing
+    a round (the run stopped early, or a server did not run) gives no value."""
+    if cycle < 1:
+        raise ValueError(f"cycle must be at least 1, got {cycle}")
+    iops: dict[tuple[int, str], float] = {
+        (c.round, c.server): c.result.iops for c in cells if c.workload == workload
+    }
+    rounds = sorted({r for r, _ in iops})
+    out = []
+    for first in range(1, (max(rounds) if rounds else 0) + 1, cycle):
+        ratios = []
+        for rnd in range(first, first + cycle):
+            mine, base = iops.get((rnd, server)), iops.get((rnd, baseline))
+            if mine is None or base is None or base <= 0 or mine <= 0:
+                break
+            ratios.append(mine / base)
+        if len(ratios) == cycle:
+            out.append(statistics.geometric_mean(ratios))
+    return out
+
+
 def summarize(
     cells: Sequence[Cell],
     *,
@@ -89,7 +117,8 @@ def summarize(
     servers: Sequence[str],
     baseline: str,
 ) -> list[Summary]:
-    """One Summary per (workload, server) that has cells, in workload then server order."""
+    """One Summary per (workload, server) that has cells, in workload then server order.
+    A rotation cycle is as many rounds as there are *servers*."""
     out = []
     for w in workloads:
         for s in servers:
@@ -97,6 +126,13 @@ def summarize(
             if not mine:
                 continue
             ratios = per_round_ratios(cells, workload=w.name, server=s, baseline=baseline)
+            cycles = cycle_ratios(
+                cells, workload=w.name, server=s, baseline=baseline, cycle=len(servers)
+            )
+            if cycles:
+                ratio: float | None = median(cycles)
+            else:
+                ratio = median(ratios) if ratios else None
             out.append(
                 Summary(
                     workload=w.name,
@@ -108,7 +144,8 @@ def summarize(
                     lat_p99_us=median(c.result.lat_p99_us for c in mine),
                     cpu_s_per_gib=median(c.cpu_s_per_gib for c in mine),
                     rss_peak=max(c.rss_peak for c in mine),
-                    ratio=median(ratios) if ratios else None,
+                    ratio=ratio,
+                    round_ratio=median(ratios) if ratios else None,
                 )
             )
     return out
@@ -248,10 +285,11 @@ def render_markdown(
         f"at end {_load(m.get('loadavg_end'))}.",
         f"Servers: {'; '.join(f'{k}: {v}' for k, v in m['server_versions'].items())}.",
         "",
-        f"Figures are medians over rounds; 'vs {baseline}' is the median of per-round ratios "
-        f"(this server's IOPS ÷ {baseline}'s in the same round). CPU s/GiB is the server "
-        "process tree's user+system CPU time per GiB moved (ramp-up excluded pro rata). "
-        "Peak RSS is sampled every "
+        f"Figures are medians over rounds; 'vs {baseline}' is the median over rotation cycles "
+        f"({len(servers)} rounds: every server once in every place) of the geometric mean of "
+        f"per-round ratios (this server's IOPS ÷ {baseline}'s in the same round). "
+        "CPU s/GiB is the server process tree's user+system CPU time per GiB moved "
+        "(ramp-up excluded pro rata). Peak RSS is sampled every "
         f"{m['sample_interval_s'] * 1000:.0f} ms, children included.",
         "",
         table_markdown(summaries, workloads, baseline),
@@ -317,6 +355,52 @@ def to_json(
             for c in cells
         ],
     }
+
+
+def _result_from(row: dict[str, Any]) -> FioResult:
+    """A FioResult back from a JSON row: bytes/s split between the directions by their
+    IOPS (every bench workload moves one direction, so the split is exact there)."""
+    read_iops, write_iops = float(row["read_iops"]), float(row["write_iops"])
+    total = read_iops + write_iops
+    rate = float(row["mib_per_s"]) * MIB
+    share = read_iops / total if total > 0 else 1.0
+    return FioResult(
+        read_iops=read_iops,
+        write_iops=write_iops,
+        read_bytes_per_s=rate * share,
+        write_bytes_per_s=rate * (1.0 - share),
+        bytes_moved=int(row["bytes_moved"]),
+        lat_mean_us=float(row["lat_mean_us"]),
+        lat_p99_us=float(row["lat_p99_us"]),
+    )
+
+
+def from_json(document: dict[str, Any]) -> tuple[list[Cell], list[RssRun]]:
+    """The cells and RSS runs of a document :func:`to_json` wrote, so that a committed
+    result can be summarised and rendered again (``python -m bench --render``).
+
+    Raises:
+        ValueError: the document lacks a field the bench writes.
+    """
+    try:
+        cells = [
+            Cell(
+                round=int(row["round"]),
+                workload=str(row["workload"]),
+                server=str(row["server"]),
+                result=_result_from(row),
+                cpu_s=float(row["cpu_s"]),
+                rss_peak=int(row["rss_peak"]),
+            )
+            for row in document["cells"]
+        ]
+        rss = [
+            RssRun(str(row["server"]), _result_from(row), int(row["rss_peak"]))
+            for row in document.get("rss") or []
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a bench result document: {exc!r}") from None
+    return cells, rss
 
 
 def dumps_compact(document: dict[str, Any]) -> str:

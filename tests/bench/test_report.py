@@ -56,7 +56,10 @@ def test_summarize_medians_ratios_and_peak() -> None:
     assert base.rss_peak == 9 * MIB
     assert peer.iops == 80.0
     # per-round ratios 0.5, 1.5, 0.8 -> median 0.8 (not 80 / 100 by accident: check the set)
-    assert peer.ratio == pytest.approx(0.8)
+    assert peer.round_ratio == pytest.approx(0.8)
+    # two servers: one whole cycle (rounds 1-2), sqrt(0.5 * 1.5); round 3 is half a cycle
+    assert peer.ratio == pytest.approx(0.75**0.5)
+    assert base.ratio == 1.0
     assert peer.mib_per_s == pytest.approx(80.0 * 4096 / MIB)
     # cpu 1 s over iops*4096 bytes, median over rounds
     assert peer.cpu_s_per_gib == pytest.approx(GIB / (80.0 * 4096))
@@ -160,3 +163,69 @@ def test_dumps_compact_round_trips_with_a_line_per_item() -> None:
     text = report.dumps_compact(doc)
     assert json.loads(text) == doc
     assert '  {"x": 1.5},\n  {"x": 2}\n' in text
+
+
+def test_cycle_ratios_cancel_the_place_in_the_round() -> None:
+    """Two servers, the first run of a round 0.7x of the second whoever makes it, and
+    "peer" truly 0.98x of "base": per-round ratios alternate 0.686 / 1.4, their median
+    over an even count is their midpoint (1.043), the cycle ratio is 0.98 exactly."""
+    cells = []
+    for rnd in range(1, 9):
+        first, second = ("peer", "base") if rnd % 2 else ("base", "peer")
+        speed = {"peer": 98.0, "base": 100.0}
+        cells += [
+            cell(rnd, RAND, first, speed[first] * 0.7),
+            cell(rnd, RAND, second, speed[second]),
+        ]
+    per_round = report.per_round_ratios(cells, workload=RAND, server="peer", baseline="base")
+    assert per_round[:2] == [pytest.approx(0.686), pytest.approx(1.4)]
+    cycles = report.cycle_ratios(cells, workload=RAND, server="peer", baseline="base", cycle=2)
+    assert cycles == [pytest.approx(0.98)] * 4
+    got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
+    assert got[1].ratio == pytest.approx(0.98)
+    assert got[1].round_ratio == pytest.approx((0.686 + 1.4) / 2)
+
+
+def test_cycle_ratios_drop_a_cycle_with_a_missing_round() -> None:
+    cells = [
+        cell(1, RAND, "base", 100.0), cell(1, RAND, "peer", 50.0),
+        cell(2, RAND, "base", 100.0), cell(2, RAND, "peer", 200.0),
+        cell(3, RAND, "base", 100.0), cell(3, RAND, "peer", 90.0),
+        cell(4, RAND, "base", 100.0),  # peer did not run in round 4
+    ]  # fmt: skip
+    got = report.cycle_ratios(cells, workload=RAND, server="peer", baseline="base", cycle=2)
+    assert got == [pytest.approx(1.0)]
+    with pytest.raises(ValueError, match="at least 1"):
+        report.cycle_ratios(cells, workload=RAND, server="peer", baseline="base", cycle=0)
+
+
+def test_from_json_gives_back_what_to_json_wrote() -> None:
+    cells = [
+        cell(1, RAND, "base", 100.0, cpu=0.5, rss=3 * MIB), cell(1, RAND, "peer", 90.0),
+        cell(2, RAND, "base", 110.0), cell(2, RAND, "peer", 120.0),
+    ]  # fmt: skip
+    rss = [RssRun("peer", result(50.0, bs=MIB), 7 * MIB)]
+    got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
+    doc = report.to_json(meta={"rounds": 2}, cells=cells, summaries=got, rss_runs=rss)
+    back, back_rss = report.from_json(doc)
+
+    # What the ratios and the table are made of comes back exactly; MiB/s as rounded (2 places)
+    def key(c: Cell) -> tuple[object, ...]:
+        return (c.round, c.workload, c.server, c.result.iops, c.cpu_s, c.rss_peak)
+
+    assert [key(c) for c in back] == [key(c) for c in cells]
+    assert [c.result.mib_per_s for c in back] == [
+        pytest.approx(c.result.mib_per_s, abs=0.005) for c in cells
+    ]
+    assert [(r.server, r.rss_peak, r.result.iops) for r in back_rss] == [("peer", 7 * MIB, 50.0)]
+    again = report.summarize(back, workloads=WL, servers=["base", "peer"], baseline="base")
+    assert [(s.ratio, s.round_ratio, s.iops) for s in again] == [
+        (s.ratio, s.round_ratio, s.iops) for s in got
+    ]
+
+
+def test_from_json_refuses_a_document_that_is_not_a_bench_result() -> None:
+    with pytest.raises(ValueError, match="not a bench result document: KeyError"):
+        report.from_json({"cells": [{"round": 1}]})
+    with pytest.raises(ValueError, match="not a bench result document"):
+        report.from_json({"meta": {}})
