@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from bench.runner import Plan, Terminated, describe, parse_servers, pinning, run
+from bench.runner import Plan, Terminated, describe, parse_servers, pinning, render, run
 from bench.servers import BenchError, ServerError, ServerKind
 from bench.workloads import MIB, RSS_WORKLOAD, WORKLOADS, select_workloads
 
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for NAME.md/.json")
     p.add_argument("--name", help="result file stem (default: full, quick or smoke)")
     p.add_argument("--list", action="store_true", help="list workloads and servers, then exit")
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="FILE.json",
+        help="run nothing: summarise and render a results JSON again from its cells, into "
+        "--out as --name (default: the file's own stem)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -162,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.list:
         print(EPILOG)
+        return 0
+    if args.render is not None:
+        try:
+            outcome = render(args.render, args.out, args.name or args.render.stem)
+        except BenchError as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 1
+        print(outcome.markdown)
+        print(f"wrote {outcome.md_path} and {outcome.json_path}", file=sys.stderr)
         return 0
     try:
         plan = plan_from_args(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -50,6 +51,7 @@ from bench.servers import (
 from bench.workloads import (
     MIB,
     RSS_WORKLOAD,
+    WORKLOADS_BY_NAME,
     FioOutputError,
     FioResult,
     Transport,
@@ -463,3 +465,37 @@ def parse_servers(spec: str | None) -> tuple[ServerKind, ...]:
 
 def describe(workloads: Sequence[Workload]) -> str:
     return "\n".join(f"{w.name:<28} {w.description}" for w in workloads)
+
+
+def render(json_path: Path, out_dir: Path, name: str) -> Outcome:
+    """Summarise and render a results JSON again from its cells (``--render``): a
+    committed result regenerates its Markdown, and an older run gets today's figures.
+
+    Raises:
+        BenchError: the file is not a bench result.
+    """
+    try:
+        document = json.loads(json_path.read_text())
+        meta = document["meta"]
+        cells, rss_runs = report.from_json(document)
+        workloads = [WORKLOADS_BY_NAME[w] for w in meta["workloads"]]
+        servers, baseline = list(meta["servers"]), str(meta["baseline"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BenchError(f"{json_path}: cannot render: {exc}") from None
+    summaries = report.summarize(cells, workloads=workloads, servers=servers, baseline=baseline)
+    markdown = report.render_markdown(
+        title=f"swapnbd bench: {name} run",
+        meta=meta,
+        summaries=summaries,
+        workloads=workloads,
+        servers=servers,
+        baseline=baseline,
+        rss_runs=rss_runs,
+        rss_description=RSS_WORKLOAD.description,
+    )
+    document = report.to_json(meta=meta, cells=cells, summaries=summaries, rss_runs=rss_runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, out_json = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    md_path.write_text(markdown)
+    out_json.write_text(report.dumps_compact(document))
+    return Outcome(markdown, document, md_path, out_json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from bench.__main__ import build_parser, main, plan_from_args
 from bench.runner import Plan, balance_warning, leads, parse_servers, rotated
 from bench.servers import ON_REQUEST, ServerKind
 from bench.workloads import MIB, WORKLOADS
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def plan(*argv: str) -> Plan:
@@ -138,3 +141,26 @@ def test_uneven_rounds_are_warned_about() -> None:
         balance_warning(plan("--servers", "nbd-serve,nbdkit,nbd-server", "--rounds", "9")) is None
     )
     assert balance_warning(plan("--servers", "nbdkit", "--rounds", "4")) is None
+
+
+def test_render_regenerates_a_committed_result(tmp_path: Path) -> None:
+    """`--render` runs nothing: the committed house run's JSON gives its Markdown again,
+    with every workload's row, and the ratios by rotation cycle."""
+    committed = REPO / "bench" / "results" / "house-vs-58cec2b.json"
+    assert main(["--render", str(committed), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "house-vs-58cec2b.md").read_text()
+    assert "median over rotation cycles (2 rounds" in md
+    for description in json.loads(committed.read_text())["meta"]["workloads"].values():
+        assert f"| {description} | nbd-serve |" in md
+    assert (tmp_path / "house-vs-58cec2b.md").read_text() == (
+        REPO / "bench" / "results" / "house-vs-58cec2b.md"
+    ).read_text()
+
+
+def test_render_refuses_a_file_that_is_not_a_result(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text('{"meta": {}}')
+    assert main(["--render", str(bad), "--out", str(tmp_path)]) == 1
+    assert "cannot render" in capsys.readouterr().err
