@@ -393,8 +393,10 @@ class Connection(asyncio.BufferedProtocol):
             max_bytes=server.max_inflight_bytes,
         )
         self.flow = self.state.flow
-        #: NBDConnection.route, bound once: it runs for every request.
+        #: NBDConnection's per-request and per-batch rules, bound once.
         self._route = self.state.route
+        self._should_pause = self.state.should_pause
+        self._may_poll = self.state.may_poll
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
         #: Bound at the handoff to transmission for the inline path, which runs them for
@@ -463,9 +465,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.rx.end += nbytes
-        if self.state.negotiation is not None:
+        state = self.state
+        if state.negotiation is not None:
             self._negotiate()
-        tx = self.state.tx
+        tx = state.tx
         if tx is not None and not self.lost:
             if self.poll_window.waiting_since:
                 self.poll_window.arrived(time.perf_counter_ns())
@@ -560,7 +563,7 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self.lost:
             return
-        pause = self.state.should_pause(transport.get_write_buffer_size())
+        pause = self._should_pause(transport.get_write_buffer_size())
         if pause and not self.flow.read_paused:
             transport.pause_reading()
             self.flow.read_paused = True
@@ -628,7 +631,7 @@ class Connection(asyncio.BufferedProtocol):
             or self.batch_size != 1
             or self.fd < 0
             or self.lost
-            or not self.state.may_poll()
+            or not self._may_poll()
             or transport is None
             or transport.get_write_buffer_size()
             or len(self.server.connections) != 1
