@@ -30,7 +30,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; vertical-align: top; }
 td.num { text-align: right; white-space: nowrap; }
 th.arm { max-width: 14em; overflow-wrap: anywhere; }
 tbody th { position: sticky; left: 0; z-index: 1; background: #fff; text-align: left;
-  min-width: 12em; max-width: 18em; overflow-wrap: anywhere; }
+  min-width: 14em; max-width: 18em; overflow-wrap: break-word; }
 td.ref, th.ref { background: #f4f4f4; color: #555; }
 tr:nth-child(even) td:not(.ref) { background: #fafafa; }
 dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; }
