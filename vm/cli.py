@@ -546,11 +546,19 @@ def _add_report(sub: Any) -> None:
         default=None,
         metavar="OUT",
         help="write a published result in OUT: runs.tar.xz (every run's run.json, samples, "
-        "events and console), then from it report.md/.csv/.json and plots/",
+        "events and console), then from it report.md/.csv/.json, plots/ and report.html",
     )
     p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="default md")
     p.add_argument("--output", type=Path, default=None, help="write here instead of stdout")
-    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNGs here")
+    p.add_argument(
+        "--plots",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write PNGs here: overlays.png (every arm on shared axes: progress, swap-in/out, "
+        "direct scan and steal, nr_writeback, MemFree against vm.min_free_kbytes; x in "
+        "seconds since the stress phase, for runs that kept samples and events) and one per arm",
+    )
     p.add_argument(
         "--html",
         type=Path,

@@ -15,7 +15,7 @@ import matplotlib.image
 import pytest
 
 from vm import cli
-from vm.campaign import archive, publish, report, report_html
+from vm.campaign import archive, plots, publish, report, report_html
 
 DATA = Path(__file__).resolve().parent / "data" / "report"
 VANILLA = "6.1-vanilla-slub-nbd-serve"
@@ -99,3 +99,47 @@ def test_cli_html_writes_the_page_with_the_plots(tmp_path: Path) -> None:
     assert text.startswith(report_html.render_html(rep)[:200])
     assert text.count("data:image/png;base64,") == 2
     assert "2012" not in text  # only when asked for
+
+
+SEED = Path(__file__).resolve().parents[2] / "docs" / "results" / "seed-2026-12-06"
+
+
+@pytest.fixture(scope="module")
+def seed_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed seed of 2026-12-06 (17 runs, 5 arms, the 2012 columns), with the
+    overlays and the arms' plots drawn afresh from its archive."""
+    out = tmp_path_factory.mktemp("seed")
+    runs = archive.load_runs([SEED / "runs.tar.xz"])
+    rep = report.build_report(runs, baseline="6.1-patched-slub-nbd-serve", reference_2012=True)
+    plots.write_plots(runs, out / "plots")
+    page = out / "report.html"
+    page.write_text(report_html.render_html(rep, publish.plot_images(out / "plots")))
+    return page
+
+
+def test_the_overlays_come_first_with_their_caption(seed_page: Path) -> None:
+    text = seed_page.read_text()
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)">', text)
+    assert alts == [
+        "overlays.png",
+        "6.1-patched-slub-nbd-serve.png",
+        "6.1-vanilla-slab-nbd-serve.png",
+        "6.1-vanilla-slub-nbd-serve.png",
+        "6.12-patched-slub-nbd-serve.png",
+        "6.12-vanilla-slub-nbd-serve.png",
+    ]
+    assert "<figcaption>overlays.png: every arm on shared axes, one colour per arm" in text
+
+
+def test_a_wide_table_scrolls_in_its_box_and_the_page_fits(seed_page: Path, tmp_path: Path) -> None:
+    """In a window narrower than the table (5 arms and the two 2012 columns), the table
+    scrolls inside itself and the page does not run off to the right."""
+    dom = browse(seed_page, tmp_path, "--window-size=900,1600", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert 'data-images="loaded"' in html and 'data-image-count="6"' in html
+    assert 'data-table-scrolls="yes"' in html and 'data-page-fits="yes"' in html
+    assert '<table id="report">' in html and '<dl class="header" id="header">' in html
+    assert '<th class="arm">6.1-vanilla-slab-nbd-serve</th>' in html
+    assert "<th>lockup: time to stall, into stress (s)</th>" in html
+    assert "<th>lockup signature</th>" in html and "memalloc-deadlock" in html

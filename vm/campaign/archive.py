@@ -5,7 +5,8 @@ Theory of operation
 :func:`load_runs` is the only part of the report that reads files: it finds every
 ``run.json`` under the given paths (a matrix store, a single run directory, a tree of
 either, or a published ``runs.tar.xz`` read in place; hidden directories such as a
-store's ``.attic`` are skipped) together with the run's ``vmstat.jsonl`` samples, as
+store's ``.attic`` are skipped) together with the run's ``vmstat.jsonl`` samples and its
+``events.jsonl`` phases and heartbeats, as
 :class:`vm.campaign.report.RunData`.  :func:`write_archive` writes the one archive of raw
 runs that a published result keeps, reproducibly, so the report can be regenerated from it.
 """
@@ -40,6 +41,30 @@ def _parse_samples(text: str) -> list[dict[str, Any]]:
         if isinstance(obj, dict) and obj.get("type", "sample") == "sample" and "vmstat" in obj:
             samples.append(obj)
     return samples
+
+
+#: The event types the report keeps from events.jsonl (the rest, such as the result and
+#: the kernel's info line, are in run.json already).
+EVENT_TYPES = ("phase", "heartbeat")
+
+
+def _parse_events(text: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the guest stopping mid-write
+        if isinstance(obj, dict) and obj.get("type") in EVENT_TYPES:
+            events.append(obj)
+    return events
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    try:
+        return _parse_events(path.read_text(errors="replace"))
+    except OSError:
+        return []
 
 
 #: What ``swapnbd report`` reads as an archive of run directories (a published result's
@@ -81,7 +106,9 @@ def _load_archive(archive: Path) -> list[RunData]:
                 parent = PurePosixPath(name).parent
                 vmstat_name = (obj.get("files") or {}).get("vmstat", "vmstat.jsonl")
                 samples = _parse_samples(text(str(parent / vmstat_name)) or "")
-                runs.append(RunData(archive / parent, obj, samples))
+                events_name = (obj.get("files") or {}).get("events", "events.jsonl")
+                events = _parse_events(text(str(parent / events_name)) or "")
+                runs.append(RunData(archive / parent, obj, samples, events))
     except (OSError, tarfile.TarError) as exc:
         raise ReportError(f"{archive} is not a readable tar archive ({exc})") from exc
     return runs
@@ -135,8 +162,10 @@ def load_runs(dirs: Sequence[Path]) -> list[RunData]:
                 ) from exc
             if not isinstance(obj, dict):
                 raise ReportError(f"{path} is not a run.json object")
-            vmstat_name = (obj.get("files") or {}).get("vmstat", "vmstat.jsonl")
-            runs.append(RunData(path.parent, obj, _read_samples(path.parent / vmstat_name)))
+            files = obj.get("files") or {}
+            samples = _read_samples(path.parent / files.get("vmstat", "vmstat.jsonl"))
+            events = _read_events(path.parent / files.get("events", "events.jsonl"))
+            runs.append(RunData(path.parent, obj, samples, events))
     if not runs:
         raise ReportError(
             "no run.json under " + ", ".join(str(d) for d in dirs) + "; run swapnbd run or "

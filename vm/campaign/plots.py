@@ -1,17 +1,45 @@
-"""``swapnbd report --plots``: one PNG per arm from the runs' vmstat samples (matplotlib).
+"""``swapnbd report --plots``: the overlays of every arm, and one PNG per arm (matplotlib).
 
+``overlays.png`` (:data:`OVERLAY_FILE`) puts every arm on shared axes, one colour per arm
+and one line per run, from :mod:`vm.campaign.series`; ``ARM.png`` shows one arm's runs.
 matplotlib is the optional ``plot`` extra, imported only when plots are drawn.
 """
 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vm.campaign import plan
 from vm.campaign.report import MIB, ReportError, RunData, is_interrupted, num, outcome_text
+from vm.campaign.series import RunSeries, run_series
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: The overlays' file name in a plots directory (an arm's plot is ``ARM.png``).
+OVERLAY_FILE = "overlays.png"
+
+#: The overlay panels: (RunSeries field, title); ``pages_done`` is drawn against the
+#: heartbeats' times, the rest against the samples'.
+OVERLAY_PANELS: tuple[tuple[str, str], ...] = (
+    ("pages_done", "progress: pages written or verified (heartbeats)"),
+    ("memfree_mib", "MemFree (MiB) against vm.min_free_kbytes (dashed)"),
+    ("swapout_rate", "swap-out, pswpout (pages/s)"),
+    ("swapin_rate", "swap-in, pswpin (pages/s)"),
+    ("pgscan_direct_rate", "direct scan, pgscan_direct (pages/s)"),
+    ("pgsteal_direct_rate", "direct steal, pgsteal_direct (pages/s)"),
+    ("nr_writeback", "nr_writeback (pages under writeback)"),
+)
+
+#: Below this many seconds the overlays' time axis is linear, above it logarithmic: a
+#: vanilla run locks up within seconds of the stress phase and a patched one runs for
+#: minutes, and both must be readable on one axis.
+LINEAR_SECONDS = 10.0
 
 
 def series(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
@@ -50,18 +78,7 @@ def series(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     return out
 
 
-def _safe_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
-
-
-def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
-    """One PNG per arm (``ARM.png``): free memory, swap-in and swap-out rates and the
-    cumulative pgscan_direct_throttle over time, one line per run.  A run that did not
-    complete ends where its samples end, marked with an x.
-
-    Raises:
-        ReportError: matplotlib is not installed.
-    """
+def _pyplot() -> Any:
     try:
         import matplotlib  # noqa: PLC0415 - optional extra
 
@@ -71,11 +88,150 @@ def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
         raise ReportError(
             "--plots needs matplotlib: pip install 'swapnbd[plot]' (./dev setup installs it)"
         ) from exc
+    return plt
+
+
+def _arms(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
+    """The usable runs by arm label, as the report groups them."""
     usable = [r for r in runs if not is_interrupted(r.run)]
     varying = plan.varying_keys([r.config for r in usable])
     arms: dict[str, list[RunData]] = {}
     for r in usable:
         arms.setdefault(plan.label(r.config, varying), []).append(r)
+    return arms
+
+
+@dataclass(frozen=True, slots=True)
+class Overlays:
+    """What the overlay figure shows: the arms in legend order, and the runs left out."""
+
+    arms: tuple[str, ...]
+    """Arm labels, each with its colour, in legend order."""
+    runs: dict[str, tuple[str, ...]]
+    """Per arm, the runs drawn."""
+    left_out: tuple[str, ...]
+    """Runs with no stress phase event or no samples: nothing to put on the shared axis."""
+    min_free: str
+    """What the dashed line in the MemFree panel is."""
+
+
+def _min_free_text(drawn: Sequence[RunSeries]) -> str:
+    values = sorted({(s.min_free_kbytes, s.min_free_source) for s in drawn})
+    known = sorted({k for k, _ in values if k is not None})
+    if not known:
+        return "no vm.min_free_kbytes recorded: no line"
+    sources = sorted({src for k, src in values if k is not None})
+    where = " and ".join(
+        {"guest": "read back in the guest", "config": "as the run pinned it"}[src]
+        for src in sources
+    )
+    kb = ", ".join(f"{k} kB" for k in known)
+    return (
+        f"dashed: vm.min_free_kbytes ({kb}, {where}), the sum of the zones' min watermarks "
+        "before watermark boosting; /proc/zoneinfo is not sampled, so the boosted watermark "
+        "that SysRq m shows at a stall is not drawn"
+    )
+
+
+def draw_overlays(runs: Sequence[RunData]) -> tuple[Figure, Overlays] | None:
+    """Every arm on shared axes (:data:`OVERLAY_PANELS`), x in seconds since the stress
+    phase began; one colour per arm, one line per run, an x where a run that did not
+    complete stopped.  None when no run has a series.
+
+    Raises:
+        ReportError: matplotlib is not installed.
+    """
+    drawn: dict[str, list[RunSeries]] = {}
+    left_out: list[str] = []
+    for label, rs in _arms(runs).items():
+        for r in rs:
+            ser = run_series(r)
+            if ser is None or not ser.t:
+                left_out.append(r.name)
+            else:
+                drawn.setdefault(label, []).append(ser)
+    if not drawn:
+        return None
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20")
+    fig, axes = plt.subplots(4, 2, figsize=(13, 15), sharex=True)
+    panels = list(zip(axes.flat, OVERLAY_PANELS, strict=False))
+    everything = [s for ss in drawn.values() for s in ss]
+    for i, sers in enumerate(drawn.values()):
+        colour = cmap(i % cmap.N)
+        for ser in sers:
+            for ax, (key, _title) in panels:
+                xs = ser.heartbeat_t if key == "pages_done" else ser.t
+                ys = getattr(ser, key)
+                ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.8)
+                if ser.outcome != "completed" and xs:
+                    ax.plot(xs[-1], ys[-1], "x", color=colour, markersize=8)
+    kbytes = sorted({s.min_free_kbytes for s in everything if s.min_free_kbytes is not None})
+    memfree_ax = panels[1][0]
+    for kb in kbytes:
+        memfree_ax.axhline(kb * 1024 / MIB, color="black", linestyle="--", linewidth=1)
+    starts = [s.t[0] for s in everything] + [s.heartbeat_t[0] for s in everything if s.pages_done]
+    ends = [s.t[-1] for s in everything] + [s.heartbeat_t[-1] for s in everything if s.pages_done]
+    for ax, (_key, title) in panels:
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.set_xscale("symlog", linthresh=LINEAR_SECONDS)
+        ax.set_xlim(min(starts), max(ends) * 1.05)
+    for ax in axes[-1]:
+        ax.set_xlabel(f"seconds since the stress phase began (linear to {LINEAR_SECONDS:g} s)")
+    legend_ax = axes.flat[len(OVERLAY_PANELS)]
+    legend_ax.axis("off")
+    handles = [plt.Line2D([], [], color=cmap(i % cmap.N), linewidth=3) for i in range(len(drawn))]
+    counts = {label: _counts(rs) for label, rs in _arms(runs).items()}
+    names = [
+        f"{label}: {outcome_text(counts[label], sum(counts[label].values()))}" for label in drawn
+    ]
+    legend_ax.legend(handles, names, loc="center", fontsize=8, frameon=False)
+    min_free = _min_free_text(everything)
+    note = "x: where a run that did not complete stopped. " + min_free + "."
+    if left_out:
+        note += f" Not drawn (no stress phase event or no samples): {', '.join(left_out)}."
+    fig.suptitle("every arm on shared axes: one colour per arm, one line per run")
+    fig.text(0.5, 0.01, textwrap.fill(note, 170), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig, Overlays(
+        arms=tuple(drawn),
+        runs={label: tuple(s.name for s in sers) for label, sers in drawn.items()},
+        left_out=tuple(left_out),
+        min_free=min_free,
+    )
+
+
+def write_overlays(runs: Sequence[RunData], out_dir: Path) -> Path | None:
+    """:func:`draw_overlays` saved as ``out_dir/overlays.png``; None when nothing to draw."""
+    drawn = draw_overlays(runs)
+    if drawn is None:
+        return None
+    fig, _ = drawn
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / OVERLAY_FILE
+    fig.savefig(path, dpi=80)
+    _pyplot().close(fig)
+    return path
+
+
+def _safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
+
+
+def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
+    """``overlays.png`` (:func:`write_overlays`), then one PNG per arm (``ARM.png``): free
+    memory, swap-in and swap-out rates and the cumulative pgscan_direct_throttle over time,
+    one line per run.  A run that did not complete ends where its samples end, marked with
+    an x.
+
+    Raises:
+        ReportError: matplotlib is not installed.
+    """
+    plt = _pyplot()
+    arms = _arms(runs)
+    overlay = write_overlays(runs, out_dir)
+    written = [] if overlay is None else [overlay]
     out_dir.mkdir(parents=True, exist_ok=True)
     panels = (
         ("memfree_mib", "MemFree (MiB)"),
@@ -83,7 +239,6 @@ def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
         ("swapout_rate", "swap-out (pages/s)"),
         ("throttle", "pgscan_direct_throttle (cumulative)"),
     )
-    written = []
     for label, rs in arms.items():
         if not any(r.samples for r in rs):  # runs from before samples were kept: no axes
             continue

@@ -1,8 +1,9 @@
 """``swapnbd report --publish``: a published result, from one archive of raw runs.
 
 A published result is ``runs.tar.xz`` and what it regenerates: ``report.md``,
-``report.csv``, ``report.json``, ``plots/`` and ``report.html`` (the report with the plots
-embedded).
+``report.csv``, ``report.json``, ``plots/`` (``overlays.png`` with every arm on shared
+axes, when the runs kept their samples and events, and one PNG per arm) and
+``report.html`` (the report with the plots embedded).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vm.campaign.archive import load_runs, write_archive
-from vm.campaign.plots import write_plots
+from vm.campaign.plots import OVERLAY_FILE, write_plots
 from vm.campaign.report import RunData, build_report, render
 from vm.campaign.report_html import render_html
 
 
 def plot_images(plot_dir: Path) -> list[tuple[str, bytes]]:
-    """The PNGs in ``plot_dir`` as (name, bytes), by name: what report.html embeds."""
+    """The PNGs in ``plot_dir`` as (name, bytes), what report.html embeds: the overlays of
+    every arm first, then the arms' plots by name."""
     if not plot_dir.is_dir():
         return []
-    return [(p.name, p.read_bytes()) for p in sorted(plot_dir.glob("*.png"))]
+    paths = sorted(plot_dir.glob("*.png"), key=lambda p: (p.name != OVERLAY_FILE, p.name))
+    return [(p.name, p.read_bytes()) for p in paths]
 
 
 def publish(
@@ -42,7 +45,10 @@ def publish(
     relative = Path(archive.name)
     published = load_runs([archive])
     rep = build_report(
-        [RunData(relative / r.path.relative_to(archive), r.run, r.samples) for r in published],
+        [
+            RunData(relative / r.path.relative_to(archive), r.run, r.samples, r.events)
+            for r in published
+        ],
         baseline=baseline,
         reference_2012=reference_2012,
     )

@@ -110,6 +110,8 @@ class RunData:
     """The run directory."""
     run: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """The guest's phase and heartbeat events (events.jsonl), in order; [] when not kept."""
 
     @property
     def name(self) -> str:

@@ -2,9 +2,14 @@
 
 The same header, table and footnotes as ``report.md`` (the cells are the Markdown's,
 :func:`vm.campaign.report.cell_text`), with the plots embedded as ``data:`` URIs, so the
-page needs nothing but itself: no stylesheet, font or image is fetched.  A few lines of
-inline script mark ``<body>`` with ``data-images="loaded"`` once every image has decoded
-(``broken`` otherwise); the browser test (tests/vm/test_report_html.py) reads that mark.
+page needs nothing but itself: no stylesheet, font or image is fetched.  A table wider
+than the window scrolls inside its own box (the table is a block with its own horizontal
+scroll) while its row labels stay in view (a sticky first column), so the page itself never
+runs off to the right.  A few lines of inline
+script mark ``<body>`` once the page has loaded: ``data-images="loaded"`` when every image
+decoded (``broken`` otherwise), ``data-page-fits`` whether the page is no wider than the
+window, ``data-table-scrolls`` whether the table overflows its box; the browser test
+(tests/vm/test_report_html.py) reads those marks.
 """
 
 from __future__ import annotations
@@ -14,14 +19,18 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vm.campaign.plots import OVERLAY_FILE
 from vm.campaign.report import MEDIAN_KEYS, cell_text, median_text, reference_cells
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; }
+table { border-collapse: separate; border-spacing: 0; font-size: 0.85em; }
+table#report { display: block; overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; vertical-align: top; }
 td.num { text-align: right; white-space: nowrap; }
-th.arm { max-width: 14em; }
+th.arm { max-width: 14em; overflow-wrap: anywhere; }
+tbody th { position: sticky; left: 0; z-index: 1; background: #fff; text-align: left;
+  min-width: 14em; max-width: 18em; overflow-wrap: break-word; }
 td.ref, th.ref { background: #f4f4f4; color: #555; }
 tr:nth-child(even) td:not(.ref) { background: #fafafa; }
 dl.header { display: grid; grid-template-columns: max-content auto; gap: 0.15em 1em; }
@@ -38,8 +47,23 @@ window.addEventListener("load", function () {
   var ok = imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
   document.body.setAttribute("data-images", ok ? "loaded" : "broken");
   document.body.setAttribute("data-image-count", String(imgs.length));
+  var page = document.documentElement.scrollWidth <= window.innerWidth;
+  document.body.setAttribute("data-page-fits", page ? "yes" : "no");
+  var box = document.getElementById("report");
+  if (box) {
+    document.body.setAttribute("data-table-scrolls",
+      box.scrollWidth > box.clientWidth ? "yes" : "no");
+  }
 });
 """
+
+
+#: Captions of plots by file name; an arm's plot is captioned with its name.
+CAPTIONS = {
+    OVERLAY_FILE: f"{OVERLAY_FILE}: every arm on shared axes, one colour per arm and one line "
+    "per run; x is seconds since the guest's stress phase began. The note under the figure "
+    "says what the dashed line in the MemFree panel is.",
+}
 
 
 def _e(text: Any) -> str:
@@ -118,9 +142,10 @@ def render_html(rep: Mapping[str, Any], plots: Sequence[tuple[str, bytes]] = ())
         out.append('<h2>Plots</h2><div id="plots">')
         for name, png in plots:
             data = base64.b64encode(png).decode("ascii")
+            caption = CAPTIONS.get(name, name)
             out.append(
                 f'<figure><img src="data:image/png;base64,{data}" alt="{_e(name)}">'
-                f"<figcaption>{_e(name)}</figcaption></figure>"
+                f"<figcaption>{_e(caption)}</figcaption></figure>"
             )
         out.append("</div>")
     out += ["</body>", "</html>", ""]
