@@ -508,6 +508,7 @@ def _add_matrix(sub: Any) -> None:
         help="with --resume, also rerun runs whose outcome is error (a harness failure)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and the estimate only")
+    _add_history_flag(p)
     p.add_argument("--shard", default=None, metavar="K/N", help="only runs with i %% N == K-1")
     p.add_argument(
         "--only", default=None, metavar="ID,...", help="only these run ids or cell labels"
@@ -522,6 +523,21 @@ def _add_matrix(sub: Any) -> None:
         "share back into --out and write the merged report; rerun to resume",
     )
     p.set_defaults(func=cmd_matrix)
+
+
+def _add_history_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-history",
+        action="store_true",
+        help="estimate from the store's runs only, not also from the committed results "
+        "(docs/results/*/runs.tar.xz), which estimates otherwise learn from",
+    )
+
+
+def _history(args: argparse.Namespace) -> list[Path]:
+    from vm.campaign import archive  # noqa: PLC0415 - only the campaign subcommands need it
+
+    return [] if args.no_history else archive.committed_archives()
 
 
 def _add_report(sub: Any) -> None:
@@ -606,7 +622,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         runs = plan.plan_runs(mx)
         selected = plan.select_runs(runs, shard=shard, only=only)
         if args.dry_run:
-            print("\n".join(matrix.dry_run_lines(mx, args.out, selected)))
+            print("\n".join(matrix.dry_run_lines(mx, args.out, selected, _history(args))))
             return EXIT_OK
         with matrix.sigterm_as_interrupt():
             result = matrix.run_matrix(
@@ -618,6 +634,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 shard=shard,
                 only=only,
                 emit=emit,
+                history=_history(args),
             )
     except plan.MatrixError as exc:
         print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
