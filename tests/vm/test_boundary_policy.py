@@ -45,7 +45,7 @@ def test_wilson_edges_and_bad_input() -> None:
     for k, n in ((3, 2), (-1, 2), (0, -1)):
         with pytest.raises(ValueError, match="need 0 <= k <= n"):
             wilson(k, n)
-    with pytest.raises(ValueError, match="confidence must be one of 0.8, 0.9, 0.95, 0.99"):
+    with pytest.raises(ValueError, match=r"confidence must be one of 0\.8, 0\.9, 0\.95, 0\.99"):
         z_for(0.5)
 
 
@@ -63,7 +63,9 @@ def replay(
     trials: list[Trial] = []
     while (choice := adaptive.next_run(curves, trials, policy)) is not None:
         chosen.append(choice)
-        trials.append(Trial(choice.curve, choice.ratio, outcome(choice.curve, choice.ratio, choice.trial)))
+        trials.append(
+            Trial(choice.curve, choice.ratio, outcome(choice.curve, choice.ratio, choice.trial))
+        )
         assert len(chosen) < 500
     return chosen, trials
 

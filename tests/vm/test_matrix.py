@@ -679,3 +679,12 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     lone = next(r for r in matrix_plan.plan_runs(other) if r.cell.settings["kernel"] == "6.1-x")
     scale = sum(m.seconds for m in est.samples) / sum(m.model for m in est.samples)
     assert est.seconds(lone) == pytest.approx(173 * scale)
+
+
+def test_min_free_kbytes_is_a_matrix_key_and_enters_the_label() -> None:
+    runs = plan('[defaults]\ntotal = "256M"\n[axes]\nmin_free_kbytes = [1448, 8192]\n')
+    assert [r.label for r in runs] == [
+        "6.1-patched-slub-nbd-serve-mf1448",
+        "6.1-patched-slub-nbd-serve-mf8192",
+    ]
+    assert runs[1].config(Path("/")).pinned_min_free_kbytes == 8192

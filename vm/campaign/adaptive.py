@@ -139,9 +139,7 @@ def bracket(curve: Curve, counts: Counts, policy: Policy) -> tuple[int, int]:
 def next_ratio(curve: Curve, counts: Counts, policy: Policy) -> float | None:
     """The ratio of ``curve`` to run next, or None when the curve is done."""
     lo, hi = bracket(curve, counts, policy)
-    candidates = [
-        i for i in range(lo + 1, hi) if state(counts, curve.ratios[i], policy) == "open"
-    ]
+    candidates = [i for i in range(lo + 1, hi) if state(counts, curve.ratios[i], policy) == "open"]
     if not candidates:
         return None
     started = [i for i in candidates if counts.get(curve.ratios[i], (0, 0))[1] > 0]
@@ -165,7 +163,7 @@ def next_run(curves: Sequence[Curve], trials: Sequence[Trial], policy: Policy) -
             raise ValueError(f"a trial of {t.curve} at ratio {t.ratio:g} is not on any curve")
     if policy.max_total is not None and len(trials) >= policy.max_total:
         return None
-    spent = {name: 0 for name in names}
+    spent = dict.fromkeys(names, 0)
     for t in trials:
         spent[t.curve] += 1
     best: Choice | None = None
@@ -195,7 +193,5 @@ def runs_to_decide(p: float, policy: Policy) -> int:
 def remaining_steps(curve: Curve, counts: Counts, policy: Policy) -> int:
     """Settings a bisection of the open gap still has to decide (ceil log2 of it + 1)."""
     lo, hi = bracket(curve, counts, policy)
-    gap = sum(
-        1 for i in range(lo + 1, hi) if state(counts, curve.ratios[i], policy) == "open"
-    )
+    gap = sum(1 for i in range(lo + 1, hi) if state(counts, curve.ratios[i], policy) == "open")
     return gap.bit_length()

@@ -51,6 +51,8 @@ class MatrixResult:
     skipped: list[str] = field(default_factory=list)
     outcomes: dict[str, str | None] = field(default_factory=dict)
     interrupted: bool = False
+    exhausted: str | None = None
+    """A boundary that stopped because a setting used up its runs (what and why)."""
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -179,9 +181,7 @@ def run_matrix(
             prefix = f"[{k}/{len(todo)}]"
             if not stepper.step(run, prefix, est.total(todo[k:]), f"run {k} of {len(todo)}"):
                 break
-            say(
-                f"{prefix} {len(todo) - k} left, matrix ETA {format_duration(est.total(todo[k:]))}"
-            )
+            say(f"{prefix} {len(todo) - k} left, matrix ETA {format_duration(est.total(todo[k:]))}")
     except KeyboardInterrupt:
         result.interrupted = True
         say("matrix: interrupted between runs; index written")

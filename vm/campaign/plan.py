@@ -93,6 +93,7 @@ EXTRA_LABEL_KEYS = (
     "nbd_connections",
     "server_sched_policy",
     "early_confirm",
+    "min_free_kbytes",
 )
 
 
@@ -261,8 +262,11 @@ def _base_settings() -> dict[str, Any]:
     }
 
 
-def parse_matrix(text: str, name: str = "matrix") -> Matrix:
-    """Parse a matrix file's text.
+def parse_matrix(
+    text: str, name: str = "matrix", *, extra_tables: frozenset[str] = frozenset()
+) -> Matrix:
+    """Parse a matrix file's text; ``extra_tables`` are top-level tables another reader
+    owns (the boundary's ``[boundary]``) and this one skips.
 
     Raises:
         MatrixError: invalid TOML, an unknown key, a bad value, a duplicate cell or a
@@ -273,7 +277,7 @@ def parse_matrix(text: str, name: str = "matrix") -> Matrix:
     except tomllib.TOMLDecodeError as exc:
         raise MatrixError(f"{name}: not valid TOML: {exc}") from exc
     known = {"matrix", "defaults", "axes", "cells", "arms"}
-    unknown = sorted(set(doc) - known)
+    unknown = sorted(set(doc) - known - extra_tables)
     if unknown:
         raise MatrixError(
             f"{name}: unknown top-level key(s) {', '.join(unknown)}; "
@@ -387,6 +391,8 @@ def _fmt_extra(key: str, value: Any) -> str:
         return f"sched-{value or 'default'}"  # None: not nbd-serve, or not recorded
     if key == "early_confirm":
         return "held" if value is False else "early"
+    if key == "min_free_kbytes":
+        return "mf-auto" if value is None else f"mf{value}"  # None: the kernel's formula
     return str(value)
 
 
@@ -538,30 +544,34 @@ def cell_keys(config: Mapping[str, Any]) -> tuple[tuple[Any, ...], ...]:
     """How alike two runs are, for estimates, from the closest to the loosest match.
 
     0. the same cell: kernel, arm, allocator, guest, workload, swap, cutoff, min_free;
-    1. the same kernel, arm and allocator with the same lockup cutoff (a vanilla run ends
+    1. the same but for the amount of work (ratio or total, min_free): the boundary's
+       other settings of the same arm;
+    2. the same kernel, arm and allocator with the same lockup cutoff (a vanilla run ends
        at the cutoff, so a run with another cutoff says little about it);
-    2. the same kernel and arm.
+    3. the same kernel and arm.
+    ``6.1`` with allocator ``slab`` and the ``6.1-slab`` build are one kernel here.
     Looser matches are scaled by the size model (:func:`model_seconds_of`)."""
     kernel = str(config.get("kernel", "6.1"))
     arm = str(config.get("arm") or "patched")
     allocator = str(config.get("allocator") or "slub")
+    if allocator == "slab" and kernel.endswith("-slab"):
+        kernel = kernel.removesuffix("-slab")  # 6.1 --allocator slab is the 6.1-slab build
     cutoff = config.get("lockup_after_s")
+    shape = (
+        kernel,
+        arm,
+        allocator,
+        config.get("memory_mib"),
+        config.get("cpus"),
+        config.get("workers"),
+        config.get("loops"),
+        config.get("swap"),
+        cutoff,
+        config.get("early_confirm", True),
+    )
     return (
-        (
-            kernel,
-            arm,
-            allocator,
-            config.get("memory_mib"),
-            config.get("cpus"),
-            config.get("workers"),
-            config.get("ratio"),
-            config.get("total_bytes"),
-            config.get("loops"),
-            config.get("swap"),
-            cutoff,
-            config.get("early_confirm", True),
-            config.get("min_free_kbytes"),
-        ),
+        (*shape, config.get("ratio"), config.get("total_bytes"), config.get("min_free_kbytes")),
+        shape,
         (kernel, arm, allocator, cutoff),
         (kernel, arm),
     )

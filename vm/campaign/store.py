@@ -197,10 +197,10 @@ def estimator_from_store(
     their harness errors left out: a failed image build says nothing of a run's length)."""
     est = Estimator()
     for archive in history:
-        for rj in read_run_jsons(archive):
-            own = run_seconds(rj.get("timings") or {})
-            if own is not None and is_finished(rj) and rj.get("outcome") != "error":
-                est.add_config(rj.get("config") or {}, own, committed=True)
+        for committed in read_run_jsons(archive):
+            own = run_seconds(committed.get("timings") or {})
+            if own is not None and is_finished(committed) and committed.get("outcome") != "error":
+                est.add_config(committed.get("config") or {}, own, committed=True)
     if store is None or not store.is_dir():
         return est
     for run in runs:
