@@ -757,18 +757,27 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from vm.campaign import archive, plots, publish, report  # noqa: PLC0415 - only this subcommand
 
+    # A boundary store (swapnbd boundary leaves boundary.json in it) always gets the curve,
+    # even before any arm has run at a second ratio.
+    curve = True if any((d / "boundary.json").is_file() for d in args.dirs) else None
     try:
         runs = archive.load_runs(args.dirs)
         if args.publish is not None:
             written = publish.publish(
-                runs, args.publish, baseline=args.baseline, reference_2012=args.reference_2012
+                runs,
+                args.publish,
+                baseline=args.baseline,
+                reference_2012=args.reference_2012,
+                boundary=curve,
             )
             print(f"published {len(runs)} run(s): {len(written)} files in {args.publish}")
             return EXIT_OK
-        rep = report.build_report(runs, baseline=args.baseline, reference_2012=args.reference_2012)
+        rep = report.build_report(
+            runs, baseline=args.baseline, reference_2012=args.reference_2012, boundary=curve
+        )
         text = report.render(rep, args.format)
         if args.plots is not None:
-            written = plots.write_plots(runs, args.plots)
+            written = plots.write_plots(runs, args.plots, boundary=curve)
             print(f"plots: {len(written)} PNG(s) in {args.plots}", file=sys.stderr)
         if args.html is not None:
             from vm.campaign import report_html  # noqa: PLC0415 - only --html needs it
@@ -776,7 +785,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(prefix="swapnbd-plots-") as tmp:
                 plot_dir = args.plots if args.plots is not None else Path(tmp)
                 if args.plots is None:
-                    plots.write_plots(runs, plot_dir)
+                    plots.write_plots(runs, plot_dir, boundary=curve)
                 page = report_html.render_html(rep, publish.plot_images(plot_dir))
             args.html.parent.mkdir(parents=True, exist_ok=True)
             args.html.write_text(page)

@@ -5,6 +5,10 @@ one real boundary through a real guest (``vm`` marker), interrupted and resumed.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -277,3 +281,171 @@ def test_the_committed_boundary_file() -> None:
         90.0,
     )
     assert (bnd.policy.level, bnd.policy.max_runs, bnd.confidence) == (0.5, 10, 0.95)
+
+
+# --- the report ----------------------------------------------------------------------
+
+
+def test_report_shows_p_lockup_with_intervals_and_the_curve(tmp_path: Path) -> None:
+    """A boundary store as the runner leaves it; harness errors and interrupted runs are
+    no trials; the table, the CSV lines, the plot and report.html carry the curve."""
+    bnd = boundary.parse_boundary(textwrap.dedent(TINY), "tiny")
+    store = tmp_path / "store"
+    boundary.run_boundary(
+        bnd,
+        store,
+        run_one=scripted(
+            vanilla_from_2, error={f"r01-{V}-x1.5-rep1"}, interrupt={f"r24-{P}-x3-rep4"}
+        ),
+    )
+    rc = cli.main(["report", str(store), "--format", "json", "--output", str(tmp_path / "r.json")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert [
+        (p["curve"], p["ratio"], p["lockups"], p["trials"], p["errors"], round(p["high"], 4))
+        for p in rep["boundary"]
+    ] == [
+        (V, 1.5, 0, 4, 1, 0.4899),
+        (V, 2.0, 4, 4, 0, 1.0),
+        (P, 2.0, 0, 4, 0, 0.4899),
+        (P, 3.0, 0, 3, 0, 0.5615),  # the interrupted fourth run is no trial
+    ]
+    assert rc == cli.main(["report", str(store), "--output", str(tmp_path / "r.md")])
+    md = (tmp_path / "r.md").read_text()
+    assert "## Boundary: P(lockup) by overcommit ratio" in md
+    assert (
+        f"| {V} | 1.5 | 0/4 | 0.00 | [0.00, 0.49] | completed 4/4; 1 harness error(s), not "
+        "trials |" in md
+    )
+    assert f"| {V} | 2 | 4/4 | 1.00 | [0.51, 1.00] | — |" in md
+    cli.main(["report", str(store), "--format", "csv", "--output", str(tmp_path / "r.csv")])
+    csv_lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert (
+        f"{P},p_lockup_ratio_3,,0.0,,3,3,,"
+        '"0/3 lockups, 95% Wilson interval [0.00, 0.56]",,,0.0,0.5614970317550455,,,,'
+    ) in csv_lines
+    page = tmp_path / "report.html"
+    plot_dir = tmp_path / "plots"
+    assert cli.main(["report", str(store), "--plots", str(plot_dir), "--html", str(page)]) == 0
+    assert (plot_dir / "boundary.png").stat().st_size > 10_000
+    html = page.read_text()
+    assert '<table id="boundary">' in html
+    assert 'alt="boundary.png"' in html
+
+
+# --- the real thing -------------------------------------------------------------------
+
+E2E = """
+[matrix]
+name = "e2e-boundary"
+
+[defaults]
+kernel = "6.1"
+arm = "patched"
+memory = "128M"
+cpus = 2
+workers = 4
+loops = 1
+lockup_after = 180
+
+[boundary]
+ratios = [2.0]
+max_runs = 1
+spare_runs = 0
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.vm
+def test_real_boundary_is_interrupted_resumed_and_reported(tmp_path: Path) -> None:
+    """One arm, one setting, one run through a real guest: SIGTERM in the stress phase
+    stops QEMU and the server and leaves the run unfinished; --resume reruns it to the end
+    and the boundary is done; a second --resume runs nothing; the report has the curve."""
+    path = tmp_path / "e2e.toml"
+    path.write_text(E2E)
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "vm.cli", "boundary", str(path), "--out", str(store)]
+    rid = "r01-6.1-patched-slub-nbd-serve-rep1"
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    qemu_pid = None
+    for line in proc.stderr:
+        seen.append(line)
+        if "QEMU started (pid " in line:
+            qemu_pid = int(line.split("QEMU started (pid ")[1].split(",")[0])
+        if "guest phase: stress" in line:
+            break
+    assert qemu_pid is not None, "".join(seen)[-3000:]
+    assert any(
+        f"[1] boundary run 1, 6.1-patched-slub-nbd-serve at ratio 2 (trial 1 there): {rid}" in line
+        for line in seen
+    ), "".join(seen)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted: continue with --resume --out {store}" in out
+    run = json.loads((store / rid / "run.json").read_text())
+    assert (run["outcome"], run["interrupted"]) == ("error", True)
+    assert not _alive(qemu_pid)
+    assert not _alive(run["server"]["pid"])
+    index = json.loads((store / "index.json").read_text())
+    assert [(e["id"], e["status"]) for e in index["runs"]] == [(rid, "interrupted")]
+    assert json.loads((store / "boundary.json").read_text())["trials"] == 0
+
+    resumed = subprocess.run(
+        [*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, check=False, timeout=5400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "boundary e2e-boundary: done after 1 trial(s)" in resumed.stderr
+    run = json.loads((store / rid / "run.json").read_text())
+    assert (run["outcome"], run.get("interrupted")) == ("completed", None)
+    assert run["config"]["ratio"] == 2.0
+    assert run["vmstat_delta"]["pswpout"] > 0
+    index = json.loads((store / "index.json").read_text())
+    assert [(e["id"], e["status"], e["outcome"]) for e in index["runs"]] == [
+        (rid, "finished", "completed")
+    ]
+    assert [p.name.startswith(rid) for p in (store / ".attic").iterdir()] == [True]
+    summ = json.loads((store / "boundary.json").read_text())
+    assert summ["curves"][0]["settings"] == [
+        {
+            "ratio": 2.0,
+            "lockups": 0,
+            "trials": 1,
+            "p": 0.0,
+            "low": 0.0,
+            "high": pytest.approx(0.7935, abs=1e-4),
+            "state": "exhausted",
+        }
+    ]
+
+    again = subprocess.run(
+        [*cmd, "--resume"], cwd=REPO, capture_output=True, text=True, check=False, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "boundary e2e-boundary: ran 0; outcomes none" in again.stdout
+    assert "QEMU started" not in again.stderr
+
+    rep = subprocess.run(
+        [sys.executable, "-m", "vm.cli", "report", str(store), "--format", "json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    curve = json.loads(rep.stdout)["boundary"]
+    assert [(c["curve"], c["ratio"], c["lockups"], c["trials"]) for c in curve] == [
+        ("6.1-patched-slub-nbd-serve", 2.0, 0, 1)
+    ]

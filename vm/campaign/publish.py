@@ -29,6 +29,7 @@ def publish(
     *,
     baseline: str | None = None,
     reference_2012: bool = False,
+    boundary: bool | None = None,
 ) -> list[Path]:
     """A published result in ``out``: ``runs.tar.xz``, then from it alone ``report.md``,
     ``report.csv``, ``report.json``, ``plots/`` and ``report.html``. Returns the files
@@ -45,13 +46,14 @@ def publish(
         [RunData(relative / r.path.relative_to(archive), r.run, r.samples) for r in published],
         baseline=baseline,
         reference_2012=reference_2012,
+        boundary=boundary,
     )
     written = [archive]
     for fmt in ("md", "csv", "json"):
         path = out / f"report.{fmt}"
         path.write_text(render(rep, fmt))
         written.append(path)
-    written.extend(write_plots(published, out / "plots"))
+    written.extend(write_plots(published, out / "plots", boundary=boundary))
     page = out / "report.html"
     page.write_text(render_html(rep, plot_images(out / "plots")))
     written.append(page)
