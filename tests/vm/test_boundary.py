@@ -408,7 +408,7 @@ def test_real_boundary_is_interrupted_resumed_and_reported(tmp_path: Path) -> No
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "boundary e2e-boundary: done after 1 trial(s)" in resumed.stderr
     run = json.loads((store / rid / "run.json").read_text())
-    assert (run["outcome"], run.get("interrupted")) == ("completed", None)
+    assert (run["outcome"], run["interrupted"]) == ("completed", False)
     assert run["config"]["ratio"] == 2.0
     assert run["vmstat_delta"]["pswpout"] > 0
     index = json.loads((store / "index.json").read_text())

@@ -448,7 +448,7 @@ def run_boundary(
     stepper.write_index()
     retry = _errors_to_retry(plan, store) if retry_errors else set()
     trials, _ = trials_in_store(bnd, plan, store)
-    result.skipped = [f"{t.curve}@{t.ratio:g}" for t in trials]
+    result.skipped = [r.id for r in plan if is_finished(read_run_json(store / r.id / "run.json"))]
     say(
         f"boundary {bnd.matrix.name}: {len(trials)} trial(s) in the store; "
         f"{len(bnd.curves)} curve(s); store {store}"
