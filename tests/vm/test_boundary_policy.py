@@ -159,7 +159,7 @@ def test_bad_policies_curves_and_trials_are_refused() -> None:
 
 
 def test_estimate_helpers() -> None:
-    assert adaptive.runs_to_decide(0.0, Policy()) == 4
-    assert adaptive.runs_to_decide(0.0, Policy(max_runs=3)) == 3
+    assert adaptive.runs_to_decide(Policy()) == 4
+    assert adaptive.runs_to_decide(Policy(max_runs=3)) == 3
     assert adaptive.remaining_steps(Curve("A", GRID), {}, Policy()) == 3
     assert adaptive.remaining_steps(Curve("A", GRID), {2.5: (4, 4)}, Policy()) == 2

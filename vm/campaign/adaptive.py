@@ -179,11 +179,10 @@ def next_run(curves: Sequence[Curve], trials: Sequence[Trial], policy: Policy) -
     return best
 
 
-def runs_to_decide(p: float, policy: Policy) -> int:
+def runs_to_decide(policy: Policy) -> int:
     """Trials a setting whose every run goes one way (P = 0 or 1) needs to be decided:
-    the smallest n whose 0/n interval lies under the level (at most ``max_runs``).
-    ``p`` only picks the side; the count is the same by symmetry."""
-    del p
+    the smallest n whose 0/n interval lies under the level and whose n/n interval lies
+    over it (the interval is symmetric, so the nearer side decides), at most ``max_runs``."""
     for n in range(1, policy.max_runs + 1):
         if wilson(0, n, policy.z).high < min(policy.level, 1 - policy.level):
             return n

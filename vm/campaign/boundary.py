@@ -333,7 +333,7 @@ def outlook(
     """Per curve, the runs still to come and a run's estimated seconds (``seconds`` maps
     a PlannedRun to its estimate: the matrix's :class:`Estimator`)."""
     out = []
-    decide = adaptive.runs_to_decide(bnd.policy.level, bnd.policy)
+    decide = adaptive.runs_to_decide(bnd.policy)
     for curve in bnd.curves:
         counts = adaptive.tally(trials, curve.name)
         nxt = adaptive.next_ratio(curve, counts, bnd.policy)
