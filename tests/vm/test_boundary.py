@@ -174,6 +174,9 @@ def test_the_runner_follows_the_policy_and_stops(tmp_path: Path) -> None:
         f"r24-{P}-x3-rep4",
     ]
     assert lines[-1] == "boundary tiny: done after 16 trial(s)"
+    assert any(line.startswith("[1] guest phase: stress  [boundary ETA ") for line in lines), lines[
+        :5
+    ]
     summ = json.loads((store / "boundary.json").read_text())
     assert [
         (c["curve"], [(s["ratio"], s["lockups"], s["trials"], s["state"]) for s in c["settings"]])

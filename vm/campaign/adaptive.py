@@ -182,7 +182,7 @@ def next_run(curves: Sequence[Curve], trials: Sequence[Trial], policy: Policy) -
 def runs_to_decide(policy: Policy) -> int:
     """Trials a setting whose every run goes one way (P = 0 or 1) needs to be decided:
     the smallest n whose 0/n interval lies under the level and whose n/n interval lies
-    over it (the interval is symmetric, so the nearer side decides), at most ``max_runs``."""
+    over it, at most ``max_runs``."""
     for n in range(1, policy.max_runs + 1):
         if wilson(0, n, policy.z).high < min(policy.level, 1 - policy.level):
             return n

@@ -444,7 +444,7 @@ def run_boundary(
     prepare_store(bnd.matrix, store, resume=resume, plan=plan)
     result = MatrixResult()
     est = estimator_from_store(plan, store, history)
-    stepper = Stepper(bnd.matrix, plan, store, source, runner, est, say, result)
+    stepper = Stepper(bnd.matrix, plan, store, source, runner, est, say, result, "boundary")
     stepper.write_index()
     retry = _errors_to_retry(plan, store) if retry_errors else set()
     trials, _ = trials_in_store(bnd, plan, store)

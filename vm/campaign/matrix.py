@@ -71,13 +71,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _run_emit(
-    say: experiment.Emit, prefix: str, expected_end: float, remaining_after: float
+    say: experiment.Emit,
+    prefix: str,
+    expected_end: float,
+    remaining_after: float,
+    what: str = "matrix",
 ) -> experiment.Emit:
     """The current run's progress lines, tagged with ``[k/n]`` and the matrix's ETA."""
 
     def emit(line: str) -> None:
         left = max(0.0, expected_end - time.monotonic()) + remaining_after
-        say(f"{prefix} {line}  [matrix ETA {format_duration(left)}]")
+        say(f"{prefix} {line}  [{what} ETA {format_duration(left)}]")
 
     return emit
 
@@ -98,6 +102,8 @@ class Stepper:
     est: Estimator
     say: experiment.Emit
     result: MatrixResult
+    eta_label: str = "matrix"
+    """What the ETA in each progress line is of (``matrix``, ``boundary``)."""
 
     def write_index(self) -> None:
         write_index(self.matrix, self.plan, self.store, self.source)
@@ -114,7 +120,8 @@ class Stepper:
         cfg = run.config(self.store)
         cfg.out.mkdir(parents=True, exist_ok=True)
         self.write_index()  # this run shows as "started"
-        rj = self.runner(cfg, _run_emit(self.say, prefix, t0 + this_est, remaining_after))
+        emit = _run_emit(self.say, prefix, t0 + this_est, remaining_after, self.eta_label)
+        rj = self.runner(cfg, emit)
         seconds = time.monotonic() - t0
         self.result.outcomes[run.id] = rj.get("outcome")
         self.write_index()
