@@ -5,6 +5,7 @@ Subcommands:
 ``swapnbd run``    one experiment (guest image, NBD server, QEMU, watchdog, run.json): vm/run/
 ``swapnbd image``  build (or find cached) the guest image only: vm/image/
 ``swapnbd matrix`` a TOML file of cells, run interleaved into a resumable store (vm/campaign/)
+``swapnbd boundary`` where lockups begin: P(lockup) per ratio, sampled adaptively (vm/campaign/)
 ``swapnbd report`` tables (md/csv/json) and plots from run.json files (vm/campaign/)
 
 The parser is built from one function per subcommand, so ``matrix`` (kernel variants x
@@ -308,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_image(sub)
     _add_matrix(sub)
+    _add_boundary(sub)
     _add_report(sub)
     return parser
 
@@ -508,6 +510,7 @@ def _add_matrix(sub: Any) -> None:
         help="with --resume, also rerun runs whose outcome is error (a harness failure)",
     )
     p.add_argument("--dry-run", action="store_true", help="list the runs and the estimate only")
+    _add_history_flag(p)
     p.add_argument("--shard", default=None, metavar="K/N", help="only runs with i %% N == K-1")
     p.add_argument(
         "--only", default=None, metavar="ID,...", help="only these run ids or cell labels"
@@ -522,6 +525,115 @@ def _add_matrix(sub: Any) -> None:
         "share back into --out and write the merged report; rerun to resume",
     )
     p.set_defaults(func=cmd_matrix)
+
+
+BOUNDARY_EPILOG = """\
+examples:
+  swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --dry-run   # settings so far, estimate
+  swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --out results/boundary-6.1
+  swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --out results/boundary-6.1 --resume
+  swapnbd report results/boundary-6.1 --html results/boundary-6.1/report.html
+
+A boundary file is a matrix file whose cells are the arms, plus a [boundary] table
+(ratios, min_free_kbytes, level, confidence, max_runs, spare_runs, max_total; see
+docs/boundary.md).  Each run goes where P(lockup)'s Wilson interval still straddles the
+level, bisecting the ratios; a setting stops once its interval is decisive.
+SIGINT and SIGTERM stop the current run cleanly and the boundary; --resume continues
+where it stopped.  exit codes: 0 every curve done (or the budget spent), 1 a setting's
+runs were used up by harness errors, 2 usage error, 130 interrupted
+"""
+
+
+def _add_boundary(sub: Any) -> None:
+    p = sub.add_parser(
+        "boundary",
+        help="find where lockups begin: P(lockup) per ratio, sampled adaptively",
+        description="For each arm of FILE.toml, run the ratios (and min_free_kbytes) of its "
+        "[boundary] table where the lockup probability is still undecided, into a matrix "
+        "store STORE that swapnbd report turns into the boundary curve.",
+        epilog=BOUNDARY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", type=Path, metavar="FILE.toml", help="the boundary file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="STORE",
+        help="the store (default: results/boundary-FILESTEM-YYYYmmdd-HHMMSS)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the boundary in --out")
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="with --resume, rerun (once) the harness-error runs of the settings chosen",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="show the settings so far and the estimate only"
+    )
+    _add_history_flag(p)
+    p.set_defaults(func=cmd_boundary)
+
+
+def cmd_boundary(args: argparse.Namespace) -> int:
+    from vm.campaign import boundary, matrix, plan  # noqa: PLC0415 - only this subcommand
+
+    def emit(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    store: Path = args.out or Path("results") / f"boundary-{args.file.stem}-{stamp}"
+    try:
+        bnd = boundary.load_boundary(args.file)
+        if args.dry_run:
+            print("\n".join(boundary.dry_run_lines(bnd, args.out, _history(args))))
+            return EXIT_OK
+        with matrix.sigterm_as_interrupt():
+            result = boundary.run_boundary(
+                bnd,
+                store,
+                source=args.file,
+                resume=args.resume,
+                retry_errors=args.retry_errors,
+                emit=emit,
+                history=_history(args),
+            )
+    except plan.MatrixError as exc:
+        print(f"swapnbd boundary: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # a second signal while the index was being written
+        print(f"interrupted: continue with --resume --out {store}")
+        return EXIT_INTERRUPTED
+    counts: dict[str, int] = {}
+    for outcome in result.outcomes.values():
+        counts[str(outcome)] = counts.get(str(outcome), 0) + 1
+    print(
+        f"boundary {bnd.matrix.name}: ran {len(result.ran)}; outcomes "
+        + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+        + f"; store {store}"
+    )
+    if result.interrupted:
+        print(f"interrupted: continue with --resume --out {store}")
+        return EXIT_INTERRUPTED
+    if result.exhausted:
+        print(f"stopped: {result.exhausted}")
+        return EXIT_NOT_COMPLETED
+    return EXIT_OK
+
+
+def _add_history_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-history",
+        action="store_true",
+        help="estimate from the store's runs only, not also from the committed results "
+        "(docs/results/*/runs.tar.xz), which estimates otherwise learn from",
+    )
+
+
+def _history(args: argparse.Namespace) -> list[Path]:
+    from vm.campaign import archive  # noqa: PLC0415 - only the campaign subcommands need it
+
+    return [] if args.no_history else archive.committed_archives()
 
 
 def _add_report(sub: Any) -> None:
@@ -614,7 +726,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         runs = plan.plan_runs(mx)
         selected = plan.select_runs(runs, shard=shard, only=only)
         if args.dry_run:
-            print("\n".join(matrix.dry_run_lines(mx, args.out, selected)))
+            print("\n".join(matrix.dry_run_lines(mx, args.out, selected, _history(args))))
             return EXIT_OK
         with matrix.sigterm_as_interrupt():
             result = matrix.run_matrix(
@@ -626,6 +738,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 shard=shard,
                 only=only,
                 emit=emit,
+                history=_history(args),
             )
     except plan.MatrixError as exc:
         print(f"swapnbd matrix: error: {exc}", file=sys.stderr)
@@ -652,18 +765,27 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from vm.campaign import archive, plots, publish, report  # noqa: PLC0415 - only this subcommand
 
+    # A boundary store (swapnbd boundary leaves boundary.json in it) always gets the curve,
+    # even before any arm has run at a second ratio.
+    curve = True if any((d / "boundary.json").is_file() for d in args.dirs) else None
     try:
         runs = archive.load_runs(args.dirs)
         if args.publish is not None:
             written = publish.publish(
-                runs, args.publish, baseline=args.baseline, reference_2012=args.reference_2012
+                runs,
+                args.publish,
+                baseline=args.baseline,
+                reference_2012=args.reference_2012,
+                boundary=curve,
             )
             print(f"published {len(runs)} run(s): {len(written)} files in {args.publish}")
             return EXIT_OK
-        rep = report.build_report(runs, baseline=args.baseline, reference_2012=args.reference_2012)
+        rep = report.build_report(
+            runs, baseline=args.baseline, reference_2012=args.reference_2012, boundary=curve
+        )
         text = report.render(rep, args.format)
         if args.plots is not None:
-            written = plots.write_plots(runs, args.plots)
+            written = plots.write_plots(runs, args.plots, boundary=curve)
             print(f"plots: {len(written)} PNG(s) in {args.plots}", file=sys.stderr)
         if args.html is not None:
             from vm.campaign import report_html  # noqa: PLC0415 - only --html needs it
@@ -671,7 +793,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             with tempfile.TemporaryDirectory(prefix="swapnbd-plots-") as tmp:
                 plot_dir = args.plots if args.plots is not None else Path(tmp)
                 if args.plots is None:
-                    plots.write_plots(runs, plot_dir)
+                    plots.write_plots(runs, plot_dir, boundary=curve)
                 page = report_html.render_html(rep, publish.plot_images(plot_dir))
             args.html.parent.mkdir(parents=True, exist_ok=True)
             args.html.write_text(page)

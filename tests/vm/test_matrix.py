@@ -398,7 +398,7 @@ def test_dry_run_lists_runs_and_the_estimate(
 ) -> None:
     path = tmp_path / "m.toml"
     path.write_text(SMALL)
-    rc = cli.main(["matrix", str(path), "--dry-run", "--shard", "1/3"])
+    rc = cli.main(["matrix", str(path), "--dry-run", "--shard", "1/3", "--no-history"])
     out = capsys.readouterr().out
     assert rc == 0
     lines = out.splitlines()
@@ -640,3 +640,51 @@ def test_estimates_leave_out_the_one_off_image_build(tmp_path: Path) -> None:
     twin = next(r for r in runs[1:] if r.label == first.label)
     assert est.seconds(twin) == 86.0
     assert isinstance(est, Estimator) and est.basis == "1 measured run(s)"
+
+
+def test_estimates_learn_from_the_committed_archives() -> None:
+    """The seed's patched 6.1 runs took 8-11 min and its vanilla runs end at the cutoff:
+    the estimate must say so from the committed results, matched by cell, and scale the
+    closest measured cell by the size model where the cell itself was never run."""
+    from vm.campaign import archive
+
+    history = archive.committed_archives()
+    assert [p.parent.name for p in history] == [
+        "crosscheck-2026-11-29",
+        "evidence-2026-12-06",
+        "seed-2026-11-29",
+        "seed-2026-12-06",
+        "swap-path-2026-11-30-idle",
+        "swap-path-2026-11-30-idle-pair",
+    ]
+    seed = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
+    runs = matrix_plan.plan_runs(seed)
+    est = matrix_store.estimator_from_store(runs, None, history)
+    assert est.basis == "96 measured run(s), 96 of them from committed results"
+    by_label = {r.label: est.seconds(r) for r in runs}
+    # 6.1 patched SLUB, 90 s cutoff: the seed's four completed runs (total less image build).
+    patched = [641.6 - 0.01, 471.64 - 0.01, 685.02 - 0.01, 628.05 - 0.02]
+    assert by_label["6.1-patched-slub-nbd-serve"] == pytest.approx(sum(patched) / 4)
+    # 6.1 vanilla SLUB, 90 s cutoff: eight lockups, every one 1-2 minutes.
+    assert 60 < by_label["6.1-vanilla-slub-nbd-serve"] < 120
+    # Never measured at ratio 2: the same kernel, arm and cutoff, scaled by the model
+    # (45 s + 3 x 256 MiB / 12 MiB/s against 45 s + 3 x 512 MiB / 12 MiB/s).
+    half = matrix_plan.parse_matrix(seed.text.replace("ratio = 4.0", "ratio = 2.0"))
+    half_runs = {r.label: est.seconds(r) for r in matrix_plan.plan_runs(half)}
+    assert half_runs["6.12-vanilla-slub-nbd-serve"] == pytest.approx(
+        by_label["6.12-vanilla-slub-nbd-serve"] * 109 / 173
+    )
+    # A kernel nothing was measured on: the size model, scaled by all measured runs.
+    other = matrix_plan.parse_matrix(seed.text.replace('kernel = "6.1"\n', 'kernel = "6.1-x"\n'))
+    lone = next(r for r in matrix_plan.plan_runs(other) if r.cell.settings["kernel"] == "6.1-x")
+    scale = sum(m.seconds for m in est.samples) / sum(m.model for m in est.samples)
+    assert est.seconds(lone) == pytest.approx(173 * scale)
+
+
+def test_min_free_kbytes_is_a_matrix_key_and_enters_the_label() -> None:
+    runs = plan('[defaults]\ntotal = "256M"\n[axes]\nmin_free_kbytes = [1448, 8192]\n')
+    assert [r.label for r in runs] == [
+        "6.1-patched-slub-nbd-serve-mf1448",
+        "6.1-patched-slub-nbd-serve-mf8192",
+    ]
+    assert runs[1].config(Path("/")).pinned_min_free_kbytes == 8192

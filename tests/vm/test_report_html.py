@@ -143,3 +143,53 @@ def test_a_wide_table_scrolls_in_its_box_and_the_page_fits(seed_page: Path, tmp_
     assert '<th class="arm">6.1-vanilla-slab-nbd-serve</th>' in html
     assert "<th>lockup: time to stall, into stress (s)</th>" in html
     assert "<th>lockup signature</th>" in html and "memalloc-deadlock" in html
+
+
+BOUNDARY = """
+[matrix]
+name = "curve"
+[defaults]
+workers = 4
+lockup_after = 60
+[axes]
+arm = ["vanilla", "patched"]
+[boundary]
+ratios = [1.5, 2.0, 3.0]
+max_runs = 4
+"""
+
+
+def test_chromium_renders_the_boundary_table_and_curve(tmp_path: Path) -> None:
+    """A boundary store (its runs scripted: vanilla locks up from ratio 2, patched never):
+    report.html shows the P(lockup) table and the embedded curve, and the curve decodes."""
+    import json
+
+    from vm.campaign import boundary
+    from vm.run.config import RunConfig
+
+    def run(cfg: RunConfig, emit: object) -> dict[str, object]:
+        locked = cfg.arm == "vanilla" and (cfg.ratio or 0) >= 2.0
+        obj = {
+            "config": cfg.to_json(),
+            "outcome": "lockup" if locked else "completed",
+            "timings": {"total_s": 60.0},
+        }
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "run.json").write_text(json.dumps(obj))
+        return obj
+
+    store = tmp_path / "store"
+    boundary.run_boundary(boundary.parse_boundary(BOUNDARY), store, run_one=run)
+    page = tmp_path / "report.html"
+    assert cli.main(["report", str(store), "--html", str(page)]) == 0
+    dom = browse(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert 'data-images="loaded"' in html and 'data-image-count="1"' in html
+    assert '<table id="boundary">' in html
+    assert (
+        "<tr><th>6.1-vanilla-slub-nbd-serve</th>"
+        '<td class="num">2</td><td class="num">4/4</td><td class="num">1.00</td>'
+        '<td class="num">[0.51, 1.00]</td><td>—</td></tr>'
+    ) in html
+    assert 'alt="boundary.png"' in html

@@ -114,6 +114,44 @@ def _load_archive(archive: Path) -> list[RunData]:
     return runs
 
 
+#: This checkout's committed results (``docs/results/*/runs.tar.xz``): estimates learn
+#: from their measured runs (:func:`vm.campaign.store.estimator_from_store`).
+COMMITTED_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+
+
+def committed_archives(root: Path = COMMITTED_RESULTS) -> list[Path]:
+    """The runs archives under ``root`` (one per published result), by path."""
+    return sorted(root.glob("*/runs.tar.xz")) if root.is_dir() else []
+
+
+def read_run_jsons(archive: Path) -> list[dict[str, Any]]:
+    """Only the run.json objects of an archive (no samples): cheap enough for every
+    ``--dry-run``.  Unreadable members are left out; an unreadable archive is an error.
+
+    Raises:
+        ReportError: not a readable tar archive.
+    """
+    out: list[dict[str, Any]] = []
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                parts = PurePosixPath(member.name).parts
+                if not member.isfile() or parts[-1] != "run.json":
+                    continue
+                if any(p.startswith(".") for p in parts[:-1]):
+                    continue
+                handle = tar.extractfile(member)
+                try:
+                    obj = json.loads(handle.read()) if handle is not None else None
+                except ValueError:
+                    continue
+                if isinstance(obj, dict):
+                    out.append(obj)
+    except (OSError, tarfile.TarError) as exc:
+        raise ReportError(f"{archive} is not a readable tar archive ({exc})") from exc
+    return out
+
+
 def _find(root: Path) -> list[Path]:
     if (root / "run.json").is_file():
         return [root / "run.json"]

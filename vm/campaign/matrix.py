@@ -51,6 +51,8 @@ class MatrixResult:
     skipped: list[str] = field(default_factory=list)
     outcomes: dict[str, str | None] = field(default_factory=dict)
     interrupted: bool = False
+    exhausted: str | None = None
+    """A boundary that stopped because a setting used up its runs (what and why)."""
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -69,15 +71,69 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _run_emit(
-    say: experiment.Emit, prefix: str, expected_end: float, remaining_after: float
+    say: experiment.Emit,
+    prefix: str,
+    expected_end: float,
+    remaining_after: float,
+    what: str = "matrix",
 ) -> experiment.Emit:
     """The current run's progress lines, tagged with ``[k/n]`` and the matrix's ETA."""
 
     def emit(line: str) -> None:
         left = max(0.0, expected_end - time.monotonic()) + remaining_after
-        say(f"{prefix} {line}  [matrix ETA {format_duration(left)}]")
+        say(f"{prefix} {line}  [{what} ETA {format_duration(left)}]")
 
     return emit
+
+
+@dataclass(slots=True)
+class Stepper:
+    """Runs one planned run after another into a store, with the bookkeeping every runner
+    shares (the matrix here, the boundary in :mod:`vm.campaign.boundary`): the leftovers
+    of an earlier try go to the attic, the index is rewritten before and after the run,
+    the outcome is recorded, the estimator learns the run's duration and the progress
+    lines carry ``[k/n]`` and the ETA."""
+
+    matrix: Matrix
+    plan: Sequence[PlannedRun]
+    store: Path
+    source: Path | None
+    runner: RunFunc
+    est: Estimator
+    say: experiment.Emit
+    result: MatrixResult
+    eta_label: str = "matrix"
+    """What the ETA in each progress line is of (``matrix``, ``boundary``)."""
+
+    def write_index(self) -> None:
+        write_index(self.matrix, self.plan, self.store, self.source)
+
+    def step(self, run: PlannedRun, prefix: str, remaining_after: float, what: str) -> bool:
+        """Run ``run``; False when it came back interrupted (the caller stops)."""
+        move_to_attic(self.store, run.id)
+        this_est = self.est.seconds(run)
+        t0 = time.monotonic()
+        self.say(
+            f"{prefix} {what}: {run.id} ({describe_run(run)}); "
+            f"ETA {format_duration(this_est + remaining_after)}"
+        )
+        cfg = run.config(self.store)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        self.write_index()  # this run shows as "started"
+        emit = _run_emit(self.say, prefix, t0 + this_est, remaining_after, self.eta_label)
+        rj = self.runner(cfg, emit)
+        seconds = time.monotonic() - t0
+        self.result.outcomes[run.id] = rj.get("outcome")
+        self.write_index()
+        if rj.get("interrupted"):
+            self.result.interrupted = True
+            self.say(f"{prefix} {run.id} interrupted; stopping (index written)")
+            return False
+        self.result.ran.append(run.id)
+        own = run_seconds(rj.get("timings") or {})
+        self.est.add(run, own if own is not None else seconds)
+        self.say(f"{prefix} done: {run.id}: {rj.get('outcome')} in {format_duration(seconds)}")
+        return True
 
 
 def run_matrix(
@@ -91,12 +147,14 @@ def run_matrix(
     only: Sequence[str] = (),
     emit: experiment.Emit | None = None,
     run_one: RunFunc | None = None,
+    history: Sequence[Path] = (),
 ) -> MatrixResult:
     """Run the selected runs of ``matrix`` into ``store``.
 
     ``retry_errors`` also reruns runs whose outcome is ``error`` (the harness failed,
     e.g. an image that could not be built, since fixed).  ``run_one`` defaults to
-    :func:`vm.run.experiment.run_experiment`.  A KeyboardInterrupt (SIGINT, or SIGTERM under
+    :func:`vm.run.experiment.run_experiment`.  ``history``: committed runs archives the
+    estimates learn from too.  A KeyboardInterrupt (SIGINT, or SIGTERM under
     :func:`sigterm_as_interrupt`) between runs, or a run that comes back ``interrupted``,
     stops the matrix; the index is written either way.
 
@@ -116,8 +174,9 @@ def run_matrix(
             result.skipped.append(run.id)
         else:
             todo.append(run)
-    est = estimator_from_store(plan, store)
-    write_index(matrix, plan, store, source)
+    est = estimator_from_store(plan, store, history)
+    stepper = Stepper(matrix, plan, store, source, runner, est, say, result)
+    stepper.write_index()
     if result.skipped:
         say(f"matrix: {len(result.skipped)} run(s) already finished, skipped")
     say(
@@ -126,46 +185,28 @@ def run_matrix(
     )
     try:
         for k, run in enumerate(todo, start=1):
-            move_to_attic(store, run.id)
-            remaining_after = est.total(todo[k:])
-            this_est = est.seconds(run)
-            t0 = time.monotonic()
             prefix = f"[{k}/{len(todo)}]"
-            say(
-                f"{prefix} run {k} of {len(todo)}: {run.id} ({describe_run(run)}); "
-                f"matrix ETA {format_duration(this_est + remaining_after)}"
-            )
-
-            cfg = run.config(store)
-            cfg.out.mkdir(parents=True, exist_ok=True)
-            write_index(matrix, plan, store, source)  # this run shows as "started"
-            rj = runner(cfg, _run_emit(say, prefix, t0 + this_est, remaining_after))
-            seconds = time.monotonic() - t0
-            result.outcomes[run.id] = rj.get("outcome")
-            write_index(matrix, plan, store, source)
-            if rj.get("interrupted"):
-                result.interrupted = True
-                say(f"{prefix} {run.id} interrupted; stopping the matrix (index written)")
+            if not stepper.step(run, prefix, est.total(todo[k:]), f"run {k} of {len(todo)}"):
                 break
-            result.ran.append(run.id)
-            own = run_seconds(rj.get("timings") or {})
-            est.add(run, own if own is not None else seconds)
-            say(
-                f"{prefix} done: {run.id}: {rj.get('outcome')} in {format_duration(seconds)}; "
-                f"{len(todo) - k} left, matrix ETA {format_duration(est.total(todo[k:]))}"
-            )
+            say(f"{prefix} {len(todo) - k} left, matrix ETA {format_duration(est.total(todo[k:]))}")
     except KeyboardInterrupt:
         result.interrupted = True
         say("matrix: interrupted between runs; index written")
     finally:
-        write_index(matrix, plan, store, source)
+        stepper.write_index()
     return result
 
 
-def dry_run_lines(matrix: Matrix, store: Path | None, selected: Sequence[PlannedRun]) -> list[str]:
-    """What ``--dry-run`` prints: one line per run and the estimated total."""
+def dry_run_lines(
+    matrix: Matrix,
+    store: Path | None,
+    selected: Sequence[PlannedRun],
+    history: Sequence[Path] = (),
+) -> list[str]:
+    """What ``--dry-run`` prints: one line per run and the estimated total (learnt from
+    the store's finished runs and the ``history`` archives)."""
     plan = plan_runs(matrix)
-    est = estimator_from_store(plan, store) if store is not None and store.is_dir() else Estimator()
+    est = estimator_from_store(plan, store, history)
     lines = [f"matrix {matrix.name}: {len(selected)} of {len(plan)} run(s)"]
     todo = []
     for run in selected:

@@ -93,6 +93,7 @@ EXTRA_LABEL_KEYS = (
     "nbd_connections",
     "server_sched_policy",
     "early_confirm",
+    "min_free_kbytes",
 )
 
 
@@ -261,8 +262,11 @@ def _base_settings() -> dict[str, Any]:
     }
 
 
-def parse_matrix(text: str, name: str = "matrix") -> Matrix:
-    """Parse a matrix file's text.
+def parse_matrix(
+    text: str, name: str = "matrix", *, extra_tables: frozenset[str] = frozenset()
+) -> Matrix:
+    """Parse a matrix file's text; ``extra_tables`` are top-level tables another reader
+    owns (the boundary's ``[boundary]``) and this one skips.
 
     Raises:
         MatrixError: invalid TOML, an unknown key, a bad value, a duplicate cell or a
@@ -273,7 +277,7 @@ def parse_matrix(text: str, name: str = "matrix") -> Matrix:
     except tomllib.TOMLDecodeError as exc:
         raise MatrixError(f"{name}: not valid TOML: {exc}") from exc
     known = {"matrix", "defaults", "axes", "cells", "arms"}
-    unknown = sorted(set(doc) - known)
+    unknown = sorted(set(doc) - known - extra_tables)
     if unknown:
         raise MatrixError(
             f"{name}: unknown top-level key(s) {', '.join(unknown)}; "
@@ -387,6 +391,8 @@ def _fmt_extra(key: str, value: Any) -> str:
         return f"sched-{value or 'default'}"  # None: not nbd-serve, or not recorded
     if key == "early_confirm":
         return "held" if value is False else "early"
+    if key == "min_free_kbytes":
+        return "mf-auto" if value is None else f"mf{value}"  # None: the kernel's formula
     return str(value)
 
 
@@ -511,37 +517,125 @@ def run_seconds(timings: Mapping[str, Any]) -> float | None:
     return float(total) - (float(image) if isinstance(image, int | float) else 0.0)
 
 
+def model_seconds_of(config: Mapping[str, Any]) -> float:
+    """:func:`model_seconds` of a run.json ``config`` (what :meth:`RunConfig.to_json` wrote)."""
+    memory = num_or(config.get("memory_mib"), 128.0)
+    total = config.get("total_bytes")
+    ratio = config.get("ratio")
+    if isinstance(total, int | float) and not isinstance(total, bool):
+        work = float(total)
+    else:
+        work = num_or(ratio, 4.0) * memory * MIB
+    passes = 1 + 2 * num_or(config.get("loops"), 1.0)
+    seconds = MODEL_BOOT_S + passes * work / MIB / MODEL_MIB_PER_S
+    timeout = config.get("effective_timeout_s")
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        seconds = min(seconds, float(timeout) + MODEL_BOOT_S)
+    return seconds
+
+
+def num_or(value: Any, default: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return float(value)
+
+
+def cell_keys(config: Mapping[str, Any]) -> tuple[tuple[Any, ...], ...]:
+    """How alike two runs are, for estimates, from the closest to the loosest match.
+
+    0. the same cell: kernel, arm, allocator, guest, workload, swap, cutoff, min_free;
+    1. the same but for the amount of work (ratio or total, min_free): the boundary's
+       other settings of the same arm;
+    2. the same kernel, arm and allocator with the same lockup cutoff (a vanilla run ends
+       at the cutoff, so a run with another cutoff says little about it);
+    3. the same kernel and arm.
+    ``6.1`` with allocator ``slab`` and the ``6.1-slab`` build are one kernel here.
+    Looser matches are scaled by the size model (:func:`model_seconds_of`)."""
+    kernel = str(config.get("kernel", "6.1"))
+    arm = str(config.get("arm") or "patched")
+    allocator = str(config.get("allocator") or "slub")
+    if allocator == "slab" and kernel.endswith("-slab"):
+        kernel = kernel.removesuffix("-slab")  # 6.1 --allocator slab is the 6.1-slab build
+    cutoff = config.get("lockup_after_s")
+    shape = (
+        kernel,
+        arm,
+        allocator,
+        config.get("memory_mib"),
+        config.get("cpus"),
+        config.get("workers"),
+        config.get("loops"),
+        config.get("swap"),
+        cutoff,
+        config.get("early_confirm", True),
+    )
+    return (
+        (*shape, config.get("ratio"), config.get("total_bytes"), config.get("min_free_kbytes")),
+        shape,
+        (kernel, arm, allocator, cutoff),
+        (kernel, arm),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """One measured run's duration, with what it is compared by."""
+
+    keys: tuple[tuple[Any, ...], ...]
+    seconds: float
+    model: float
+    committed: bool
+    """From a committed archive (docs/results), not from this store."""
+
+
 @dataclass(slots=True)
 class Estimator:
-    """Seconds per run: the mean measured duration of the same cell when there is one,
-    else the size model scaled by how measured runs compared with it."""
+    """Seconds per run from measured runs, the store's and the committed archives' alike:
+    the mean of the closest match of :func:`cell_keys` (each measured duration scaled by the
+    size model from its run to this one), else the size model scaled by how every measured
+    run compared with it."""
 
-    measured: dict[str, list[float]] = field(default_factory=dict)
-    """label -> measured durations."""
-    model_sum: float = 0.0
-    measured_sum: float = 0.0
+    samples: list[Measured] = field(default_factory=list)
 
     def add(self, run: PlannedRun, seconds: float) -> None:
-        self.measured.setdefault(run.label, []).append(seconds)
-        self.model_sum += model_seconds(run.config(Path("/")))
-        self.measured_sum += seconds
+        self.add_config(run.config(Path("/")).to_json(), seconds)
+
+    def add_config(
+        self, config: Mapping[str, Any], seconds: float, *, committed: bool = False
+    ) -> None:
+        """A measured run by its run.json ``config``."""
+        self.samples.append(
+            Measured(cell_keys(config), seconds, model_seconds_of(config), committed)
+        )
 
     def seconds(self, run: PlannedRun) -> float:
-        same = self.measured.get(run.label)
-        if same:
-            return sum(same) / len(same)
-        scale = self.measured_sum / self.model_sum if self.model_sum > 0 else 1.0
-        return model_seconds(run.config(Path("/"))) * scale
+        return self.seconds_of(run.config(Path("/")).to_json())
+
+    def seconds_of(self, config: Mapping[str, Any]) -> float:
+        keys = cell_keys(config)
+        model = model_seconds_of(config)
+        for level, key in enumerate(keys):
+            same = [m for m in self.samples if m.keys[level] == key]
+            if same:
+                if level == 0:
+                    return sum(m.seconds for m in same) / len(same)
+                return sum(m.seconds * model / m.model for m in same) / len(same)
+        model_sum = sum(m.model for m in self.samples)
+        scale = sum(m.seconds for m in self.samples) / model_sum if model_sum > 0 else 1.0
+        return model * scale
 
     def total(self, runs: Sequence[PlannedRun]) -> float:
         return sum(self.seconds(r) for r in runs)
 
     @property
     def basis(self) -> str:
-        n = sum(len(v) for v in self.measured.values())
+        n = len(self.samples)
         if not n:
             return "size model (nothing measured yet)"
-        return f"{n} measured run(s)"
+        committed = sum(1 for m in self.samples if m.committed)
+        if not committed:
+            return f"{n} measured run(s)"
+        return f"{n} measured run(s), {committed} of them from committed results"
 
 
 def describe_run(run: PlannedRun) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vm.campaign import plan
+from vm.campaign import lockup_curve, plan
 from vm.campaign.report import MIB, ReportError, RunData, is_interrupted, num, outcome_text
 from vm.campaign.series import RunSeries, run_series
 
@@ -40,6 +40,9 @@ OVERLAY_PANELS: tuple[tuple[str, str], ...] = (
 #: vanilla run locks up within seconds of the stress phase and a patched one runs for
 #: minutes, and both must be readable on one axis.
 LINEAR_SECONDS = 10.0
+
+#: The boundary curve's file name in the plots directory (report.html embeds it too).
+BOUNDARY_PNG = "boundary.png"
 
 
 def series(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
@@ -219,11 +222,14 @@ def _safe_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
 
 
-def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
+def write_plots(
+    runs: Sequence[RunData], out_dir: Path, *, boundary: bool | None = None
+) -> list[Path]:
     """``overlays.png`` (:func:`write_overlays`), then one PNG per arm (``ARM.png``): free
     memory, swap-in and swap-out rates and the cumulative pgscan_direct_throttle over time,
     one line per run.  A run that did not complete ends where its samples end, marked with
-    an x.
+    an x.  With ``boundary`` (None: when an arm ran at more than one ratio, as the report
+    decides), also :data:`BOUNDARY_PNG`, the boundary curve (:func:`draw_boundary`).
 
     Raises:
         ReportError: matplotlib is not installed.
@@ -270,7 +276,50 @@ def write_plots(runs: Sequence[RunData], out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
+    usable = [r for r in runs if not is_interrupted(r.run)]
+    points = lockup_curve.curve_points([r.run for r in usable])
+    if boundary or (boundary is None and lockup_curve.spans_settings(points)):
+        written.append(draw_boundary(points, out_dir / BOUNDARY_PNG))
     return written
+
+
+def draw_boundary(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """P(lockup) against the overcommit ratio, one line per arm, the 95% Wilson interval
+    as error bars and ``k/n`` beside each point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    curves: dict[str, list[Mapping[str, Any]]] = {}
+    for p in points:
+        if p["trials"]:
+            curves.setdefault(p["curve"], []).append(p)
+    for i, (curve, pts) in enumerate(curves.items()):
+        # A small sideways shift per arm keeps bars at the same ratio apart.
+        shift = (i - (len(curves) - 1) / 2) * 0.02
+        xs = [p["ratio"] + shift for p in pts]
+        ys = [p["p"] for p in pts]
+        err = [[p["p"] - p["low"] for p in pts], [p["high"] - p["p"] for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, linewidth=1.5, label=curve)
+        for x, p in zip(xs, pts, strict=True):
+            ax.annotate(
+                f"{p['lockups']}/{p['trials']}",
+                (x, p["p"]),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=7,
+            )
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("overcommit ratio (workload / guest RAM)")
+    ax.set_ylabel("P(lockup)")
+    ax.set_title("Where lockups begin: P(lockup) with 95% Wilson intervals")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _counts(rs: Sequence[RunData]) -> dict[str, int]:

@@ -32,6 +32,7 @@ def publish(
     *,
     baseline: str | None = None,
     reference_2012: bool = False,
+    boundary: bool | None = None,
 ) -> list[Path]:
     """A published result in ``out``: ``runs.tar.xz``, then from it alone ``report.md``,
     ``report.csv``, ``report.json``, ``plots/`` and ``report.html``. Returns the files
@@ -51,13 +52,14 @@ def publish(
         ],
         baseline=baseline,
         reference_2012=reference_2012,
+        boundary=boundary,
     )
     written = [archive]
     for fmt in ("md", "csv", "json"):
         path = out / f"report.{fmt}"
         path.write_text(render(rep, fmt))
         written.append(path)
-    written.extend(write_plots(published, out / "plots"))
+    written.extend(write_plots(published, out / "plots", boundary=boundary))
     page = out / "report.html"
     page.write_text(render_html(rep, plot_images(out / "plots")))
     written.append(page)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vm.campaign import plan, stats
+from vm.campaign import lockup_curve, plan, stats
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -405,10 +405,16 @@ def outcome_text(counts: Mapping[str, int], n: int) -> str:
 
 
 def build_report(
-    runs: Sequence[RunData], baseline: str | None = None, *, reference_2012: bool = False
+    runs: Sequence[RunData],
+    baseline: str | None = None,
+    *,
+    reference_2012: bool = False,
+    boundary: bool | None = None,
 ) -> dict[str, Any]:
     """Group ``runs`` by arm and aggregate every row; with ``reference_2012``, add the
-    2012 figures (:data:`REFERENCE_2012`) as a reference column.
+    2012 figures (:data:`REFERENCE_2012`) as a reference column.  ``boundary``: add the
+    P(lockup) table (:mod:`vm.campaign.lockup_curve`) as ``boundary``; None adds it when
+    an arm was run at more than one ratio.
 
     Raises:
         ReportError: no usable (non-interrupted) run, or a ``baseline`` that is no arm.
@@ -509,7 +515,7 @@ def build_report(
         )
     if reference_2012:
         footnotes.append(REFERENCE_2012["note"])
-    return {
+    rep: dict[str, Any] = {
         "schema": 2,
         "baseline": baseline,
         "reference_2012": REFERENCE_2012 if reference_2012 else None,
@@ -520,6 +526,10 @@ def build_report(
         "excluded": excluded,
         "footnotes": footnotes,
     }
+    points = lockup_curve.curve_points([r.run for r in usable])
+    if boundary or (boundary is None and lockup_curve.spans_settings(points)):
+        rep["boundary"] = points  # absent otherwise: published reports stay as they were
+    return rep
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -628,6 +638,8 @@ def render_markdown(rep: Mapping[str, Any]) -> str:
     lines.append("")
     lines.extend(f"- {note}" for note in rep["footnotes"])
     lines.append("")
+    if rep.get("boundary"):
+        lines.extend(lockup_curve.render_markdown(rep["boundary"]))
     return "\n".join(lines)
 
 
@@ -662,7 +674,8 @@ def _csv_num(value: Any) -> str:
 
 def render_csv(rep: Mapping[str, Any]) -> str:
     """One line per (arm, metric); the header's lines as arm ``header``; the 2012 figures,
-    when shown, as arms of their own."""
+    when shown, as arms of their own; the boundary's points as ``p_lockup_ratio_R`` (mean:
+    P(lockup), min/max: the 95% Wilson interval)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
@@ -700,6 +713,20 @@ def render_csv(rep: Mapping[str, Any]) -> str:
                     _csv_num(v.get("significant")),
                 ]
             )
+    for point in rep.get("boundary") or []:
+        cells = lockup_curve.point_cells(point)
+        line = dict.fromkeys(CSV_FIELDS, "")
+        line.update(
+            arm=point["curve"],
+            metric=f"p_lockup_ratio_{cells[0]}",
+            mean=_csv_num(point["p"]),
+            n=str(point["trials"]),
+            runs=str(point["trials"] + point["errors"]),
+            text=f"{cells[1]} lockups, 95% Wilson interval {cells[3]}",
+            min=_csv_num(point["low"]),
+            max=_csv_num(point["high"]),
+        )
+        w.writerow(line.values())
     ref = rep.get("reference_2012")
     if ref:
         for key, pair in ref["rows"].items():

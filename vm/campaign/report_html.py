@@ -19,6 +19,7 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vm.campaign import lockup_curve
 from vm.campaign.plots import OVERLAY_FILE
 from vm.campaign.report import MEDIAN_KEYS, cell_text, median_text, reference_cells
 
@@ -138,6 +139,20 @@ def render_html(rep: Mapping[str, Any], plots: Sequence[tuple[str, bytes]] = ())
     out.append('<ul id="footnotes">')
     out.extend(f"<li>{_e(note)}</li>" for note in rep["footnotes"])
     out.append("</ul>")
+    if rep.get("boundary"):
+        out.append("<h2>Boundary: P(lockup) by overcommit ratio</h2>")
+        out.append('<table id="boundary">')
+        out.append("<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in lockup_curve.HEAD))
+        out.append("</tr></thead><tbody>")
+        for point in rep["boundary"]:
+            cells = lockup_curve.point_cells(point)
+            out.append(
+                f"<tr><th>{_e(point['curve'])}</th>"
+                + "".join(_cell(c) for c in cells[:-1])
+                + f"<td>{_e(cells[-1])}</td></tr>"
+            )
+        out.append("</tbody></table>")
+        out.append(f"<p>{_e(lockup_curve.NOTE)}</p>")
     if plots:
         out.append('<h2>Plots</h2><div id="plots">')
         for name, png in plots:

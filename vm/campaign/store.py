@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vm.campaign.archive import read_run_jsons
 from vm.campaign.plan import Estimator, Matrix, MatrixError, PlannedRun, run_seconds
 
 INDEX_SCHEMA = 1
@@ -188,8 +189,20 @@ def prepare_store(
         _write_atomic(copy, matrix.text)
 
 
-def estimator_from_store(runs: Sequence[PlannedRun], store: Path) -> Estimator:
+def estimator_from_store(
+    runs: Sequence[PlannedRun], store: Path | None, history: Sequence[Path] = ()
+) -> Estimator:
+    """An estimator that knows the finished runs of ``store`` (None: no store yet) and of
+    the committed ``history`` archives (:func:`vm.campaign.archive.committed_archives`;
+    their harness errors left out: a failed image build says nothing of a run's length)."""
     est = Estimator()
+    for archive in history:
+        for committed in read_run_jsons(archive):
+            own = run_seconds(committed.get("timings") or {})
+            if own is not None and is_finished(committed) and committed.get("outcome") != "error":
+                est.add_config(committed.get("config") or {}, own, committed=True)
+    if store is None or not store.is_dir():
+        return est
     for run in runs:
         rj = read_run_json(store / run.id / "run.json")
         own = run_seconds(rj.get("timings") or {}) if rj and is_finished(rj) else None
