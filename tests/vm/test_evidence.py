@@ -216,3 +216,23 @@ def test_612_stacks_printed_all_unreliable_are_kept_and_marked() -> None:
         "schedule_timeout",
         "__alloc_pages_slowpath.constprop.0",
     ]
+
+
+def test_sysrq_m_of_a_kernel_without_numa_gives_its_zones() -> None:
+    """The project's built 6.1 kernels have no CONFIG_NUMA: SysRq-m prints ``DMA32
+    free:...`` without ``Node 0``. The console is the cross-check's compile-time revert
+    (6.1-slab-revert, 2026-12-06), which froze before its collector sent a sample with
+    swap-out in it; before this parse the run read as a stall before pressure."""
+    console = gzip.decompress((DATA / "6.1.192-slab-revert.console.gz").read_bytes()).decode()
+    memory = evidence.snapshots(console)[0].memory
+    assert memory is not None
+    assert memory.zones == [
+        evidence.Zone(node=0, zone="DMA", free_kb=640, min_kb=2260, low_kb=2312, high_kb=2364),
+        evidence.Zone(node=0, zone="DMA32", free_kb=3736, min_kb=4004, low_kb=4312, high_kb=4620),
+    ]
+    assert memory.swap_used_kb == 655356 - 648188
+    assert memory.writeback_pages == 1649
+    assert memory.below("min") == [
+        "DMA free 640 kB < min 2260 kB",
+        "DMA32 free 3736 kB < min 4004 kB",
+    ]

@@ -99,3 +99,19 @@ def test_pressure_reads_the_parsed_memory_once_parsed() -> None:
         below_high=("DMA free 2276 kB < high 2392 kB", "DMA32 free 3228 kB < high 3860 kB"),
     )
     assert forensics.pressure(st, None) == watchdog.Pressure(pswpout=621)
+
+
+def test_pressure_takes_swap_in_use_when_the_zones_were_not_parsed() -> None:
+    """Swap in use proves swap-out began even when no zone line was understood: the
+    pressure is met, and the zones are reported unknown, not as "above high"."""
+    from vm.run import watchdog
+
+    st = watchdog.WatchState(started=0.0, last_activity=0.0)
+    st.observe({"type": "sample", "vmstat": {"pswpout": 0}}, 1.0, stream="samples")
+    memory = {"zones": [], "below_high": [], "swap_used_kb": 7168, "writeback_pages": 1649}
+    got = forensics.pressure(st, memory)
+    assert got == watchdog.Pressure(pswpout=0, swap_used_kb=7168, below_high=None)
+    assert got.met
+    assert (
+        got.text() == "pswpout 0, swap used 7168 kB, zone watermarks not seen (no zone lines in it)"
+    )

@@ -12,7 +12,8 @@ prints, on the serial console:
   moment ``w`` looks, kernel-notes.md §9);
 - ``l``, "Show backtrace of all active CPUs": ``NMI backtrace for cpu N`` blocks;
 - ``m``, "Show Memory": ``Node 0 DMA32 free:...kB ... min:...kB low:...kB high:...kB``
-  per zone, ``writeback:N`` pages, ``Free swap``/``Total swap``, ``N pages reserved``.
+  per zone (``DMA32 free:...`` without ``CONFIG_NUMA``), ``writeback:N`` pages,
+  ``Free swap``/``Total swap``, ``N pages reserved``.
 
 The hung-task detector adds ``INFO: task COMM:PID blocked for more than N seconds.``
 with a stack in the same shape. This module is pure: console text in, :class:`Snapshot`
@@ -59,8 +60,10 @@ _HUNG = re.compile(r"^INFO: task (?P<comm>.+):(?P<pid>\d+) blocked for more than
 _NMI = re.compile(r"^NMI backtrace for cpu (?P<cpu>\d+)")
 _CPU_LINE = re.compile(r"^CPU: (?P<cpu>\d+) (?:UID: \d+ )?PID: (?P<pid>\d+) Comm: (?P<comm>\S+)")
 _FRAME = re.compile(r"^\s*(?P<unreliable>\? )?(?P<fn>[A-Za-z_][\w.]*)\+0x[0-9a-f]+/0x[0-9a-f]+")
+# A kernel without CONFIG_NUMA (the project's built 6.1 variants) prints the zone lines
+# without the "Node N " prefix: "DMA32 free:3736kB boost:2772kB min:4004kB ...".
 _ZONE = re.compile(
-    r"^Node (?P<node>\d+) (?P<zone>\w+) free:(?P<free>\d+)kB"
+    r"^(?:Node (?P<node>\d+) )?(?P<zone>\w+) free:(?P<free>\d+)kB"
     r"(?:.*?\bmin:(?P<min>\d+)kB)?(?:.*?\blow:(?P<low>\d+)kB)?(?:.*?\bhigh:(?P<high>\d+)kB)?"
 )
 _WRITEBACK = re.compile(r"\bwriteback:(\d+)\b")
@@ -304,7 +307,7 @@ def _memory_line(memory: MemoryState, line: str) -> None:
 
         memory.zones.append(
             Zone(
-                node=int(zone.group("node")),
+                node=int(zone.group("node") or 0),
                 zone=zone.group("zone"),
                 free_kb=int(zone.group("free")),
                 min_kb=num("min"),

@@ -222,10 +222,12 @@ def pressure(st: watchdog.WatchState, memory: Mapping[str, Any] | None) -> watch
     ``memory`` is the ``memory`` entry of :meth:`Forensics.kernel_evidence`
     (:meth:`vm.run.evidence.MemoryState.as_dict`), so the console is parsed once.
     """
-    if not memory or not memory.get("zones"):
+    if not memory:
         return watchdog.Pressure(pswpout=st.pswpout())
+    # Swap in use and the zones are separate lines of the report: one may be there
+    # without the other (a report cut short, or zone lines this parser did not know).
     return watchdog.Pressure(
         pswpout=st.pswpout(),
         swap_used_kb=memory.get("swap_used_kb"),
-        below_high=tuple(memory.get("below_high") or ()),
+        below_high=tuple(memory.get("below_high") or ()) if memory.get("zones") else None,
     )

@@ -447,7 +447,8 @@ class Pressure:
         if self.swap_used_kb is not None:
             out += f", swap used {self.swap_used_kb} kB"
         if self.below_high is None:
-            out += ", zone watermarks not seen (no SysRq-m report)"
+            seen = "no SysRq-m report" if self.swap_used_kb is None else "no zone lines in it"
+            out += f", zone watermarks not seen ({seen})"
         elif self.below_high:
             out += ", " + "; ".join(self.below_high)
         else:
