@@ -371,9 +371,8 @@ class _Outbox:
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One client's I/O: bytes between the transport and its
-    :class:`~nbdserver.connection.NBDConnection`, commands to the
-    :class:`~nbdserver.dispatch.Dispatcher`, replies back out."""
+    """One client's I/O: bytes between the transport and its ``NBDConnection`` (the core's
+    decisions), commands to the ``Dispatcher``, replies back out."""
 
     def __init__(self, server: NBDServer, *, refuse: bool = False) -> None:
         self.server = server
@@ -393,15 +392,11 @@ class Connection(asyncio.BufferedProtocol):
             max_bytes=server.max_inflight_bytes,
         )
         self.flow = self.state.flow
-        #: NBDConnection's per-request and per-batch rules, bound once.
+        #: NBDConnection.route, bound once: it runs for every request.
         self._route = self.state.route
-        self._should_pause = self.state.should_pause
-        self._may_poll = self.state.may_poll
         self.export: Export | None = None
         self.dispatcher: Dispatcher | None = None
-        #: Bound at the handoff to transmission for the inline path, which runs them for
-        #: every request (docs/performance.md, "Inline or pool"): the dispatcher's
-        #: execute and the export's stats.record.
+        #: Dispatcher.execute and ExportStats.record for the inline path, bound at Ready.
         self._execute: Callable[[Command, bytes | memoryview | None], Reply] = _not_ready
         self._record: Callable[[int, int, int, bool], None] = _not_ready
         self.poll_window = PollWindow(server.poll_ns)
@@ -482,7 +477,6 @@ class Connection(asyncio.BufferedProtocol):
                 if missing >= WAKE_MARK_MIN or mark.mark != 1:
                     mark.update(missing)
 
-    # --- handshake ----------------------------------------------------------------
     def _negotiate(self) -> None:
         """Feed the received bytes to the handshake and act on what it decided."""
         transport = self.transport
@@ -563,13 +557,10 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self.lost:
             return
-        pause = self._should_pause(transport.get_write_buffer_size())
-        if pause and not self.flow.read_paused:
-            transport.pause_reading()
-            self.flow.read_paused = True
-        elif not pause and self.flow.read_paused:
-            self.flow.read_paused = False
-            transport.resume_reading()
+        pause = self.state.should_pause(transport.get_write_buffer_size())
+        if pause != self.flow.read_paused:
+            self.flow.read_paused = pause
+            (transport.pause_reading if pause else transport.resume_reading)()
 
     def _dispatch(
         self, c: Command | Rejected | Closed, batch: list[bytes | bytearray | memoryview]
@@ -594,7 +585,7 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 batch.append(reply)
         elif route is _SENDFILE:
-            if not self._sendfile_read(c, t0):
+            if self.fd < 0 or not self._sendfile_read(c, t0):
                 self._submit(c, t0)
         elif route is _POOL:
             self._submit(c, t0)
@@ -610,28 +601,25 @@ class Connection(asyncio.BufferedProtocol):
             self.log.closed(event, "transmission", self.flow.requests)
 
     def _sendfile_read(self, c: Command, t0: int) -> bool:
-        """A large read by sendfile; False: it takes the pool. The bytes bypass the
-        transport, so it must be idle and the replies decoded before this one go first."""
+        """A large read by sendfile on socket fd; False: it takes the pool. The bytes bypass
+        the transport, so it must be idle and the replies decoded before this one go first."""
         transport, dispatcher = self.transport, self.dispatcher
         assert transport is not None and dispatcher is not None
-        if self.fd < 0:
-            return False
         self.out.flush_batch()
         if transport.get_write_buffer_size():
             return False
         return dispatcher.sendfile_read(c, self.fd, transport.write, transport.abort, t0)
 
     def _poll(self) -> bool:
-        """Busy-poll after a lone request (:func:`~nbdserver.fastpath.busy_poll`): only
-        when this process serves one connection and nothing is queued, paused or in the
-        pool. True when bytes came."""
+        """Busy-poll after a lone request (:func:`~nbdserver.fastpath.busy_poll`) when this
+        process serves one connection and nothing is queued, paused or in the pool."""
         window, transport = self.poll_window, self.transport
         if (
             window.max_ns <= 0
             or self.batch_size != 1
             or self.fd < 0
             or self.lost
-            or not self._may_poll()
+            or not self.state.may_poll()
             or transport is None
             or transport.get_write_buffer_size()
             or len(self.server.connections) != 1
@@ -659,7 +647,6 @@ class Connection(asyncio.BufferedProtocol):
         self._update_reading()
         self._finish_if_drained()
 
-    # --- shutdown ----------------------------------------------------------------
     def _finish_if_drained(self) -> None:
         if self.state.drain_done() and self.transport is not None:
             self.transport.close()
