@@ -525,6 +525,7 @@ def test_real_two_run_matrix_resume_and_report(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "6.1-patched-slub-nbd-serve.png",
         "6.1-patched-slub-nbdkit.png",
+        "overlays.png",
     ]
 
 
