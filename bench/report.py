@@ -68,13 +68,16 @@ def median(values: Iterable[float]) -> float:
     return float(statistics.median(data))
 
 
+def _iops_by_round(cells: Sequence[Cell], workload: str) -> dict[tuple[int, str], float]:
+    """IOPS of *workload*'s cells by (round, server)."""
+    return {(c.round, c.server): c.result.iops for c in cells if c.workload == workload}
+
+
 def per_round_ratios(
     cells: Sequence[Cell], *, workload: str, server: str, baseline: str
 ) -> list[float]:
     """IOPS of *server* divided by IOPS of *baseline*, one value per round both ran."""
-    by_round: dict[tuple[int, str], float] = {
-        (c.round, c.server): c.result.iops for c in cells if c.workload == workload
-    }
+    by_round = _iops_by_round(cells, workload)
     ratios = []
     for (rnd, srv), iops in sorted(by_round.items()):
         if srv != server:
@@ -93,9 +96,7 @@ def cycle_ratios(
     a round (the run stopped early, or a server did not run) gives no value."""
     if cycle < 1:
         raise ValueError(f"cycle must be at least 1, got {cycle}")
-    iops: dict[tuple[int, str], float] = {
-        (c.round, c.server): c.result.iops for c in cells if c.workload == workload
-    }
+    iops = _iops_by_round(cells, workload)
     rounds = sorted({r for r, _ in iops})
     out = []
     for first in range(1, (max(rounds) if rounds else 0) + 1, cycle):
