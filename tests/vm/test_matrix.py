@@ -373,6 +373,30 @@ def test_a_store_of_another_matrix_is_refused(tmp_path: Path) -> None:
         matrix.run_matrix(other, store, resume=True, run_one=fake_runner({}))
 
 
+@pytest.mark.parametrize(("recorded", "resumes"), [(True, True), (False, False)])
+def test_a_retired_setting_at_its_built_in_value_still_resumes(
+    tmp_path: Path, recorded: bool, resumes: bool
+) -> None:
+    # Stores begun before --no-swap-flag went record nbd_swap_flag in every run's config.
+    store = tmp_path / "store"
+    mx = matrix_plan.parse_matrix(SMALL)
+    first = "r01-6.1-patched-slub-nbd-serve-rep1"
+    matrix.run_matrix(mx, store, only=[first], run_one=fake_runner({}))
+    index_path = store / "index.json"
+    index = json.loads(index_path.read_text())
+    for entry in index["runs"]:
+        if entry["id"] == first:
+            entry["config"]["nbd_swap_flag"] = recorded
+    index["matrix"]["sha256"] = "0" * 64  # the store's copy of the file differed (a comment)
+    index_path.write_text(json.dumps(index))
+    if resumes:
+        again = matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
+        assert first in again.skipped and first not in again.ran
+    else:
+        with pytest.raises(matrix_plan.MatrixError, match="does not keep all of its runs"):
+            matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
+
+
 def test_resume_with_more_repeats_adds_runs(tmp_path: Path) -> None:
     store = tmp_path / "store"
     mx = matrix_plan.parse_matrix(SMALL)

@@ -34,6 +34,10 @@ INDEX_SCHEMA = 1
 INDEX_NAME = "index.json"
 MATRIX_COPY = "matrix.toml"
 ATTIC = ".attic"
+# Settings a run's config no longer has, at the one value whose behaviour is now built in:
+# a run recorded with it is the same run as one without (9a09c3e: nbd-client always gets
+# -swap). Any other value was a different experiment, and stays a different config.
+RETIRED_SETTINGS: Mapping[str, Any] = {"nbd_swap_flag": True}
 
 
 def is_finished(run_json: Mapping[str, Any] | None) -> bool:
@@ -140,9 +144,22 @@ def extends(index: Mapping[str, Any], plan: Sequence[PlannedRun], store: Path) -
         if entry.get("status") == "pending":
             continue
         run = planned.get(entry.get("id"))
-        if run is None or run.config(store).to_json() != entry.get("config"):
+        if run is None or not same_config(run.config(store).to_json(), entry.get("config")):
             return False
     return True
+
+
+def same_config(new: Mapping[str, Any], old: Any) -> bool:
+    """Whether a recorded config ``old`` is ``new``, once settings retired at their
+    built-in value (:data:`RETIRED_SETTINGS`) are set aside."""
+    if not isinstance(old, Mapping):
+        return False
+    kept = {
+        k: v
+        for k, v in old.items()
+        if not (k in RETIRED_SETTINGS and k not in new and v == RETIRED_SETTINGS[k])
+    }
+    return dict(new) == kept
 
 
 def prepare_store(
