@@ -550,6 +550,7 @@ async def serve(
             }
         if acceptor is not None:
             extra["workers"] = acceptor.worker_stats()
+            extra["receiving"] = acceptor.receiving(server.receiving())
             line = stats_line(
                 time.time(),
                 time.monotonic(),
@@ -559,6 +560,7 @@ async def serve(
                 extra=extra,
             )
         else:
+            extra["receiving"] = server.receiving()
             line = stats_line(
                 time.time(),
                 time.monotonic(),

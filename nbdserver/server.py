@@ -209,6 +209,21 @@ class NBDServer:
         self.total_connections += 1
         self._idle.clear()
 
+    def receiving(self) -> dict[str, int]:
+        """Requests partly received, for the stats line: how many connections hold part
+        of one (``partial``) and the bytes their clients have still to send
+        (``missing_bytes``). Such a connection waits, SO_RCVLOWAT set, for the rest: the
+        bytes unread on its socket are not a server that stopped reading
+        (vm.run.forensics.server_probe tells the two apart with this)."""
+        partial = missing = 0
+        for conn in self.connections:
+            tx = conn.state.tx
+            held = conn.rx.end - conn.rx.start
+            if tx is not None and not conn.lost and 0 < held < tx.needed:
+                partial += 1
+                missing += tx.needed - held
+        return {"partial": partial, "missing_bytes": missing}
+
     def _refusal(self, conn: Connection) -> str | None:
         """Why ``conn`` (just opened) is refused, or None when it is served."""
         limit = self.max_connections

@@ -92,6 +92,8 @@ _CLOSED: Final = b"X"
 _STATS: Final = b"S"
 _REPORT: Final = b"R"
 _RETIRE: Final = b"Q"
+#: A worker's requests partly received (NBDServer.receiving), with every stats snapshot.
+_RECEIVING: Final = b"V"
 #: Seconds between two looks at a retiring worker's connections.
 RETIRE_POLL: Final = 0.2
 _MAX_MESSAGE: Final = 1 << 20
@@ -136,6 +138,8 @@ class Worker:
     load: int = 0
     alive: bool = True
     snapshot: dict[str, Any] = field(default_factory=dict)
+    #: Its newest NBDServer.receiving() (nothing once it is gone).
+    receiving: dict[str, int] = field(default_factory=dict)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     pidfd: int = -1
     exit_code: int | None = None
@@ -314,6 +318,7 @@ async def run_worker(
             await asyncio.sleep(interval)
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 ctrl.send(_snapshot_message(exports))
+                ctrl.send(_RECEIVING + json.dumps(server.receiving()).encode())
 
     tick = loop.create_task(ticker(stats_interval)) if stats_interval else None
     await stop.wait()
@@ -463,6 +468,16 @@ class Acceptor:
         live = [w.snapshot for w in [*self.workers, *self._retiring] if w.snapshot]
         return merge_stats(own, [*self._retired, *live])
 
+    def receiving(self, own: Mapping[str, int]) -> dict[str, int]:
+        """This process's NBDServer.receiving plus the live workers' (as of their last
+        snapshot)."""
+        total = {"partial": int(own["partial"]), "missing_bytes": int(own["missing_bytes"])}
+        for w in [*self.workers, *self._retiring]:
+            if w.alive:
+                for key in total:
+                    total[key] += int(w.receiving.get(key, 0))
+        return total
+
     def worker_stats(self) -> dict[str, Any]:
         """The ``"workers"`` entry of a stats line."""
         return {
@@ -558,6 +573,8 @@ class Acceptor:
                 worker.load -= 1
             elif kind == _STATS:
                 worker.snapshot = json.loads(msg[1:])
+            elif kind == _RECEIVING:
+                worker.receiving = json.loads(msg[1:])
             elif kind == _REPORT:
                 worker.report = json.loads(msg[1:])
             else:

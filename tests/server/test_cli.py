@@ -199,8 +199,9 @@ def test_ready_file_stats_and_clean_shutdown(tmp_path: Path) -> None:
     assert not sock.exists()  # removed at shutdown
     lines = [json.loads(line) for line in stats.read_text().splitlines()]
     last = lines[-1]  # written once more at shutdown
-    assert set(last) - {"workers"} == {"t_wall", "t_mono", "connections", "exports"}
+    assert set(last) - {"workers"} == {"t_wall", "t_mono", "connections", "exports", "receiving"}
     assert last["connections"] == {"open": 0, "total": 2}
+    assert last["receiving"] == {"partial": 0, "missing_bytes": 0}
     export = last["exports"][""]
     assert export["requests"]["read"] == 2 and export["requests"]["write"] == 1
     assert export["bytes"] == {"read": 4096, "write": 4096}

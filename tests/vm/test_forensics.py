@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,9 +10,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from server.nbdtest import RawClient, running_server
 
+from nbdserver.protocol import Cmd
 from vm.run import forensics
 
 SLEEPER = """
@@ -115,3 +119,64 @@ def test_pressure_takes_swap_in_use_when_the_zones_were_not_parsed() -> None:
     assert (
         got.text() == "pswpout 0, swap used 7168 kB, zone watermarks not seen (no zone lines in it)"
     )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])  # one process; a parent and its workers
+def test_the_probe_tells_a_server_waiting_for_the_rest_of_a_request_from_a_deaf_one(
+    tmp_path: Path, workers: str
+) -> None:
+    """A vanilla guest's sender stuck mid-WRITE leaves bytes unread under nbd-serve's wake
+    mark: the stats line says the server waits for the rest, so it is not unresponsive.
+    Without the stats the same socket reads as a server that stopped reading."""
+    stats = tmp_path / "stats.jsonl"
+    args = ("--memory", "1M", "--workers", workers, "--stats", str(stats))
+    args += ("--stats-interval", "0.2")
+    with running_server(tmp_path, *args) as srv, RawClient(srv.port) as client:
+        client.go()
+        length = 64 * 1024
+        client.request(Cmd.WRITE, 0, length, cookie=7)
+        client.send(b"a" * 8192)
+        time.sleep(0.3)
+        client.send(b"b" * 8192)  # below the mark the first bytes set: stays unread
+        sent = 16384
+        # However the server took the first bytes (the header alone, or with the first
+        # part), what it waits for and what stays unread on its socket add up.
+        deadline = time.monotonic() + 10
+        while True:
+            unsent, unread = forensics.socket_queues(srv.port)
+            receiving = (forensics.last_stats_line(stats) or {}).get("receiving")
+            expected = {"partial": 1, "missing_bytes": length - sent + unread}
+            if unsent == 0 and unread >= 8192 and receiving == expected:
+                break
+            assert time.monotonic() < deadline, (unsent, unread, receiving)
+            time.sleep(0.05)
+        assert forensics.awaits_the_rest(stats, unread)
+        assert forensics.server_probe(srv.proc.pid, srv.port, gap_s=0.3, stats_path=stats)() is None
+        assert forensics.server_probe(srv.proc.pid, srv.port, gap_s=0.3)() == {
+            "unresponsive": f"is not reading its socket ({unread} bytes unread for 0.3s)",
+            "definitive": False,
+        }
+        client.send(b"c" * (length - sent))
+        reply = client.reply()
+        assert not isinstance(reply, list) or reply[-1].flags  # answered: it was waiting
+        deadline = time.monotonic() + 10
+        while (forensics.last_stats_line(stats) or {}).get("receiving") != {
+            "partial": 0,
+            "missing_bytes": 0,
+        }:
+            assert time.monotonic() < deadline, forensics.last_stats_line(stats)
+            time.sleep(0.05)
+        assert not forensics.awaits_the_rest(stats, 0)
+
+
+def test_a_stale_or_missing_stats_line_says_nothing(tmp_path: Path) -> None:
+    stats = tmp_path / "stats.jsonl"
+    assert not forensics.awaits_the_rest(stats, 10)  # no file
+    assert not forensics.awaits_the_rest(None, 10)
+    line = {"t_wall": time.time() - 60, "receiving": {"partial": 1, "missing_bytes": 4096}}
+    stats.write_text(json.dumps(line) + "\n")
+    assert not forensics.awaits_the_rest(stats, 10)  # a minute old
+    line["t_wall"] = time.time()
+    stats.write_text(json.dumps(line) + "\n" + '{"t_wall": 1, "truncat')
+    assert forensics.awaits_the_rest(stats, 10)  # the torn last line is passed over
+    assert not forensics.awaits_the_rest(stats, 4096)  # the unread bytes complete it

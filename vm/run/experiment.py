@@ -267,7 +267,7 @@ def _run_guest(cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit, hook: Hook
                 looks = forensics.Forensics(
                     cfg.out / OUTPUT_FILES["console"],
                     qmp_path,
-                    forensics.server_probe(server.pid, server.port),
+                    forensics.server_probe(server.pid, server.port, stats_path=server.stats_path),
                     t_qemu,
                     port=server.port,
                 )

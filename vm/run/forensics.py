@@ -11,6 +11,8 @@ stall as soon as progress resumes, so every look of one stall was taken without 
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,7 +56,49 @@ Probe = Callable[[], dict[str, Any] | None]
 """A check of the server: ``{"unresponsive": why, "definitive": bool}``, or None."""
 
 
-def server_probe(pid: int, port: int, *, gap_s: float = 1.0) -> Probe:
+#: A stats line older than this says nothing of the server now (it writes one a second).
+STATS_FRESH_S: Final = 5.0
+
+
+def last_stats_line(path: Path) -> dict[str, Any] | None:
+    """The newest complete line of nbd-serve's ``--stats`` file, or None."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            tail = f.read()
+    except OSError:
+        return None
+    for line in reversed(tail.split(b"\n")):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        return obj if isinstance(obj, dict) else None
+    return None
+
+
+def awaits_the_rest(stats_path: Path | None, unread: int) -> bool:
+    """Whether nbd-serve's newest stats line, fresh, says it holds part of a request and
+    waits for more than the ``unread`` bytes on its socket: its wake mark (SO_RCVLOWAT)
+    keeps those unread until the rest comes, so they are the client's stall, not the
+    server's (a vanilla guest's sender stuck in tcp_sendmsg mid-request leaves exactly
+    that)."""
+    line = last_stats_line(stats_path) if stats_path is not None else None
+    if line is None:
+        return False
+    receiving = line.get("receiving")
+    t_wall = line.get("t_wall")
+    if not isinstance(receiving, dict) or not isinstance(t_wall, int | float):
+        return False
+    missing = receiving.get("missing_bytes")
+    fresh = abs(time.time() - t_wall) <= STATS_FRESH_S
+    return fresh and isinstance(missing, int) and missing > unread
+
+
+def server_probe(
+    pid: int, port: int, *, gap_s: float = 1.0, stats_path: Path | None = None
+) -> Probe:
     """A check of the server as the host sees it: why it is unresponsive, or None.
 
     Stopped or exited is definitive; unread bytes are not (see vm.run.evidence.signature).
@@ -63,7 +107,8 @@ def server_probe(pid: int, port: int, *, gap_s: float = 1.0) -> Probe:
     its socket ``gap_s`` apart while it has nothing waiting to go out. A server whose
     replies wait for the guest to take them (unsent bytes) is flow-controlled by the guest,
     not unresponsive: a deadlocked guest stops reading too (seen: 33,580 bytes unread with
-    the guest's receive worker blocked on the socket lock its sender held).
+    the guest's receive worker blocked on the socket lock its sender held). Nor is one
+    whose ``stats_path`` says it waits for the rest of a request (:func:`awaits_the_rest`).
     """
 
     def probe() -> dict[str, Any] | None:
@@ -84,7 +129,7 @@ def server_probe(pid: int, port: int, *, gap_s: float = 1.0) -> Probe:
             return None
         time.sleep(gap_s)
         unsent, later = socket_queues(port)
-        if later >= unread and unsent == 0:
+        if later >= unread and unsent == 0 and not awaits_the_rest(stats_path, later):
             why = f"is not reading its socket ({later} bytes unread for {gap_s:g}s)"
             return {"unresponsive": why, "definitive": False}
         return None
