@@ -45,6 +45,15 @@ EXIT_IMAGE = 3
 EXIT_INTERRUPTED = 130
 """SIGINT; a run stopped by SIGTERM exits 128 + 15 = 143."""
 EXIT_TERMINATED = 143
+#: ``swapnbd run --bisect``: the exit codes ``git bisect run`` reads. Good: the run
+#: completed. Bad: the kernel failed under the pressure (a lockup, corruption, an OOM kill
+#: or a guest crash). Skip: it could not be tested (an image or harness error, a stall
+#: before pressure). Abort: the command line itself is wrong, which no commit changes.
+BISECT_GOOD = 0
+BISECT_BAD = 1
+BISECT_SKIP = 125
+BISECT_ABORT = 255
+BISECT_BAD_OUTCOMES = frozenset({"lockup", "corruption", "oom", "guest-crash"})
 
 #: Presets.  ``quick`` (the default) is the mission's shape scaled for TCG: 8 x vCPUs
 #: workers at 4x guest RAM (128 MiB guest, 2 vCPUs, 16 workers), a few minutes under TCG;
@@ -83,6 +92,11 @@ examples:
 outcomes (run.json "outcome"): completed, lockup, guest-crash, corruption, oom, error
 exit codes: 0 completed, 1 another outcome, 2 usage error, 3 image build failed,
             130 interrupted by SIGINT, 143 by SIGTERM (run.json is still written)
+  with --bisect, as git bisect run reads them: 0 completed, 1 lockup, corruption, oom
+            or guest-crash, 125 error (the kernel could not be tested), 255 usage error
+            (aborts the bisect); 130 and 143 still abort it
+  git bisect run sh -c 'make bzImage || exit 125
+      swapnbd run --bisect --kernel arch/x86/boot/bzImage'
 """
 
 
@@ -284,6 +298,11 @@ def _add_run(sub: Any) -> None:
         help="vm.min_free_kbytes to pin (default: the kernel's formula for --memory)",
     )
     p.add_argument("--json", action="store_true", help="print run.json instead of the summary")
+    p.add_argument(
+        "--bisect",
+        action="store_true",
+        help="exit as git bisect run reads it: 0 completed, 1 the kernel failed, 125 untestable",
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -420,7 +439,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"swapnbd run: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return BISECT_ABORT if args.bisect else EXIT_USAGE
 
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -431,14 +450,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(run, indent=2, default=str))
     else:
         print("\n".join(summary_lines(run)))
-    return exit_code(run)
+    return exit_code(run, bisect=args.bisect)
 
 
-def exit_code(run: dict[str, Any]) -> int:
-    """The exit status of ``swapnbd run`` for a finished run.json (module docstring)."""
+def exit_code(run: dict[str, Any], *, bisect: bool = False) -> int:
+    """The exit status of ``swapnbd run`` for a finished run.json (EPILOG); ``bisect``:
+    the codes git bisect run reads (BISECT_GOOD, BISECT_BAD, BISECT_SKIP)."""
     if run.get("interrupted"):
         return EXIT_TERMINATED if run.get("interrupted_by") == "SIGTERM" else EXIT_INTERRUPTED
-    return EXIT_OK if run.get("outcome") == "completed" else EXIT_NOT_COMPLETED
+    outcome = run.get("outcome")
+    if outcome == "completed":
+        return EXIT_OK
+    if bisect:
+        return BISECT_BAD if outcome in BISECT_BAD_OUTCOMES else BISECT_SKIP
+    return EXIT_NOT_COMPLETED
 
 
 def cmd_image(args: argparse.Namespace) -> int:
@@ -814,7 +839,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+        code = int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+        bisecting = "--bisect" in (sys.argv[1:] if argv is None else argv)
+        return BISECT_ABORT if code == EXIT_USAGE and bisecting else code
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

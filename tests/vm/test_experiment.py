@@ -311,6 +311,37 @@ def test_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("outcome", "plain", "bisect"),
+    [
+        ("completed", 0, 0),
+        ("lockup", 1, 1),
+        ("corruption", 1, 1),
+        ("oom", 1, 1),
+        ("guest-crash", 1, 1),
+        ("error", 1, 125),  # git bisect run: this commit cannot be tested, skip it
+    ],
+)
+def test_exit_codes_plain_and_for_git_bisect(outcome: str, plain: int, bisect: int) -> None:
+    run = {"outcome": outcome}
+    assert (cli.exit_code(run), cli.exit_code(run, bisect=True)) == (plain, bisect)
+    stopped = {"outcome": "error", "interrupted": True, "interrupted_by": "SIGTERM"}
+    assert cli.exit_code(stopped, bisect=True) == 143  # > 127: git bisect run aborts
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--bisect", "--memory", "12Q"],  # argparse's own error
+        ["run", "--bisect", "--total", "1G", "--ratio", "4"],  # the config's
+    ],
+)
+def test_a_usage_error_aborts_a_bisect(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # 2 would mark the commit bad; a wrong command line is no commit's fault.
+    assert cli.main(argv) == cli.BISECT_ABORT == 255
+    assert "error" in capsys.readouterr().err
+
+
 def test_summary_lines_show_the_seed_figures() -> None:
     run = {
         "outcome": "completed",
