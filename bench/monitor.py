@@ -5,6 +5,10 @@ time of children it already reaped (nbd-server forks one child per client), plus
 time of children still alive. Peak RSS has no such counter for a live process, so a
 background thread samples the tree's summed RSS every ``interval`` seconds while a run is
 watched; children's RSS is added (shared pages counted twice, an upper bound).
+
+Steal is the machine's: the share of all CPUs' time the hypervisor gave to other guests
+during a run (/proc/stat, as psutil reads it). On a shared host it is the one measured
+sign that a run timed the neighbours rather than the servers.
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ def tree_cpu_seconds(proc: psutil.Process) -> float:
             if i == 0:
                 total += t.children_user + t.children_system
     return total
+
+
+def cpu_clock() -> tuple[float, float]:
+    """(stolen, total) CPU seconds of the whole machine since boot (every CPU summed)."""
+    t = psutil.cpu_times()
+    stolen = float(getattr(t, "steal", 0.0))
+    # guest and guest_nice are already inside user and nice.
+    total = sum(float(getattr(t, f, 0.0)) for f in t._fields if f not in ("guest", "guest_nice"))
+    return stolen, total
+
+
+def steal_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The share of the machine's CPU time stolen between two :func:`cpu_clock` readings."""
+    stolen, total = after[0] - before[0], after[1] - before[1]
+    return stolen / total if total > 0 else 0.0
 
 
 def tree_rss(proc: psutil.Process) -> int:

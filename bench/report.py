@@ -15,7 +15,7 @@ import json
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Final
 
 from bench.workloads import GIB, MIB, FioResult, Workload
 
@@ -32,6 +32,9 @@ class Cell:
     """CPU seconds (user + system) the server's process tree used during the run."""
     rss_peak: int
     """Peak resident set size in bytes of the server's process tree, sampled."""
+    steal: float | None = None
+    """Share of the machine's CPU time the hypervisor gave other guests during the run
+    (None: not measured, results before 2026-12-06 evening)."""
 
     @property
     def cpu_s_per_gib(self) -> float:
@@ -58,6 +61,17 @@ class Summary:
     no whole cycle ran; None when the baseline did not run this workload."""
     round_ratio: float | None = None
     """Median over single rounds of the same ratio (the figure before cycles)."""
+    cycles: int | None = None
+    """Whole rotation cycles this ratio could use (None: no steal was measured)."""
+    steady_cycles: int | None = None
+    """Of them, those no run of which lost more than :data:`MAX_STEAL` to steal: the
+    ones ``ratio`` is the median of (all of them, when none is steady)."""
+
+
+#: A rotation cycle in which this server's or the baseline's run lost more than this share
+#: of the machine's CPU time to steal timed the host's other tenants, not the servers: the
+#: ratios leave it out. Set before any run measured steal (2026-12-06), not fitted to one.
+MAX_STEAL: Final = 0.02
 
 
 def median(values: Iterable[float]) -> float:
@@ -89,14 +103,23 @@ def per_round_ratios(
 
 
 def cycle_ratios(
-    cells: Sequence[Cell], *, workload: str, server: str, baseline: str, cycle: int
+    cells: Sequence[Cell],
+    *,
+    workload: str,
+    server: str,
+    baseline: str,
+    cycle: int,
+    max_steal: float | None = None,
 ) -> list[float]:
     """One ratio per whole rotation cycle: rounds ``k*cycle+1 .. (k+1)*cycle`` (1-based),
     the geometric mean of *server*'s IOPS / *baseline*'s in each of them. A cycle missing
-    a round (the run stopped early, or a server did not run) gives no value."""
+    a round (the run stopped early, or a server did not run) gives no value; with
+    ``max_steal``, neither does one in which either server's run lost more than that
+    share of the machine's CPU time to steal."""
     if cycle < 1:
         raise ValueError(f"cycle must be at least 1, got {cycle}")
     iops = _iops_by_round(cells, workload)
+    stolen = {(c.round, c.server): c.steal or 0.0 for c in cells if c.workload == workload}
     rounds = sorted({r for r, _ in iops})
     out = []
     for first in range(1, (max(rounds) if rounds else 0) + 1, cycle):
@@ -104,6 +127,12 @@ def cycle_ratios(
         for rnd in range(first, first + cycle):
             mine, base = iops.get((rnd, server)), iops.get((rnd, baseline))
             if mine is None or base is None or base <= 0 or mine <= 0:
+                break
+            if (
+                max_steal is not None
+                and max(stolen.get((rnd, server), 0.0), stolen.get((rnd, baseline), 0.0))
+                > max_steal
+            ):
                 break
             ratios.append(mine / base)
         if len(ratios) == cycle:
@@ -130,8 +159,21 @@ def summarize(
             cycles = cycle_ratios(
                 cells, workload=w.name, server=s, baseline=baseline, cycle=len(servers)
             )
-            if cycles:
-                ratio: float | None = median(cycles)
+            measured = any(c.steal is not None for c in mine)
+            steady = (
+                cycle_ratios(
+                    cells,
+                    workload=w.name,
+                    server=s,
+                    baseline=baseline,
+                    cycle=len(servers),
+                    max_steal=MAX_STEAL,
+                )
+                if measured
+                else cycles
+            )
+            if steady or cycles:
+                ratio: float | None = median(steady or cycles)
             else:
                 ratio = median(ratios) if ratios else None
             out.append(
@@ -147,6 +189,8 @@ def summarize(
                     rss_peak=max(c.rss_peak for c in mine),
                     ratio=ratio,
                     round_ratio=median(ratios) if ratios else None,
+                    cycles=len(cycles) if measured else None,
+                    steady_cycles=len(steady) if measured else None,
                 )
             )
     return out
@@ -249,6 +293,35 @@ def _leads(leads: dict[str, int] | None) -> str:
     return f" (rounds led: {listed}; uneven, so ratios lean against the server that led most)"
 
 
+def steal_markdown(
+    cells: Sequence[Cell],
+    summaries: Sequence[Summary],
+    workloads: Sequence[Workload],
+    baseline: str,
+) -> str:
+    """What steal took and which cycles the ratios kept; "" when steal was not measured."""
+    measured = [c.steal for c in cells if c.steal is not None]
+    if not measured:
+        return ""
+    over = sum(1 for x in measured if x > MAX_STEAL)
+    desc = {w.name: w.description for w in workloads}
+    peers = {s.server for s in summaries if s.server != baseline}
+    kept = [
+        f"{desc.get(s.workload, s.workload)}"
+        + (f" ({s.server})" if len(peers) > 1 else "")
+        + f" {s.steady_cycles}/{s.cycles}"
+        for s in summaries
+        if s.server != baseline and s.cycles is not None
+    ]
+    return (
+        f"Steal (the share of the machine's CPU time the hypervisor gave other tenants, read "
+        f"around every run): {over} of {len(measured)} runs lost more than "
+        f"{MAX_STEAL:.0%}, the worst {max(measured):.1%}. The 'vs {baseline}' ratios leave "
+        "out the rotation cycles in which either server's run lost more than that (all "
+        "cycles count when none is left); cycles kept: " + "; ".join(kept) + "."
+    )
+
+
 def _pin(pin: dict[str, list[int]] | None) -> str:
     if not pin:
         return ""
@@ -267,8 +340,9 @@ def render_markdown(
     baseline: str,
     rss_runs: Sequence[RssRun],
     rss_description: str,
+    cells: Sequence[Cell] = (),
 ) -> str:
-    """The whole Markdown report."""
+    """The whole Markdown report (``cells``: for the steal paragraph)."""
     m = meta
     parts = [
         f"# {title}",
@@ -293,6 +367,11 @@ def render_markdown(
         "(ramp-up excluded pro rata). Peak RSS is sampled every "
         f"{m['sample_interval_s'] * 1000:.0f} ms, children included.",
         "",
+    ]
+    steal = steal_markdown(cells, summaries, workloads, baseline)
+    if steal:
+        parts += [steal, ""]
+    parts += [
         table_markdown(summaries, workloads, baseline),
         "",
     ]
@@ -352,6 +431,7 @@ def to_json(
                 **result(c.result),
                 "cpu_s": round(c.cpu_s, 3),
                 "rss_peak": c.rss_peak,
+                **({} if c.steal is None else {"steal": round(c.steal, 4)}),
             }
             for c in cells
         ],
@@ -392,6 +472,7 @@ def from_json(document: dict[str, Any]) -> tuple[list[Cell], list[RssRun]]:
                 result=_result_from(row),
                 cpu_s=float(row["cpu_s"]),
                 rss_peak=int(row["rss_peak"]),
+                steal=None if row.get("steal") is None else float(row["steal"]),
             )
             for row in document["cells"]
         ]

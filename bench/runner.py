@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.monitor import RssSampler, tree_cpu_seconds
+from bench.monitor import RssSampler, cpu_clock, steal_share, tree_cpu_seconds
 from bench.servers import (
     ON_REQUEST,
     BenchError,
@@ -287,11 +287,14 @@ def _measure(
     fio: str, workload: Workload, server: RunningServer, sampler: RssSampler,
     spec: ExportSpec, runtime_s: float, ramp_s: float, label: str | None = None,
     pin: Pinning | None = None,
-) -> tuple[FioResult, float, int]:  # fmt: skip
+) -> tuple[FioResult, float, int, float]:  # fmt: skip
+    """One fio run: its result, the server tree's CPU seconds, its peak RSS and the
+    machine's steal share over the run (ramp included)."""
     proc = server.process()
     if pin is not None:  # again each time: a forking server's child of the last run is gone
         pin_tree(proc, pin.servers)
     cpu0 = tree_cpu_seconds(proc)
+    clock0 = cpu_clock()
     sampler.watch(proc, label or server.kind)
     try:
         result = run_fio(
@@ -300,6 +303,7 @@ def _measure(
         )  # fmt: skip
     finally:
         peak = sampler.stop()
+    steal = steal_share(clock0, cpu_clock())
     # Let a forking server reap the child that served fio, so its CPU time is counted.
     time.sleep(0.05)
     # fio does not count the bytes of its ramp-up; scale the CPU time the same way, so
@@ -307,7 +311,7 @@ def _measure(
     cpu = (tree_cpu_seconds(proc) - cpu0) * runtime_s / (runtime_s + ramp_s)
     if not proc.is_running():
         raise BenchError(f"{server.label} died during {workload.name}; log: {server.log_path}")
-    return result, max(cpu, 0.0), peak
+    return result, max(cpu, 0.0), peak, steal
 
 
 def _machine() -> dict[str, Any]:
@@ -361,15 +365,15 @@ def run(plan: Plan) -> Outcome:
                 for w in plan.workloads:
                     for kind in rotated(plan.servers, rnd - 1):
                         srv = running[(kind, w.transport)]
-                        result, cpu, peak = _measure(
+                        result, cpu, peak, steal = _measure(
                             fio=fio, workload=w, server=srv, sampler=sampler, spec=spec,
                             runtime_s=plan.runtime_s, ramp_s=plan.ramp_s, pin=plan.pin,
                         )  # fmt: skip
-                        cells.append(report.Cell(rnd, w.name, kind.value, result, cpu, peak))
+                        cells.append(report.Cell(rnd, w.name, kind.value, result, cpu, peak, steal))
                         _progress(
                             f"[round {rnd}/{plan.rounds}] {w.name:<26} {kind.value:<10} "
                             f"{result.iops:>10,.0f} IOPS {result.mib_per_s:>8.1f} MiB/s "
-                            f"cpu {cpu:5.2f} s rss {peak / MIB:6.1f} MiB"
+                            f"cpu {cpu:5.2f} s rss {peak / MIB:6.1f} MiB steal {steal:6.1%}"
                         )
             if plan.rss_scenario:
                 # A fresh instance per server, so the figure is this scenario's alone and
@@ -379,7 +383,7 @@ def run(plan: Plan) -> Outcome:
                 for kind in plan.servers:
                     srv = start_server(kind, Transport.TCP, spec, checkout=plan.old_checkout)
                     extra.append(srv)
-                    result, _cpu, peak = _measure(
+                    result, _cpu, peak, _steal = _measure(
                         fio=fio, workload=RSS_WORKLOAD, server=srv, sampler=sampler, spec=spec,
                         runtime_s=plan.rss_runtime_s, ramp_s=0.0, label=f"{kind.value} (rss)",
                         pin=plan.pin,
@@ -438,6 +442,7 @@ def run(plan: Plan) -> Outcome:
         baseline=baseline,
         rss_runs=rss_runs,
         rss_description=RSS_WORKLOAD.description,
+        cells=cells,
     )
     document = report.to_json(meta=meta, cells=cells, summaries=summaries, rss_runs=rss_runs)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -492,6 +497,7 @@ def render(json_path: Path, out_dir: Path, name: str) -> Outcome:
         baseline=baseline,
         rss_runs=rss_runs,
         rss_description=RSS_WORKLOAD.description,
+        cells=cells,
     )
     document = report.to_json(meta=meta, cells=cells, summaries=summaries, rss_runs=rss_runs)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from bench.monitor import RssSampler, tree_cpu_seconds, tree_rss
+from bench.monitor import RssSampler, cpu_clock, steal_share, tree_cpu_seconds, tree_rss
 from bench.workloads import MIB
 
 # A parent that forks a child holding 64 MiB and burning CPU until stdin closes.
@@ -57,3 +57,15 @@ def test_sampler_sees_a_child_and_cpu_counts_it() -> None:
 def test_sampler_rejects_bad_interval() -> None:
     with pytest.raises(ValueError, match="must be > 0"):
         RssSampler(interval=0)
+
+
+def test_the_cpu_clock_reads_this_machine_and_steal_is_a_share_of_it() -> None:
+    before = cpu_clock()
+    time.sleep(0.2)
+    after = cpu_clock()
+    # Every CPU's time advances: about 0.2 s each (the clock ticks at USER_HZ, 10 ms).
+    assert after[1] - before[1] >= 0.1 * (psutil.cpu_count() or 1)
+    assert 0.0 <= after[0] - before[0] <= after[1] - before[1]
+    assert 0.0 <= steal_share(before, after) <= 1.0
+    assert steal_share((1.0, 100.0), (3.0, 200.0)) == pytest.approx(0.02)
+    assert steal_share((1.0, 100.0), (1.0, 100.0)) == 0.0  # no time passed: nothing stolen

@@ -20,7 +20,10 @@ def result(iops: float, *, bs: int = 4096, lat: float = 10.0) -> FioResult:
 
 
 def cell(rnd: int, workload: str, server: str, iops: float, **kw: float) -> Cell:
-    return Cell(rnd, workload, server, result(iops), kw.get("cpu", 1.0), int(kw.get("rss", MIB)))
+    return Cell(
+        rnd, workload, server, result(iops), kw.get("cpu", 1.0), int(kw.get("rss", MIB)),
+        kw.get("steal"),
+    )  # fmt: skip
 
 
 def test_median() -> None:
@@ -199,10 +202,63 @@ def test_cycle_ratios_drop_a_cycle_with_a_missing_round() -> None:
         report.cycle_ratios(cells, workload=RAND, server="peer", baseline="base", cycle=0)
 
 
+def _stolen_run() -> list[Cell]:
+    """Four cycles of two servers, "peer" truly 0.98x of "base"; in cycle 2 the host stole
+    10% of the CPUs during base's run and it ran at a third of its speed (ratio 3x)."""
+    cells = []
+    for rnd in range(1, 9):
+        stolen = rnd == 3
+        cells += [
+            cell(rnd, RAND, "base", 100.0 / (3 if stolen else 1), steal=0.10 if stolen else 0.001),
+            cell(rnd, RAND, "peer", 98.0, steal=0.005),
+        ]
+    return cells
+
+
+def test_a_cycle_with_a_stolen_run_is_left_out_of_the_ratio() -> None:
+    cells = _stolen_run()
+    every = report.cycle_ratios(cells, workload=RAND, server="peer", baseline="base", cycle=2)
+    assert every == pytest.approx([0.98, 0.98 * 3**0.5, 0.98, 0.98])
+    steady = report.cycle_ratios(
+        cells, workload=RAND, server="peer", baseline="base", cycle=2, max_steal=report.MAX_STEAL
+    )
+    assert steady == pytest.approx([0.98] * 3)
+    got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
+    peer = got[1]
+    assert (peer.ratio, peer.cycles, peer.steady_cycles) == (pytest.approx(0.98), 4, 3)
+    text = report.steal_markdown(cells, got, WL, "base")
+    assert text.startswith("Steal (the share of the machine's CPU time the hypervisor gave ")
+    assert "1 of 16 runs lost more than 2%, the worst 10.0%." in text
+    assert text.endswith("cycles kept: rand read 4 KiB QD32 3/4.")
+
+
+def test_when_every_cycle_was_stolen_all_of_them_count() -> None:
+    cells = [
+        cell(rnd, RAND, srv, iops, steal=0.05)
+        for rnd in (1, 2)
+        for srv, iops in (("base", 100.0), ("peer", 90.0))
+    ]
+    got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
+    assert (got[1].ratio, got[1].cycles, got[1].steady_cycles) == (pytest.approx(0.9), 1, 0)
+
+
+def test_without_steal_figures_nothing_changes() -> None:
+    """Results from before steal was measured render as they did (no paragraph)."""
+    cells = _stolen_run()
+    bare = [Cell(c.round, c.workload, c.server, c.result, c.cpu_s, c.rss_peak) for c in cells]
+    got = report.summarize(bare, workloads=WL, servers=["base", "peer"], baseline="base")
+    assert (got[1].cycles, got[1].steady_cycles) == (None, None)
+    assert got[1].ratio == pytest.approx(0.98)  # the median of 0.98, 1.70, 0.98, 0.98
+    assert report.steal_markdown(bare, got, WL, "base") == ""
+    doc = report.to_json(meta={}, cells=bare, summaries=got, rss_runs=[])
+    assert "steal" not in doc["cells"][0]
+
+
 def test_from_json_gives_back_what_to_json_wrote() -> None:
     cells = [
-        cell(1, RAND, "base", 100.0, cpu=0.5, rss=3 * MIB), cell(1, RAND, "peer", 90.0),
-        cell(2, RAND, "base", 110.0), cell(2, RAND, "peer", 120.0),
+        cell(1, RAND, "base", 100.0, cpu=0.5, rss=3 * MIB, steal=0.0125),
+        cell(1, RAND, "peer", 90.0, steal=0.0),
+        cell(2, RAND, "base", 110.0, steal=0.5), cell(2, RAND, "peer", 120.0, steal=0.001),
     ]  # fmt: skip
     rss = [RssRun("peer", result(50.0, bs=MIB), 7 * MIB)]
     got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
@@ -211,7 +267,7 @@ def test_from_json_gives_back_what_to_json_wrote() -> None:
 
     # What the ratios and the table are made of comes back exactly; MiB/s as rounded (2 places)
     def key(c: Cell) -> tuple[object, ...]:
-        return (c.round, c.workload, c.server, c.result.iops, c.cpu_s, c.rss_peak)
+        return (c.round, c.workload, c.server, c.result.iops, c.cpu_s, c.rss_peak, c.steal)
 
     assert [key(c) for c in back] == [key(c) for c in cells]
     assert [c.result.mib_per_s for c in back] == [
