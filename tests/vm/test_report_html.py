@@ -106,7 +106,7 @@ SEED = Path(__file__).resolve().parents[2] / "docs" / "results" / "seed-2026-12-
 
 @pytest.fixture(scope="module")
 def seed_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The committed seed of 2026-12-06 (17 runs, 5 arms, the 2012 columns), with the
+    """The committed seed of 2026-12-06 (25 runs, 5 arms, the 2012 columns), with the
     overlays and the arms' plots drawn afresh from its archive."""
     out = tmp_path_factory.mktemp("seed")
     runs = archive.load_runs([SEED / "runs.tar.xz"])
