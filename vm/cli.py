@@ -45,11 +45,10 @@ EXIT_IMAGE = 3
 EXIT_INTERRUPTED = 130
 """SIGINT; a run stopped by SIGTERM exits 128 + 15 = 143."""
 EXIT_TERMINATED = 143
-#: ``swapnbd run --bisect``: the exit codes ``git bisect run`` reads. Good: the run
-#: completed. Bad: the kernel failed under the pressure (a lockup, corruption, an OOM kill
-#: or a guest crash). Skip: it could not be tested (an image or harness error, a stall
+#: ``swapnbd run --bisect``: the exit codes ``git bisect run`` reads. Good (EXIT_OK): the
+#: run completed. Bad: the kernel failed under the pressure (a lockup, corruption, an OOM
+#: kill or a guest crash). Skip: it could not be tested (an image or harness error, a stall
 #: before pressure). Abort: the command line itself is wrong, which no commit changes.
-BISECT_GOOD = 0
 BISECT_BAD = 1
 BISECT_SKIP = 125
 BISECT_ABORT = 255
@@ -455,7 +454,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def exit_code(run: dict[str, Any], *, bisect: bool = False) -> int:
     """The exit status of ``swapnbd run`` for a finished run.json (EPILOG); ``bisect``:
-    the codes git bisect run reads (BISECT_GOOD, BISECT_BAD, BISECT_SKIP)."""
+    the codes git bisect run reads (EXIT_OK, BISECT_BAD, BISECT_SKIP)."""
     if run.get("interrupted"):
         return EXIT_TERMINATED if run.get("interrupted_by") == "SIGTERM" else EXIT_INTERRUPTED
     outcome = run.get("outcome")
