@@ -58,6 +58,7 @@ __all__ = [
     "ImageError",
     "build_guest",
     "default_cache_dir",
+    "kernel_chroot",
     "main",
 ]
 
@@ -300,6 +301,19 @@ def apt_fingerprint(
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:20]
+
+
+def kernel_chroot(
+    cache_root: Path, series: str, note: Callable[[str], None] | None = None
+) -> chroot.DebianChroot | None:
+    """The chroot whose apt has ``series`` and builds its modules (made once), or None.
+
+    None for the host's own series (6.1, 6.12); sid's root for 7.2.
+    """
+    suite = kernel.SUITES.get(series)
+    if suite is None:
+        return None
+    return chroot.ensure(cache_root, suite, kmod.SID_PACKAGES, ready=kmod.SID_READY, note=note)
 
 
 def _apt_state(root: chroot.DebianChroot | None) -> str:
@@ -689,12 +703,7 @@ def _build(
         cache = Cache(root=(cache_dir or default_cache_dir()).absolute(), emit=job.emit)
         with cache.locked():
             cache.clean(job.note)
-            root = None
-            suite = kernel.SUITES.get(series) if choice.route == "stock" else None
-            if suite is not None:
-                root = chroot.ensure(
-                    cache.root, suite, kmod.SID_PACKAGES, ready=kmod.SID_READY, note=job.note
-                )
+            root = kernel_chroot(cache.root, series, job.note) if choice.route == "stock" else None
             resolved = _resolve(cache, series, flavour, root)
             kernel_dir = armmods_dir = None
             built: kbuild.BuiltKernel | None = None

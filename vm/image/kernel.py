@@ -327,7 +327,8 @@ def unpack_kernel(debs: Path | Sequence[Path], root: Path) -> UnpackedKernel:
         # sid's packages are merged-/usr (usr/lib/modules); bookworm's depmod -b looks
         # under lib/modules, as does everything downstream.
         (root / "lib").symlink_to("usr/lib")
-    releases = sorted(p.name for p in (root / "lib" / "modules").iterdir() if p.is_dir())
+    modules = root / "lib" / "modules"
+    releases = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
     if len(releases) != 1:
         raise KernelError(f"{deb.name} has {len(releases)} module trees, expected one: {releases}")
     unpacked = UnpackedKernel(root=root, release=releases[0])
