@@ -202,3 +202,58 @@ def test_sids_apt_in_the_chroot_resolves_7_2_and_the_host_stays_bookworm() -> No
     assert host.stdout.strip() == "", f"sid packages installed on the host: {host.stdout}"
     release = Path("/etc/debian_version").read_text().strip()
     assert release.startswith("12."), release
+
+
+# --------------------------------------------------------------------------- real guests
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("arm", arms.ARMS)
+def test_7_2_runs_each_arm_with_the_arm_proven_inside_the_guest(arm: str, tmp_path: Path) -> None:
+    """sid's stock 7.2 through the whole run path, as 6.1 and 6.12 in test_vanilla.py.
+
+    vanilla: the known lockup setting (4x RAM, 2 loops), which 7.2 vanilla locked up in
+    within a minute of swapping here. patched: lighter (256 MiB, one loop), so it completes
+    on a loaded 2-core host. Both read their switches back inside the guest.
+    """
+    from peers import servers  # noqa: PLC0415  (the server is only needed here)
+    from vm.run import experiment  # noqa: PLC0415
+
+    from .test_vanilla import MIB, pressure_config  # noqa: PLC0415
+
+    if not servers.nbd_serve_available():
+        pytest.fail("nbd-serve is not importable: pip install -e .")
+    out = tmp_path / arm
+    extra: dict[str, object] = {}
+    if arm == "patched":
+        extra = {
+            "ratio": None,
+            "total_bytes": 256 * MIB,
+            "loops": 1,
+            "lockup_after_s": 240.0,
+            "timeout_s": 2400.0,
+        }
+    run = experiment.run_experiment(pressure_config(out, "7.2", arm, **extra), print)
+    kern = run["kernel"]
+    assert kern["release"] == REL and kern["version"] == "7.2.13-1"
+    assert kern["arm_modules"] == "linux-source-7.2 7.2.13-1"
+    assert kern["arm"] == arm
+    assert kern["arm_check"]["ok"] is True, kern["arm_check"]
+    switches = kern["in_guest"]["switches"]
+    if arm == "vanilla":
+        assert kern["arm_check"]["reason"] == (
+            "vanilla in effect: nbd memalloc=N, throttle off (livepatch)"
+        )
+        assert switches["nbd.memalloc"] == "N"
+        assert switches["livepatch.swapnbd_nothrottle"] == "1"
+        assert any("never throttles" in line for line in kern["in_guest"]["dmesg"])
+        assert run["outcome"] == "lockup", run.get("outcome_reason")
+        assert run["evidence"]["signature"] == "memalloc-deadlock", run["evidence"].get("why")
+        assert run["vmstat_delta"]["pgscan_direct_throttle"] == 0
+    else:
+        assert kern["arm_check"]["reason"] == "patched in effect: nbd memalloc Y"
+        assert switches["nbd.memalloc"] == "Y"
+        assert switches["livepatch.swapnbd_nothrottle"] is None
+        assert run["outcome"] == "completed", run.get("outcome_reason")
+        assert run["swapstress"]["corrupt_pages"] == 0
+        assert run["vmstat_delta"]["pswpout"] > 0
