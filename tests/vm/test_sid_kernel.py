@@ -30,7 +30,9 @@ def test_image_parts_of_sids_split_package_and_none_for_bookworms() -> None:
         (f"linux-binary-{REL}", "7.2.13-1"),
         (f"linux-modules-{REL}", "7.2.13-1"),
     ]
-    bookworm = "kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool"
+    bookworm = (
+        "kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool"
+    )
     assert kernel.parse_image_parts(bookworm) == []
 
 
@@ -62,7 +64,9 @@ def test_a_renamed_module_is_loaded_under_its_new_name() -> None:
         "kernel/drivers/block/nbd.ko.xz": [],
         "kernel/drivers/block/virtio_blk.ko.xz": [],
     }
-    order = kernel.module_load_order(deps, {"ext4"}, ("virtio_blk", "nbd", "crc32c_generic", "ext4"))
+    order = kernel.module_load_order(
+        deps, {"ext4"}, ("virtio_blk", "nbd", "crc32c_generic", "ext4")
+    )
     assert order == [
         "kernel/drivers/block/virtio_blk.ko.xz",
         "kernel/drivers/block/nbd.ko.xz",
@@ -80,7 +84,10 @@ def test_a_renamed_module_is_loaded_under_its_new_name() -> None:
 @pytest.mark.parametrize(
     ("config", "compiler"),
     [
-        ('CONFIG_CC_VERSION_TEXT="x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0"\n', "x86_64-linux-gnu-gcc-16"),
+        (
+            'CONFIG_CC_VERSION_TEXT="x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0"\n',
+            "x86_64-linux-gnu-gcc-16",
+        ),
         ('CONFIG_CC_VERSION_TEXT="gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"\n', "gcc-12"),
         ("CONFIG_CC_IS_GCC=y\n", "gcc-12"),
     ],
@@ -168,8 +175,14 @@ def test_a_split_merged_usr_kernel_unpacks_to_the_usual_layout(tmp_path: Path) -
     mods = f"usr/lib/modules/{REL}"
     debs = [
         _deb(tmp_path, f"linux-image-{REL}", {f"usr/share/doc/linux-image-{REL}/x": b""}),
-        _deb(tmp_path, f"linux-base-{REL}", {f"{mods}/config": b"CONFIG_NBD=m\n",
-                                              f"{mods}/modules.builtin": b"kernel/fs/ext4/ext4.ko\n"}),
+        _deb(
+            tmp_path,
+            f"linux-base-{REL}",
+            {
+                f"{mods}/config": b"CONFIG_NBD=m\n",
+                f"{mods}/modules.builtin": b"kernel/fs/ext4/ext4.ko\n",
+            },
+        ),
         _deb(tmp_path, f"linux-binary-{REL}", {f"{mods}/vmlinuz": b"MZ kernel"}),
         _deb(tmp_path, f"linux-modules-{REL}", {f"{mods}/kernel/drivers/block/.keep": b""}),
     ]
@@ -180,7 +193,7 @@ def test_a_split_merged_usr_kernel_unpacks_to_the_usual_layout(tmp_path: Path) -
     assert (unpacked.modules_dir / "modules.dep").is_file()
     assert (tmp_path / "tree" / "lib").readlink() == Path("usr/lib")
     # The image shell alone has no kernel: said so, by name.
-    with pytest.raises(kernel.KernelError, match=f"has 0 module trees"):
+    with pytest.raises(kernel.KernelError, match="has 0 module trees"):
         kernel.unpack_kernel(debs[:1], tmp_path / "alone")
 
 
@@ -216,10 +229,10 @@ def test_7_2_runs_each_arm_with_the_arm_proven_inside_the_guest(arm: str, tmp_pa
     within a minute of swapping here. patched: lighter (256 MiB, one loop), so it completes
     on a loaded 2-core host. Both read their switches back inside the guest.
     """
-    from peers import servers  # noqa: PLC0415  (the server is only needed here)
-    from vm.run import experiment  # noqa: PLC0415
+    from peers import servers
+    from vm.run import experiment
 
-    from .test_vanilla import MIB, pressure_config  # noqa: PLC0415
+    from .test_vanilla import MIB, pressure_config
 
     if not servers.nbd_serve_available():
         pytest.fail("nbd-serve is not importable: pip install -e .")

@@ -128,7 +128,9 @@ class DebianChroot:
         try:
             return "/" + str(host_path.absolute().relative_to(self.path.absolute()))
         except ValueError as exc:
-            raise ChrootError(f"{host_path} is not inside the {self.suite} root {self.path}") from exc
+            raise ChrootError(
+                f"{host_path} is not inside the {self.suite} root {self.path}"
+            ) from exc
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[tuple[Path, str]]:
@@ -221,7 +223,9 @@ def ensure(
                 shutil.rmtree(dest)
             mirror = mirror_url()
             if note is not None:
-                note(f"debootstrap {suite} ({', '.join(packages)}) into {dest}: a few minutes, once")
+                note(
+                    f"debootstrap {suite} ({', '.join(packages)}) into {dest}: a few minutes, once"
+                )
             started = time.monotonic()
             build(dest, suite, packages, mirror, log=base / f"{dest.name}.log")
             if note is not None:

@@ -25,10 +25,11 @@ tmp directory, which the next build deletes and redoes. One ``flock`` on
 Each build also deletes leftover tmp directories and entries unused for
 :data:`PRUNE_AFTER_DAYS` (a cached step touches its directory's mtime).
 Step durations are remembered in ``CACHE/durations.json`` and used as the next
-estimate. A kernel of another suite (sid's 7.2, :data:`vm.image.kernel.SUITES`)
-is resolved and fetched by that suite's apt in a chroot made once under
-``CACHE/sid-chroot/`` (:mod:`vm.image.chroot`), which also builds its modules. Editing the guest payload (``stress/*.py``, ``vm/image/guest_init.py``)
-changes only the initramfs key: the rootfs is never rebuilt for it.
+estimate. Editing the guest payload (``stress/*.py``, ``vm/image/guest_init.py``)
+changes only the initramfs key: the rootfs is never rebuilt for it. A kernel of
+another suite (sid's 7.2, :data:`vm.image.kernel.SUITES`) is resolved and fetched
+by that suite's apt in a chroot made once under ``CACHE/sid-chroot/``
+(:mod:`vm.image.chroot`), which also builds its modules.
 """
 
 from __future__ import annotations
@@ -490,6 +491,7 @@ def _armmods_step(
     pkg: kernel.KernelPackage,
     kernel_dir: Path,
     series: str,
+    *,
     root: chroot.DebianChroot | None = None,
 ) -> Path:
     """nbd.ko with the memalloc switch and the no-throttle livepatch, for a stock kernel."""
@@ -709,7 +711,9 @@ def _build(
             built: kbuild.BuiltKernel | None = None
             if choice.route == "stock":
                 kernel_dir = _kernel_step(cache, job, resolved.kernel, root)
-                armmods_dir = _armmods_step(cache, job, resolved.kernel, kernel_dir, series, root)
+                armmods_dir = _armmods_step(
+                    cache, job, resolved.kernel, kernel_dir, series, root=root
+                )
             busybox_dir = _busybox_step(cache, job, resolved.busybox)
             rootfs_dir = _rootfs_step(cache, job, resolved.mirror, resolved.versions)
             initrd_dir = _initramfs_step(
@@ -803,13 +807,15 @@ def main(argv: list[str] | None = None) -> int:
         "kernel, a busybox initramfs with the guest payload, and a debootstrap'd ext4 root fs.",
         epilog="examples:\n  python -m vm.image --kernel 6.1\n"
         "  python -m vm.image --kernel 6.12 --cache-dir /var/tmp/swapnbd-cache\n"
-        "  python -m vm.image --kernel 7.2 --arm vanilla   # sid's kernel, modules built in a sid chroot",
+        "  python -m vm.image --kernel 7.2 --arm vanilla   # sid's; modules built in a sid chroot",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--kernel",
         default="6.1",
-        help="stock series (6.1, 6.12, 7.2: sid), a built variant (" + ", ".join(arms.VARIANTS) + ") "
+        help="stock series (6.1, 6.12, 7.2: sid), a built variant ("
+        + ", ".join(arms.VARIANTS)
+        + ") "
         "or a bzImage path",
     )
     parser.add_argument("--arm", default="patched", choices=arms.ARMS, help="kernel arm")

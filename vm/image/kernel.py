@@ -121,9 +121,7 @@ def metapackage(kernel: str, flavour: str) -> str:
     return f"{KERNELS[kernel]}-{FLAVOURS[flavour]}"
 
 
-def _run(
-    argv: Sequence[str], *, cwd: Path | None = None, root: DebianChroot | None = None
-) -> str:
+def _run(argv: Sequence[str], *, cwd: Path | None = None, root: DebianChroot | None = None) -> str:
     """Run ``argv`` on the host, or inside ``root`` (then ``cwd`` is a path the root sees)."""
     if root is not None:
         inner = list(argv) if cwd is None else ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *argv]
@@ -193,7 +191,7 @@ def check_series(kernel: str, pkg: KernelPackage) -> None:
     >>> check_series("7.2", KernelPackage("linux-image-7.3.1+deb14-cloud-amd64", "7.3.1-1", "m"))
     Traceback (most recent call last):
     ...
-    vm.image.kernel.KernelError: m now depends on linux-image-7.3.1+deb14-cloud-amd64 7.3.1-1, not a 7.2 kernel: the suite has moved on; pin an older snapshot or add the new series
+    vm.image.kernel.KernelError: m now depends on linux-image-7.3.1+deb14-cloud-amd64 7.3.1-1, ...
     """
     if not pkg.version.startswith(kernel + ".") and not pkg.version.startswith(kernel + "-"):
         raise KernelError(
@@ -217,9 +215,7 @@ def parse_image_dependency(depends: str) -> tuple[str, str | None]:
     raise KernelError(f"no linux-image-* package in Depends: {depends!r}")
 
 
-def resolve_kernel(
-    kernel: str, flavour: str, root: DebianChroot | None = None
-) -> KernelPackage:
+def resolve_kernel(kernel: str, flavour: str, root: DebianChroot | None = None) -> KernelPackage:
     """Resolve ``kernel``/``flavour`` to the newest versioned image package apt offers.
 
     Runs ``apt-get update`` once if apt does not know the metapackage. ``root`` is the
@@ -236,8 +232,9 @@ def resolve_kernel(
         version = apt_candidate(meta, root)
     if version is None:
         where = (
-            f"the {root.suite} chroot {root.path}" if root is not None else "bookworm and "
-            "bookworm-security in /etc/apt/sources.list(.d)"
+            f"the {root.suite} chroot {root.path}"
+            if root is not None
+            else "bookworm and bookworm-security in /etc/apt/sources.list(.d)"
         )
         raise KernelError(f"apt has no candidate for {meta}: check {where} and run apt-get update")
     show = _run(["apt-cache", "show", f"{meta}={version}"], root=root)
@@ -288,9 +285,7 @@ def image_debs(pkg: KernelPackage, root: DebianChroot | None = None) -> list[tup
     return [(pkg.name, pkg.version), *parts]
 
 
-def download_deb(
-    package: str, version: str, dest: Path, root: DebianChroot | None = None
-) -> Path:
+def download_deb(package: str, version: str, dest: Path, root: DebianChroot | None = None) -> Path:
     """``apt-get download package=version`` into ``dest``; returns the .deb path.
 
     With ``root``, apt runs in that chroot: the .deb is fetched into a scratch

@@ -155,7 +155,9 @@ def rewrite_headers_makefile(text: str, tree: str) -> str:
     >>> rewrite_headers_makefile("KBUILD_OUTPUT=/usr/src/h\ninclude /usr/src/c/Makefile\n", "/t")
     'KBUILD_OUTPUT=/t/usr/src/h\ninclude /t/usr/src/c/Makefile\n'
     """
-    return re.sub(r"(^include |^KBUILD_OUTPUT\s*:?=\s*)/usr/src/", rf"\g<1>{tree}/usr/src/", text, flags=re.M)
+    return re.sub(
+        r"(^include |^KBUILD_OUTPUT\s*:?=\s*)/usr/src/", rf"\g<1>{tree}/usr/src/", text, flags=re.M
+    )
 
 
 def unpack_headers(
@@ -273,7 +275,10 @@ def needed_tools(config_text: str) -> dict[str, str]:
     >>> needed_tools("CONFIG_DEBUG_INFO_BTF_MODULES=y\\n")["pahole"]
     'BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)'
     """
-    tools = {"make": "kbuild", kernel_compiler(config_text): "the compiler the kernel was built with"}
+    tools = {
+        "make": "kbuild",
+        kernel_compiler(config_text): "the compiler the kernel was built with",
+    }
     if re.search(r"^CONFIG_DEBUG_INFO_BTF_MODULES=y$", config_text, re.MULTILINE):
         tools["pahole"] = "BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)"
     return tools
