@@ -526,6 +526,13 @@ def _armmods_step(
                     step=step,
                     chroot=root,
                 )
+            except kmod.KmodError as exc:
+                if root is None:
+                    raise
+                # The scratch directory goes with the root's scratch(): name the kept copy.
+                raise kmod.KmodError(
+                    str(exc).replace(str(work / "build.log"), str(tmp / "build.log"))
+                ) from exc
             finally:
                 if root is not None and (work / "build.log").is_file():
                     shutil.copy2(work / "build.log", tmp / "build.log")  # kept on failure too
