@@ -2,7 +2,8 @@
 
 Pure parts with tables (package splits, renamed modules, the compiler a config names,
 the headers Makefile rewrite, chroot keys and paths), the split .deb layout unpacked
-with the real dpkg-deb and depmod, and sid's real apt asked inside the cached root.
+with the real dpkg-deb and depmod, and sid's real apt asked inside the cached root
+(marker ``kbuild``: the root is debootstrapped on first use).
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ def test_a_split_merged_usr_kernel_unpacks_to_the_usual_layout(tmp_path: Path) -
         kernel.unpack_kernel(debs[:1], tmp_path / "alone")
 
 
+@pytest.mark.kbuild  # root, and the sid chroot: debootstrap on first use, then apt
 def test_sids_apt_in_the_chroot_resolves_7_2_and_the_host_stays_bookworm() -> None:
     """The cached sid root (made on first use) answers; nothing of sid lands on the host."""
     root = image.kernel_chroot(image.default_cache_dir(), "7.2", print)
