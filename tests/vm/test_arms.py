@@ -599,3 +599,22 @@ def test_a_compile_time_revert_proves_itself_by_its_log_line() -> None:
     assert not ok and "reverted at compile time" in why
     # Without the revert flag the same guest is not vanilla: it has no switches.
     assert arms.arm_in_effect("vanilla", proof)[0] is False
+
+
+@pytest.mark.parametrize("arm", ["patched", "vanilla"])
+def test_an_own_kernel_without_switches_runs_as_built_on_the_users_word(arm: str) -> None:
+    """``--kernel PATH`` to a kernel that knows neither switch (a 6.1.192 built by hand
+    with the series reverted was called "patched ... as shipped" and its vanilla run an
+    error): either arm runs, and the reason says the arm is the user's word."""
+    for proof in ({"switches": {}, "cmdline": [], "dmesg": []}, {"nbd.memalloc": None}):
+        assert arms.arm_in_effect(arm, proof, own=True) == (
+            True,
+            f"{arm} as built: this kernel has neither switch, so the arm is the user's "
+            f"word (--arm {arm}), not read back",
+        )
+    # An own kernel that has the switches is held to them like any other.
+    ok, why = arms.arm_in_effect(arm, {"nbd.memalloc": "Y", "pfmemalloc_throttle": "Y"}, own=True)
+    assert (ok, arm) in ((True, "patched"), (False, "vanilla"))
+    assert ("memalloc Y" if arm == "patched" else "memalloc reads 'Y'") in why
+    # Still no proof at all is an error: the guest failed before reading anything.
+    assert arms.arm_in_effect(arm, None, own=True)[0] is False

@@ -379,6 +379,30 @@ def test_the_arm_check_turns_a_wrong_arm_into_an_error() -> None:
     assert right.kernel["arm_check"]["ok"] is True
 
 
+def test_the_arm_check_takes_the_users_word_for_an_own_kernel_without_switches() -> None:
+    """A bzImage path that knows neither switch keeps its lockup, labelled as built; the
+    same proof from a project kernel (route stock) is not vanilla."""
+    from stress.runrecord import Outcome, RunRecord
+    from vm.run import record
+
+    def run(route: str) -> RunRecord:
+        proof = {"switches": {}, "cmdline": [], "dmesg": []}
+        rec = RunRecord(config={}, kernel={"route": route, "in_guest": proof})
+        rec.judge(Outcome.LOCKUP, "no progress")
+        record.check_arm(rec, "vanilla")
+        return rec
+
+    own = run("bzimage")
+    assert own.outcome == "lockup" and own.outcome_unchecked is None
+    assert own.kernel["arm_check"] == {
+        "ok": True,
+        "reason": "vanilla as built: this kernel has neither switch, so the arm is the "
+        "user's word (--arm vanilla), not read back",
+    }
+    stock = run("stock")
+    assert stock.outcome == "error" and stock.outcome_unchecked == "lockup"
+
+
 def test_the_watch_state_keeps_the_most_corrupt_pages_a_heartbeat_reported() -> None:
     st = watchdog.WatchState(started=0.0, last_activity=0.0)
     for t, corrupt in ((1.0, 0), (2.0, 2), (3.0, 1)):

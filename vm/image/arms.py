@@ -235,7 +235,7 @@ def _flag(value: object) -> bool | None:
 
 
 def arm_in_effect(
-    arm: str, proof: Mapping[str, object] | None, *, reverted: bool = False
+    arm: str, proof: Mapping[str, object] | None, *, reverted: bool = False, own: bool = False
 ) -> tuple[bool, str]:
     """Did the guest really run ``arm``? ``proof`` is the guest's ``arm`` info record.
 
@@ -245,9 +245,12 @@ def arm_in_effect(
     ``livepatch.swapnbd_nothrottle`` (/sys/kernel/livepatch/swapnbd_nothrottle/enabled,
     stock kernels), under ``switches``. Returns (ok, one line saying why).
 
-    A kernel that knows neither switch is the patched arm as shipped, so a
-    patched run on it is fine and a vanilla run is not. A compile-time revert
-    (``reverted``) has no switches either: its proof is the line its nbd prints.
+    A project kernel (stock or built) that knows neither switch is the patched arm as
+    shipped, so a patched run on it is fine and a vanilla run is not. A compile-time
+    revert (``reverted``) has no switches either: its proof is the line its nbd prints.
+    The user's own kernel (``own``: a bzImage path) that knows neither switch is "as
+    built": nothing in the guest can say which arm it is, so the arm is the user's word,
+    said so in the reason, and the verdict rests on the run's evidence.
     """
     if proof is None:
         return False, "the guest sent no arm proof (it failed before reading its switches)"
@@ -264,6 +267,11 @@ def arm_in_effect(
     memalloc = _flag(switches.get("nbd.memalloc"))
     param = _flag(switches.get("pfmemalloc_throttle"))
     live = _flag(switches.get("livepatch.swapnbd_nothrottle"))
+    if own and memalloc is None and param is None and live is None:
+        return True, (
+            f"{arm} as built: this kernel has neither switch, so the arm is the user's "
+            f"word (--arm {arm}), not read back"
+        )
     throttle_off = param is False or live is True
     throttle_on = param is True or (param is None and live is not True)
     if arm == "vanilla":
