@@ -12,6 +12,7 @@ Pure code: no clock, no processes, no files.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -66,6 +67,9 @@ class Summary:
     steady_cycles: int | None = None
     """Of them, those no run of which lost more than :data:`MAX_STEAL` to steal: the
     ones ``ratio`` is the median of (all of them, when none is steady)."""
+    ratio_interval: tuple[float, float] | None = None
+    """95% interval of that median (:func:`median_interval` over the same cycles); None
+    with fewer than 6 cycles or when no steal was measured."""
 
 
 #: A rotation cycle in which this server's or the baseline's run lost more than this share
@@ -80,6 +84,29 @@ def median(values: Iterable[float]) -> float:
     if not data:
         raise ValueError("median of an empty sequence")
     return float(statistics.median(data))
+
+
+def median_interval(
+    values: Iterable[float], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """A distribution-free interval for the median of ``values``: the order statistics
+    x(k) and x(n-k+1) for the largest k whose binomial tail P(Bin(n, 1/2) < k) is at most
+    (1 - confidence) / 2, so the interval covers the median with at least that
+    confidence whatever the ratios' distribution. None when n is too small for any k
+    (fewer than 6 values at 95%)."""
+    data = sorted(values)
+    n = len(data)
+    alpha = (1.0 - confidence) / 2
+    k, tail = 0, 0.0
+    while k < n // 2:
+        nxt = tail + math.comb(n, k) / 2**n  # P(Bin(n, 1/2) <= k)
+        if nxt > alpha:
+            break
+        tail = nxt
+        k += 1
+    if k == 0:
+        return None
+    return data[k - 1], data[n - k]
 
 
 def _iops_by_round(cells: Sequence[Cell], workload: str) -> dict[tuple[int, str], float]:
@@ -172,8 +199,9 @@ def summarize(
                 if measured
                 else cycles
             )
-            if steady or cycles:
-                ratio: float | None = median(steady or cycles)
+            used = steady or cycles
+            if used:
+                ratio: float | None = median(used)
             else:
                 ratio = median(ratios) if ratios else None
             out.append(
@@ -191,6 +219,7 @@ def summarize(
                     round_ratio=median(ratios) if ratios else None,
                     cycles=len(cycles) if measured else None,
                     steady_cycles=len(steady) if measured else None,
+                    ratio_interval=median_interval(used) if measured else None,
                 )
             )
     return out
@@ -310,6 +339,11 @@ def steal_markdown(
         f"{desc.get(s.workload, s.workload)}"
         + (f" ({s.server})" if len(peers) > 1 else "")
         + f" {s.steady_cycles}/{s.cycles}"
+        + (
+            f" ({s.ratio_interval[0]:.2f}-{s.ratio_interval[1]:.2f})"
+            if s.ratio_interval is not None
+            else ""
+        )
         for s in summaries
         if s.server != baseline and s.cycles is not None
     ]
@@ -318,7 +352,15 @@ def steal_markdown(
         f"around every run): {over} of {len(measured)} runs lost more than "
         f"{MAX_STEAL:.0%}, the worst {max(measured):.1%}. The 'vs {baseline}' ratios leave "
         "out the rotation cycles in which either server's run lost more than that (all "
-        "cycles count when none is left); cycles kept: " + "; ".join(kept) + "."
+        "cycles count when none is left); cycles kept"
+        + (
+            ", with the 95% interval of the median ratio where there are at least 6"
+            if any(s.ratio_interval is not None for s in summaries)
+            else ""
+        )
+        + ": "
+        + "; ".join(kept)
+        + "."
     )
 
 
@@ -417,7 +459,14 @@ def to_json(
         }
 
     def rounded(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in d.items()}
+        def r3(v: Any) -> Any:
+            if isinstance(v, float):
+                return round(v, 3)
+            if isinstance(v, tuple):
+                return [r3(x) for x in v]
+            return v
+
+        return {k: r3(v) for k, v in d.items()}
 
     return {
         "meta": meta,

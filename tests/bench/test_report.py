@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bench import report
@@ -230,6 +232,47 @@ def test_a_cycle_with_a_stolen_run_is_left_out_of_the_ratio() -> None:
     assert text.startswith("Steal (the share of the machine's CPU time the hypervisor gave ")
     assert "1 of 16 runs lost more than 2%, the worst 10.0%." in text
     assert text.endswith("cycles kept: rand read 4 KiB QD32 3/4.")
+
+
+@pytest.mark.parametrize(
+    ("n", "k"),
+    # The largest k with P(Bin(n, 1/2) < k) <= 2.5%, from the binomial table: the
+    # interval is the k-th smallest and the k-th largest value.
+    [(5, None), (6, 1), (8, 1), (9, 2), (11, 2), (12, 3), (17, 5), (22, 6), (30, 10)],
+)
+def test_the_median_interval_is_the_binomial_order_statistics(n: int, k: int | None) -> None:
+    values = [float(v) for v in range(n, 0, -1)]  # any order: n .. 1
+    got = report.median_interval(values)
+    if k is None:
+        assert got is None
+    else:
+        assert got == (float(k), float(n + 1 - k))
+        # Coverage: the tail left out on each side is at most 2.5%, one step more is not.
+        tail = sum(math.comb(n, i) for i in range(k)) / 2**n
+        assert tail <= 0.025 < tail + math.comb(n, k) / 2**n
+
+
+def test_the_steal_paragraph_gives_each_kept_ratio_its_interval() -> None:
+    """Eight steady cycles of a server at 0.90-0.97x of the baseline: the median and its
+    95% interval (the 1st and 8th of the sorted cycle ratios) both say it is below."""
+    cells = []
+    for i, r in enumerate((0.95, 0.92, 0.97, 0.90, 0.94, 0.93, 0.96, 0.91)):
+        for rnd in (2 * i + 1, 2 * i + 2):
+            cells += [
+                cell(rnd, RAND, "base", 100.0, steal=0.0),
+                cell(rnd, RAND, "peer", 100 * r, steal=0.0),
+            ]
+    got = report.summarize(cells, workloads=WL, servers=["base", "peer"], baseline="base")
+    assert got[1].ratio == pytest.approx(0.935)
+    assert got[1].ratio_interval == pytest.approx((0.90, 0.97))
+    assert got[0].ratio_interval == pytest.approx((1.0, 1.0))
+    text = report.steal_markdown(cells, got, WL, "base")
+    assert text.endswith(
+        "cycles kept, with the 95% interval of the median ratio where there are at least 6: "
+        "rand read 4 KiB QD32 8/8 (0.90-0.97)."
+    )
+    doc = report.to_json(meta={}, cells=cells, summaries=got, rss_runs=[])
+    assert doc["summary"][1]["ratio_interval"] == [0.9, 0.97]
 
 
 def test_when_every_cycle_was_stolen_all_of_them_count() -> None:
