@@ -722,6 +722,7 @@ def _add_report(sub: Any) -> None:
 
 def cmd_matrix(args: argparse.Namespace) -> int:
     from vm.campaign import matrix, plan  # noqa: PLC0415 - only this subcommand needs it
+    from vm.campaign import store as campaign_store  # noqa: PLC0415 - as above
 
     def emit(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -747,7 +748,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         shard = plan.parse_shard(args.shard) if args.shard else None
         only = [x for x in (args.only or "").split(",") if x.strip()]
         only = [x.strip() for x in only]
-        runs = plan.plan_runs(mx)
+        runs = campaign_store.keep_store_ids(plan.plan_runs(mx), args.out)
         selected = plan.select_runs(runs, shard=shard, only=only)
         if args.dry_run:
             print("\n".join(matrix.dry_run_lines(mx, args.out, selected, _history(args))))

@@ -417,6 +417,42 @@ def test_resume_with_more_repeats_adds_runs(tmp_path: Path) -> None:
         matrix.run_matrix(mx, store, resume=True, run_one=fake_runner({}))
 
 
+def test_resume_with_a_kernel_added_runs_only_the_new_cells(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's case: 7.2 joins the seed's kernel axis. The interleaved plan renumbers
+    every run after the first new one (r05-6.1-vanilla-slab-... becomes r07-...); the measured
+    runs keep their directories and only the new kernel's runs are run."""
+    store = tmp_path / "store"
+    first = matrix.run_matrix(matrix_plan.parse_matrix(SMALL), store, run_one=fake_runner({}))
+    assert len(first.ran) == 9
+    grown_text = SMALL.replace('kernel = ["6.1", "6.12"]', 'kernel = ["6.1", "6.12", "7.2"]')
+    grown = matrix_plan.parse_matrix(grown_text)
+    renumbered = [r.id for r in matrix_plan.plan_runs(grown)]
+    assert "r05-6.1-vanilla-slab-nbd-serve-rep1" in first.ran
+    assert "r05-6.1-vanilla-slab-nbd-serve-rep1" not in renumbered
+    assert "r07-6.1-vanilla-slab-nbd-serve-rep1" in renumbered
+    path = tmp_path / "grown.toml"
+    path.write_text(grown_text)
+    assert cli.main(["matrix", str(path), "--out", str(store), "--dry-run", "--no-history"]) == 0
+    dry = capsys.readouterr().out
+    assert dry.count("~finished") == 9
+    assert "estimated time: " in dry and " for 4 run(s) " in dry
+    second = matrix.run_matrix(grown, store, resume=True, run_one=fake_runner({}))
+    assert sorted(second.skipped) == sorted(first.ran)  # nothing measured twice
+    assert sorted(r.split("-", 1)[1] for r in second.ran) == sorted(
+        f"7.2-{arm}-slub-nbd-serve-rep{rep}" for arm in ("patched", "vanilla") for rep in (1, 2)
+    )
+    index = json.loads((store / "index.json").read_text())
+    assert index["counts"]["finished"] == 13
+    ids = [e["id"] for e in index["runs"]]
+    assert len(set(ids)) == 13 and set(first.ran) <= set(ids)
+    assert all((store / rid / "run.json").is_file() for rid in ids)
+    # Nothing else is taken for the same run: the same label at another repeat is new.
+    kept = matrix_store.keep_store_ids(matrix_plan.plan_runs(grown), store)
+    assert [r.id for r in kept] == ids
+
+
 def test_dry_run_lists_runs_and_the_estimate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -33,6 +33,7 @@ from vm.campaign.plan import (
 from vm.campaign.store import (
     estimator_from_store,
     is_finished,
+    keep_store_ids,
     move_to_attic,
     prepare_store,
     read_run_json,
@@ -163,7 +164,7 @@ def run_matrix(
     """
     say = emit or (lambda _m: None)
     runner: RunFunc = run_one or experiment.run_experiment
-    plan = plan_runs(matrix)
+    plan = keep_store_ids(plan_runs(matrix), store)
     chosen = select_runs(plan, shard=shard, only=only)
     prepare_store(matrix, store, resume=resume, plan=plan)
     result = MatrixResult()
@@ -205,7 +206,7 @@ def dry_run_lines(
 ) -> list[str]:
     """What ``--dry-run`` prints: one line per run and the estimated total (learnt from
     the store's finished runs and the ``history`` archives)."""
-    plan = plan_runs(matrix)
+    plan = keep_store_ids(plan_runs(matrix), store)
     est = estimator_from_store(plan, store, history)
     lines = [f"matrix {matrix.name}: {len(selected)} of {len(plan)} run(s)"]
     todo = []

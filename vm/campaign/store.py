@@ -24,6 +24,7 @@ import fcntl
 import json
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,28 @@ def read_index(store: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def keep_store_ids(plan: Sequence[PlannedRun], store: Path | None) -> list[PlannedRun]:
+    """``plan`` with every run the store has begun under another id kept under that id.
+
+    Run ids number the interleaved plan (``r05-LABEL-rep1``), so a matrix file that gains
+    a cell (a kernel added to an axis) renumbers the runs after it. A run of the same
+    label and repeat is the same run: it keeps the directory it was measured in, and
+    resuming the grown matrix runs only what is new instead of everything renumbered."""
+    index = read_index(store) if store is not None else None
+    if index is None:
+        return list(plan)
+    begun = {
+        (e.get("label"), e.get("rep")): e["id"]
+        for e in index.get("runs", [])
+        if e.get("status") != "pending" and isinstance(e.get("id"), str)
+    }
+    out = []
+    for run in plan:
+        old = begun.get((run.label, run.rep))
+        out.append(run if old is None or old == run.id else replace(run, id=old))
+    return out
 
 
 def extends(index: Mapping[str, Any], plan: Sequence[PlannedRun], store: Path) -> bool:
