@@ -151,7 +151,7 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernel",
         default="6.1",
-        help="a Debian stock kernel (6.1 bookworm, 6.12 bookworm-security), a built "
+        help="a Debian stock kernel (6.1 bookworm, 6.12 bookworm-security, 7.2 sid), a built "
         "variant by name (e.g. 6.1-build) or a bzImage path (default: 6.1)",
     )
     p.add_argument(

@@ -186,7 +186,8 @@ def test_metapackage_names_and_bad_input() -> None:
     assert kernel.metapackage("6.1", "cloud") == "linux-image-cloud-amd64"
     assert kernel.metapackage("6.12", "cloud") == "linux-image-6.12-cloud-amd64"
     assert kernel.metapackage("6.12", "generic") == "linux-image-6.12-amd64"
-    with pytest.raises(kernel.KernelError, match=r"unknown kernel '5.10': choose one of 6.1, 6.12"):
+    unknown = r"unknown kernel '5.10': choose one of 6.1, 6.12, 7.2"
+    with pytest.raises(kernel.KernelError, match=unknown):
         kernel.metapackage("5.10", "cloud")
     with pytest.raises(kernel.KernelError, match="unknown flavour 'rt'"):
         kernel.metapackage("6.1", "rt")
@@ -719,7 +720,7 @@ def test_cli_usage_and_missing_payload(tmp_path: Path) -> None:
         [*py, "--kernel", "9.9"], check=False, capture_output=True, text=True, cwd=REPO
     )
     assert bad.returncode == 2
-    assert "unknown kernel '9.9': choose a stock series (6.1, 6.12)" in bad.stderr
+    assert "unknown kernel '9.9': choose a stock series (6.1, 6.12, 7.2)" in bad.stderr
     missing = subprocess.run(
         [*py, "--cache-dir", str(tmp_path / "c"), "--payload-dir", str(tmp_path)],
         check=False, capture_output=True, text=True, cwd=REPO,

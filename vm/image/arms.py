@@ -15,8 +15,9 @@ The arm is chosen on the kernel command line, from the same binaries, with two
 switches: ``nbd.memalloc=0|1`` and ``pfmemalloc_throttle=0|1``. How a kernel
 honours them depends on where it comes from (:func:`resolve`):
 
-* a **stock** Debian kernel (``6.1``, ``6.12``) runs the project's ``nbd.ko``,
-  rebuilt from the matching ``linux-source`` with ``vm/image/kpatch/<series>/
+* a **stock** Debian kernel (``6.1``, ``6.12``, and sid's ``7.2``, whose modules
+  are built in a sid chroot) runs the project's ``nbd.ko``, rebuilt from the
+  matching ``linux-source`` with ``vm/image/kpatch/<series>/
   nbd-memalloc-switch.patch`` (a ``memalloc`` module parameter, default on, as
   upstream), and, for ``pfmemalloc_throttle=0`` only, the livepatch
   ``vm/image/kmod_src/swapnbd_nothrottle.c`` that makes ``throttle_direct_reclaim()``
@@ -43,6 +44,7 @@ from typing import Literal
 __all__ = [
     "ALLOCATORS",
     "ARMS",
+    "HOST_SERIES",
     "KPATCH_DIR",
     "STOCK_SERIES",
     "VARIANTS",
@@ -60,7 +62,10 @@ Arm = Literal["patched", "vanilla"]
 ARMS: tuple[Arm, ...] = ("patched", "vanilla")
 ALLOCATORS = ("slub", "slab")
 #: Debian kernel series the project knows (stock cloud kernels and linux-source).
-STOCK_SERIES = ("6.1", "6.12")
+STOCK_SERIES = ("6.1", "6.12", "7.2")
+#: The series of the host's own suite (bookworm): linux-source installed under /usr/src,
+#: all four patches (built variants too). 7.2 is sid's, stock only, one patch.
+HOST_SERIES = ("6.1", "6.12")
 
 IMAGE_DIR = Path(__file__).resolve().parent
 KPATCH_DIR = IMAGE_DIR / "kpatch"

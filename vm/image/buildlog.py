@@ -16,10 +16,12 @@ from typing import Final
 
 __all__ = ["TOOL_PACKAGES", "diagnose", "install_hint"]
 
-#: Programs a kernel or module build runs, and the bookworm package that ships each.
+#: Programs a kernel or module build runs, and the Debian package that ships each.
 TOOL_PACKAGES: Final[Mapping[str, str]] = {
     "pahole": "pahole",
     "gcc-12": "gcc-12",
+    # sid, for 7.2's modules (vm/image/kmod.py builds them in a sid chroot)
+    "x86_64-linux-gnu-gcc-16": "gcc-16-for-host",
     "gcc": "gcc",
     "make": "make",
     "bc": "bc",

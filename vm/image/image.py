@@ -7,6 +7,7 @@ the cache named by a hash of everything that goes into it:
 step          inputs hashed into its key                          output
 ============  ==================================================  ===========================
 kernel        image package name + version                        vmlinuz, unpacked modules
+armmods       release, version, switch patch, livepatch source    nbd.ko, livepatch
 busybox       busybox-static version                              bin/busybox
 rootfs        mirror, suite, package list + versions, free space  rootfs.ext4, packages.txt
 initramfs     kernel + busybox keys, module list, payload files   initrd.img
@@ -25,7 +26,10 @@ Each build also deletes leftover tmp directories and entries unused for
 :data:`PRUNE_AFTER_DAYS` (a cached step touches its directory's mtime).
 Step durations are remembered in ``CACHE/durations.json`` and used as the next
 estimate. Editing the guest payload (``stress/*.py``, ``vm/image/guest_init.py``)
-changes only the initramfs key: the rootfs is never rebuilt for it.
+changes only the initramfs key: the rootfs is never rebuilt for it. A kernel of
+another suite (sid's 7.2, :data:`vm.image.kernel.SUITES`) is resolved and fetched
+by that suite's apt in a chroot made once under ``CACHE/sid-chroot/``
+(:mod:`vm.image.chroot`), which also builds its modules.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vm.image import arms, initramfs, kbuild, kernel, kmod, rootfs
+from vm.image import arms, chroot, initramfs, kbuild, kernel, kmod, rootfs
 from vm.image.progress import CommandError, Progress, Step, format_duration
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "ImageError",
     "build_guest",
     "default_cache_dir",
+    "kernel_chroot",
     "main",
 ]
 
@@ -299,10 +304,37 @@ def apt_fingerprint(
     return digest.hexdigest()[:20]
 
 
-def _resolve(cache: Cache, kernel_name: str, flavour: str) -> Resolved:
-    """Ask apt (about 3 s of apt-cache) unless its answer for this apt state is remembered."""
+def kernel_chroot(
+    cache_root: Path, series: str, note: Callable[[str], None] | None = None
+) -> chroot.DebianChroot | None:
+    """The chroot whose apt has ``series`` and builds its modules (made once), or None.
+
+    None for the host's own series (6.1, 6.12); sid's root for 7.2.
+    """
+    suite = kernel.SUITES.get(series)
+    if suite is None:
+        return None
+    return chroot.ensure(cache_root, suite, kmod.SID_PACKAGES, ready=kmod.SID_READY, note=note)
+
+
+def _apt_state(root: chroot.DebianChroot | None) -> str:
+    """The host's apt fingerprint, or the chroot's (its sources and lists) too."""
+    if root is None:
+        return apt_fingerprint()
+    inner = apt_fingerprint(root.path / "etc" / "apt", root.path / "var" / "lib" / "apt" / "lists")
+    return input_key({"host": apt_fingerprint(), root.suite: inner})
+
+
+def _resolve(
+    cache: Cache, kernel_name: str, flavour: str, root: chroot.DebianChroot | None = None
+) -> Resolved:
+    """Ask apt (about 3 s of apt-cache) unless its answer for this apt state is remembered.
+
+    ``root``: the chroot whose apt has the kernel (sid for 7.2); busybox and the root
+    fs always come from the host's bookworm.
+    """
     memo_dir = cache.root / "resolved"
-    memo = memo_dir / f"{kernel_name}-{flavour}-{apt_fingerprint()}.json"
+    memo = memo_dir / f"{kernel_name}-{flavour}-{_apt_state(root)}.json"
     mirror = rootfs.debian_mirror()  # cheap (files only), and an override may change it
     try:
         data = json.loads(memo.read_text())
@@ -316,7 +348,7 @@ def _resolve(cache: Cache, kernel_name: str, flavour: str) -> Resolved:
         )
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    pkg = kernel.resolve_kernel(kernel_name, flavour)
+    pkg = kernel.resolve_kernel(kernel_name, flavour, root)
     busybox = kernel.apt_candidate("busybox-static")
     if busybox is None:
         kernel.apt_update_once()
@@ -326,7 +358,7 @@ def _resolve(cache: Cache, kernel_name: str, flavour: str) -> Resolved:
     versions = rootfs.package_versions(rootfs.PACKAGES, mirror)
     resolved = Resolved(kernel=pkg, busybox=busybox, mirror=mirror, versions=versions)
     memo_dir.mkdir(parents=True, exist_ok=True)
-    memo = memo_dir / f"{kernel_name}-{flavour}-{apt_fingerprint()}.json"  # after any update
+    memo = memo_dir / f"{kernel_name}-{flavour}-{_apt_state(root)}.json"  # after any update
     tmp = memo.with_suffix(".tmp")
     _write_json(tmp, asdict(resolved))
     tmp.replace(memo)
@@ -340,20 +372,29 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def _kernel_step(cache: Cache, progress: Progress, pkg: kernel.KernelPackage) -> Path:
+def _kernel_step(
+    cache: Cache,
+    progress: Progress,
+    pkg: kernel.KernelPackage,
+    root: chroot.DebianChroot | None = None,
+) -> Path:
     key = input_key(
         {
             "package": pkg.name,
             "version": pkg.version,
-            "code": code_version(kernel.download_deb, kernel.unpack_kernel, _kernel_step),
+            "code": code_version(
+                kernel.download_deb, kernel.unpack_kernel, kernel.image_debs, _kernel_step
+            ),
         }
     )
 
     def build(tmp: Path, step: Step) -> None:
-        step.update(f"apt-get download {pkg.name}={pkg.version}", force=True)
-        deb = kernel.download_deb(pkg.name, pkg.version, tmp / "download")
-        step.update(f"dpkg-deb -x {deb.name} and depmod", force=True)
-        unpacked = kernel.unpack_kernel(deb, tmp / "tree")
+        debs = []
+        for name, version in kernel.image_debs(pkg, root):
+            step.update(f"apt-get download {name}={version}", force=True)
+            debs.append(kernel.download_deb(name, version, tmp / "download", root))
+        step.update(f"dpkg-deb -x {' '.join(d.name for d in debs)} and depmod", force=True)
+        unpacked = kernel.unpack_kernel(debs, tmp / "tree")
         shutil.rmtree(tmp / "download")
         _write_json(
             tmp / "kernel.json",
@@ -445,7 +486,13 @@ def _rootfs_step(cache: Cache, progress: Progress, mirror: str, versions: dict[s
 
 
 def _armmods_step(
-    cache: Cache, progress: Progress, pkg: kernel.KernelPackage, kernel_dir: Path, series: str
+    cache: Cache,
+    progress: Progress,
+    pkg: kernel.KernelPackage,
+    kernel_dir: Path,
+    series: str,
+    *,
+    root: chroot.DebianChroot | None = None,
 ) -> Path:
     """nbd.ko with the memalloc switch and the no-throttle livepatch, for a stock kernel."""
     release = json.loads((kernel_dir / "kernel.json").read_text())["release"]
@@ -457,22 +504,48 @@ def _armmods_step(
             "patch": arms.patches_hash(patch),
             "livepatch": file_digest(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE),
             "code": code_version(kmod, _armmods_step),
+            "built_in": root.suite if root is not None else "host",
         }
     )
 
     def build(tmp: Path, step: Step) -> None:
-        built = kmod.build_arm_modules(
-            tmp / "work", release, pkg.version, series, downloads=cache.root / "sources", step=step
-        )
-        shutil.copy2(built.nbd, tmp / "nbd.ko")
-        shutil.copy2(built.livepatch, tmp / f"{arms.LIVEPATCH_MODULE}.ko")
-        shutil.copy2(tmp / "work" / "build.log", tmp / "build.log")
-        shutil.rmtree(tmp / "work")
+        # A chroot build works inside the root (its make sees only its own files).
+        with contextlib.ExitStack() as stack:
+            if root is not None:
+                host, _ = stack.enter_context(root.scratch())
+                work = host / "work"
+            else:
+                work = tmp / "work"
+            try:
+                built = kmod.build_arm_modules(
+                    work,
+                    release,
+                    pkg.version,
+                    series,
+                    downloads=cache.root / "sources",
+                    step=step,
+                    chroot=root,
+                )
+            except kmod.KmodError as exc:
+                if root is None:
+                    raise
+                # The scratch directory goes with the root's scratch(): name the kept copy.
+                raise kmod.KmodError(
+                    str(exc).replace(str(work / "build.log"), str(tmp / "build.log"))
+                ) from exc
+            finally:
+                if root is not None and (work / "build.log").is_file():
+                    shutil.copy2(work / "build.log", tmp / "build.log")  # kept on failure too
+            shutil.copy2(built.nbd, tmp / "nbd.ko")
+            shutil.copy2(built.livepatch, tmp / f"{arms.LIVEPATCH_MODULE}.ko")
+            shutil.copy2(work / "build.log", tmp / "build.log")
+            shutil.rmtree(work)
         _write_json(
             tmp / "armmods.json",
             {
                 "release": release,
                 "source": f"linux-source-{series} {pkg.version}",
+                "built_in": f"{root.suite} chroot" if root is not None else "host",
                 "patch_hash": arms.patches_hash(patch),
                 "livepatch_hash": file_digest(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE)[:16],
             },
@@ -639,12 +712,15 @@ def _build(
         cache = Cache(root=(cache_dir or default_cache_dir()).absolute(), emit=job.emit)
         with cache.locked():
             cache.clean(job.note)
-            resolved = _resolve(cache, series, flavour)
+            root = kernel_chroot(cache.root, series, job.note) if choice.route == "stock" else None
+            resolved = _resolve(cache, series, flavour, root)
             kernel_dir = armmods_dir = None
             built: kbuild.BuiltKernel | None = None
             if choice.route == "stock":
-                kernel_dir = _kernel_step(cache, job, resolved.kernel)
-                armmods_dir = _armmods_step(cache, job, resolved.kernel, kernel_dir, series)
+                kernel_dir = _kernel_step(cache, job, resolved.kernel, root)
+                armmods_dir = _armmods_step(
+                    cache, job, resolved.kernel, kernel_dir, series, root=root
+                )
             busybox_dir = _busybox_step(cache, job, resolved.busybox)
             rootfs_dir = _rootfs_step(cache, job, resolved.mirror, resolved.versions)
             initrd_dir = _initramfs_step(
@@ -656,6 +732,7 @@ def _build(
     except (
         kernel.KernelError,
         kmod.KmodError,
+        chroot.ChrootError,
         kbuild.KbuildError,
         arms.ArmError,
         rootfs.RootfsError,
@@ -736,13 +813,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Build (or find in the cache) swapnbd's QEMU guest image: a Debian stock "
         "kernel, a busybox initramfs with the guest payload, and a debootstrap'd ext4 root fs.",
         epilog="examples:\n  python -m vm.image --kernel 6.1\n"
-        "  python -m vm.image --kernel 6.12 --cache-dir /var/tmp/swapnbd-cache",
+        "  python -m vm.image --kernel 6.12 --cache-dir /var/tmp/swapnbd-cache\n"
+        "  python -m vm.image --kernel 7.2 --arm vanilla   # sid's; modules built in a sid chroot",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--kernel",
         default="6.1",
-        help="stock series (6.1, 6.12), a built variant (" + ", ".join(arms.VARIANTS) + ") "
+        help="stock series (6.1, 6.12, 7.2: sid), a built variant ("
+        + ", ".join(arms.VARIANTS)
+        + ") "
         "or a bzImage path",
     )
     parser.add_argument("--arm", default="patched", choices=arms.ARMS, help="kernel arm")

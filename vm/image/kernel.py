@@ -1,9 +1,13 @@
 """Debian's stock kernel packages for the guest: resolve, download, unpack, read modules.
 
-Theory of operation: a kernel name (``"6.1"``, ``"6.12"``) and a flavour
-(``"cloud"``) name a Debian metapackage; its apt candidate depends on exactly
-one versioned ``linux-image-*`` package, which is fetched with ``apt-get
+Theory of operation: a kernel name (``"6.1"``, ``"6.12"``, ``"7.2"``) and a
+flavour (``"cloud"``) name a Debian metapackage; its apt candidate depends on
+exactly one versioned ``linux-image-*`` package, which is fetched with ``apt-get
 download`` and unpacked with ``dpkg-deb -x`` (never installed on the host).
+6.1 and 6.12 come from the host's own bookworm apt. 7.2 is Debian sid's: sid's
+apt is asked inside a sid chroot (:mod:`vm.image.chroot`, :data:`SUITES`), the
+download lands there and is moved out, and nothing of sid touches the host's
+dpkg. Every apt function takes that chroot as ``root`` (None: the host).
 The .deb has no ``modules.dep`` (the postinst makes it), so ``depmod -b`` runs
 on the unpacked tree. :func:`module_load_order` then turns ``modules.dep`` and
 ``modules.builtin`` into the list of .ko files the initramfs must ``insmod``,
@@ -18,6 +22,8 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from vm.image.chroot import DebianChroot
 
 __all__ = [
     "FLAVOURS",
@@ -41,7 +47,10 @@ KERNELS: Mapping[str, str] = {
     # kernel name -> metapackage prefix; the flavour suffix is appended.
     "6.1": "linux-image",  # bookworm: linux-image-cloud-amd64 -> linux-image-6.1.0-N-cloud-amd64
     "6.12": "linux-image-6.12",  # bookworm-security: -> linux-image-6.12.N+deb12-cloud-amd64
+    "7.2": "linux-image",  # sid: linux-image-cloud-amd64 -> linux-image-7.2.N+deb14-cloud-amd64
 }
+#: The Debian suite whose apt has a kernel, when it is not the host's (bookworm).
+SUITES: Mapping[str, str] = {"7.2": "sid"}
 FLAVOURS: Mapping[str, str] = {"cloud": "cloud-amd64", "generic": "amd64"}
 
 # What the initramfs loads, in this order, when modular (see kernel-notes.md §3).
@@ -57,6 +66,10 @@ INITRAMFS_MODULES: tuple[str, ...] = (
     "crc32c_generic",
     "ext4",
 )
+
+#: A module renamed in a later series: the name in INITRAMFS_MODULES -> later names.
+#: 6.14 moved crc32c to lib/crc; the crypto API's "crc32c" is crc32c-cryptoapi in 7.2.
+MODULE_RENAMES: Mapping[str, tuple[str, ...]] = {"crc32c_generic": ("crc32c_cryptoapi",)}
 
 _KO_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 
@@ -108,18 +121,25 @@ def metapackage(kernel: str, flavour: str) -> str:
     return f"{KERNELS[kernel]}-{FLAVOURS[flavour]}"
 
 
-def _run(argv: Sequence[str], *, cwd: Path | None = None) -> str:
+def _run(argv: Sequence[str], *, cwd: Path | None = None, root: DebianChroot | None = None) -> str:
+    """Run ``argv`` on the host, or inside ``root`` (then ``cwd`` is a path the root sees)."""
+    if root is not None:
+        inner = list(argv) if cwd is None else ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd), *argv]
+        command, env, cwd = root.argv(*inner), root.env(), None
+    else:
+        command, env = list(argv), None
     try:
         done = subprocess.run(
-            list(argv), capture_output=True, text=True, check=False, cwd=cwd, timeout=900
+            command, capture_output=True, text=True, check=False, cwd=cwd, timeout=900, env=env
         )
     except FileNotFoundError as exc:
         raise KernelError(
             f"{argv[0]} is not installed (Debian: apt-get install apt dpkg kmod)"
         ) from exc
     if done.returncode != 0:
+        where = f" (in the {root.suite} chroot {root.path})" if root is not None else ""
         raise KernelError(
-            f"{' '.join(argv)} failed with status {done.returncode}: {done.stderr.strip()}"
+            f"{' '.join(argv)}{where} failed with status {done.returncode}: {done.stderr.strip()}"
         )
     return done.stdout
 
@@ -139,27 +159,45 @@ def parse_policy(text: str) -> dict[str, str | None]:
     return found
 
 
-def apt_candidates(packages: Sequence[str]) -> dict[str, str | None]:
+def apt_candidates(
+    packages: Sequence[str], root: DebianChroot | None = None
+) -> dict[str, str | None]:
     """{package: apt candidate version, or None if apt does not know one} in one call."""
-    found = parse_policy(_run(["apt-cache", "policy", *packages]))
+    found = parse_policy(_run(["apt-cache", "policy", *packages], root=root))
     return {p: found.get(p) for p in packages}
 
 
-def apt_candidate(package: str) -> str | None:
+def apt_candidate(package: str, root: DebianChroot | None = None) -> str | None:
     """The apt candidate version of ``package``, or ``None`` if apt does not know one."""
-    return apt_candidates([package])[package]
+    return apt_candidates([package], root)[package]
 
 
-_apt_updated = False
+_apt_updated: set[str] = set()
 
 
-def apt_update_once() -> None:
-    """Run ``apt-get update`` at most once per process (needs root)."""
-    global _apt_updated
-    if _apt_updated:
+def apt_update_once(root: DebianChroot | None = None) -> None:
+    """Run ``apt-get update`` (on the host or in ``root``) at most once per process (root)."""
+    where = str(root.path) if root is not None else "/"
+    if where in _apt_updated:
         return
-    _run(["apt-get", "update", "-q"])
-    _apt_updated = True
+    _run(["apt-get", "update", "-q"], root=root)
+    _apt_updated.add(where)
+
+
+def check_series(kernel: str, pkg: KernelPackage) -> None:
+    """Fail when ``kernel``'s metapackage has moved to another series (sid moves on).
+
+    >>> check_series("7.2", KernelPackage("linux-image-7.2.13+deb14-cloud-amd64", "7.2.13-1", "m"))
+    >>> check_series("7.2", KernelPackage("linux-image-7.3.1+deb14-cloud-amd64", "7.3.1-1", "m"))
+    Traceback (most recent call last):
+    ...
+    vm.image.kernel.KernelError: m now depends on linux-image-7.3.1+deb14-cloud-amd64 7.3.1-1, ...
+    """
+    if not pkg.version.startswith(kernel + ".") and not pkg.version.startswith(kernel + "-"):
+        raise KernelError(
+            f"{pkg.metapackage} now depends on {pkg.name} {pkg.version}, not a {kernel} "
+            "kernel: the suite has moved on; pin an older snapshot or add the new series"
+        )
 
 
 def parse_image_dependency(depends: str) -> tuple[str, str | None]:
@@ -177,57 +215,126 @@ def parse_image_dependency(depends: str) -> tuple[str, str | None]:
     raise KernelError(f"no linux-image-* package in Depends: {depends!r}")
 
 
-def resolve_kernel(kernel: str, flavour: str) -> KernelPackage:
+def resolve_kernel(kernel: str, flavour: str, root: DebianChroot | None = None) -> KernelPackage:
     """Resolve ``kernel``/``flavour`` to the newest versioned image package apt offers.
 
-    Runs ``apt-get update`` once if apt does not know the metapackage.
+    Runs ``apt-get update`` once if apt does not know the metapackage. ``root`` is the
+    chroot whose apt has the kernel (:data:`SUITES`), None for the host's.
 
     Raises:
-        KernelError: unknown name, or apt has no candidate even after updating.
+        KernelError: unknown name, apt has no candidate even after updating, or the
+            suite's metapackage now names another series.
     """
     meta = metapackage(kernel, flavour)
-    version = apt_candidate(meta)
+    version = apt_candidate(meta, root)
     if version is None:
-        apt_update_once()
-        version = apt_candidate(meta)
+        apt_update_once(root)
+        version = apt_candidate(meta, root)
     if version is None:
-        raise KernelError(
-            f"apt has no candidate for {meta}: check that bookworm and bookworm-security are "
-            "in /etc/apt/sources.list(.d) and run apt-get update"
+        where = (
+            f"the {root.suite} chroot {root.path}"
+            if root is not None
+            else "bookworm and bookworm-security in /etc/apt/sources.list(.d)"
         )
-    show = _run(["apt-cache", "show", f"{meta}={version}"])
+        raise KernelError(f"apt has no candidate for {meta}: check {where} and run apt-get update")
+    show = _run(["apt-cache", "show", f"{meta}={version}"], root=root)
     match = re.search(r"^Depends:\s*(.+)$", show, re.MULTILINE)
     if match is None:
         raise KernelError(f"apt-cache show {meta}={version} has no Depends field")
     image, image_version = parse_image_dependency(match.group(1))
     if image_version is None:
-        image_version = apt_candidate(image)
+        image_version = apt_candidate(image, root)
     if image_version is None:
         raise KernelError(f"apt knows {meta} {version} but has no candidate for {image}")
-    return KernelPackage(name=image, version=image_version, metapackage=meta)
+    pkg = KernelPackage(name=image, version=image_version, metapackage=meta)
+    if root is not None:
+        check_series(kernel, pkg)
+    return pkg
 
 
-def download_deb(package: str, version: str, dest: Path) -> Path:
-    """``apt-get download package=version`` into ``dest``; returns the .deb path."""
+_PART = re.compile(r"(linux-(?:binary|modules|base)-\S+)\s*\(\s*=\s*(\S+)\s*\)")
+
+
+def parse_image_parts(depends: str) -> list[tuple[str, str]]:
+    """The packages an image package is split into, from its ``Depends``.
+
+    Since 7.x (sid) ``linux-image-REL`` is a shell: the kernel is in ``linux-binary-REL``
+    (``usr/lib/modules/REL/vmlinuz``), the modules in ``linux-modules-REL`` and the
+    config and ``modules.builtin`` in ``linux-base-REL``, each at ``=`` the image's
+    version. Bookworm's image packages hold all of it themselves and yield ``[]``.
+
+    >>> deps = "linux-base (>= 4.1), linux-base-7.2.13+deb14-cloud-amd64 (= 7.2.13-1)"
+    >>> parse_image_parts(deps + ", linux-binary-7.2.13+deb14-cloud-amd64 (= 7.2.13-1)")[1]
+    ('linux-binary-7.2.13+deb14-cloud-amd64', '7.2.13-1')
+    >>> parse_image_parts("kmod, linux-base (>= 4.3~), initramfs-tools (>= 0.120+deb8u2)")
+    []
+    """
+    found = []
+    for clause in depends.split(","):
+        match = _PART.fullmatch(clause.split("|", 1)[0].strip())
+        if match:
+            found.append((match.group(1), match.group(2)))
+    return found
+
+
+def image_debs(pkg: KernelPackage, root: DebianChroot | None = None) -> list[tuple[str, str]]:
+    """[(package, version)] to download and unpack for ``pkg``: the image and its parts."""
+    show = _run(["apt-cache", "show", f"{pkg.name}={pkg.version}"], root=root)
+    match = re.search(r"^Depends:\s*(.+)$", show, re.MULTILINE)
+    parts = parse_image_parts(match.group(1)) if match else []
+    return [(pkg.name, pkg.version), *parts]
+
+
+def download_deb(package: str, version: str, dest: Path, root: DebianChroot | None = None) -> Path:
+    """``apt-get download package=version`` into ``dest``; returns the .deb path.
+
+    With ``root``, apt runs in that chroot: the .deb is fetched into a scratch
+    directory inside it and moved to ``dest``.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    _run(
-        ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{package}={version}"],
-        cwd=dest,
-    )
+    argv = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", f"{package}={version}"]
+    if root is None:
+        _run(argv, cwd=dest)
+    else:
+        with root.scratch() as (host, inside):
+            _run(argv, cwd=Path(inside), root=root)
+            for deb in host.glob("*.deb"):
+                shutil.move(str(deb), dest / deb.name)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if len(debs) != 1:
         raise KernelError(f"apt-get download {package}={version} left {len(debs)} .deb files")
     return debs[0]
 
 
-def unpack_kernel(deb: Path, root: Path) -> UnpackedKernel:
-    """``dpkg-deb -x`` the image .deb into ``root`` and run ``depmod -b`` on it."""
+def unpack_kernel(debs: Path | Sequence[Path], root: Path) -> UnpackedKernel:
+    """``dpkg-deb -x`` the image .deb (and its parts) into ``root``; ``depmod -b`` on it.
+
+    A merged-/usr package (sid's) gets ``lib -> usr/lib``, so its modules are where
+    bookworm's depmod and the initramfs builder look, and ``boot/vmlinuz-REL`` and
+    ``boot/config-REL`` link to the files its split packages keep beside the modules.
+    """
+    debs = [debs] if isinstance(debs, Path) else list(debs)
+    deb = debs[0]
     root.mkdir(parents=True, exist_ok=True)
-    _run(["dpkg-deb", "-x", str(deb), str(root)])
-    releases = sorted(p.name for p in (root / "lib" / "modules").iterdir() if p.is_dir())
+    for part in debs:
+        _run(["dpkg-deb", "-x", str(part), str(root)])
+    if not (root / "lib").exists() and (root / "usr" / "lib" / "modules").is_dir():
+        # sid's packages are merged-/usr (usr/lib/modules); bookworm's depmod -b looks
+        # under lib/modules, as does everything downstream.
+        (root / "lib").symlink_to("usr/lib")
+    modules = root / "lib" / "modules"
+    releases = sorted(p.name for p in modules.iterdir() if p.is_dir()) if modules.is_dir() else []
     if len(releases) != 1:
         raise KernelError(f"{deb.name} has {len(releases)} module trees, expected one: {releases}")
     unpacked = UnpackedKernel(root=root, release=releases[0])
+    # The split packages keep vmlinuz and config beside the modules; boot/ is where
+    # everything downstream (and run.json's config hash) looks.
+    for name in ("vmlinuz", "config"):
+        beside = unpacked.modules_dir / name
+        link = root / "boot" / f"{name}-{unpacked.release}"
+        if beside.is_file() and not link.exists():
+            link.parent.mkdir(exist_ok=True)
+            link.symlink_to(Path("..") / beside.relative_to(root))
     if not unpacked.vmlinuz.is_file():
         raise KernelError(f"{deb.name} has no {unpacked.vmlinuz.relative_to(root)}")
     if shutil.which("depmod") is None and not Path("/usr/sbin/depmod").exists():
@@ -277,7 +384,8 @@ def module_load_order(
     Args:
         deps: parsed ``modules.dep``.
         builtin: names of built-in modules (``modules.builtin``).
-        wanted: module names to load; each must be built in or modular.
+        wanted: module names to load; each must be built in or modular, under its
+            own name or a later one (:data:`MODULE_RENAMES`).
 
     Raises:
         KernelError: a wanted module or a dependency is missing, or deps have a cycle.
@@ -304,10 +412,12 @@ def module_load_order(
         state[path] = "done"
         order.append(path)
 
-    for name in wanted:
-        if name in builtin_set:
+    for wanted_name in wanted:
+        names = (wanted_name, *MODULE_RENAMES.get(wanted_name, ()))
+        if any(name in builtin_set for name in names):
             continue
-        found = by_name.get(name)
+        found = next((by_name[n] for n in names if n in by_name), None)
+        name = wanted_name
         if found is None:
             raise KernelError(
                 f"module {name!r} is neither built in nor in modules.dep of this kernel"

@@ -23,6 +23,16 @@ never installed (the 6.12 headers package would pull in a kernel image and
 systemd); the unpacked tree's top Makefile names its ``-common`` half by
 absolute path, which is rewritten to the unpacked copy. Building takes about
 ten seconds; :mod:`vm.image.image` caches the result by every input.
+
+Debian sid's 7.2 kernel (``--kernel 7.2``) was built with gcc-16 against a newer
+libc than bookworm's, and its ``linux-kbuild`` host programs (fixdep, modpost)
+link to that libc, so its modules cannot be built on the host. They are built in
+a sid chroot (:data:`SID_PACKAGES`, made and cached by :mod:`vm.image.chroot`):
+sid's apt fetches the headers and ``linux-source-7.2`` of the image's exact
+version, the work directory lies inside the root, and ``make`` runs under
+``chroot``; the patch is applied and the result checked on the host. The
+compiler a build needs is read from the headers' ``CONFIG_CC_VERSION_TEXT``
+(:func:`kernel_compiler`), so a new gcc is named, not guessed.
 """
 
 from __future__ import annotations
@@ -36,15 +46,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vm.image import arms, buildlog, kernel
+from vm.image.chroot import DebianChroot
 from vm.image.progress import Step, run_with_progress
 
 __all__ = [
+    "SID_PACKAGES",
     "ArmModules",
     "KmodError",
     "build_arm_modules",
     "headers_packages",
     "source_tarball",
 ]
+
+
+#: The sid chroot that builds 7.2's modules: gcc-16 as the kernel's Makefile calls it
+#: (``gcc-16-for-host``, a Depends of linux-headers-7.2.*), make, libc headers, pahole
+#: for BTF, kmod, patch, and the libraries linux-kbuild's host programs link to.
+SID_PACKAGES = (
+    "gcc-16-for-host",
+    "make",
+    "libc6-dev",
+    "pahole",
+    "kmod",
+    "patch",
+    "xz-utils",
+    "libelf1t64",
+    "libssl3t64",
+    "zlib1g",
+)
+#: A file that exists only in a complete sid build root.
+SID_READY = "usr/bin/x86_64-linux-gnu-gcc-16"
 
 
 class KmodError(RuntimeError):
@@ -90,14 +121,18 @@ def parse_depends(depends: str) -> list[tuple[str, str | None, str | None]]:
     return found
 
 
-def headers_packages(release: str, version: str) -> list[tuple[str, str]]:
+def headers_packages(
+    release: str, version: str, root: DebianChroot | None = None
+) -> list[tuple[str, str]]:
     """The header packages (and exact versions) to build modules for ``release``.
 
     ``linux-headers-RELEASE`` plus its ``linux-headers-*`` and ``linux-kbuild-*``
-    dependencies; nothing else (no kernel image, no compiler packages).
+    dependencies; nothing else (no kernel image, no compiler packages). ``root``: ask
+    that chroot's apt (sid for 7.2), None for the host's.
     """
     top = f"linux-headers-{release}"
-    show = _run(["apt-cache", "show", f"{top}={version}"], f"apt-cache show {top}")
+    argv = ["apt-cache", "show", f"{top}={version}"]
+    show = _run(root.argv(*argv) if root is not None else argv, f"apt-cache show {top}")
     match = re.search(r"^Depends:\s*(.+)$", show, re.MULTILINE)
     if match is None:
         raise KmodError(f"apt-cache show {top}={version} has no Depends field")
@@ -105,37 +140,60 @@ def headers_packages(release: str, version: str) -> list[tuple[str, str]]:
     for name, relation, dep_version in parse_depends(match.group(1)):
         if not name.startswith(("linux-headers-", "linux-kbuild-")):
             continue
-        exact = dep_version if relation == "=" else kernel.apt_candidate(name)
+        exact = dep_version if relation == "=" else kernel.apt_candidate(name, root)
         if exact is None:
             raise KmodError(f"apt has no candidate for {name} (needed by {top})")
         wanted.append((name, exact))
     return wanted
 
 
-def unpack_headers(release: str, version: str, root: Path, step: Step) -> Path:
-    """Download and unpack the headers for ``release`` under ``root``; return the build dir."""
-    packages = headers_packages(release, version)
+def rewrite_headers_makefile(text: str, tree: str) -> str:
+    """Point the headers Makefile's absolute ``/usr/src/`` paths into the unpacked ``tree``.
+
+    6.x has one (``include``); 7.2 also sets ``KBUILD_OUTPUT``.
+
+    >>> rewrite_headers_makefile("KBUILD_OUTPUT=/usr/src/h\ninclude /usr/src/c/Makefile\n", "/t")
+    'KBUILD_OUTPUT=/t/usr/src/h\ninclude /t/usr/src/c/Makefile\n'
+    """
+    return re.sub(
+        r"(^include |^KBUILD_OUTPUT\s*:?=\s*)/usr/src/", rf"\g<1>{tree}/usr/src/", text, flags=re.M
+    )
+
+
+def unpack_headers(
+    release: str, version: str, root: Path, step: Step, chroot: DebianChroot | None = None
+) -> Path:
+    """Download and unpack the headers for ``release`` under ``root``; return the build dir.
+
+    With ``chroot``, sid's apt downloads them and ``root`` must lie inside that chroot:
+    the Makefile's absolute include is rewritten to the path the chroot sees.
+    """
+    packages = headers_packages(release, version, chroot)
     for name, exact in packages:
         step.update(f"apt-get download {name}={exact}", force=True)
-        deb = kernel.download_deb(name, exact, root / "download")
+        deb = kernel.download_deb(name, exact, root / "download", chroot)
         _run(["dpkg-deb", "-x", str(deb), str(root / "tree")], f"unpack {deb.name}")
     shutil.rmtree(root / "download")
     build = root / "tree" / "usr" / "src" / f"linux-headers-{release}"
     makefile = build / "Makefile"
     if not makefile.is_file():
         raise KmodError(f"linux-headers-{release} has no Makefile at {makefile}")
+    seen = chroot.inside(root / "tree") if chroot is not None else str(root / "tree")
     text = makefile.read_text()
-    fixed = re.sub(r"^include /usr/src/", f"include {root / 'tree'}/usr/src/", text, flags=re.M)
+    fixed = rewrite_headers_makefile(text, seen)
     makefile.write_text(fixed)
     return build
 
 
-def source_tarball(series: str, version: str, downloads: Path, step: Step) -> Path:
+def source_tarball(
+    series: str, version: str, downloads: Path, step: Step, chroot: DebianChroot | None = None
+) -> Path:
     """The ``linux-source-SERIES`` tarball of exactly ``version``.
 
     The installed ``/usr/src/linux-source-SERIES.tar.xz`` when dpkg says it is
     that version; otherwise the package is downloaded (about 140 MB, once) into
-    ``downloads`` and its tarball taken from there.
+    ``downloads`` and its tarball taken from there (by ``chroot``'s apt when given:
+    sid's source is never installed on the host).
     """
     package = f"linux-source-{series}"
     installed = subprocess.run(
@@ -148,13 +206,13 @@ def source_tarball(series: str, version: str, downloads: Path, step: Step) -> Pa
     if installed.returncode == 0 and installed.stdout.strip() == version and tarball.is_file():
         return tarball
     unpacked = downloads / f"{package}_{version}"
-    found = unpacked / "usr" / "src" / f"{package}.tar.xz"
+    found = unpacked / "tree" / "usr" / "src" / f"{package}.tar.xz"
     if found.is_file():
         return found
     step.update(f"apt-get download {package}={version} (about 140 MB, once)", force=True)
     tmp = downloads / f".tmp-{package}_{version}"
     shutil.rmtree(tmp, ignore_errors=True)
-    deb = kernel.download_deb(package, version, tmp / "download")
+    deb = kernel.download_deb(package, version, tmp / "download", chroot)
     _run(["dpkg-deb", "-x", str(deb), str(tmp / "tree")], f"unpack {deb.name}")
     shutil.rmtree(tmp / "download")
     if not unpacked.exists():
@@ -197,67 +255,103 @@ def apply_patch(patch: Path, target: Path, log: Path, *, source: str) -> None:
         )
 
 
+def kernel_compiler(config_text: str, default: str = "gcc-12") -> str:
+    """The gcc a kernel was built with, from ``CONFIG_CC_VERSION_TEXT`` (``default`` if absent).
+
+    >>> kernel_compiler('CONFIG_CC_VERSION_TEXT="x86_64-linux-gnu-gcc-16 (Debian 16.2.0-4) 16.2.0"')
+    'x86_64-linux-gnu-gcc-16'
+    >>> kernel_compiler('CONFIG_CC_VERSION_TEXT="gcc-12 (Debian 12.2.0-14) 12.2.0"')
+    'gcc-12'
+    >>> kernel_compiler("")
+    'gcc-12'
+    """
+    match = re.search(r'^CONFIG_CC_VERSION_TEXT="([\w.+-]*gcc-\d+) ', config_text, re.MULTILINE)
+    return match.group(1) if match else default
+
+
 def needed_tools(config_text: str) -> dict[str, str]:
     """{program: why} that building modules against a kernel with this .config runs.
 
     >>> needed_tools("CONFIG_DEBUG_INFO_BTF_MODULES=y\\n")["pahole"]
     'BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)'
     """
-    tools = {"make": "kbuild", "gcc-12": "the compiler Debian's kernels are built with"}
+    tools = {
+        "make": "kbuild",
+        kernel_compiler(config_text): "the compiler the kernel was built with",
+    }
     if re.search(r"^CONFIG_DEBUG_INFO_BTF_MODULES=y$", config_text, re.MULTILINE):
         tools["pahole"] = "BTF for modules (CONFIG_DEBUG_INFO_BTF_MODULES=y)"
     return tools
 
 
-def check_tools(config_text: str, what: str) -> None:
+def check_tools(config_text: str, what: str, chroot: DebianChroot | None = None) -> None:
     """Fail before building if a program the build runs is missing (names its package)."""
+
+    def found(tool: str) -> bool:
+        if chroot is None:
+            return shutil.which(tool) is not None
+        return any((chroot.path / d / tool).exists() for d in ("usr/bin", "usr/sbin", "bin"))
+
+    where = f" in the {chroot.suite} chroot {chroot.path}" if chroot is not None else ""
     missing = [
-        f"{buildlog.install_hint(tool)}, needed for {why}"
+        f"{buildlog.install_hint(tool)}{where}, needed for {why}"
         for tool, why in needed_tools(config_text).items()
-        if shutil.which(tool) is None
+        if not found(tool)
     ]
     if missing:
         raise KmodError(f"cannot build {what}: " + "; ".join(missing))
 
 
 def build_arm_modules(
-    work: Path, release: str, version: str, series: str, *, downloads: Path, step: Step
+    work: Path,
+    release: str,
+    version: str,
+    series: str,
+    *,
+    downloads: Path,
+    step: Step,
+    chroot: DebianChroot | None = None,
 ) -> ArmModules:
     """Build nbd.ko (with the memalloc switch) and the no-throttle livepatch in ``work``.
 
     Args:
-        work: an empty directory; the modules and build log end up here.
+        work: an empty directory; the modules and build log end up here. With
+            ``chroot`` it must lie inside that root.
         release: ``uname -r`` of the kernel, e.g. ``6.1.0-57-cloud-amd64``.
         version: its Debian version, e.g. ``6.1.192-3`` (headers and source must match).
-        series: ``6.1`` or ``6.12``.
+        series: ``6.1``, ``6.12`` or ``7.2``.
         downloads: where a downloaded linux-source package is kept.
+        chroot: the root whose apt and compiler build these modules (sid's for 7.2);
+            None for the host.
 
     Raises:
         KmodError: a package is missing, a patch does not apply, or make failed.
     """
     what = f"the arm modules for {release} (Debian {version})"
-    if shutil.which("make") is None or shutil.which("gcc-12") is None:
+    if chroot is None and (shutil.which("make") is None or shutil.which("gcc-12") is None):
         check_tools("", what)
-    headers = unpack_headers(release, version, work / "headers", step)
+    headers = unpack_headers(release, version, work / "headers", step, chroot)
     config = headers / ".config"
-    check_tools(config.read_text() if config.is_file() else "", what)
+    check_tools(config.read_text() if config.is_file() else "", what, chroot)
     src = work / "src"
     src.mkdir()
     step.update(f"extracting drivers/block/nbd.c of linux-source-{series} {version}", force=True)
-    tarball = source_tarball(series, version, downloads, step)
+    tarball = source_tarball(series, version, downloads, step, chroot)
     nbd_c = extract_member(tarball, "drivers/block/nbd.c", src)
     log = work / "build.log"
     patch = arms.patch_files(series, (arms.MODULE_PATCH,))[0]
     apply_patch(patch, nbd_c, log, source=f"linux-source-{series} {version}")
     shutil.copy2(arms.KMOD_DIR / arms.LIVEPATCH_SOURCE, src / arms.LIVEPATCH_SOURCE)
     (src / "Kbuild").write_text(f"obj-m += nbd.o {arms.LIVEPATCH_MODULE}.o\n")
-    try:
-        run_with_progress(
-            ["make", "-C", str(headers), f"M={src}", "modules"],
-            step,
-            log=log,
-            heartbeat="make modules",
+    make = ["make", "-C", str(headers), f"M={src}", "modules"]
+    env = None
+    if chroot is not None:
+        make = chroot.argv_with_proc(
+            "make", "-C", chroot.inside(headers), f"M={chroot.inside(src)}", "modules"
         )
+        env = chroot.env()
+    try:
+        run_with_progress(make, step, log=log, env=env, heartbeat="make modules")
     except OSError as exc:
         raise KmodError(f"make modules failed to start for {what}: {exc}") from exc
     except Exception as exc:  # CommandError: the cause is in the log

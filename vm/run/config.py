@@ -48,8 +48,8 @@ class RunConfig:
     loops: int = 1
     """Verification passes over the whole mapping."""
     kernel: str = "6.1"
-    """Kernel understood by vm.image.image: a stock package (``6.1``, ``6.12``), a built variant
-    (``6.1-build``) or a bzImage path; vm.image.image validates it."""
+    """Kernel understood by vm.image.image: a stock package (``6.1``, ``6.12``, ``7.2``), a
+    built variant (``6.1-build``) or a bzImage path; vm.image.image validates it."""
     arm: str = "patched"
     """``patched`` (nbd memalloc + pfmemalloc throttle, as shipped) or ``vanilla``."""
     allocator: str | None = None

@@ -6,6 +6,11 @@ Usage::
         linux-source-6.12/mm/vmscan.c
     python3 vm/image/kpatch/make_patches.py linux-source-6.12 6.12
 
+A stock-only series (7.2: the stock kernel route rebuilds nbd.ko alone) names the
+patches it needs after the series::
+
+    python3 vm/image/kpatch/make_patches.py linux-source-7.2 7.2 nbd-memalloc-switch.patch
+
 Every edit is an exact text replacement that must match once, so a source that
 moved on fails loudly instead of producing a patch that does something else.
 """
@@ -82,6 +87,23 @@ def replace_once(text: str, old: str, new: str) -> str:
     return text.replace(old, new)
 
 
+def replace_line_once(text: str, old: str, new: str) -> str:
+    """Replace the one line whose content is ``old`` by ``new``, keeping its indent.
+
+    7.2 moved the send loop into a ``scoped_with_kernel_creds()`` block, one tab deeper.
+    """
+    lines = text.split("\n")
+    hits = [i for i, line in enumerate(lines) if line.strip() == old]
+    if len(hits) != 1:
+        raise SystemExit(f"expected one line {old!r}, found {len(hits)}")
+    line = lines[hits[0]]
+    lines[hits[0]] = line[: len(line) - len(line.lstrip())] + new
+    return "\n".join(lines)
+
+
+GFP_LINE = "sock->sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;"
+
+
 def nbd_switch(text: str) -> str:
     text = replace_once(
         text, "\tunsigned int noreclaim_flag;\n", "\tunsigned int noreclaim_flag = 0;\n"
@@ -91,10 +113,8 @@ def nbd_switch(text: str) -> str:
         "\tnoreclaim_flag = memalloc_noreclaim_save();\n",
         "\tif (memalloc)\n\t\tnoreclaim_flag = memalloc_noreclaim_save();\n",
     )
-    text = replace_once(
-        text,
-        "\t\tsock->sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;\n",
-        "\t\tsock->sk->sk_allocation = memalloc ? GFP_NOIO | __GFP_MEMALLOC : GFP_NOIO;\n",
+    text = replace_line_once(
+        text, GFP_LINE, "sock->sk->sk_allocation = memalloc ? GFP_NOIO | __GFP_MEMALLOC : GFP_NOIO;"
     )
     text = replace_once(
         text,
@@ -120,11 +140,7 @@ def nbd_switch(text: str) -> str:
 def nbd_revert(text: str) -> str:
     text = replace_once(text, "\tunsigned int noreclaim_flag;\n", "")
     text = replace_once(text, "\tnoreclaim_flag = memalloc_noreclaim_save();\n", "")
-    text = replace_once(
-        text,
-        "\t\tsock->sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;\n",
-        "\t\tsock->sk->sk_allocation = GFP_NOIO;\n",
-    )
+    text = replace_line_once(text, GFP_LINE, "sock->sk->sk_allocation = GFP_NOIO;")
     text = replace_once(text, "\tmemalloc_noreclaim_restore(noreclaim_flag);\n", "")
     text = replace_once(text, "\t\tsk_set_memalloc(sock->sk);\n", "")
     text = replace_once(text, "\t\tsk_set_memalloc(config->socks[i]->sock->sk);\n", "")
@@ -170,13 +186,15 @@ def unified_diff(rel: str, old: str, new: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    source, series = Path(argv[0]), argv[1]
+    source, series, only = Path(argv[0]), argv[1], set(argv[2:])
     out = Path(__file__).resolve().parent / series
     out.mkdir(exist_ok=True)
     for name, rel, edit in PATCHES:
+        if only and name not in only:
+            continue
         old = (source / rel).read_text()
         (out / name).write_text(unified_diff(rel, old, edit(old)))
         print(f"wrote {out / name}")
