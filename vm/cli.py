@@ -751,7 +751,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         runs = campaign_store.keep_store_ids(plan.plan_runs(mx), args.out)
         selected = plan.select_runs(runs, shard=shard, only=only)
         if args.dry_run:
-            print("\n".join(matrix.dry_run_lines(mx, args.out, selected, _history(args))))
+            lines = matrix.dry_run_lines(mx, args.out, runs, selected, _history(args))
+            print("\n".join(lines))
             return EXIT_OK
         with matrix.sigterm_as_interrupt():
             result = matrix.run_matrix(

@@ -201,12 +201,14 @@ def run_matrix(
 def dry_run_lines(
     matrix: Matrix,
     store: Path | None,
+    plan: Sequence[PlannedRun],
     selected: Sequence[PlannedRun],
     history: Sequence[Path] = (),
 ) -> list[str]:
     """What ``--dry-run`` prints: one line per run and the estimated total (learnt from
-    the store's finished runs and the ``history`` archives)."""
-    plan = keep_store_ids(plan_runs(matrix), store)
+    the store's finished runs and the ``history`` archives). ``plan`` is the whole plan
+    with the store's ids kept (:func:`vm.campaign.store.keep_store_ids`), ``selected``
+    the runs of it to list."""
     est = estimator_from_store(plan, store, history)
     lines = [f"matrix {matrix.name}: {len(selected)} of {len(plan)} run(s)"]
     todo = []
