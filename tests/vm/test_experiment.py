@@ -24,7 +24,7 @@ from nbdserver.backends.fault import FLIP_AT
 from peers import servers
 from vm import cli
 from vm.campaign import report
-from vm.run import experiment, record, watchdog
+from vm.run import experiment, qmp, record, watchdog
 from vm.run.config import RunConfig, guest_config
 from vm.run.cost import Cost, host_steal_ticks, task_runqueue_wait, task_wakeups, tree_usage
 from vm.run.watchdog import JsonlTail
@@ -633,6 +633,8 @@ def test_a_guest_hung_while_booting_is_booted_once_more_and_the_run_goes_on(
     assert run["ending"] == "qemu-exited"
     (retry,) = run["boot_retries"]
     assert retry["attempt"] == 1
+    assert retry["how"] == "hung"
+    assert retry["panic"] is None
     assert lockup_after <= retry["silent_s"] < lockup_after + 30
     assert retry["console"] == "console-boot1.log"
     first = (out / "console-boot1.log").read_text(errors="replace")
@@ -643,14 +645,77 @@ def test_a_guest_hung_while_booting_is_booted_once_more_and_the_run_goes_on(
     assert run["vmstat_delta"]["pswpout"] > 0
 
 
+def crash_kernel_on(attempts: set[int]) -> experiment.Hook:
+    """A hook that crashes the guest kernel (Alt-SysRq-C through QMP) at the given starts,
+    as soon as its keyboard is up and seconds before the guest reports its first phase:
+    a real kernel panic while booting, as sid's 7.2 has under TCG."""
+
+    def hook(rec: dict[str, Any], ctx: experiment.RunContext) -> None:
+        if rec.get("type") != "qemu-started" or rec["attempt"] not in attempts:
+            return
+        argv = psutil.Process(ctx.qemu_pid).cmdline()
+        qmp_path = Path(argv[argv.index("-qmp") + 1].removeprefix("unix:").split(",")[0])
+        console = ctx.cfg.out / experiment.OUTPUT_FILES["console"]
+        deadline = time.monotonic() + 120
+        while "input: AT Translated Set 2 keyboard" not in (
+            console.read_text(errors="replace") if console.exists() else ""
+        ):
+            assert time.monotonic() < deadline, "the guest's keyboard never came up"
+            time.sleep(0.005)
+        qmp.send_keys(qmp_path, [("alt", "sysrq", "c")])
+
+    return hook
+
+
 @pytest.mark.vm
-def test_a_guest_that_hangs_on_both_boots_is_an_error_naming_the_boot(
+def test_a_guest_kernel_that_crashes_while_booting_is_booted_again_and_the_run_goes_on(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    cfg = e2e_config(out, guest_cache, total_bytes=64 * MIB, lockup_after_s=30.0)
+    run = experiment.run_experiment(cfg, print, hook=crash_kernel_on({1, 2}))
+    assert run["outcome"] == "completed", (run["outcome_reason"], run.get("guest_error"))
+    first, second = run["boot_retries"]
+    assert [first["attempt"], second["attempt"]] == [1, 2]
+    for retry in (first, second):
+        assert retry["how"] == "crashed"
+        assert "Kernel panic - not syncing: sysrq triggered crash" in retry["panic"]
+        n = retry["attempt"]
+        assert retry["console"] == f"console-boot{n}.log"
+        assert "sysrq: Trigger a crash" in (out / f"console-boot{n}.log").read_text()
+    assert "sysrq: Trigger a crash" not in (out / "console.log").read_text()  # the third boot's
+    assert run["swapstress"]["corrupt_pages"] == 0
+    assert run["vmstat_delta"]["pswpout"] > 0
+
+
+@pytest.mark.vm
+def test_a_guest_kernel_that_crashes_on_every_boot_is_a_guest_crash_with_its_boots(
+    tmp_path: Path, guest_cache: Path
+) -> None:
+    require_nbd_serve()
+    out = tmp_path / "run"
+    cfg = e2e_config(out, guest_cache, lockup_after_s=30.0)
+    run = experiment.run_experiment(cfg, print, hook=crash_kernel_on({1, 2, 3}))
+    assert run["outcome"] == "guest-crash"
+    assert run["outcome_reason"].startswith("kernel panic: "), run["outcome_reason"]
+    assert "sysrq triggered crash" in run["outcome_reason"]
+    assert [(r["attempt"], r["how"]) for r in run["boot_retries"]] == [
+        (1, "crashed"),
+        (2, "crashed"),
+    ]
+    assert run["swapstress"] is None
+    assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
+
+
+@pytest.mark.vm
+def test_a_guest_that_hangs_on_every_boot_is_an_error_naming_the_boot(
     tmp_path: Path, guest_cache: Path
 ) -> None:
     require_nbd_serve()
     out = tmp_path / "run"
     cfg = e2e_config(out, guest_cache, lockup_after_s=20.0)
-    run = experiment.run_experiment(cfg, print, hook=freeze_qemu_on({1, 2}))
+    run = experiment.run_experiment(cfg, print, hook=freeze_qemu_on({1, 2, 3}))
     assert run["outcome"] == "error"
     assert run["outcome_reason"].startswith(
         "the guest hung while booting, before it reported anything (no heartbeat and no"
@@ -658,7 +723,7 @@ def test_a_guest_that_hangs_on_both_boots_is_an_error_naming_the_boot(
     last = watchdog.console_last_line((out / "console.log").read_text(errors="replace"))
     assert run["outcome_reason"].endswith(f"its console ends: {last!r}")
     assert run["evidence"]["phase"] == "boot"
-    assert [r["attempt"] for r in run["boot_retries"]] == [1]  # one retry, no more
+    assert [(r["attempt"], r["how"]) for r in run["boot_retries"]] == [(1, "hung"), (2, "hung")]
     assert run["swapstress"] is None
     assert cli.exit_code(run) == cli.EXIT_NOT_COMPLETED
 
@@ -772,6 +837,7 @@ def test_a_kernel_panic_in_the_guest_is_a_guest_crash(tmp_path: Path, guest_cach
     assert any("Kernel panic - not syncing: sysrq triggered crash" in line for line in panic)
     assert run["outcome_reason"].startswith("kernel panic: ")
     assert run["swapstress"] is None
+    assert run["boot_retries"] is None  # a crash once the experiment runs is its verdict
     assert cli.exit_code(run) == 1
 
 
