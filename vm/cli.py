@@ -34,7 +34,7 @@ from typing import Any
 
 from peers import servers
 from stress.sizes import SizeError, parse_size
-from vm.image import rootfs
+from vm.image import arms, rootfs
 from vm.run import experiment
 from vm.run.config import ALLOCATORS, ARMS, SCHED_POLICIES, RunConfig
 
@@ -168,6 +168,29 @@ def _add_image_flags(p: argparse.ArgumentParser) -> None:
         help="slab allocator of a built kernel (default: the kernel's own)",
     )
     p.add_argument("--flavour", default="cloud", help="Debian kernel flavour (default: cloud)")
+    p.add_argument(
+        "--kernel-tree",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="build the kernel source tree DIR (with the guest config fragments, every "
+        "driver built in; cached by the tree's content and config) and boot it instead of "
+        "--kernel; DIR itself is never written to",
+    )
+    p.add_argument(
+        "--patch",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --kernel-tree: apply FILE (patch -p1) to a linked copy of the tree first",
+    )
+    p.add_argument(
+        "--kernel-config",
+        choices=list(arms.CONFIG_BASES),
+        default="full",
+        help="with --kernel-tree: full (x86_64 defconfig + kvm_guest.config, about 22 min on "
+        "two cores; the default) or minimal (allnoconfig + what the guest uses: minutes)",
+    )
     p.add_argument(
         "--mirror",
         default=None,
@@ -369,6 +392,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         flavour=args.flavour,
         arm=args.arm,
         allocator=args.allocator,
+        kernel_tree=args.kernel_tree,
+        kernel_patch=args.patch,
+        kernel_config=args.kernel_config,
         swap=args.swap,
         swap_bytes=args.swap_size,
         server=args.server or default_server(),
@@ -473,7 +499,15 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     try:
         img = vm_image.build_guest(
-            args.kernel, args.flavour, args.cache, emit, arm=args.arm, allocator=args.allocator
+            args.kernel,
+            args.flavour,
+            args.cache,
+            emit,
+            arm=args.arm,
+            allocator=args.allocator,
+            tree=args.kernel_tree,
+            patch=args.patch,
+            config_base=args.kernel_config,
         )
     except Exception as exc:
         print(f"swapnbd image: error: {exc}", file=sys.stderr)

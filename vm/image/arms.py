@@ -61,6 +61,8 @@ __all__ = [
 Arm = Literal["patched", "vanilla"]
 ARMS: tuple[Arm, ...] = ("patched", "vanilla")
 ALLOCATORS = ("slub", "slab")
+#: The configurations a ``--kernel-tree`` build starts from (vm/image/kbuild.py, BASES).
+CONFIG_BASES = ("full", "minimal")
 #: Debian kernel series the project knows (stock cloud kernels and linux-source).
 STOCK_SERIES = ("6.1", "6.12", "7.2")
 #: The series of the host's own suite (bookworm): linux-source installed under /usr/src,
@@ -124,7 +126,7 @@ VARIANTS: Mapping[str, Variant] = {
 class KernelChoice:
     """What :func:`resolve` decided a ``--kernel``/``--allocator``/``--arm`` triple means."""
 
-    route: Literal["stock", "build", "bzimage"]
+    route: Literal["stock", "build", "bzimage", "tree"]
     arm: Arm
     series: str | None
     """``6.1``/``6.12`` for stock and built kernels; None for a bzImage path."""
@@ -134,6 +136,11 @@ class KernelChoice:
     bzimage: Path | None = None
     cmdline: tuple[str, ...] = ()
     """The kernel command-line words that select the arm."""
+    tree: Path | None = None
+    """A kernel source tree to build (``--kernel-tree``), with :attr:`patch` applied."""
+    patch: Path | None = None
+    config_base: str = "full"
+    """The configuration a tree is built with (:data:`vm.image.kbuild.BASES`)."""
 
 
 def arm_cmdline(arm: str) -> tuple[str, ...]:
@@ -202,6 +209,38 @@ def resolve(kernel: str, allocator: str | None, arm: str) -> KernelChoice:
         )
     return KernelChoice(
         "build", checked_arm, variant.series, variant.allocator, variant=variant, cmdline=words
+    )
+
+
+def resolve_tree(
+    tree: Path, patch: Path | None, allocator: str | None, arm: str, config_base: str = "full"
+) -> KernelChoice:
+    """``--kernel-tree``: build ``tree`` (with ``patch``) with ``allocator`` (default SLUB,
+    the only one since 6.8); an own kernel, so its arm is the user's word unless it knows
+    the switches.
+
+    Raises:
+        ArmError: an unknown arm or allocator, or a tree or patch that does not exist.
+    """
+    words = arm_cmdline(arm)
+    if allocator is not None and allocator not in ALLOCATORS:
+        raise ArmError(f"unknown allocator {allocator!r}: choose one of {', '.join(ALLOCATORS)}")
+    if not tree.is_dir():
+        raise ArmError(f"--kernel-tree {tree}: no such directory")
+    if patch is not None and not patch.is_file():
+        raise ArmError(f"--patch {patch}: no such file")
+    if config_base not in CONFIG_BASES:
+        raise ArmError(f"unknown kernel config {config_base!r}: choose one of {CONFIG_BASES}")
+    checked: Arm = "vanilla" if arm == "vanilla" else "patched"
+    return KernelChoice(
+        "tree",
+        checked,
+        None,
+        allocator or "slub",
+        cmdline=words,
+        tree=tree,
+        patch=patch,
+        config_base=config_base,
     )
 
 

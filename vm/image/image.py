@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vm.image import arms, chroot, initramfs, kbuild, kernel, kmod, rootfs
+from vm.image import arms, chroot, initramfs, kbuild, kernel, kmod, owntree, rootfs
 from vm.image.progress import CommandError, Progress, Step, format_duration
 
 __all__ = [
@@ -73,6 +73,7 @@ ESTIMATES: Mapping[str, float] = {
     "initramfs": 5.0,
     "kbuild": 1500.0,
     "kbuild-incremental": 120.0,
+    "kbuild-minimal": 480.0,
 }
 STEPS = ("kernel", "armmods", "busybox", "rootfs", "initramfs")
 # Cache entries not used for this long are deleted by the next build.
@@ -576,6 +577,28 @@ def _kbuild_step(
     return built
 
 
+def _tree_step(cache: Cache, progress: Progress, choice: arms.KernelChoice) -> kbuild.BuiltKernel:
+    """A kernel built from the user's own tree (cached under CACHE/kbuild/images/tree-*)."""
+    assert choice.tree is not None and choice.allocator is not None
+    kind = f"kbuild-tree-{choice.config_base}"
+    first = ESTIMATES["kbuild" if choice.config_base == "full" else "kbuild-minimal"]
+    estimate = cache.durations().get(kind, first)
+    title = f"kbuild: {choice.tree} ({choice.config_base} config"
+    title += f", {choice.patch.name})" if choice.patch else ")"
+    with progress.step(title, estimate) as step:
+        built = owntree.build_tree(
+            choice.tree,
+            cache.root,
+            step,
+            patch=choice.patch,
+            base=choice.config_base,
+            allocator=choice.allocator,
+        )
+    if step.duration is not None and step.duration > 60:
+        cache.remember(kind, step.duration)
+    return built
+
+
 def _initramfs_step(
     cache: Cache,
     progress: Progress,
@@ -669,6 +692,9 @@ def build_guest(
     payload_dir: Path | None = None,
     arm: str = "patched",
     allocator: str | None = None,
+    tree: Path | None = None,
+    patch: Path | None = None,
+    config_base: str = "full",
 ) -> GuestImage:
     """Build (or find in the cache) the guest image for ``kernel``/``flavour``.
 
@@ -683,14 +709,21 @@ def build_guest(
             throttle) or ``"vanilla"`` (both switched off, as before the 2012 series).
         allocator: ``None`` (the kernel's own), ``"slub"`` or ``"slab"`` (6.1 only,
             a kernel built from linux-source).
+        tree: a kernel source tree to build instead of ``kernel`` (``--kernel-tree``),
+            with ``patch`` applied to a linked copy and ``config_base`` (``full`` or
+            ``minimal``: :data:`vm.image.kbuild.BASES`) under the guest fragments.
 
     Raises:
         ImageError: bad arguments, missing payload or tools, not root for
             debootstrap, or a failed step (the message names the log).
     """
     try:
-        choice = arms.resolve(kernel, allocator, arm)
-    except arms.ArmError as exc:
+        if tree is not None:
+            choice = arms.resolve_tree(tree, patch, allocator, arm, config_base)
+            owntree.check_tree(tree, patch)  # before the root fs and initramfs, not after
+        else:
+            choice = arms.resolve(kernel, allocator, arm)
+    except (arms.ArmError, owntree.TreeError) as exc:
         raise ImageError(str(exc)) from exc
     return _build(choice, flavour, cache_dir, progress, payload_dir)
 
@@ -704,7 +737,7 @@ def _build(
 ) -> GuestImage:
     payload_root = payload_dir if payload_dir is not None else REPO_ROOT
     series = choice.series or "6.1"  # a bzImage path still needs busybox and the root fs
-    steps = {"stock": 5, "build": 4, "bzimage": 3}[choice.route]
+    steps = {"stock": 5, "build": 4, "bzimage": 3, "tree": 4}[choice.route]
     try:
         kernel.metapackage(series, flavour)  # validates names before any work
         initramfs.payload_files(payload_root)  # fail before a long build, not after
@@ -729,6 +762,8 @@ def _build(
         if choice.route == "build" and choice.variant is not None:
             # Outside the cache lock: a 20-minute build must not block other runs' images.
             built = _kbuild_step(cache, job, choice.variant, resolved.kernel.version)
+        elif choice.route == "tree":
+            built = _tree_step(cache, job, choice)
     except (
         kernel.KernelError,
         kmod.KmodError,
@@ -763,6 +798,25 @@ def _build(
             arm_modules=mods["source"],
         )
         kernel_key = kernel_dir.name
+    elif built is not None and choice.route == "tree":
+        vmlinuz, release = built.bzimage, f"tree {built.meta['version']}"
+        package = built.meta["source"]
+        if built.meta["patch"]:
+            package += f" + {built.meta['patch']}"
+        identity.update(
+            version=built.meta["version"],
+            release=None,
+            source=built.meta["source"],
+            tree=built.meta["tree"],
+            fingerprint=built.meta["fingerprint"],
+            config_base=built.meta["base"],
+            config_hash=built.meta["config_hash"],
+            patch=built.meta["patch"],
+            patch_hash=built.meta["patch_hash"],
+            patches=built.meta["patches"],
+            bzimage=str(built.bzimage),
+        )
+        kernel_key = built.bzimage.parent.name
     elif built is not None:
         vmlinuz, release = built.bzimage, f"{built.meta['variant']} ({built.meta['version']})"
         package = built.meta["source"]

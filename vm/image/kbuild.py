@@ -51,22 +51,34 @@ from vm.image.kmod import source_tarball
 from vm.image.progress import CommandError, Step, run_with_progress
 
 __all__ = [
+    "BASES",
+    "BUILD_TOOLS",
     "BuiltKernel",
     "KbuildError",
+    "base_fragments",
     "build_variant",
     "compile_objects",
     "config_key",
+    "configure",
     "expected_config",
     "has_object_tree",
     "image_key",
     "load_built",
+    "locked",
+    "make_bzimage",
     "missing_config",
+    "publish",
+    "why",
 ]
 
-#: Compile/link lines of a first full build, until one has been measured.
-FIRST_BUILD_LINES = 3100
+#: Compile/link lines of a first build of each base, until one has been measured (a
+#: minimal 6.1 build printed 1,890 here).
+FIRST_BUILD_LINES = {"full": 3100, "minimal": 1900}
 _BUILD_LINE = re.compile(r"^\s+(CC|LD|AR|AS|CPP|HOSTCC|OBJCOPY|GEN|CHK|VDSO\w*)\s+(\S+)")
 FRAGMENT = "guest.config"
+BUILD_TOOLS = (
+    "kernel build needs {}: apt-get install build-essential flex bison bc libelf-dev libssl-dev"
+)
 
 
 class KbuildError(RuntimeError):
@@ -146,7 +158,7 @@ def image_key(variant: arms.Variant, version: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, step: Step) -> Iterator[None]:
+def locked(path: Path, step: Step) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as handle:
         try:
@@ -218,20 +230,110 @@ def _switch_patches(src: Path, tree: Path, series: str, wanted: tuple[str, ...],
     record.write_text(json.dumps({"patches": list(wanted), "hash": digest}) + "\n")
 
 
-def _configure(src: Path, out: Path, allocator: str, log: Path, step: Step) -> None:
-    for path in fragments(allocator):
-        shutil.copy2(path, src / "kernel" / "configs" / f"swapnbd-{path.name}")
-    if not (out / ".config").is_file():
-        step.update("make defconfig kvm_guest.config + swapnbd fragments", force=True)
-        targets = ["defconfig", "kvm_guest.config"]
-        targets += [f"swapnbd-{p.name}" for p in fragments(allocator)]
+#: The base configurations fragments go on top of: ``full`` is x86_64's defconfig with
+#: kvm_guest.config (the project's built variants, about 3,100 compile steps); ``minimal``
+#: starts from allnoconfig and adds only what the guest uses (minimal.config), for
+#: ``--kernel-tree`` builds where a bisect step should take minutes, not twenty.
+BASES: dict[str, tuple[str, ...]] = {
+    "full": ("defconfig", "kvm_guest.config"),
+    "minimal": ("allnoconfig",),
+}
+
+
+def base_fragments(base: str, allocator: str) -> list[Path]:
+    """Every fragment of a build on ``base``, in merge order."""
+    extra = [arms.KCONFIG_DIR / "minimal.config"] if base == "minimal" else []
+    for path in extra:
+        if not path.is_file():
+            raise KbuildError(f"config fragment missing from the checkout: {path}")
+    return extra + fragments(allocator)
+
+
+def configure(src: Path, out: Path, base: str, frags: list[Path], *, log: Path, step: Step) -> None:
+    """Write ``out/.config``: ``base``'s targets, then ``frags`` appended (later lines win
+    in Kconfig), then ``olddefconfig``. Nothing is written into ``src``: it may be a
+    kernel engineer's own tree. Already configured: only ``olddefconfig`` (the source
+    may have moved on, adding symbols).
+
+    Raises:
+        KbuildError: a fragment setting did not survive (a dependency is off).
+        CommandError: make failed.
+    """
+    config = out / ".config"
+    if not config.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        targets = BASES[base]
+        step.update(f"make {' '.join(targets)} + {len(frags)} swapnbd fragments", force=True)
         run_with_progress(["make", f"O={out}", *targets], step, log=log, cwd=src)
-    missing = missing_config((out / ".config").read_text(), expected_config(allocator))
+        with config.open("a") as handle:
+            for path in frags:
+                handle.write(f"\n# --- {path.name} (swapnbd)\n{path.read_text()}")
+    run_with_progress(["make", f"O={out}", "olddefconfig"], step, log=log, cwd=src)
+    wanted: dict[str, str] = {}
+    for path in frags:
+        wanted.update(parse_config(path.read_text()))
+    missing = missing_config(config.read_text(), wanted)
     if missing:
         raise KbuildError(
             f"the kernel config lost {', '.join(missing)} (a dependency is off); "
-            f"see {out / '.config'} and {log}"
+            f"see {config} and {log}"
         )
+
+
+def make_bzimage(
+    src: Path,
+    out: Path,
+    log: Path,
+    step: Step,
+    *,
+    memo: Path,
+    memo_key: str,
+    about: str,
+    base: str = "full",
+) -> int:
+    """``make bzImage`` in ``out`` with progress: compile steps counted against the count
+    the last full build of ``memo_key`` printed (kept in ``memo``). Returns the count.
+
+    Raises:
+        CommandError: make failed (the message has the log's tail).
+    """
+    fresh = not (out / "arch" / "x86" / "boot" / "bzImage").exists()
+    memos = _read_memo(memo)
+    expected = memos.get(memo_key, FIRST_BUILD_LINES[base]) if fresh else None
+    seen = 0
+
+    def on_line(line: str) -> tuple[str, float | None] | None:
+        nonlocal seen
+        match = _BUILD_LINE.match(line)
+        if match is None:
+            return None
+        seen += 1
+        fraction = min(0.99, seen / expected) if expected else None
+        return f"{match.group(1)} {match.group(2)} ({seen} steps)", fraction
+
+    jobs = str(max(1, os.cpu_count() or 1))
+    step.update(f"make -j{jobs} bzImage ({about}); log {log}", force=True)
+    run_with_progress(
+        ["make", f"O={out}", f"-j{jobs}", "bzImage"],
+        step,
+        log=log,
+        cwd=src,
+        on_line=on_line,
+        heartbeat="make bzImage",
+    )
+    if fresh:
+        memos = _read_memo(memo)
+        memos[memo_key] = seen
+        memo.write_text(json.dumps(memos, indent=1) + "\n")
+    return seen
+
+
+def _read_memo(memo: Path) -> dict[str, int]:
+    try:
+        data = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()}
 
 
 def _source_tree(variant: arms.Variant, version: str, cache_root: Path) -> Path:
@@ -247,14 +349,6 @@ def _patched_source(
     src = _unpack_source(tarball, tree, step)
     _switch_patches(src, tree, variant.series, variant.patches, log)
     return src
-
-
-def _lines_memo(tree: Path) -> dict[str, int]:
-    try:
-        data = json.loads((tree.parent / "build-lines.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {str(k): int(v) for k, v in data.items()}
 
 
 def build_variant(
@@ -273,7 +367,7 @@ def build_variant(
         os.utime(final)
         return load_built(final)
     tree = _source_tree(variant, version, cache_root)
-    with _locked(tree / "lock", step):
+    with locked(tree / "lock", step):
         if (final / "bzImage").is_file():
             return load_built(final)
         started = time.monotonic()
@@ -281,51 +375,24 @@ def build_variant(
         src = _patched_source(variant, version, tree, log, downloads=downloads, step=step)
         ckey = config_key(variant.allocator)
         out = tree / f"out-{ckey}"
-        fresh = not (out / "arch" / "x86" / "boot" / "bzImage").exists()
         try:
-            _configure(src, out, variant.allocator, log, step)
-            memo = _lines_memo(tree)
-            expected = memo.get(ckey, FIRST_BUILD_LINES) if fresh else None
-            seen = 0
-
-            def on_line(line: str) -> tuple[str, float | None] | None:
-                nonlocal seen
-                match = _BUILD_LINE.match(line)
-                if match is None:
-                    return None
-                seen += 1
-                fraction = min(0.99, seen / expected) if expected else None
-                return f"{match.group(1)} {match.group(2)} ({seen} steps)", fraction
-
-            jobs = str(max(1, os.cpu_count() or 1))
-            step.update(f"make -j{jobs} bzImage ({variant.about}); log {log}", force=True)
-            run_with_progress(
-                ["make", f"O={out}", f"-j{jobs}", "bzImage"],
+            configure(src, out, "full", fragments(variant.allocator), log=log, step=step)
+            make_bzimage(
+                src,
+                out,
+                log,
                 step,
-                log=log,
-                cwd=src,
-                on_line=on_line,
-                heartbeat="make bzImage",
+                memo=tree.parent / "build-lines.json",
+                memo_key=ckey,
+                about=variant.about,
             )
         except CommandError as exc:
             raise KbuildError(
                 f"kernel build of {variant.name} from linux-source-{variant.series} {version} "
-                f"failed: {_why(exc.log)}; log: {exc.log}"
+                f"failed: {why(exc.log)}; log: {exc.log}"
             ) from exc
         except FileNotFoundError as exc:
-            raise KbuildError(
-                f"kernel build needs {exc.filename}: apt-get install build-essential flex "
-                "bison bc libelf-dev libssl-dev"
-            ) from exc
-        if fresh:
-            memo = _lines_memo(tree)
-            memo[ckey] = seen
-            (tree.parent / "build-lines.json").write_text(json.dumps(memo, indent=1) + "\n")
-        tmp = images / f".tmp-{key}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy2(out / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
-        shutil.copy2(out / ".config", tmp / "config")
+            raise KbuildError(BUILD_TOOLS.format(exc.filename)) from exc
         patches = arms.patch_files(variant.series, variant.patches)
         meta = {
             "variant": variant.name,
@@ -340,9 +407,20 @@ def build_variant(
             "build_s": round(time.monotonic() - started, 1),
             "log": str(log),
         }
-        (tmp / "kbuild.json").write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, final)
+        publish(out, images, key, meta)
     return load_built(final)
+
+
+def publish(out: Path, images: Path, key: str, meta: dict[str, Any]) -> None:
+    """Copy the finished ``bzImage`` and ``.config`` of object tree ``out`` into
+    ``images/key`` with ``kbuild.json`` (``meta``), atomically."""
+    tmp = images / f".tmp-{key}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(out / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+    shutil.copy2(out / ".config", tmp / "config")
+    (tmp / "kbuild.json").write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, images / key)
 
 
 def has_object_tree(variant: arms.Variant, version: str, cache_root: Path) -> bool:
@@ -367,13 +445,13 @@ def compile_objects(
     so a later full build reuses what this compiled.
     """
     tree = _source_tree(variant, version, cache_root)
-    with _locked(tree / "lock", step):
+    with locked(tree / "lock", step):
         log = tree / "objects.log"
         src = _patched_source(variant, version, tree, log, downloads=downloads, step=step)
         out = tree / f"out-{config_key(variant.allocator)}"
         jobs = str(max(1, os.cpu_count() or 1))
         try:
-            _configure(src, out, variant.allocator, log, step)
+            configure(src, out, "full", fragments(variant.allocator), log=log, step=step)
             run_with_progress(
                 ["make", f"O={out}", f"-j{jobs}", *objects],
                 step,
@@ -384,12 +462,12 @@ def compile_objects(
         except CommandError as exc:
             raise KbuildError(
                 f"compiling {', '.join(objects)} of linux-source-{variant.series} {version} "
-                f"failed: {_why(exc.log)}; log: {exc.log}"
+                f"failed: {why(exc.log)}; log: {exc.log}"
             ) from exc
     return out
 
 
-def _why(log: Path) -> str:
+def why(log: Path) -> str:
     """The cause a build log names (:func:`vm.image.buildlog.diagnose`), or a pointer to it."""
     try:
         text = log.read_text(errors="replace")

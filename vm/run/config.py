@@ -54,6 +54,13 @@ class RunConfig:
     """``patched`` (nbd memalloc + pfmemalloc throttle, as shipped) or ``vanilla``."""
     allocator: str | None = None
     """None (the kernel's own), ``slub`` or ``slab`` (a built 6.1 kernel)."""
+    kernel_tree: Path | None = None
+    """A kernel source tree to build and boot instead of ``kernel`` (``--kernel-tree``)."""
+    kernel_patch: Path | None = None
+    """A patch applied to a linked copy of ``kernel_tree`` before the build (``--patch``)."""
+    kernel_config: str = "full"
+    """The configuration ``kernel_tree`` is built with: ``full`` (defconfig-based, as the
+    project's built variants) or ``minimal`` (allnoconfig-based, builds in minutes)."""
     flavour: str = "cloud"
     """Debian kernel flavour."""
     swap: SwapMode = "device"
@@ -151,6 +158,17 @@ class RunConfig:
             raise ValueError(
                 f"--allocator must be one of {', '.join(ALLOCATORS)}, not {self.allocator!r}"
             )
+        if self.kernel_patch is not None and self.kernel_tree is None:
+            raise ValueError("--patch needs --kernel-tree (a tree to apply it to)")
+        if self.kernel_tree is not None and not self.kernel_tree.is_dir():
+            raise ValueError(f"--kernel-tree {self.kernel_tree}: no such directory")
+        if self.kernel_patch is not None and not self.kernel_patch.is_file():
+            raise ValueError(f"--patch {self.kernel_patch}: no such file")
+        if self.kernel_config not in arms.CONFIG_BASES:
+            raise ValueError(
+                f"--kernel-config must be one of {', '.join(arms.CONFIG_BASES)}, "
+                f"not {self.kernel_config!r}"
+            )
         if self.swap_bytes is not None and self.swap_bytes < 40 * 4096:
             raise ValueError(f"--swap-size must be at least 160K, got {self.swap_bytes} bytes")
         if self.server_fault is not None and self.server != "nbd-serve":
@@ -220,6 +238,8 @@ class RunConfig:
         d["out"] = str(self.out)
         d["cache_dir"] = str(self.cache_dir) if self.cache_dir else None
         d["payload_dir"] = str(self.payload_dir) if self.payload_dir else None
+        d["kernel_tree"] = str(self.kernel_tree) if self.kernel_tree else None
+        d["kernel_patch"] = str(self.kernel_patch) if self.kernel_patch else None
         d["pinned_min_free_kbytes"] = self.pinned_min_free_kbytes
         d["export_bytes"] = self.export_bytes
         d["effective_timeout_s"] = self.effective_timeout_s

@@ -173,7 +173,8 @@ def _since(t0: float) -> float:
 def new_run(cfg: RunConfig) -> RunRecord:
     """The run's record, filled in as the run goes."""
     kernel = {
-        "name": cfg.kernel,
+        # An own tree is named by its path, never by --kernel's default.
+        "name": f"tree {cfg.kernel_tree}" if cfg.kernel_tree is not None else cfg.kernel,
         "flavour": cfg.flavour,
         "arm": cfg.arm,
         "allocator": cfg.allocator,
@@ -401,6 +402,9 @@ def _image(cfg: RunConfig, cache_dir: Path, run: RunRecord, say: Emit) -> GuestI
         payload_dir=cfg.payload_dir,
         arm=cfg.arm,
         allocator=cfg.allocator,
+        tree=cfg.kernel_tree,
+        patch=cfg.kernel_patch,
+        config_base=cfg.kernel_config,
     )
     run.timings["image_s"] = _since(t0)
     kernel = run.kernel

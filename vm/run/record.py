@@ -113,7 +113,7 @@ def check_arm(run: RunRecord, arm: str) -> None:
     """
     proof = run.kernel.get("in_guest")
     reverted = run.kernel.get("fixed_arm") == "vanilla"
-    own = run.kernel.get("route") == "bzimage"
+    own = run.kernel.get("route") in ("bzimage", "tree")
     ok, why = arms.arm_in_effect(arm, proof, reverted=reverted, own=own)
     run.kernel["arm_check"] = {"ok": ok, "reason": why}
     if not ok and proof is not None and run.outcome is not Outcome.ERROR:
