@@ -93,6 +93,26 @@ def test_a_plain_trees_fingerprint_follows_every_edit(tmp_path: Path) -> None:
     assert owntree.fingerprint(tree) not in (first, second)
 
 
+def test_a_plain_trees_fingerprint_survives_a_second_unpack(tmp_path: Path) -> None:
+    """Unpacked twice, a tree with a symlink has one fingerprint (tar restores the files'
+    mtimes, not the links'); a link pointed elsewhere changes it."""
+    tree = fake_tree(tmp_path / "a")
+    (tree / "link").symlink_to("README")
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as out:
+        out.add(tree, arcname="linux")
+    prints = []
+    for where in ("b", "c"):
+        with tarfile.open(archive) as packed:
+            packed.extractall(tmp_path / where, filter="tar")
+        prints.append(owntree.fingerprint(tmp_path / where / "linux"))
+    assert prints[0] == prints[1]
+    moved = tmp_path / "c" / "linux" / "link"
+    moved.unlink()
+    moved.symlink_to("Makefile")
+    assert owntree.fingerprint(tmp_path / "c" / "linux") != prints[0]
+
+
 def test_a_git_trees_fingerprint_is_its_commit_plus_what_is_not_committed(
     tmp_path: Path,
 ) -> None:

@@ -117,8 +117,9 @@ def _git(tree: Path, *args: str) -> bytes | None:
 def fingerprint(tree: Path) -> dict[str, str]:
     """What identifies the tree's content. A git work tree: its HEAD commit, plus a hash
     of the uncommitted diff and of the untracked files' names, sizes and mtimes when it is
-    dirty. Any other tree: a hash of every file's path, size and mtime (a few seconds
-    for a kernel tree; a change that keeps both is missed)."""
+    dirty. Any other tree: a hash of every file's path, size and mtime, and of every
+    symlink's target (a few seconds for a kernel tree; a change that keeps size and
+    mtime is missed)."""
     top = _git(tree, "rev-parse", "--show-toplevel")
     if top is not None and Path(top.decode().strip()).resolve() == tree.resolve():
         head = (_git(tree, "rev-parse", "HEAD") or b"").decode().strip()
@@ -135,8 +136,12 @@ def fingerprint(tree: Path) -> dict[str, str]:
         dirs[:] = sorted(d for d in dirs if d != ".git")
         for name in sorted(files):
             path = Path(root) / name
-            st = path.lstat()
             rel = str(path.relative_to(tree)).encode(errors="surrogateescape")
+            if path.is_symlink():  # its target, not its mtime: tar does not restore that
+                target = os.readlink(path).encode(errors="surrogateescape")
+                digest.update(b"%s\0->%s\n" % (rel, target))
+                continue
+            st = path.lstat()
             digest.update(b"%s\0%d\0%d\n" % (rel, st.st_size, st.st_mtime_ns))
     return {"kind": "files", "sha256": digest.hexdigest()[:16]}
 
