@@ -68,6 +68,7 @@ __all__ = [
     "make_bzimage",
     "missing_config",
     "publish",
+    "run_patch",
     "why",
 ]
 
@@ -190,8 +191,10 @@ def _unpack_source(tarball: Path, tree: Path, step: Step) -> Path:
     return src
 
 
-def _patch(src: Path, patch: Path, log: Path, *, reverse: bool = False) -> None:
-    # A point release's line offsets are fine; fuzz is not (kmod.apply_patch says why).
+def run_patch(src: Path, patch: Path, log: Path, *, reverse: bool = False) -> int:
+    """``patch -p1`` of ``patch`` in ``src`` (``-R`` to reverse), its output appended to
+    ``log``; returns patch's exit status. A point release's line offsets are fine; fuzz
+    is not (kmod.apply_patch says why)."""
     argv = ["patch", "-p1", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch)]
     if reverse:
         argv = ["patch", "-p1", "-R", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch)]
@@ -199,9 +202,14 @@ def _patch(src: Path, patch: Path, log: Path, *, reverse: bool = False) -> None:
         sink.write(f"$ {' '.join(argv)}\n".encode())
         sink.flush()
         done = subprocess.run(argv, cwd=src, stdout=sink, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
+    return done.returncode
+
+
+def _patch(src: Path, patch: Path, log: Path, *, reverse: bool = False) -> None:
+    status = run_patch(src, patch, log, reverse=reverse)
+    if status != 0:
         how = "reverse" if reverse else "apply"
-        why = buildlog.diagnose(log.read_text(errors="replace")) or f"exit {done.returncode}"
+        why = buildlog.diagnose(log.read_text(errors="replace")) or f"exit {status}"
         raise KbuildError(f"cannot {how} {patch.name} in {src.parent.name}: {why}; log: {log}")
 
 

@@ -171,12 +171,7 @@ def linked_copy(tree: Path, dest: Path, log: Path) -> None:
 
 
 def apply_patch(src: Path, patch: Path, log: Path) -> None:
-    argv = ["patch", "-p1", "--forward", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch)]
-    with log.open("ab") as sink:
-        sink.write(f"$ {' '.join(argv)}\n".encode())
-        sink.flush()
-        done = subprocess.run(argv, cwd=src, stdout=sink, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
+    if kbuild.run_patch(src, patch, log) != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise TreeError(
             f"--patch {patch} does not apply to the tree: {' | '.join(tail)}; log: {log}"
