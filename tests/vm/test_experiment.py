@@ -733,12 +733,17 @@ def test_a_guest_that_stops_before_memory_pressure_is_an_error_not_a_lockup(
     tmp_path: Path, guest_cache: Path
 ) -> None:
     """The cross-check's false lockups (2026-11-29): stalled in the stress phase with
-    pswpout 0. QEMU is frozen as soon as the stress phase begins, before any swap-out."""
+    pswpout 0. QEMU is frozen as soon as the stress phase has begun and the host holds a
+    sample, before any swap-out. (Freezing at the phase record alone raced the collector:
+    a guest frozen before its first sample reached the host has pswpout unknown, not 0.)"""
     require_nbd_serve()
     out = tmp_path / "run"
+    frozen = False
 
     def freeze_at_stress(rec: dict[str, Any], ctx: experiment.RunContext) -> None:
-        if rec.get("type") == "phase" and rec.get("phase") == "stress":
+        nonlocal frozen
+        if not frozen and ctx.state.phase == "stress" and ctx.state.last_sample is not None:
+            frozen = True
             os.kill(ctx.qemu_pid, signal.SIGSTOP)
 
     cfg = e2e_config(out, guest_cache, total_bytes=192 * MIB, lockup_after_s=30.0)
