@@ -590,6 +590,7 @@ examples:
   swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --dry-run   # settings so far, estimate
   swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --out results/boundary-6.1
   swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --out results/boundary-6.1 --resume
+  swapnbd boundary vm/campaign/matrices/boundary-6.1.toml --out results/b61 --curve vanilla  # first
   swapnbd report results/boundary-6.1 --html results/boundary-6.1/report.html
 
 A boundary file is a matrix file whose cells are the arms, plus a [boundary] table
@@ -627,6 +628,14 @@ def _add_boundary(sub: Any) -> None:
         help="with --resume, rerun (once) the harness-error runs of the settings chosen",
     )
     p.add_argument(
+        "--curve",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the curves whose name contains TEXT (repeatable), the cheap vanilla "
+        "arms first say; a later --resume without it goes on with the rest",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="show the settings so far and the estimate only"
     )
     _add_history_flag(p)
@@ -644,7 +653,8 @@ def cmd_boundary(args: argparse.Namespace) -> int:
     try:
         bnd = boundary.load_boundary(args.file)
         if args.dry_run:
-            print("\n".join(boundary.dry_run_lines(bnd, args.out, _history(args))))
+            lines = boundary.dry_run_lines(bnd, args.out, _history(args), args.curve)
+            print("\n".join(lines))
             return EXIT_OK
         with matrix.sigterm_as_interrupt():
             result = boundary.run_boundary(
@@ -655,6 +665,7 @@ def cmd_boundary(args: argparse.Namespace) -> int:
                 retry_errors=args.retry_errors,
                 emit=emit,
                 history=_history(args),
+                only=args.curve,
             )
     except plan.MatrixError as exc:
         print(f"swapnbd boundary: error: {exc}", file=sys.stderr)

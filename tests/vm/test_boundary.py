@@ -238,6 +238,82 @@ def test_a_setting_whose_runs_are_used_up_by_errors_stops_the_boundary(tmp_path:
     assert log[0] == f"r02-{V}-x2-rep1"
 
 
+def test_curve_runs_some_curves_first_and_a_resume_without_it_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--curve: the cheap arms first; the other curves' trials and summary are untouched,
+    and a --resume without --curve decides them as if they had run all along."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(textwrap.dedent(TINY))
+    store = tmp_path / "store"
+    bnd = boundary.parse_boundary(path.read_text(), "tiny")
+    log: list[str] = []
+    lines: list[str] = []
+    first = boundary.run_boundary(
+        bnd,
+        store,
+        emit=lines.append,
+        run_one=scripted(vanilla_from_2, log=log),
+        only=["vanilla"],
+    )
+    assert not first.interrupted and first.exhausted is None
+    assert log == [
+        f"r{n:02d}-{V}-x{r}-rep{k}"
+        for r, n0 in (("2", 2), ("1.5", 1))
+        for k, n in ((k, n0 + 6 * (k - 1)) for k in range(1, 5))
+    ]
+    assert (
+        lines[0]
+        == f"boundary tiny: 0 trial(s) in the store; 2 curve(s), running 1 (--curve); store {store}"
+    )
+    assert lines[-1] == (
+        "boundary tiny: done after 8 trial(s); the other curves wait for a --resume without --curve"
+    )
+    summ = json.loads((store / "boundary.json").read_text())
+    assert [c["curve"] for c in summ["curves"]] == [V, P]
+    assert all(s["trials"] == 0 for s in summ["curves"][1]["settings"])
+
+    assert (
+        cli.main(
+            [
+                "boundary",
+                str(path),
+                "--dry-run",
+                "--out",
+                str(store),
+                "--no-history",
+                "--curve",
+                "patched",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  --curve: 1 of 2 curve(s) (resume without --curve for the rest)"
+    assert [line.split()[0] for line in out[2:-1] if line.startswith("  6.1")] == [P]
+    # Patched has no run of its own yet: its runs are estimated from vanilla's.
+    assert out[-1] == (
+        "estimated time: likely 14m23s for 8 run(s), at most 21m35s for 12 run(s) "
+        "(8 measured run(s))"
+    )
+
+    assert cli.main(["boundary", str(path), "--dry-run", "--curve", "slab"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        f"swapnbd boundary: error: --curve 'slab' is in none of the curves' names: {V}, {P}\n"
+    )
+
+    log.clear()
+    rest = boundary.run_boundary(bnd, store, resume=True, run_one=scripted(vanilla_from_2, log=log))
+    assert rest.exhausted is None
+    assert log == [
+        f"r{n:02d}-{P}-x{r}-rep{k}"
+        for r, n0 in (("2", 5), ("3", 6))
+        for k, n in ((k, n0 + 6 * (k - 1)) for k in range(1, 5))
+    ]
+    summ = json.loads((store / "boundary.json").read_text())
+    assert summ["trials"] == 16
+
+
 def test_dry_run_shows_the_settings_and_the_estimate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

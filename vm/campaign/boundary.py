@@ -216,6 +216,34 @@ def load_boundary(path: Path) -> Boundary:
     return parse_boundary(text, name=path.stem)
 
 
+def select_curves(bnd: Boundary, only: Sequence[str] = ()) -> tuple[Curve, ...]:
+    """The curves whose name contains one of ``only`` (``--curve``; every curve when
+    empty), in file order.
+
+    Curves are independent (each run is chosen from its own curve's trials), so a runner
+    may spend its time on some of them first, the cheap vanilla arms say, and a later
+    ``--resume`` without ``--curve`` goes on with the rest.
+
+    Raises:
+        MatrixError: a text that names no curve.
+    """
+    if not only:
+        return bnd.curves
+    names = ", ".join(c.name for c in bnd.curves)
+    for text in only:
+        if not any(text in c.name for c in bnd.curves):
+            raise MatrixError(f"--curve {text!r} is in none of the curves' names: {names}")
+    return tuple(c for c in bnd.curves if any(text in c.name for text in only))
+
+
+def next_choice(bnd: Boundary, curves: Sequence[Curve], trials: Sequence[Trial]) -> Choice | None:
+    """The policy's next run among ``curves``; ``max_total`` counts every trial."""
+    if bnd.policy.max_total is not None and len(trials) >= bnd.policy.max_total:
+        return None
+    names = {c.name for c in curves}
+    return adaptive.next_run(curves, [t for t in trials if t.curve in names], bnd.policy)
+
+
 # ---------------------------------------------------------------------------- the store
 
 
@@ -329,12 +357,14 @@ def outlook(
     plan: Sequence[PlannedRun],
     trials: Sequence[Trial],
     seconds: Callable[[PlannedRun], float],
+    curves: Sequence[Curve] | None = None,
 ) -> list[Outlook]:
-    """Per curve, the runs still to come and a run's estimated seconds (``seconds`` maps
-    a PlannedRun to its estimate: the matrix's :class:`Estimator`)."""
+    """Per curve (of ``curves``; None: every curve), the runs still to come and a run's
+    estimated seconds (``seconds`` maps a PlannedRun to its estimate: the matrix's
+    :class:`Estimator`)."""
     out = []
     decide = adaptive.runs_to_decide(bnd.policy)
-    for curve in bnd.curves:
+    for curve in bnd.curves if curves is None else curves:
         counts = adaptive.tally(trials, curve.name)
         nxt = adaptive.next_ratio(curve, counts, bnd.policy)
         if nxt is None:
@@ -359,12 +389,16 @@ def _cap(runs: int, bnd: Boundary, done: int) -> int:
     return min(runs, max(0, bnd.policy.max_total - done))
 
 
-def dry_run_lines(bnd: Boundary, store: Path | None, history: Sequence[Path] = ()) -> list[str]:
+def dry_run_lines(
+    bnd: Boundary, store: Path | None, history: Sequence[Path] = (), only: Sequence[str] = ()
+) -> list[str]:
     """What ``swapnbd boundary --dry-run`` prints: each curve's settings so far, the next
-    run, and the runs and time likely left and at most."""
+    run, and the runs and time likely left and at most (of the curves ``only`` names,
+    :func:`select_curves`)."""
     plan = plan_runs(bnd.matrix)
     est = estimator_from_store(plan, store, history)
     trials, errors = trials_in_store(bnd, plan, store)
+    chosen = select_curves(bnd, only)
     lines = [
         f"boundary {bnd.matrix.name}: {len(bnd.curves)} curve(s) x "
         f"{len(bnd.curves[0].ratios)} ratio(s); decide at P(lockup) {bnd.policy.level:g} "
@@ -372,11 +406,18 @@ def dry_run_lines(bnd: Boundary, store: Path | None, history: Sequence[Path] = (
         f"setting; {len(trials)} trial(s) so far"
         + (f", {errors} harness error(s) (no trials)" if errors else "")
     ]
+    if len(chosen) < len(bnd.curves):
+        lines.append(
+            f"  --curve: {len(chosen)} of {len(bnd.curves)} curve(s) "
+            "(resume without --curve for the rest)"
+        )
     summ = summary(bnd, trials)
-    looks = {o.curve: o for o in outlook(bnd, plan, trials, est.seconds)}
+    looks = {o.curve: o for o in outlook(bnd, plan, trials, est.seconds, chosen)}
     likely_s = most_s = 0.0
     likely_n = most_n = 0
     for curve in summ["curves"]:
+        if curve["curve"] not in looks:
+            continue
         look = looks[curve["curve"]]
         cells = []
         for s in curve["settings"]:
@@ -426,9 +467,11 @@ def run_boundary(
     emit: experiment.Emit | None = None,
     run_one: RunFunc | None = None,
     history: Sequence[Path] = (),
+    only: Sequence[str] = (),
 ) -> MatrixResult:
-    """Run the boundary into ``store`` until every curve is done, the budget is spent, a
-    setting's runs are used up by harness errors, or a signal stops it.
+    """Run the boundary into ``store`` until every curve is done (every curve ``only``
+    names, :func:`select_curves`), the budget is spent, a setting's runs are used up by
+    harness errors, or a signal stops it.
 
     ``retry_errors`` reruns, once each, the runs of a chosen setting that ended in a
     harness error.  SIGINT (or SIGTERM under
@@ -440,6 +483,7 @@ def run_boundary(
     """
     say = emit or (lambda _m: None)
     runner: RunFunc = run_one or experiment.run_experiment
+    chosen = select_curves(bnd, only)
     plan = plan_runs(bnd.matrix)
     prepare_store(bnd.matrix, store, resume=resume, plan=plan)
     result = MatrixResult()
@@ -451,16 +495,23 @@ def run_boundary(
     result.skipped = [r.id for r in plan if is_finished(read_run_json(store / r.id / "run.json"))]
     say(
         f"boundary {bnd.matrix.name}: {len(trials)} trial(s) in the store; "
-        f"{len(bnd.curves)} curve(s); store {store}"
+        f"{len(bnd.curves)} curve(s)"
+        + (f", running {len(chosen)} (--curve)" if len(chosen) < len(bnd.curves) else "")
+        + f"; store {store}"
     )
     k = 0
     try:
         while True:
             trials, _ = trials_in_store(bnd, plan, store)
             _write_summary(store, summary(bnd, trials))
-            choice = adaptive.next_run(bnd.curves, trials, bnd.policy)
+            choice = next_choice(bnd, chosen, trials)
             if choice is None:
-                say(f"boundary {bnd.matrix.name}: done after {len(trials)} trial(s)")
+                rest = (
+                    "; the other curves wait for a --resume without --curve"
+                    if len(chosen) < len(bnd.curves)
+                    else ""
+                )
+                say(f"boundary {bnd.matrix.name}: done after {len(trials)} trial(s){rest}")
                 break
             run = pick_run(bnd, plan, store, choice, frozenset(retry))
             if run is None:
@@ -474,7 +525,8 @@ def run_boundary(
             retry.discard(run.id)
             k += 1
             left = sum(
-                o.likely_runs * o.seconds_per_run for o in outlook(bnd, plan, trials, est.seconds)
+                o.likely_runs * o.seconds_per_run
+                for o in outlook(bnd, plan, trials, est.seconds, chosen)
             )
             left_after = max(0.0, left - est.seconds(run))
             what = (
