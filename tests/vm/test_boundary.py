@@ -412,6 +412,36 @@ def test_report_shows_p_lockup_with_intervals_and_the_curve(tmp_path: Path) -> N
     assert 'alt="boundary.png"' in html
 
 
+def test_a_published_boundary_is_resumed_from_its_archive(tmp_path: Path) -> None:
+    """A boundary stopped part-way and published (runs.tar.xz) goes on elsewhere: the
+    archive unpacked is a store --resume accepts, with every trial, and the runs that
+    follow are those the uninterrupted boundary would have run."""
+    bnd = boundary.parse_boundary(textwrap.dedent(TINY), "tiny")
+    whole: list[str] = []
+    boundary.run_boundary(bnd, tmp_path / "whole", run_one=scripted(vanilla_from_2, log=whole))
+
+    store = tmp_path / "store"
+    first: list[str] = []
+    stop = whole[6]
+    boundary.run_boundary(bnd, store, run_one=scripted(vanilla_from_2, interrupt={stop}, log=first))
+    assert first == whole[:7]
+    published = tmp_path / "published"
+    assert cli.main(["report", str(store), "--publish", str(published)]) == 0
+    unpacked = tmp_path / "elsewhere"
+    unpacked.mkdir()
+    subprocess.run(["tar", "-xJf", str(published / "runs.tar.xz"), "-C", str(unpacked)], check=True)
+    # The interrupted run is raw data too: it is archived, and rerun in place on resume.
+    assert sorted(p.name for p in unpacked.iterdir()) == sorted(whole[:7])
+    rest: list[str] = []
+    again = boundary.run_boundary(
+        bnd, unpacked, resume=True, run_one=scripted(vanilla_from_2, log=rest)
+    )
+    assert again.exhausted is None and not again.interrupted
+    assert rest == whole[6:]
+    summ = json.loads((unpacked / "boundary.json").read_text())
+    assert summ == json.loads((tmp_path / "whole" / "boundary.json").read_text())
+
+
 # --- the real thing -------------------------------------------------------------------
 
 E2E = """
