@@ -234,6 +234,30 @@ def test_arms_mean_sd_ratio_and_outcome_counts() -> None:
     assert "(1 such run(s) here)" in rep["footnotes"][0]
 
 
+def test_the_header_names_every_ratio_of_a_boundary_on_one_line() -> None:
+    def run(**cfg: Any) -> report.RunData:
+        base = {"workers": 16, "loops": 1, "swap": "device", "server": "nbd-serve"}
+        return report.RunData(Path(f"r{len(cfg)}"), {"config": {**base, **cfg}})
+
+    runs = [run(ratio=r, total_bytes=None) for r in (2.5, 1.25, 4.0, 1.25)]
+    assert report.build_header(runs)[0] == {
+        "name": "test",
+        "value": "swapstress, 16 workers touching 1.25, 2.5 and 4 x guest RAM, 1 loop(s); "
+        "swap on device via nbd-serve",
+    }
+    mixed = [run(ratio=2.0, total_bytes=None), run(ratio=None, total_bytes=256 * 2**20)]
+    assert report.build_header(mixed)[0]["value"] == (
+        "swapstress, 16 workers touching 2 x guest RAM, 256 MiB, 1 loop(s); swap on device "
+        "via nbd-serve"
+    )
+    other = [*runs, run(ratio=2.0, total_bytes=None, server="nbdkit")]
+    assert report.build_header(other)[0]["value"] == (
+        "swapstress, 16 workers touching 1.25, 2.5 and 4 x guest RAM, 1 loop(s); swap on "
+        "device via nbd-serve, swapstress, 16 workers touching 2 x guest RAM, 1 loop(s); "
+        "swap on device via nbdkit"
+    )
+
+
 def test_real_runs_grouped_by_arm_in_markdown() -> None:
     rep = report.build_report(archive.load_runs([DATA]))
     text = report.render(rep, "md")

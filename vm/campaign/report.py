@@ -297,19 +297,40 @@ def _workload(cfg: Mapping[str, Any]) -> str:
     return f"{_g(cfg.get('ratio'))} x guest RAM"
 
 
+def _tests(cfgs: Sequence[Mapping[str, Any]]) -> str:
+    """The workload line(s): runs that differ only in their pressure share one line that
+    names every pressure (a boundary's ratios), in ascending order."""
+    groups: dict[tuple[str, str, Any, Any], list[Mapping[str, Any]]] = {}
+    for c in cfgs:
+        key = (_g(c.get("workers")), _g(c.get("loops")), c.get("swap"), c.get("server"))
+        groups.setdefault(key, []).append(c)
+    lines = []
+    for (workers, loops, swap, server), members in groups.items():
+        lines.append(
+            f"swapstress, {workers} workers touching {_workloads(members)}, "
+            f"{loops} loop(s); swap on {swap} via {server}"
+        )
+    return _distinct(lines)
+
+
+def _workloads(cfgs: Sequence[Mapping[str, Any]]) -> str:
+    """``4 x guest RAM``; ``1.25, 1.5 and 2 x guest RAM`` for several ratios; each
+    workload, comma-separated, when they mix ratios and sizes."""
+    ratios = sorted({r for c in cfgs if (r := num(c.get("ratio"))) is not None})
+    by_ratio = all(num(c.get("total_bytes")) is None and "ratio" in c for c in cfgs)
+    if by_ratio and len(ratios) > 1:
+        names = [_g(r) for r in ratios]
+        return f"{', '.join(names[:-1])} and {names[-1]} x guest RAM"
+    return ", ".join(sorted({_workload(c) for c in cfgs}))
+
+
 def build_header(runs: Sequence[RunData]) -> list[dict[str, str]]:
     """The test and the machine, as the runs recorded them: one ``{"name", "value"}`` per
     line, each value the distinct values over the runs (``not recorded`` where a run
     predates the field).  Nothing here depends on when or where the report is rendered."""
     cfgs = [r.config for r in runs]
     hosts = [r.run.get("host") or {} for r in runs]
-    test = _distinct(
-        [
-            f"swapstress, {_g(c.get('workers'))} workers touching {_workload(c)}, "
-            f"{_g(c.get('loops'))} loop(s); swap on {c.get('swap')} via {c.get('server')}"
-            for c in cfgs
-        ]
-    )
+    test = _tests(cfgs)
     guest = _distinct(
         [
             f"{_g(c.get('memory_mib'))} MiB RAM, {_g(c.get('cpus'))} vCPU(s), accel "
