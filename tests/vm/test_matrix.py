@@ -4,6 +4,7 @@ the store and index (resume), the runner, and one real two-run matrix through re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -131,6 +132,27 @@ def test_seed_matrix_is_the_issue_s_comparison() -> None:
         "6.1-patched-slub-nbd-server",
     ]
     assert len(servers_runs) == 15
+
+
+def test_the_slab_2x_matrix_is_the_second_2012_claim_where_vanilla_slab_survives() -> None:
+    """slab-2x.toml: the seed's guest and workload at 2x, vanilla against patched on the
+    one built 6.1 SLAB kernel, interleaved."""
+    mx = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "slab-2x.toml")
+    runs = matrix_plan.plan_runs(mx)
+    assert [r.id for r in runs[:2]] == [
+        "r01-6.1-vanilla-slab-nbd-serve-rep1",
+        "r02-6.1-patched-slab-nbd-serve-rep1",
+    ]
+    assert len(runs) == 12
+    seed = matrix_plan.plan_runs(
+        matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
+    )
+    slab = next(r for r in seed if r.label == "6.1-vanilla-slab-nbd-serve").config(Path("s"))
+    for run in runs:
+        cfg = run.config(Path("s"))
+        assert (cfg.kernel, cfg.allocator, cfg.ratio) == ("6.1", "slab", 2.0)
+        # Everything else is the seed's SLAB cell.
+        assert dataclasses.replace(cfg, ratio=4.0, arm="vanilla", out=slab.out) == slab
 
 
 def test_a_differing_extra_axis_enters_the_label() -> None:
