@@ -143,7 +143,7 @@ def test_the_slab_2x_matrix_is_the_second_2012_claim_where_vanilla_slab_survives
         "r01-6.1-vanilla-slab-nbd-serve-rep1",
         "r02-6.1-patched-slab-nbd-serve-rep1",
     ]
-    assert len(runs) == 12
+    assert len(runs) == 20
     seed = matrix_plan.plan_runs(
         matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
     )
