@@ -6,7 +6,8 @@ else, and ``swapnbd report runs.tar.xz --baseline B`` (B: the baseline the repor
 ``--reference-2012`` when it shows the 2012 figures) prints the committed report byte for
 byte; report.html is that report with the committed plots embedded, byte for byte (a
 change to the page's style is republished with it), and loads nothing from outside.
-The plots are ``overlays.png`` (every arm on shared axes) and one PNG per arm. A result whose runs
+The plots are ``overlays.png`` (every arm on shared axes), one PNG per arm and, for a
+boundary, ``boundary.png`` (P(lockup) against the ratio). A result whose runs
 predate the per-second samples has plots drawn at the time from the store; their names are
 still the report's arms.
 """
@@ -69,5 +70,7 @@ def test_the_committed_report_regenerates_from_its_archive(
     arms = {f"{plots._safe_name(arm['label'])}.png" for arm in rep["arms"]}
     plot_dir = out / "plots"
     drawn = {p.name for p in plot_dir.iterdir()} if plot_dir.exists() else set()
-    expected = arms | {plots.OVERLAY_FILE}
+    expected = (
+        arms | {plots.OVERLAY_FILE} | ({plots.BOUNDARY_PNG} if rep.get("boundary") else set())
+    )
     assert drawn <= expected, f"{name}: plots of no arm: {sorted(drawn - expected)}"
