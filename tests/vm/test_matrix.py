@@ -746,7 +746,7 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     seed = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
     runs = matrix_plan.plan_runs(seed)
     est = matrix_store.estimator_from_store(runs, None, history)
-    assert est.basis == "212 measured run(s), 212 of them from committed results"
+    assert est.basis == "216 measured run(s), 216 of them from committed results"
     by_label = {r.label: est.seconds(r) for r in runs}
     # 6.1 patched SLUB at 4x, 90 s cutoff: the seeds' eight completed runs (3 of
     # 2026-11-29, 5 of 2026-12-06) and the boundary's four at 4x (2026-12-07: the same
