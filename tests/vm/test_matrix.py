@@ -100,12 +100,14 @@ def test_cells_merge_defaults_and_become_run_configs(tmp_path: Path) -> None:
 def test_seed_matrix_is_the_issue_s_comparison() -> None:
     mx = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
     runs = matrix_plan.plan_runs(mx)
-    assert len(runs) == 25  # 5 cells x 5 repeats
+    assert len(runs) == 35  # 7 cells x 5 repeats
     assert {r.label for r in runs} == {
         "6.1-patched-slub-nbd-serve",
         "6.1-vanilla-slub-nbd-serve",
         "6.12-patched-slub-nbd-serve",
         "6.12-vanilla-slub-nbd-serve",
+        "7.2-patched-slub-nbd-serve",
+        "7.2-vanilla-slub-nbd-serve",
         "6.1-vanilla-slab-nbd-serve",
     }
     cfg = runs[0].config(Path("s"))
@@ -473,6 +475,34 @@ def test_resume_with_a_kernel_added_runs_only_the_new_cells(
     # Nothing else is taken for the same run: the same label at another repeat is new.
     kept = matrix_store.keep_store_ids(matrix_plan.plan_runs(grown), store)
     assert [r.id for r in kept] == ids
+
+
+def test_a_published_matrix_resumes_from_its_archive_with_a_kernel_added(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """How 7.2 joined the seed: its published runs.tar.xz, unpacked, is the store (no
+    index.json in it); the grown plan keeps every measured run under its directory and
+    plans only 7.2's ten. The archive is taken back to the store it was before 7.2."""
+    import tarfile
+
+    store = tmp_path / "seed"
+    store.mkdir()
+    with tarfile.open(REPO / "docs" / "results" / "seed-2026-12-06" / "runs.tar.xz") as tar:
+        tar.extractall(store, filter="data")
+    for rdir in store.glob("r*-7.2-*"):
+        subprocess.run(["rm", "-r", str(rdir)], check=True)
+    measured = sorted(p.name for p in store.iterdir())
+    assert len(measured) == 25 and not (store / "index.json").exists()
+    seed = REPO / "vm" / "campaign" / "matrices" / "seed.toml"
+    plan = matrix_store.keep_store_ids(
+        matrix_plan.plan_runs(matrix_plan.load_matrix(seed)), store
+    )
+    new = [r.id for r in plan if r.id not in measured]
+    assert set(measured) <= {r.id for r in plan}
+    assert len(new) == 10 and all("-7.2-" in rid for rid in new)
+    assert cli.main(["matrix", str(seed), "--out", str(store), "--dry-run", "--no-history"]) == 0
+    dry = capsys.readouterr().out
+    assert dry.count("~finished") == 25 and " for 10 run(s) " in dry
 
 
 def test_dry_run_lists_runs_and_the_estimate(

@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -143,20 +144,41 @@ def keep_store_ids(plan: Sequence[PlannedRun], store: Path | None) -> list[Plann
     Run ids number the interleaved plan (``r05-LABEL-rep1``), so a matrix file that gains
     a cell (a kernel added to an axis) renumbers the runs after it. A run of the same
     label and repeat is the same run: it keeps the directory it was measured in, and
-    resuming the grown matrix runs only what is new instead of everything renumbered."""
-    index = read_index(store) if store is not None else None
-    if index is None:
+    resuming the grown matrix runs only what is new instead of everything renumbered.
+
+    A store without an index (a published ``runs.tar.xz`` unpacked to resume from) is
+    read from its run directories' names, ``rNN-LABEL-repR``, the id format itself."""
+    if store is None:
         return list(plan)
-    begun = {
-        (e.get("label"), e.get("rep")): e["id"]
-        for e in index.get("runs", [])
-        if e.get("status") != "pending" and isinstance(e.get("id"), str)
-    }
+    index = read_index(store)
+    if index is not None:
+        begun = {
+            (e.get("label"), e.get("rep")): e["id"]
+            for e in index.get("runs", [])
+            if e.get("status") != "pending" and isinstance(e.get("id"), str)
+        }
+    else:
+        begun = _begun_by_directory(store)
     out = []
     for run in plan:
         old = begun.get((run.label, run.rep))
         out.append(run if old is None or old == run.id else replace(run, id=old))
     return out
+
+
+_RUN_DIR = re.compile(r"r\d+-(?P<label>.+)-rep(?P<rep>\d+)")
+
+
+def _begun_by_directory(store: Path) -> dict[tuple[str, int], str]:
+    """(label, repeat) -> id for every run directory in ``store``."""
+    begun: dict[tuple[str, int], str] = {}
+    if not store.is_dir():
+        return begun
+    for rdir in sorted(store.iterdir()):
+        m = _RUN_DIR.fullmatch(rdir.name)
+        if m is not None and rdir.is_dir():
+            begun.setdefault((m["label"], int(m["rep"])), rdir.name)
+    return begun
 
 
 def extends(index: Mapping[str, Any], plan: Sequence[PlannedRun], store: Path) -> bool:
