@@ -6,6 +6,7 @@ kernel (2026-12-06): the watch loop pressed SysRq w and m at 44 s, then w, l and
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -216,6 +217,52 @@ def test_612_stacks_printed_all_unreliable_are_kept_and_marked() -> None:
         "schedule_timeout",
         "__alloc_pages_slowpath.constprop.0",
     ]
+
+
+# 7.2.13 (sid), the vanilla arm in the seed matrix (2026-12-07), its first two looks: blk-mq
+# issues from the faulting worker itself, so there is no kblockd sender. A python3 worker
+# sends its own swap-in and reclaims inside tcp_sendmsg; kswapd0 (swap_writeout, new in
+# 7.x) and 15 other workers sleep on a mutex in nbd_queue_rq behind it. The classifier
+# first read it as "unknown": kswapd0 has nbd_queue_rq, which counted as sending.
+VANILLA_72 = gzip.decompress((DATA / "7.2.13-vanilla.console.gz").read_bytes()).decode()
+
+
+def test_72_the_worker_that_sends_reclaims_while_the_rest_queue_behind_it() -> None:
+    looks = evidence.snapshots(VANILLA_72)
+    assert len(looks) == 2
+    for look in looks:
+        (sender, *_) = evidence.senders_waiting_for_memory(look.tasks)
+        assert sender.comm == "python3" and sender.has({"swap_read_folio", "tcp_sendmsg"})
+        assert {t.comm for t in evidence.writeback_waiters(look.tasks)} == {
+            "jbd2/vda-8",
+            "kswapd0",
+            "python3",
+        }
+        kswapd = next(t for t in look.tasks if t.comm == "kswapd0")
+        assert kswapd.has({"swap_writeout", "nbd_queue_rq", "__mutex_lock"})
+        assert evidence.signature(look) == (
+            "memalloc-deadlock",
+            "the nbd sender python3 waits for memory in __alloc_pages_slowpath while 4 "
+            "task(s) (jbd2/vda-8, kswapd0, python3) wait on swap writeback and 15 task(s) "
+            "(python3) wait behind it on a mutex in nbd_queue_rq",
+        )
+    assert looks[0].memory is not None
+    assert looks[0].memory.below("min")[:2] == [
+        "DMA free 1200 kB < min 2308 kB",
+        "DMA32 free 2648 kB < min 3848 kB",
+    ]
+
+
+def test_a_sender_alone_or_a_waiter_alone_is_no_deadlock() -> None:
+    """Either half of the 7.2 picture without the other says nothing: the sender may get
+    its memory, and a queue on the socket mutex drains once the send completes."""
+    (look, _) = evidence.snapshots(VANILLA_72)
+    senders = evidence.senders_waiting_for_memory(look.tasks)
+    rest = [t for t in look.tasks if t not in senders]
+    alone = dataclasses.replace(look, tasks=list(senders))
+    assert evidence.signature(alone)[0] == "unknown"
+    queued = dataclasses.replace(look, tasks=rest)
+    assert evidence.signature(queued)[0] == "unknown"
 
 
 def test_sysrq_m_of_a_kernel_without_numa_gives_its_zones() -> None:

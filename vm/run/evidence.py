@@ -29,7 +29,11 @@ Signatures (``evidence.signature``), in order of trust:
 ``memalloc-deadlock``
     the 2012 deadlock: the nbd send path (``nbd_send_cmd``/``__sock_xmit``) is waiting
     for memory (``__alloc_pages_slowpath``) while reclaim waits on swap writeback
-    (``__swap_writepage``/``pageout``/``mempool_alloc``).
+    (``__swap_writepage``/``pageout``/``mempool_alloc``; 7.x: ``swap_writeout``) or other
+    I/O waits behind the sender on a mutex in ``nbd_queue_rq``. On 6.1 and 6.12 the sender
+    is a kblockd worker and reclaim waits in writeback; on 7.2 blk-mq issues from the
+    submitter itself, so a faulting worker sends, reclaims inside ``tcp_sendmsg``, and
+    kswapd's ``swap_writeout`` and the other swap-ins queue behind it on a mutex there.
 ``throttled``
     reclaimers asleep in ``throttle_direct_reclaim``, and no deadlock stack.
 ``unknown``
@@ -76,13 +80,25 @@ _BLOCKED_HEADER = "Show Blocked State"
 
 #: Frames of the nbd send path (drivers/block/nbd.c).
 SEND_FRAMES: Final = frozenset({"nbd_send_cmd", "__sock_xmit", "sock_xmit", "nbd_queue_rq"})
+#: Frames of a task that is itself sending on an nbd socket (``nbd_queue_rq`` alone is a
+#: task that may be queued on the socket lock behind the sender).
+SENDING_FRAMES: Final = frozenset({"nbd_send_cmd", "__sock_xmit", "sock_xmit"})
+#: Frames of a task asleep on a mutex (the nbd socket's tx_lock, taken in nbd_queue_rq).
+MUTEX_FRAMES: Final = frozenset({"__mutex_lock", "mutex_lock", "__mutex_lock_slowpath"})
 #: Frames of a task waiting for a page allocation to succeed.
 ALLOC_FRAMES: Final = frozenset(
     {"__alloc_pages_slowpath", "__alloc_pages", "__alloc_pages_noprof", "sk_page_frag_refill"}
 )
 #: Frames of reclaim waiting on swap writeback (mm/vmscan.c, mm/page_io.c, mm/mempool.c).
 WRITEBACK_FRAMES: Final = frozenset(
-    {"__swap_writepage", "swap_writepage", "pageout", "mempool_alloc", "mempool_alloc_noprof"}
+    {
+        "__swap_writepage",
+        "swap_writepage",
+        "swap_writeout",
+        "pageout",
+        "mempool_alloc",
+        "mempool_alloc_noprof",
+    }
 )
 THROTTLE_FRAME: Final = "throttle_direct_reclaim"
 #: The signatures, most trusted first.
@@ -352,17 +368,37 @@ def snapshots(text: str) -> list[Snapshot]:
 
 
 def senders_waiting_for_memory(tasks: Sequence[BlockedTask]) -> list[BlockedTask]:
-    """nbd send path stacks that are inside a page allocation."""
-    return [t for t in tasks if t.has(SEND_FRAMES) and t.has(ALLOC_FRAMES)]
+    """Stacks sending on an nbd socket (``nbd_send_cmd``/``__sock_xmit``) from inside a
+    page allocation. A reclaimer that flushed its plug into ``nbd_queue_rq`` and sleeps
+    on the mutex there is queued behind the sender, not sending."""
+    return [t for t in tasks if t.has(SENDING_FRAMES) and t.has(ALLOC_FRAMES)]
 
 
 def writeback_waiters(tasks: Sequence[BlockedTask]) -> list[BlockedTask]:
-    """Reclaim stacks waiting on swap writeback (not the sender itself)."""
-    return [t for t in tasks if t.has(WRITEBACK_FRAMES) and not t.has(SEND_FRAMES)]
+    """Reclaim stacks waiting on swap writeback (not a sender itself: kswapd in
+    ``swap_writeout`` asleep on the socket lock in ``nbd_queue_rq`` waits on writeback)."""
+    return [t for t in tasks if t.has(WRITEBACK_FRAMES) and not t.has(SENDING_FRAMES)]
+
+
+def lock_waiters(tasks: Sequence[BlockedTask]) -> list[BlockedTask]:
+    """I/O asleep on a mutex in ``nbd_queue_rq``, not sending: queued behind the sender
+    on its socket's lock (not counted again when it waits on writeback)."""
+    return [
+        t
+        for t in tasks
+        if t.has({"nbd_queue_rq"})
+        and t.has(MUTEX_FRAMES)
+        and not t.has(SENDING_FRAMES | WRITEBACK_FRAMES)
+    ]
 
 
 def throttled(tasks: Sequence[BlockedTask]) -> list[BlockedTask]:
     return [t for t in tasks if t.has({THROTTLE_FRAME})]
+
+
+def _count(tasks: Sequence[BlockedTask]) -> int:
+    """Distinct tasks: a look prints a task in SysRq-w and again in SysRq-t."""
+    return len({(t.pid, t.comm) for t in tasks})
 
 
 def _names(tasks: Sequence[BlockedTask], limit: int = 3) -> str:
@@ -385,13 +421,21 @@ def signature(snap: Snapshot, server: Mapping[str, Any] | None = None) -> tuple[
         return "server-unresponsive", f"the NBD server {why_server}"
     senders = senders_waiting_for_memory(snap.tasks)
     waiters = writeback_waiters(snap.tasks)
-    if senders and waiters:
+    queued = lock_waiters(snap.tasks)
+    if senders and (waiters or queued):
         send = senders[0]
         inner = next(base_name(f) for f in send.frames if base_name(f) in ALLOC_FRAMES)
+        what = []
+        if waiters:
+            what.append(f"{_count(waiters)} task(s) ({_names(waiters)}) wait on swap writeback")
+        if queued:
+            what.append(
+                f"{_count(queued)} task(s) ({_names(queued)}) wait behind it on a mutex "
+                "in nbd_queue_rq"
+            )
         return (
             "memalloc-deadlock",
-            f"the nbd sender {send.comm} waits for memory in {inner} while "
-            f"{len(waiters)} task(s) ({_names(waiters)}) wait on swap writeback",
+            f"the nbd sender {send.comm} waits for memory in {inner} while " + " and ".join(what),
         )
     if why_server:
         return "server-unresponsive", f"the NBD server {why_server}"
