@@ -220,15 +220,13 @@ def resolve_tree(
     the switches.
 
     Raises:
-        ArmError: an unknown arm or allocator, or a tree or patch that does not exist.
+        ArmError: an unknown arm, allocator or config base. (A tree or patch that does
+            not exist is refused by RunConfig at the command line and by
+            :func:`vm.image.owntree.check_tree` where they are used.)
     """
     words = arm_cmdline(arm)
     if allocator is not None and allocator not in ALLOCATORS:
         raise ArmError(f"unknown allocator {allocator!r}: choose one of {', '.join(ALLOCATORS)}")
-    if not tree.is_dir():
-        raise ArmError(f"--kernel-tree {tree}: no such directory")
-    if patch is not None and not patch.is_file():
-        raise ArmError(f"--patch {patch}: no such file")
     if config_base not in CONFIG_BASES:
         raise ArmError(f"unknown kernel config {config_base!r}: choose one of {CONFIG_BASES}")
     checked: Arm = "vanilla" if arm == "vanilla" else "patched"

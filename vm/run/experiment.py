@@ -292,9 +292,9 @@ def _run_guest(cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit, hook: Hook
                     cost.steal_end = host_steal_ticks()
                     assert run.qemu is not None  # _boot recorded it with the process
                     run.qemu.update(exit_status=proc.returncode, killed_by_host=killed)
-                how = _failed_boot(ending, wd.state, cfg.out / OUTPUT_FILES["console"])
-                if attempt < BOOT_ATTEMPTS and how is not None:
-                    _keep_failed_boot(cfg, run, wd, attempt, how=how, say=say)
+                failed = _failed_boot(ending, wd.state, cfg.out / OUTPUT_FILES["console"])
+                if attempt < BOOT_ATTEMPTS and failed is not None:
+                    _keep_failed_boot(cfg, run, wd, attempt, failed, say=say)
                     continue
                 break
             exit_status = None if killed else proc.returncode
@@ -324,19 +324,30 @@ def _run_guest(cfg: RunConfig, run: RunRecord, cost: Cost, say: Emit, hook: Hook
 BOOT_ATTEMPTS: Final = 3
 
 
-def _failed_boot(ending: Ending, state: watchdog.WatchState, console: Path) -> str | None:
-    """``"hung"`` or ``"crashed"`` when the guest never reported a phase and the
-    watchdog stopped it (silent or stalled) or its kernel panicked (QEMU exits on a
-    panic: ``panic=-1`` with ``-no-reboot``); else None. Nothing of the experiment ran
+@dataclass(frozen=True, slots=True)
+class FailedBoot:
+    """A boot that never reached the experiment: how it failed, and the panic line."""
+
+    how: str
+    """``"hung"`` or ``"crashed"``."""
+    panic: str | None = None
+    """The console's first panic or Oops line, for a crash."""
+
+
+def _failed_boot(ending: Ending, state: watchdog.WatchState, console: Path) -> FailedBoot | None:
+    """A :class:`FailedBoot` when the guest never reported a phase and the watchdog
+    stopped it (silent or stalled: hung) or its kernel panicked (crashed: QEMU exits on a
+    panic, ``panic=-1`` with ``-no-reboot``); else None. Nothing of the experiment ran
     yet (no swap device, no worker), so another boot is the same run. A guest that
     powered off at boot without a panic (an initramfs error) is not booted again: that
     error would repeat."""
     if state.phase != "boot":
         return None
     if ending in (Ending.SILENT, Ending.STALLED):
-        return "hung"
-    if ending is Ending.QEMU_EXITED and _panic_line(console) is not None:
-        return "crashed"
+        return FailedBoot("hung")
+    if ending is Ending.QEMU_EXITED:
+        panic = _panic_line(console)
+        return None if panic is None else FailedBoot("crashed", panic)
     return None
 
 
@@ -351,11 +362,17 @@ def _panic_line(console: Path) -> str | None:
 
 
 def _keep_failed_boot(
-    cfg: RunConfig, run: RunRecord, wd: watchdog.Watchdog, attempt: int, *, how: str, say: Emit
+    cfg: RunConfig,
+    run: RunRecord,
+    wd: watchdog.Watchdog,
+    attempt: int,
+    failed: FailedBoot,
+    *,
+    say: Emit,
 ) -> None:
     """Move the failed boot's console aside and record it in ``boot_retries``."""
     console = cfg.out / OUTPUT_FILES["console"]
-    panic = _panic_line(console) if how == "crashed" else None
+    how, panic = failed.how, failed.panic
     kept: Path | None = None
     text = ""
     with contextlib.suppress(FileNotFoundError):  # else QEMU never got to open it
