@@ -351,15 +351,6 @@ def build_header(runs: Sequence[RunData]) -> list[dict[str, str]]:
         if known_loads and len(known_loads) < len(loads)
         else ""
     )
-    dates = [run_date(r) for r in runs]
-    days = sorted({d[0] for d in dates if d is not None})
-    clocks = sorted({d[1] for d in dates if d is not None})
-    when = (
-        (days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}")
-        + f" (UTC, {' and '.join(clocks)} clock)"
-        if days
-        else NOT_RECORDED
-    )
     return [
         {"name": "test", "value": test},
         {"name": "guest", "value": guest},
@@ -377,8 +368,31 @@ def build_header(runs: Sequence[RunData]) -> list[dict[str, str]]:
             "value": _distinct([(r.run.get("kernel") or {}).get("package") for r in runs]),
         },
         {"name": "swapnbd commit", "value": _distinct([h.get("swapnbd_commit") for h in hosts])},
-        {"name": "runs dated", "value": when},
+        {"name": "runs dated", "value": _when(runs)},
     ]
+
+
+def _when(runs: Sequence[RunData]) -> str:
+    """The day, or the first and last day and which arms ran on which: a result grown
+    over days (7.2 added to the seed a day later) mixes hosts and loads, so its times
+    compare within a day only."""
+    dates = [run_date(r) for r in runs]
+    days = sorted({d[0] for d in dates if d is not None})
+    clocks = sorted({d[1] for d in dates if d is not None})
+    if not days:
+        return NOT_RECORDED
+    clock = f" (UTC, {' and '.join(clocks)} clock)"
+    if len(days) == 1:
+        return days[0] + clock
+    varying = plan.varying_keys([r.config for r in runs])
+    by_day: dict[str, list[str]] = {}
+    for r, d in zip(runs, dates, strict=True):
+        names = by_day.setdefault(d[0] if d is not None else NOT_RECORDED, [])
+        name = plan.label(r.config, varying)
+        if name not in names:
+            names.append(name)
+    parts = "; ".join(f"{day}: {', '.join(names)}" for day, names in sorted(by_day.items()))
+    return f"{days[0]} to {days[-1]}{clock}; {parts}; times compare within a day"
 
 
 # ---------------------------------------------------------------------------- aggregation
