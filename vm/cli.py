@@ -738,7 +738,8 @@ def _add_report(sub: Any) -> None:
         metavar="DIR",
         help="write PNGs here: overlays.png (every arm on shared axes: progress, swap-in/out, "
         "direct scan and steal, nr_writeback, MemFree against vm.min_free_kbytes; x in "
-        "seconds since the stress phase, for runs that kept samples and events) and one per arm",
+        "seconds since the stress phase, for runs that kept samples and events), arms.png "
+        "(a row of panels per arm) and, for a boundary, boundary.png",
     )
     p.add_argument(
         "--html",

@@ -6,10 +6,9 @@ else, and ``swapnbd report runs.tar.xz --baseline B`` (B: the baseline the repor
 ``--reference-2012`` when it shows the 2012 figures) prints the committed report byte for
 byte; report.html is that report with the committed plots embedded, byte for byte (a
 change to the page's style is republished with it), and loads nothing from outside.
-The plots are ``overlays.png`` (every arm on shared axes), one PNG per arm and, for a
-boundary, ``boundary.png`` (P(lockup) against the ratio). A result whose runs
-predate the per-second samples has plots drawn at the time from the store; their names are
-still the report's arms.
+The plots are ``overlays.png`` (every arm on shared axes), ``arms.png`` (a row per arm)
+and, for a boundary, ``boundary.png`` (P(lockup) against the ratio). A result whose runs
+predate the per-second samples has no plots (git history keeps those drawn at the time).
 """
 
 from __future__ import annotations
@@ -67,10 +66,24 @@ def test_the_committed_report_regenerates_from_its_archive(
     assert page == committed, f"{name} html"
     head = _split(committed)[0]
     assert "<style>" in head and "<script>" in head and "<link" not in head, name
-    arms = {f"{plots._safe_name(arm['label'])}.png" for arm in rep["arms"]}
     plot_dir = out / "plots"
     drawn = {p.name for p in plot_dir.iterdir()} if plot_dir.exists() else set()
-    expected = (
-        arms | {plots.OVERLAY_FILE} | ({plots.BOUNDARY_PNG} if rep.get("boundary") else set())
-    )
-    assert drawn <= expected, f"{name}: plots of no arm: {sorted(drawn - expected)}"
+    expected = {plots.OVERLAY_FILE, plots.ARMS_PNG}
+    expected |= {plots.BOUNDARY_PNG} if rep.get("boundary") else set()
+    assert drawn <= expected, f"{name}: plots no report draws: {sorted(drawn - expected)}"
+
+
+def test_the_results_stay_the_size_a_reader_takes_in() -> None:
+    """However many runs or arms: at most 60 files under docs/results (issue 23), each
+    result at most nine (the report in four forms, the archive and up to three plots)."""
+    files = [p for p in PUBLISHED.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert len(files) <= 60, len(files)
+    for name in RESULTS:
+        mine = [p for p in files if p.is_relative_to(PUBLISHED / name)]
+        assert len(mine) <= 9, (name, sorted(p.name for p in mine))
+
+
+def test_the_readme_stays_a_front_door() -> None:
+    """README.md at most 300 lines (issue 23): measurement history belongs in docs/."""
+    lines = (PUBLISHED.parents[1] / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, len(lines)

@@ -1,7 +1,8 @@
-"""``swapnbd report --plots``: the overlays of every arm, and one PNG per arm (matplotlib).
+"""``swapnbd report --plots``: the overlays of every arm, and each arm's runs (matplotlib).
 
 ``overlays.png`` (:data:`OVERLAY_FILE`) puts every arm on shared axes, one colour per arm
-and one line per run, from :mod:`vm.campaign.series`; ``ARM.png`` shows one arm's runs.
+and one line per run, from :mod:`vm.campaign.series`; ``arms.png`` (:data:`ARMS_PNG`)
+gives each arm a row of its own runs; a boundary adds ``boundary.png``.
 matplotlib is the optional ``plot`` extra, imported only when plots are drawn.
 """
 
@@ -21,7 +22,7 @@ from vm.campaign.series import RunSeries, run_series
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: The overlays' file name in a plots directory (an arm's plot is ``ARM.png``).
+#: The overlays' file name in a plots directory.
 OVERLAY_FILE = "overlays.png"
 
 #: The overlay panels: (RunSeries field, title); ``pages_done`` is drawn against the
@@ -218,69 +219,84 @@ def write_overlays(runs: Sequence[RunData], out_dir: Path) -> Path | None:
     return path
 
 
-def _safe_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "_" for c in label)
+#: Every arm's own runs, one row of panels per arm (free memory, swap-in and swap-out
+#: rates, the cumulative pgscan_direct_throttle): one file however many arms a result has.
+ARMS_PNG = "arms.png"
+
+#: The panels of an arm's row in :data:`ARMS_PNG`: (series key, title).
+ARM_PANELS: tuple[tuple[str, str], ...] = (
+    ("memfree_mib", "MemFree (MiB)"),
+    ("swapin_rate", "swap-in (pages/s)"),
+    ("swapout_rate", "swap-out (pages/s)"),
+    ("throttle", "pgscan_direct_throttle (cumulative)"),
+)
 
 
 def write_plots(
     runs: Sequence[RunData], out_dir: Path, *, boundary: bool | None = None
 ) -> list[Path]:
-    """``overlays.png`` (:func:`write_overlays`), then one PNG per arm (``ARM.png``): free
-    memory, swap-in and swap-out rates and the cumulative pgscan_direct_throttle over time,
-    one line per run.  A run that did not complete ends where its samples end, marked with
-    an x.  With ``boundary`` (None: when an arm ran at more than one ratio, as the report
-    decides), also :data:`BOUNDARY_PNG`, the boundary curve (:func:`draw_boundary`).
+    """``overlays.png`` (:func:`write_overlays`), then :data:`ARMS_PNG`
+    (:func:`draw_arms`) and, with ``boundary`` (None: when an arm ran at more than one
+    ratio, as the report decides), :data:`BOUNDARY_PNG`, the boundary curve
+    (:func:`draw_boundary`).
 
     Raises:
         ReportError: matplotlib is not installed.
     """
-    plt = _pyplot()
-    arms = _arms(runs)
     overlay = write_overlays(runs, out_dir)
     written = [] if overlay is None else [overlay]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    panels = (
-        ("memfree_mib", "MemFree (MiB)"),
-        ("swapin_rate", "swap-in (pages/s)"),
-        ("swapout_rate", "swap-out (pages/s)"),
-        ("throttle", "pgscan_direct_throttle (cumulative)"),
-    )
-    for label, rs in arms.items():
-        if not any(r.samples for r in rs):  # runs from before samples were kept: no axes
-            continue
-        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-        for r in rs:
-            ser = series(r.samples)
-            if not ser["t"]:
-                continue
-            outcome = str(r.run.get("outcome"))
-            for ax, (key, _title) in zip(axes.flat, panels, strict=True):
-                (line,) = ax.plot(ser["t"], ser[key], linewidth=1, label=f"{r.name} ({outcome})")
-                if outcome != "completed":
-                    ax.plot(ser["t"][-1], ser[key][-1], "x", color=line.get_color(), markersize=9)
-        for ax, (_key, title) in zip(axes.flat, panels, strict=True):
-            ax.set_title(title, fontsize=10)
-            ax.grid(True, alpha=0.3)
-        for ax in axes[1]:
-            ax.set_xlabel("seconds since the first sample")
-        handles, names = axes.flat[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), fontsize=8)
-        counts = _counts(rs)
-        stopped = (
-            " (x: where a run that did not complete stopped)" if set(counts) - {"completed"} else ""
-        )
-        fig.suptitle(f"{label}: {outcome_text(counts, len(rs))}{stopped}")
-        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-        path = out_dir / f"{_safe_name(label)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+    arms = draw_arms(runs, out_dir / ARMS_PNG)
+    if arms is not None:
+        written.append(arms)
     usable = [r for r in runs if not is_interrupted(r.run)]
     points = lockup_curve.curve_points([r.run for r in usable])
     if boundary or (boundary is None and lockup_curve.spans_settings(points)):
         written.append(draw_boundary(points, out_dir / BOUNDARY_PNG))
     return written
+
+
+def draw_arms(runs: Sequence[RunData], path: Path) -> Path | None:
+    """One row per arm (:data:`ARM_PANELS`), one line per run against seconds since its
+    first sample, the row titled with the arm's outcomes. A run that did not complete ends
+    where its samples end, marked with an x. None when no arm has samples (runs from
+    before samples were kept)."""
+    plt = _pyplot()
+    arms = {label: rs for label, rs in _arms(runs).items() if any(r.samples for r in rs)}
+    if not arms:
+        return None
+    fig, axes = plt.subplots(
+        len(arms), len(ARM_PANELS), figsize=(15, 0.6 + 2.7 * len(arms)), squeeze=False
+    )
+    for row, (label, rs) in zip(axes, arms.items(), strict=True):
+        for r in rs:
+            ser = series(r.samples)
+            if not ser["t"]:
+                continue
+            outcome = str(r.run.get("outcome"))
+            run_no = r.name.split("-", 1)[0]
+            for ax, (key, _title) in zip(row, ARM_PANELS, strict=True):
+                (line,) = ax.plot(ser["t"], ser[key], linewidth=1, label=f"{run_no} {outcome}")
+                if outcome != "completed":
+                    ax.plot(ser["t"][-1], ser[key][-1], "x", color=line.get_color(), markersize=8)
+        for ax, (_key, title) in zip(row, ARM_PANELS, strict=True):
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, alpha=0.3)
+        row[0].set_ylabel(
+            f"{label}\n{outcome_text(_counts(rs), len(rs))}", fontsize=9, fontweight="bold"
+        )
+        row[-1].legend(fontsize=6, loc="upper left", ncol=2)
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds since the run's first sample", fontsize=8)
+    fig.suptitle(
+        "Each arm's runs, one row per arm (x: where a run that did not complete stopped)",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (0.6 + 2.7 * len(arms))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
 
 
 def draw_boundary(points: Sequence[Mapping[str, Any]], path: Path) -> Path:

@@ -2,8 +2,9 @@
 
 A published result is ``runs.tar.xz`` and what it regenerates: ``report.md``,
 ``report.csv``, ``report.json``, ``plots/`` (``overlays.png`` with every arm on shared
-axes, when the runs kept their samples and events, and one PNG per arm) and
-``report.html`` (the report with the plots embedded).
+axes and ``arms.png`` with a row per arm, when the runs kept their samples and events;
+``boundary.png`` for a boundary) and ``report.html`` (the report with the plots embedded).
+However many arms a result has, it is at most these nine files.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vm.campaign.archive import load_runs, write_archive
-from vm.campaign.plots import OVERLAY_FILE, write_plots
+from vm.campaign.plots import ARMS_PNG, BOUNDARY_PNG, OVERLAY_FILE, write_plots
 from vm.campaign.report import RunData, build_report, render
 from vm.campaign.report_html import render_html
 
 
 def plot_images(plot_dir: Path) -> list[tuple[str, bytes]]:
     """The PNGs in ``plot_dir`` as (name, bytes), what report.html embeds: the overlays of
-    every arm first, then the arms' plots by name."""
+    every arm, the boundary curve and each arm's runs, in that order, then any other by
+    name."""
     if not plot_dir.is_dir():
         return []
-    paths = sorted(plot_dir.glob("*.png"), key=lambda p: (p.name != OVERLAY_FILE, p.name))
+    order = {OVERLAY_FILE: 0, BOUNDARY_PNG: 1, ARMS_PNG: 2}
+    paths = sorted(plot_dir.glob("*.png"), key=lambda p: (order.get(p.name, 3), p.name))
     return [(p.name, p.read_bytes()) for p in paths]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vm.campaign import lockup_curve
-from vm.campaign.plots import OVERLAY_FILE
+from vm.campaign.plots import ARMS_PNG, BOUNDARY_PNG, OVERLAY_FILE
 from vm.campaign.report import MEDIAN_KEYS, cell_text, median_text, reference_cells
 
 STYLE = """
@@ -59,11 +59,16 @@ window.addEventListener("load", function () {
 """
 
 
-#: Captions of plots by file name; an arm's plot is captioned with its name.
+#: Captions of plots by file name; another plot is captioned with its name.
 CAPTIONS = {
     OVERLAY_FILE: f"{OVERLAY_FILE}: every arm on shared axes, one colour per arm and one line "
     "per run; x is seconds since the guest's stress phase began. The note under the figure "
     "says what the dashed line in the MemFree panel is.",
+    BOUNDARY_PNG: f"{BOUNDARY_PNG}: P(lockup) against the overcommit ratio, one line per "
+    "curve, with 95% Wilson intervals and lockups/trials beside each point.",
+    ARMS_PNG: f"{ARMS_PNG}: each arm's own runs, one row per arm: free memory, swap-in and "
+    "swap-out rates and the cumulative pgscan_direct_throttle; x marks where a run that did "
+    "not complete stopped.",
 }
 
 
