@@ -494,9 +494,7 @@ def test_a_published_matrix_resumes_from_its_archive_with_a_kernel_added(
     measured = sorted(p.name for p in store.iterdir())
     assert len(measured) == 25 and not (store / "index.json").exists()
     seed = REPO / "vm" / "campaign" / "matrices" / "seed.toml"
-    plan = matrix_store.keep_store_ids(
-        matrix_plan.plan_runs(matrix_plan.load_matrix(seed)), store
-    )
+    plan = matrix_store.keep_store_ids(matrix_plan.plan_runs(matrix_plan.load_matrix(seed)), store)
     new = [r.id for r in plan if r.id not in measured]
     assert set(measured) <= {r.id for r in plan}
     assert len(new) == 10 and all("-7.2-" in rid for rid in new)
@@ -776,7 +774,7 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     seed = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
     runs = matrix_plan.plan_runs(seed)
     est = matrix_store.estimator_from_store(runs, None, history)
-    assert est.basis == "216 measured run(s), 216 of them from committed results"
+    assert est.basis == "232 measured run(s), 232 of them from committed results"
     by_label = {r.label: est.seconds(r) for r in runs}
     # 6.1 patched SLUB at 4x, 90 s cutoff: the seeds' eight completed runs (3 of
     # 2026-11-29, 5 of 2026-12-06) and the boundary's four at 4x (2026-12-07: the same
@@ -784,6 +782,10 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     patched = [641.59, 471.63, 685.01, 628.03, 513.15, 471.70, 558.40, 703.27]
     patched += [171.47, 180.0, 203.18, 176.99]
     assert by_label["6.1-patched-slub-nbd-serve"] == pytest.approx(sum(patched) / 12, abs=0.05)
+    # 7.2 patched, added to the seed on 2026-12-07: its own five runs (the first one's
+    # total includes a 40 s KVM probe).
+    seven = [231.76, 197.03, 213.6, 216.09, 212.57]
+    assert by_label["7.2-patched-slub-nbd-serve"] == pytest.approx(sum(seven) / 5, abs=0.05)
     # 6.1 vanilla SLUB, 90 s cutoff: eight lockups, every one 1-2 minutes.
     assert 60 < by_label["6.1-vanilla-slub-nbd-serve"] < 120
     # Never measured at ratio 2: the same kernel, arm and cutoff, scaled by the model

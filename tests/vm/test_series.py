@@ -45,7 +45,7 @@ def test_the_archive_gives_each_run_its_phases_and_heartbeats(seed: dict[str, Ru
         "stress",
     ]
     assert series.stress_start(run.events) == T0
-    assert len(seed) == 25 and all(series.stress_start(r.events) is not None for r in seed.values())
+    assert len(seed) == 35 and all(series.stress_start(r.events) is not None for r in seed.values())
 
 
 def test_times_are_seconds_since_the_stress_phase(seed: dict[str, RunData]) -> None:
