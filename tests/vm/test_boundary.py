@@ -4,6 +4,7 @@ one real boundary through a real guest (``vm`` marker), interrupted and resumed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -360,6 +361,24 @@ def test_the_committed_boundary_file() -> None:
         90.0,
     )
     assert (bnd.policy.level, bnd.policy.max_runs, bnd.confidence) == (0.5, 10, 0.95)
+
+
+def test_the_7_2_boundary_file_is_6_1_s_on_another_kernel() -> None:
+    """boundary-7.2.toml: the same guest, workload and policy as boundary-6.1.toml, so the
+    curves compare; SLUB only (7.2 has no SLAB)."""
+    matrices = REPO / "vm" / "campaign" / "matrices"
+    seven = boundary.load_boundary(matrices / "boundary-7.2.toml")
+    six = boundary.load_boundary(matrices / "boundary-6.1.toml")
+    assert [c.name for c in seven.curves] == [
+        "7.2-vanilla-slub-nbd-serve",
+        "7.2-patched-slub-nbd-serve",
+    ]
+    assert seven.curves[0].ratios == six.curves[0].ratios
+    assert (seven.policy, seven.confidence) == (six.policy, six.confidence)
+    cfg7 = plan_runs(seven.matrix)[0].config(Path("/s"))
+    cfg6 = plan_runs(six.matrix)[0].config(Path("/s"))
+    assert (cfg7.kernel, cfg7.allocator) == ("7.2", None)
+    assert dataclasses.replace(cfg7, kernel="6.1", allocator=cfg6.allocator, out=cfg6.out) == cfg6
 
 
 # --- the report ----------------------------------------------------------------------
