@@ -179,6 +179,37 @@ def test_the_image_key_follows_tree_patch_and_configuration(tmp_path: Path) -> N
     )
 
 
+def test_a_cached_image_is_recorded_as_the_tree_the_user_gave(tmp_path: Path) -> None:
+    """The cache key is the tree's content: a second copy of the same source finds the
+    image the first one built, and run.json names the copy it was asked for, with the
+    builder as ``built_from`` (a fresh-clone suite on a machine that kept its cache once
+    recorded an earlier session's tree)."""
+    from shutil import copytree
+
+    from vm.image.progress import Progress
+
+    first = fake_tree(tmp_path / "a")
+    second = copytree(first, tmp_path / "b" / "linux", symlinks=True)
+    key = owntree.image_key(owntree.fingerprint(first), None, "minimal", "slub")
+    assert owntree.image_key(owntree.fingerprint(second), None, "minimal", "slub") == key
+    final = tmp_path / "cache" / "kbuild" / "images" / key
+    final.mkdir(parents=True)
+    (final / "bzImage").write_bytes(b"kernel")
+    (final / "config").write_text("CONFIG_X=y\n")
+    meta = {"tree": str(first), "source": f"tree {first}", "patch": None, "version": "6.1.158"}
+    (final / "kbuild.json").write_text(json.dumps(meta))
+    with Progress(1, lambda _line: None).step("kernel", None) as step:
+        again = owntree.build_tree(first, tmp_path / "cache", step, base="minimal")
+        other = owntree.build_tree(second, tmp_path / "cache", step, base="minimal")
+    assert again.meta == meta and again.bzimage == final / "bzImage"
+    assert other.bzimage == final / "bzImage"
+    assert (other.meta["tree"], other.meta["source"], other.meta["built_from"]) == (
+        str(second.resolve()),
+        f"tree {second.resolve()}",
+        str(first),
+    )
+
+
 def test_the_minimal_base_adds_its_fragment_before_the_guests() -> None:
     names = [p.name for p in kbuild.base_fragments("minimal", "slub")]
     assert names == ["minimal.config", "guest.config", "slub.config"]

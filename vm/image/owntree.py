@@ -30,6 +30,7 @@ from allnoconfig (:mod:`vm.image.kbuild`, ``BASES``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -219,13 +220,13 @@ def build_tree(
     final = images / key
     if (final / "bzImage").is_file():
         os.utime(final)
-        return kbuild.load_built(final)
+        return _as_asked(kbuild.load_built(final), tree, patch)
     work = cache_root / "kbuild" / "trees" / hashlib.sha256(str(tree).encode()).hexdigest()[:12]
     frags = kbuild.base_fragments(base, allocator)
     ckey = hashlib.sha256("\0".join(p.read_text() for p in frags).encode()).hexdigest()[:12]
     with kbuild.locked(work / "lock", step):
         if (final / "bzImage").is_file():
-            return kbuild.load_built(final)
+            return _as_asked(kbuild.load_built(final), tree, patch)
         started = time.monotonic()
         log = work / f"build-{key}.log"
         src = tree
@@ -275,3 +276,17 @@ def build_tree(
         }
         kbuild.publish(out, images, key, meta)
     return kbuild.load_built(final)
+
+
+def _as_asked(built: kbuild.BuiltKernel, tree: Path, patch: Path | None) -> kbuild.BuiltKernel:
+    """A cached image, recorded as this run's tree and patch: the cache key is their
+    content, so another checkout (or a copy) of the same source finds the same image, and
+    run.json must name the tree the user gave, not the one that happened to build it
+    (``built_from``, when they differ)."""
+    meta = dict(built.meta)
+    if meta.get("tree") != str(tree):
+        meta["built_from"] = meta.get("tree")
+        meta["tree"] = str(tree)
+        meta["source"] = f"tree {tree}"
+        meta["patch"] = str(patch.resolve()) if patch else None
+    return dataclasses.replace(built, meta=meta)
