@@ -759,6 +759,7 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     history = archive.committed_archives()
     assert [p.parent.name for p in history] == [
         "boundary-6.1-2026-12-07",
+        "boundary-7.2-2026-12-07",
         "crosscheck-2026-12-06",
         "evidence-2026-12-06",
         "seed-2026-11-29",
@@ -770,7 +771,7 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     seed = matrix_plan.load_matrix(REPO / "vm" / "campaign" / "matrices" / "seed.toml")
     runs = matrix_plan.plan_runs(seed)
     est = matrix_store.estimator_from_store(runs, None, history)
-    assert est.basis == "232 measured run(s), 232 of them from committed results"
+    assert est.basis == "256 measured run(s), 256 of them from committed results"
     by_label = {r.label: est.seconds(r) for r in runs}
     # 6.1 patched SLUB at 4x, 90 s cutoff: the seeds' eight completed runs (3 of
     # 2026-11-29, 5 of 2026-12-06) and the boundary's four at 4x (2026-12-07: the same
@@ -779,9 +780,9 @@ def test_estimates_learn_from_the_committed_archives() -> None:
     patched += [171.47, 180.0, 203.18, 176.99]
     assert by_label["6.1-patched-slub-nbd-serve"] == pytest.approx(sum(patched) / 12, abs=0.05)
     # 7.2 patched, added to the seed on 2026-12-07: its own five runs (the first one's
-    # total includes a 40 s KVM probe).
-    seven = [231.76, 197.03, 213.6, 216.09, 212.57]
-    assert by_label["7.2-patched-slub-nbd-serve"] == pytest.approx(sum(seven) / 5, abs=0.05)
+    # total includes a 40 s KVM probe) and the 7.2 boundary's four at 4x.
+    seven = [231.76, 197.03, 213.6, 216.09, 212.57, 198.03, 196.53, 197.51, 190.01]
+    assert by_label["7.2-patched-slub-nbd-serve"] == pytest.approx(sum(seven) / 9, abs=0.05)
     # 6.1 vanilla SLUB, 90 s cutoff: eight lockups, every one 1-2 minutes.
     assert 60 < by_label["6.1-vanilla-slub-nbd-serve"] < 120
     # Never measured at ratio 2: the same kernel, arm and cutoff, scaled by the model
