@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vm.campaign import lockup_curve, plan
-from vm.campaign.report import MIB, ReportError, RunData, is_interrupted, num, outcome_text
+from vm.campaign import lockup_curve
+from vm.campaign.report import (
+    MIB,
+    ReportError,
+    RunData,
+    arms_of,
+    is_interrupted,
+    num,
+    outcome_text,
+)
 from vm.campaign.series import RunSeries, run_series
 
 if TYPE_CHECKING:
@@ -97,12 +105,7 @@ def _pyplot() -> Any:
 
 def _arms(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
     """The usable runs by arm label, as the report groups them."""
-    usable = [r for r in runs if not is_interrupted(r.run)]
-    varying = plan.varying_keys([r.config for r in usable])
-    arms: dict[str, list[RunData]] = {}
-    for r in usable:
-        arms.setdefault(plan.label(r.config, varying), []).append(r)
-    return arms
+    return arms_of([r for r in runs if not is_interrupted(r.run)])
 
 
 @dataclass(frozen=True, slots=True)

@@ -372,6 +372,16 @@ def build_header(runs: Sequence[RunData]) -> list[dict[str, str]]:
     ]
 
 
+def arms_of(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
+    """``runs`` by arm label, in order of first appearance: :func:`vm.campaign.plan.label`
+    over the settings that vary among them (pass the usable runs: the report's arms)."""
+    varying = plan.varying_keys([r.config for r in runs])
+    arms: dict[str, list[RunData]] = {}
+    for r in runs:
+        arms.setdefault(plan.label(r.config, varying), []).append(r)
+    return arms
+
+
 def _when(runs: Sequence[RunData]) -> str:
     """The day, or the first and last day and which arms ran on which: a result grown
     over days (7.2 added to the seed a day later) mixes hosts and loads, so its times
@@ -384,13 +394,10 @@ def _when(runs: Sequence[RunData]) -> str:
     clock = f" (UTC, {' and '.join(clocks)} clock)"
     if len(days) == 1:
         return days[0] + clock
-    varying = plan.varying_keys([r.config for r in runs])
     by_day: dict[str, list[str]] = {}
-    for r, d in zip(runs, dates, strict=True):
-        names = by_day.setdefault(d[0] if d is not None else NOT_RECORDED, [])
-        name = plan.label(r.config, varying)
-        if name not in names:
-            names.append(name)
+    for name, rs in arms_of(runs).items():
+        for day in dict.fromkeys((d[0] if (d := run_date(r)) else NOT_RECORDED) for r in rs):
+            by_day.setdefault(day, []).append(name)
     parts = "; ".join(f"{day}: {', '.join(names)}" for day, names in sorted(by_day.items()))
     return f"{days[0]} to {days[-1]}{clock}; {parts}; times compare within a day"
 
@@ -465,9 +472,7 @@ def build_report(
             "every run found was interrupted; finish them with swapnbd matrix --resume"
         )
     varying = plan.varying_keys([r.config for r in usable])
-    arms: dict[str, list[RunData]] = {}
-    for r in usable:
-        arms.setdefault(plan.label(r.config, varying), []).append(r)
+    arms = arms_of(usable)
     labels = list(arms)
     if baseline is None:
         baseline = labels[0]
