@@ -449,6 +449,16 @@ def plan_runs(matrix: Matrix) -> list[PlannedRun]:
     ]
 
 
+_RUN_ID = re.compile(r"r\d+-(?P<label>.+)-rep(?P<rep>\d+)")
+
+
+def run_id_parts(run_id: str) -> tuple[str, int] | None:
+    """``(label, repeat)`` of a run id as :func:`plan_runs` writes it
+    (``rNN-LABEL-repR``), or None for another name."""
+    m = _RUN_ID.fullmatch(run_id)
+    return None if m is None else (m["label"], int(m["rep"]))
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``K/N`` -> (K, N) with 1 <= K <= N.
 

@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -30,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from vm.campaign.archive import read_run_jsons
-from vm.campaign.plan import Estimator, Matrix, MatrixError, PlannedRun, run_seconds
+from vm.campaign.plan import (
+    Estimator,
+    Matrix,
+    MatrixError,
+    PlannedRun,
+    run_id_parts,
+    run_seconds,
+)
 
 INDEX_SCHEMA = 1
 INDEX_NAME = "index.json"
@@ -166,18 +172,15 @@ def keep_store_ids(plan: Sequence[PlannedRun], store: Path | None) -> list[Plann
     return out
 
 
-_RUN_DIR = re.compile(r"r\d+-(?P<label>.+)-rep(?P<rep>\d+)")
-
-
 def _begun_by_directory(store: Path) -> dict[tuple[str, int], str]:
     """(label, repeat) -> id for every run directory in ``store``."""
     begun: dict[tuple[str, int], str] = {}
     if not store.is_dir():
         return begun
     for rdir in sorted(store.iterdir()):
-        m = _RUN_DIR.fullmatch(rdir.name)
-        if m is not None and rdir.is_dir():
-            begun.setdefault((m["label"], int(m["rep"])), rdir.name)
+        parts = run_id_parts(rdir.name)
+        if parts is not None and rdir.is_dir():
+            begun.setdefault(parts, rdir.name)
     return begun
 
 
